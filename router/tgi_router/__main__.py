@@ -1,0 +1,3 @@
+from tgi_router.cli import main
+
+main()

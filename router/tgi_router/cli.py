@@ -1,0 +1,155 @@
+"""`text-generation-router`: connect to the shards, warm them up, derive the limits, serve HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import typer
+from aiohttp import web
+
+from tgi_proto.generate.v1 import generate_pb2 as pb
+from tgi_router.app import Router, build_app
+from tgi_router.block_manager import BlockManager
+from tgi_router.engine import Engine
+from tgi_router.scheduler import Scheduler, SchedulerConfig
+from tgi_router.shard_client import ShardClient
+from tgi_router.tokenizer import Tokenizer
+from tgi_router.validation import ValidationConfig
+
+log = logging.getLogger("tgi_router")
+app = typer.Typer(add_completion=False, help="HTTP router of the text-generation server.")
+
+VERSION = "0.1.0"
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class RouterArgs:
+    model_id: str
+    tokenizer_path: str
+    shard_uds_path: str
+    num_shard: int
+    hostname: str
+    port: int
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: Optional[int]
+    max_total_tokens: Optional[int]
+    max_batch_prefill_tokens: Optional[int]
+    max_batch_total_tokens: Optional[int]
+    max_batch_size: Optional[int]
+
+
+@app.command()
+def serve(
+    tokenizer_path: str = typer.Option(..., help="Directory with tokenizer.json (from `text-generation-server prepare`)."),
+    model_id: str = typer.Option("", help="Model id reported by /info."),
+    shard_uds_path: str = typer.Option("/tmp/text-generation-server", help="Shard sockets are {path}-{rank}."),
+    num_shard: int = typer.Option(1, help="Number of shards."),
+    hostname: str = typer.Option("0.0.0.0"),
+    port: int = typer.Option(3000),
+    max_concurrent_requests: int = typer.Option(128),
+    max_best_of: int = typer.Option(2),
+    max_stop_sequences: int = typer.Option(4),
+    max_top_n_tokens: int = typer.Option(5),
+    max_input_tokens: Optional[int] = typer.Option(None),
+    max_total_tokens: Optional[int] = typer.Option(None),
+    max_batch_prefill_tokens: Optional[int] = typer.Option(None),
+    max_batch_total_tokens: Optional[int] = typer.Option(None),
+    max_batch_size: Optional[int] = typer.Option(None),
+):
+    """Serve the HTTP API in front of running shards."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    args = RouterArgs(**{k: v for k, v in locals().items()})
+    web.run_app(_start(args), host=args.hostname, port=args.port, print=None, access_log=None)
+
+
+async def _start(args: RouterArgs) -> web.Application:
+    tokenizer = Tokenizer.from_dir(args.tokenizer_path)
+    shards = ShardClient(args.shard_uds_path, args.num_shard)
+    shard_info = await shards.info()
+    await shards.clear_cache()
+    limits = await _warmup(args, shards, shard_info, tokenizer)
+    blocks = BlockManager(limits.num_blocks, shard_info.block_size)
+    scheduler = Scheduler(SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size), blocks)
+    validation = ValidationConfig(
+        max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences,
+        max_top_n_tokens=args.max_top_n_tokens,
+        max_input_tokens=limits.max_input_tokens,
+        max_total_tokens=limits.max_total_tokens,
+    )
+    router = Router(
+        engine=Engine(scheduler, shards, tokenizer),
+        tokenizer=tokenizer,
+        validation=validation,
+        info=_info(args, limits),
+        max_concurrent_requests=args.max_concurrent_requests,
+    )
+    log.info("ready: %s KV blocks of %s tokens, limits %s", limits.num_blocks, shard_info.block_size, limits)
+    return build_app(router)
+
+
+@dataclass(frozen=True)
+class Limits:
+    num_blocks: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+
+
+async def _warmup(args: RouterArgs, shards: ShardClient, shard_info: pb.InfoResponse, tokenizer: Tokenizer) -> Limits:
+    """Runs Warmup on the shards and derives the unset limits the way TGI does."""
+    max_position = shard_info.max_position_embeddings or 1 << 20
+    max_total = args.max_total_tokens or min(max_position, tokenizer.model_max_length or max_position)
+    prefill = args.max_batch_prefill_tokens or min(DEFAULT_MAX_BATCH_PREFILL_TOKENS, max_position)
+    batch_size = args.max_batch_size or args.max_concurrent_requests
+    started = time.monotonic()
+    warmed = await shards.warmup(
+        pb.WarmupRequest(
+            max_batch_prefill_tokens=prefill,
+            max_total_tokens=max_total,
+            max_batch_size=batch_size,
+            max_batch_total_tokens=args.max_batch_total_tokens or 0,
+        )
+    )
+    log.info("warmup took %.1f s", time.monotonic() - started)
+    capacity = (warmed.num_blocks - 1) * warmed.block_size
+    if args.max_total_tokens is None:
+        max_total = min(max_total, capacity)
+    elif args.max_total_tokens > capacity:
+        raise SystemExit(f"Not enough memory to handle `max_total_tokens={args.max_total_tokens}` (KV cache holds {capacity} tokens)")
+    max_input = args.max_input_tokens or max_total - 1
+    if max_input >= max_total:
+        raise SystemExit(f"`max_input_tokens` ({max_input}) must be < `max_total_tokens` ({max_total})")
+    return Limits(warmed.num_blocks, max_input, max_total, prefill, batch_size)
+
+
+def _info(args: RouterArgs, limits: Limits) -> dict:
+    return {
+        "model_id": args.model_id,
+        "model_sha": None,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_best_of": args.max_best_of,
+        "max_stop_sequences": args.max_stop_sequences,
+        "max_input_tokens": limits.max_input_tokens,
+        "max_total_tokens": limits.max_total_tokens,
+        "validation_workers": 1,
+        "max_client_batch_size": 4,
+        "router": "text-generation-router",
+        "version": VERSION,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,53 @@
+"""The only boundary between protobuf messages and the router's dataclasses."""
+
+from __future__ import annotations
+
+from tgi_proto.generate.v1 import generate_pb2 as pb
+from tgi_router.request import Request, SampledToken, SamplingParams, StepPlan, StepResult
+
+
+def step_request(plan: StepPlan) -> pb.StepRequest:
+    return pb.StepRequest(
+        step_id=plan.step_id,
+        finished_ids=plan.finished_ids,
+        new_requests=[_new_request(r) for r in plan.new_requests],
+        scheduled=[
+            pb.ScheduledRequest(id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids)
+            for c in plan.scheduled
+        ],
+    )
+
+
+def step_result(response: pb.StepResponse) -> StepResult:
+    samples = [
+        SampledToken(
+            request_id=s.request_id,
+            token_id=s.token_id,
+            logprob=s.logprob,
+            top_tokens=tuple((t.token_id, t.logprob) for t in s.top_tokens),
+        )
+        for s in response.samples
+    ]
+    return StepResult(samples, response.forward_ns)
+
+
+def _new_request(request: Request) -> pb.NewRequest:
+    return pb.NewRequest(
+        id=request.id,
+        token_ids=request.all_token_ids,
+        sampling=_sampling(request.sampling),
+        top_n_tokens=request.top_n_tokens,
+    )
+
+
+def _sampling(params: SamplingParams) -> pb.SamplingParameters:
+    return pb.SamplingParameters(
+        do_sample=params.do_sample,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        typical_p=params.typical_p,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty,
+        seed=params.seed,
+    )

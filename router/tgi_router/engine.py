@@ -1,0 +1,190 @@
+"""The step loop: schedule, run the step on every shard, turn sampled ids into text and events.
+
+One asyncio task owns the scheduler, the allocator and every request's state, so nothing needs a lock.
+HTTP handlers `submit` a request and read its events; a handler that goes away `cancel`s, which frees
+the request's blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
+from tgi_router.errors import GenerationError, InferError
+from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams
+from tgi_router.scheduler import Scheduler
+from tgi_router.shard_client import ShardClient, ShardError
+from tgi_router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """A validated request, ready to schedule."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_sequences: tuple[str, ...] = ()
+    top_n_tokens: int = 0
+    # Generate exactly max_new_tokens (benchmarks); end-of-sequence tokens do not stop the request.
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: Token
+    top_tokens: list[Token]
+    # Set on the last event of a request.
+    finish_reason: FinishReason | None = None
+    generated_text: str | None = None
+
+
+@dataclass
+class _Stream:
+    input: GenerationInput
+    detokenizer: IncrementalDetokenizer
+    stops: StopSequenceMatcher
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class RequestStream:
+    """Events of one request: `TokenEvent`s, ending with one that has a finish reason, or an error."""
+
+    def __init__(self, engine: Engine, request_id: int, queue: asyncio.Queue):
+        self.id = request_id
+        self._engine = engine
+        self._queue = queue
+        self.is_done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.is_done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, InferError):
+            self.is_done = True
+            raise event
+        self.is_done = event.finish_reason is not None
+        return event
+
+    def cancel(self) -> None:
+        if not self.is_done:
+            self._engine.cancel(self.id)
+            self.is_done = True
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer):
+        self.scheduler = scheduler
+        self.shards = shards
+        self.tokenizer = tokenizer
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self.num_steps = 0
+        self.is_healthy = True
+
+    def submit(self, generation: GenerationInput) -> RequestStream:
+        request_id = next(self._ids)
+        stream = _Stream(
+            generation,
+            IncrementalDetokenizer(self.tokenizer, generation.input_ids),
+            StopSequenceMatcher(list(generation.stop_sequences)),
+        )
+        self._streams[request_id] = stream
+        self.scheduler.add(
+            Request(
+                id=request_id,
+                prompt_token_ids=list(generation.input_ids),
+                max_new_tokens=generation.max_new_tokens,
+                sampling=generation.sampling,
+                top_n_tokens=generation.top_n_tokens,
+            )
+        )
+        self._wakeup.set()
+        return RequestStream(self, request_id, stream.events)
+
+    def cancel(self, request_id: int) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.scheduler.finish(request_id)
+
+    async def run(self) -> None:
+        while True:
+            if not self.scheduler.has_work:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._step()
+
+    async def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled and not self.scheduler.running:
+            # Only possible for a request larger than the whole cache, which validation prevents.
+            head = self.scheduler.waiting[0]
+            self._fail(head.id, GenerationError("request does not fit in the KV cache"))
+        if not plan.scheduled and not plan.finished_ids:
+            return
+        try:
+            result = await self.shards.step(plan)
+        except ShardError as error:
+            log.error("%s", error)
+            self.is_healthy = False
+            for request_id in list(self._streams):
+                self._fail(request_id, GenerationError(str(error)))
+            return
+        self.is_healthy = True
+        self.num_steps += 1
+        for request, sample in self.scheduler.update(plan, result):
+            self._on_token(request, sample)
+
+    def _on_token(self, request: Request, sample: SampledToken) -> None:
+        stream = self._streams[request.id]
+        text = stream.detokenizer.push(sample.token_id)
+        finish, keep = None, None
+        if sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
+            finish = FinishReason.EOS_TOKEN
+        elif (keep := stream.stops.feed(text)) is not None:
+            finish = FinishReason.STOP_SEQUENCE
+        elif len(request.output_token_ids) >= request.max_new_tokens:
+            finish = FinishReason.LENGTH
+        event = TokenEvent(
+            token=self._token(sample.token_id, sample.logprob, text),
+            top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens],
+            finish_reason=finish,
+            generated_text=None if finish is None else self._final_text(request, stream, keep),
+        )
+        stream.events.put_nowait(event)
+        if finish is not None:
+            del self._streams[request.id]
+            self.scheduler.finish(request.id)
+
+    def _final_text(self, request: Request, stream: _Stream, keep: int | None) -> str:
+        if keep is not None:
+            return stream.detokenizer.text[:keep]
+        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+
+    def _token(self, token_id: int, logprob: float, text: str | None = None) -> Token:
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return Token(token_id, text, logprob, token_id in self.tokenizer.special_ids)
+
+    def _fail(self, request_id: int, error: InferError) -> None:
+        stream = self._streams.pop(request_id, None)
+        self.scheduler.finish(request_id)
+        if stream is not None:
+            stream.events.put_nowait(error)

@@ -1,0 +1,102 @@
+"""The router's view of a request and of one engine step.
+
+These dataclasses are what the scheduler plans with and what `convert.py` turns into protobuf; nothing
+here knows about gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling controls sent to the shards; the defaults mean greedy decoding."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being generated.
+
+    `num_computed_tokens` catches up with `num_tokens` (prompt plus generated); when a step makes them
+    equal, the shard samples a token and the sequence grows by one.
+    """
+
+    id: int
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    top_n_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # False until the shards have received this request in full (again after a preemption).
+    is_on_shards: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_tokens` tokens of `request` computed this step, with the blocks appended for them."""
+
+    request: Request
+    num_tokens: int
+    new_block_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    """What one step changes: ids the shards forget, requests they learn, and the batch."""
+
+    step_id: int
+    finished_ids: list[int]
+    new_requests: list[Request]
+    scheduled: list[ScheduledChunk]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.scheduled)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A token a shard sampled for one request, with its logprob and the top-n alternatives."""
+
+    request_id: int
+    token_id: int
+    logprob: float
+    top_tokens: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    samples: list[SampledToken]
+    forward_ns: int = 0

@@ -1,0 +1,146 @@
+"""Continuous batching: which requests compute how many tokens in the next step.
+
+Plain, step-driven Python. Every request has `num_computed_tokens` catching up with `num_tokens`; a
+step gives running requests their share first (one token when decoding, the rest of their prompt
+when prefilling in chunks), then admits waiting requests FIFO while the step's token budget, the batch
+size and the KV cache allow. KV blocks are allocated lazily as sequences grow; when the cache runs out,
+the newest running request is preempted (its blocks freed) and recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tgi_router.block_manager import BlockManager
+from tgi_router.request import Request, SampledToken, ScheduledChunk, StepPlan, StepResult
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Tokens computed in one step at most: prompt chunks plus one per decoding request.
+    max_batch_prefill_tokens: int
+    # Requests in the running batch at most.
+    max_batch_size: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._live: dict[int, Request] = {}
+        self._finished_ids: list[int] = []
+        self._next_step_id = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self._live[request.id] = request
+        self.waiting.append(request)
+
+    def finish(self, request_id: int) -> None:
+        """Removes a finished or cancelled request and frees its blocks; unknown ids are ignored."""
+        request = self._live.pop(request_id, None)
+        if request is None:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_batch_prefill_tokens
+        scheduled: list[ScheduledChunk] = []
+        budget, did_preempt = self._schedule_running(scheduled, budget)
+        if not did_preempt:
+            self._schedule_waiting(scheduled, budget)
+        new_requests = [chunk.request for chunk in scheduled if not chunk.request.is_on_shards]
+        for request in new_requests:
+            request.is_on_shards = True
+        plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled)
+        self._next_step_id += 1
+        self._finished_ids = []
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[tuple[Request, SampledToken]]:
+        """Advances the requests of `plan` and appends the tokens sampled for them.
+
+        Requests finished while the step was running are skipped (their ids reach the shards with the
+        next plan).
+        """
+        samples = {sample.request_id: sample for sample in result.samples}
+        sampled: list[tuple[Request, SampledToken]] = []
+        for chunk in plan.scheduled:
+            request = chunk.request
+            if self._live.get(request.id) is not request:
+                continue
+            request.num_computed_tokens += chunk.num_tokens
+            if request.num_computed_tokens == request.num_tokens:
+                sample = samples[request.id]
+                request.output_token_ids.append(sample.token_id)
+                sampled.append((request, sample))
+        return sampled
+
+    def _schedule_running(self, scheduled: list[ScheduledChunk], budget: int) -> tuple[int, bool]:
+        did_preempt = False
+        for request in list(self.running):
+            if request not in self.running or budget == 0:
+                continue
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            new_blocks, preempted = self._grow(request, num_tokens)
+            did_preempt |= preempted
+            if new_blocks is not None:
+                scheduled.append(ScheduledChunk(request, num_tokens, new_blocks))
+                budget -= num_tokens
+        return budget, did_preempt
+
+    def _grow(self, request: Request, num_tokens: int) -> tuple[list[int] | None, bool]:
+        """Allocates the blocks `request` needs for `num_tokens` more tokens, preempting the newest
+        running requests while the cache is full. Returns (new blocks or None if `request` itself was
+        preempted, whether anything was preempted)."""
+        total_tokens = request.num_computed_tokens + num_tokens
+        num_needed = self.blocks.num_blocks_for(total_tokens) - len(request.block_ids)
+        preempted = False
+        while (new_blocks := self.blocks.allocate(num_needed)) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted = True
+            if victim is request:
+                return None, True
+        request.block_ids.extend(new_blocks)
+        return new_blocks, preempted
+
+    def _schedule_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[0]
+            # Admit only when the whole remaining prompt fits, keeping one spare block per running
+            # request so admissions do not immediately force preemptions.
+            num_reserved = self.blocks.num_blocks_for(request.num_tokens) + len(self.running)
+            if num_reserved > self.blocks.num_free_blocks:
+                return
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            new_blocks = self.blocks.allocate(self.blocks.num_blocks_for(num_tokens))
+            self.waiting.popleft()
+            self.running.append(request)
+            request.block_ids = list(new_blocks)
+            scheduled.append(ScheduledChunk(request, num_tokens, new_blocks))
+            budget -= num_tokens
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.blocks.free(request.block_ids)
+        request.block_ids = []
+        if request.is_on_shards:
+            self._finished_ids.append(request.id)
+            request.is_on_shards = False

@@ -1,0 +1,3 @@
+from tgi_server.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""Paged attention: a per-layer KV cache of fixed-size blocks, addressed through block tables.
+
+This is the portable PyTorch backend (a Python loop over sequences, no device syncs); GPU
+kernels plug in behind the same `PagedAttention.forward` and `AttentionMetadata`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from tgi_server.distributed import TPGroup
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the paged KV cache and what each sequence attends to.
+
+    The new tokens of a sequence are always its last ones: sequence i's queries sit at positions
+    seq_lens[i] - num_new .. seq_lens[i] - 1, so prefill, chunked-prefill continuation and decode
+    are one case.
+    """
+
+    # [num_tokens] int64: flat KV slot = block_id * block_size + offset, for each new token
+    slot_mapping: torch.Tensor
+    # [num_seqs + 1] int32: tokens of sequence i are rows [q[i], q[i+1]) of the flat batch
+    query_start_loc: torch.Tensor
+    # [num_seqs] int32: context length of each sequence after this step (cached + new)
+    seq_lens: torch.Tensor
+    # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    block_tables: torch.Tensor
+    # same values as python lists, so the portable path needs no device syncs
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+
+def attention_head_dim(config: PretrainedConfig) -> int:
+    """The config's `head_dim`, or hidden_size // num_attention_heads when it has none."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_shape(
+    config: PretrainedConfig, tp: TPGroup, num_blocks: int, block_size: int
+) -> tuple[int, ...]:
+    """Shape of one layer's KV cache on this rank:
+    (2, num_blocks, block_size, num_kv_heads_per_rank, head_dim).
+
+    Index 0 of the first dim holds K, index 1 holds V. The runner allocates one such tensor per
+    layer (config.num_hidden_layers of them), in the model dtype.
+    """
+    num_kv_heads = tp.shard_size(config.num_key_value_heads, "num_key_value_heads")
+    return (2, num_blocks, block_size, num_kv_heads, attention_head_dim(config))
+
+
+class PagedAttention(nn.Module):
+    """Causal (optionally sliding-window) attention of new tokens over their sequence's cached context.
+
+    Head counts are per rank. Grouped-query attention: query head h reads kv head
+    h // (num_heads // num_kv_heads).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Write k, v into `kv_cache` at `attn.slot_mapping`, then attend.
+
+        q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim];
+        kv_cache as `kv_cache_shape`. Returns [num_tokens, num_heads, head_dim].
+        """
+        write_kv_cache(kv_cache, k, v, attn.slot_mapping)
+        out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+        starts = attn.query_start_loc_cpu
+        for i, seq_len in enumerate(attn.seq_lens_cpu):
+            context = gather_context(kv_cache, attn.block_tables[i], seq_len)
+            out[starts[i] : starts[i + 1]] = self._attend(q[starts[i] : starts[i + 1]], context)
+        return out
+
+    def _attend(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """q [num_new, num_heads, head_dim] over context [2, seq_len, num_kv_heads, head_dim]."""
+        mask = causal_mask(q.shape[0], context.shape[1], self.sliding_window, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            context[0].transpose(0, 1),
+            context[1].transpose(0, 1),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [num_heads, num_new, head_dim]
+        return out.transpose(0, 1)
+
+
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each new token's k and v at its flat slot (block_id * block_size + offset)."""
+    # [2, num_blocks * block_size, num_kv_heads, head_dim], a view: writes land in the cache
+    slots = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    slots[0].index_copy_(0, slot_mapping, k)
+    slots[1].index_copy_(0, slot_mapping, v)
+
+
+def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first `seq_len` cached K/V of one sequence, in order: [2, seq_len, num_kv_heads, head_dim]."""
+    num_blocks = -(-seq_len // kv_cache.shape[2])
+    blocks = kv_cache[:, block_table[:num_blocks]]  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    return blocks.flatten(1, 2)[:, :seq_len]
+
+
+def causal_mask(
+    num_new: int, seq_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[num_new, seq_len] bool: True where query row r (at position seq_len - num_new + r) may attend the key.
+
+    A query at position p sees keys 0..p; with a sliding window only keys above p - window.
+    """
+    query_pos = torch.arange(seq_len - num_new, seq_len, device=device).unsqueeze(1)  # [num_new, 1]
+    key_pos = torch.arange(seq_len, device=device).unsqueeze(0)  # [1, seq_len]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask

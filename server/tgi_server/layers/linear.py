@@ -1,0 +1,117 @@
+"""Tensor-parallel linear layers: the column/row split that keeps one all-reduce per block.
+
+A column-parallel layer keeps a slice of the output features, so its output is already the
+rank's slice of heads or of the MLP's intermediate; the row-parallel layer after it consumes
+exactly that slice and all-reduces the partial sums.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgi_server.distributed import TPGroup
+from tgi_server.weights import WeightSource
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """One or more linears sharing an input, fused along the output dim and split across ranks.
+
+    `output_sizes` lists the fused parts (e.g. [intermediate, intermediate] for gate/up); each
+    part is split across ranks on its own, so rank r holds [part0_r, part1_r, ...] and its output
+    splits back into matching per-rank pieces.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        bias: bool,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.tp = tp
+        self.output_sizes_per_rank = [tp.shard_size(size, "output features") for size in output_sizes]
+        num_out = sum(self.output_sizes_per_rank)
+        # [num_out_per_rank, in_features]
+        self.weight = _parameter(torch.empty(num_out, in_features, dtype=dtype, device=device))
+        # [num_out_per_rank]
+        self.bias = _parameter(torch.empty(num_out, dtype=dtype, device=device)) if bias else None
+
+    @torch.no_grad()
+    def load(self, weights: WeightSource, prefixes: list[str]) -> None:
+        """Read this rank's rows of each part `{prefix}.weight` (and `.bias`), in part order."""
+        self.weight.copy_(self._read_parts(weights, [f"{p}.weight" for p in prefixes]))
+        if self.bias is not None:
+            self.bias.copy_(self._read_parts(weights, [f"{p}.bias" for p in prefixes]))
+
+    def _read_parts(self, weights: WeightSource, names: list[str]) -> torch.Tensor:
+        shards = [weights.get_shard(name, 0, self.tp.rank, self.tp.world_size) for name in names]
+        return torch.cat(shards)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused, each rank holding whole query heads and whole kv heads."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        tp.shard_size(num_heads, "num_attention_heads")
+        tp.shard_size(num_kv_heads, "num_key_value_heads")
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden_size, sizes, bias, tp, dtype, device)
+
+
+class RowParallelLinear(nn.Module):
+    """A linear whose input features are split across ranks; partial outputs are summed by all-reduce.
+
+    The bias is added once, to the reduced sum, so every rank returns the same full output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.tp = tp
+        num_in = tp.shard_size(in_features, "input features")
+        # [out_features, num_in_per_rank]
+        self.weight = _parameter(torch.empty(out_features, num_in, dtype=dtype, device=device))
+        # [out_features]
+        self.bias = _parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @torch.no_grad()
+    def load(self, weights: WeightSource, prefix: str) -> None:
+        """Read this rank's columns of `{prefix}.weight` and the whole `{prefix}.bias`."""
+        self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, self.tp.rank, self.tp.world_size))
+        if self.bias is not None:
+            self.bias.copy_(weights.get(f"{prefix}.bias"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, in_features / world_size] -> [num_tokens, out_features], the same on all ranks."""
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        if self.bias is not None:
+            out = out + self.bias
+        return out

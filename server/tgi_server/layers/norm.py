@@ -1,0 +1,27 @@
+"""RMSNorm, computed in float32 like the reference implementation."""
+
+import torch
+from torch import nn
+
+from tgi_server.weights import WeightSource
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim; the weight is replicated on every rank."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        # [hidden_size]
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    @torch.no_grad()
+    def load(self, weights: WeightSource, name: str) -> None:
+        """Read the whole scale vector `name`."""
+        self.weight.copy_(weights.get(name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., hidden_size] -> same shape and dtype."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)

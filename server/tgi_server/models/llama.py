@@ -1,0 +1,186 @@
+"""Llama decoder (also Mistral, Qwen2/2.5, SmolLM2): pre-norm blocks of GQA attention and a SwiGLU MLP.
+
+Tensor parallelism lives in the layers; this file only wires them as the architecture does.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from tgi_server.distributed import TPGroup
+from tgi_server.layers.attention import AttentionMetadata, PagedAttention, attention_head_dim
+from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tgi_server.layers.norm import RMSNorm
+from tgi_server.layers.rotary import RotaryEmbedding
+from tgi_server.weights import WeightSource
+
+
+def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias): Llama's `attention_bias` sets both; Qwen2 has q/k/v bias, no o_proj bias."""
+    if config.model_type == "qwen2":
+        return True, False
+    has_bias = getattr(config, "attention_bias", False)
+    return has_bias, has_bias
+
+
+def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The attention window of layer `layer_idx`, or None for full attention.
+
+    Mistral windows every layer when `sliding_window` is set; Qwen2 marks windowed layers in
+    `layer_types`.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+class LlamaAttention(nn.Module):
+    """Rotary GQA self-attention over the paged KV cache; this rank's share of the heads."""
+
+    def __init__(
+        self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+        self.head_dim = head_dim = attention_head_dim(config)
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads = tp.shard_size(num_heads, "num_attention_heads")
+        self.num_kv_heads = tp.shard_size(num_kv_heads, "num_key_value_heads")
+        qkv_bias, o_bias = attention_biases(config)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp, dtype, device
+        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device)
+        self.rotary = RotaryEmbedding(config, head_dim, device)
+        window = layer_sliding_window(config, layer_idx)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, window)
+
+    def load(self, weights: WeightSource, prefix: str) -> None:
+        self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        self.o_proj.load(weights, f"{prefix}.o_proj")
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes_per_rank, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, attn)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), the intermediate split across ranks."""
+
+    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        has_bias = getattr(config, "mlp_bias", False)
+        hidden_size, intermediate_size = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], has_bias, tp, dtype, device
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, has_bias, tp, dtype, device)
+
+    def load(self, weights: WeightSource, prefix: str) -> None:
+        self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj.load(weights, f"{prefix}.down_proj")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(
+        self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(config, layer_idx, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(config, tp, dtype, device)
+
+    def load(self, weights: WeightSource, prefix: str) -> None:
+        self.input_layernorm.load(weights, f"{prefix}.input_layernorm.weight")
+        self.self_attn.load(weights, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(weights, f"{prefix}.post_attention_layernorm.weight")
+        self.mlp.load(weights, f"{prefix}.mlp")
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), attn, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Token embedding, the decoder layers and the final norm."""
+
+    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        vocab_size, hidden_size = config.vocab_size, config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, tp, dtype, device) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def load(self, weights: WeightSource, prefix: str) -> None:
+        self.embed_tokens.load(weights, f"{prefix}.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load(weights, f"{prefix}.layers.{i}")
+        self.norm.load(weights, f"{prefix}.norm.weight")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, attn, kv_cache)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus a vocab-parallel LM head (sharing the embedding when `tie_word_embeddings`)."""
+
+    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, tp, dtype, device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_weights(self, weights: WeightSource) -> None:
+        """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
+        self.model.load(weights, "model")
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load(weights, "lm_head.weight")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """input_ids, positions [num_tokens] int64; one KV cache per layer (`kv_cache_shape`).
+
+        Writes this step's K/V into the caches; returns hidden states [num_tokens, hidden_size].
+        """
+        return self.model(input_ids, positions, attn, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> logits [n, vocab_size] float32, the full vocab on every rank."""
+        return self.lm_head(hidden).float()

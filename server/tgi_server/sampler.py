@@ -1,0 +1,178 @@
+"""Batched next-token selection: penalties, warpers, greedy or seeded sampling, logprobs, top-n.
+
+Everything is a tensor op over the whole batch (no per-request loop). Sampling uses the Gumbel-max
+trick with noise that is a pure function of (seed, position, token id), computed by a counter-based
+hash: the same seed gives the same text whatever else is in the batch, on every rank, and after a
+preemption recomputes the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling controls as tensors on the logits' device."""
+
+    do_sample: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    typical_p: torch.Tensor  # [B] float32, 1 = off
+    repetition_penalty: torch.Tensor  # [B] float32, 1 = off
+    frequency_penalty: torch.Tensor  # [B] float32, 0 = off
+    seed: torch.Tensor  # [B] int64 (u64 reinterpreted)
+    position: torch.Tensor  # [B] int64: index the sampled token will have in its sequence
+    history: torch.Tensor | None  # [B, L] int64 token ids so far, padded by repeating the first id
+    history_len: torch.Tensor | None  # [B] int64
+    # Known on the host when the batch is built, so the hot path needs no device sync to skip work.
+    use_top_k_top_p: bool
+    use_typical: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], histories: list[list[int]], device) -> SamplingBatch:
+        def column(name, dtype):
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        needs_history = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params)
+        history = history_len = None
+        if needs_history:
+            width = max(len(h) for h in histories)
+            padded = [h + [h[0]] * (width - len(h)) for h in histories]
+            history = torch.tensor(padded, dtype=torch.int64, device=device)  # [B, L]
+            history_len = torch.tensor([len(h) for h in histories], dtype=torch.int64, device=device)
+        seeds = [p.seed - _U64 if p.seed >= _U64 // 2 else p.seed for p in params]
+        return cls(
+            do_sample=column("do_sample", torch.bool),
+            temperature=column("temperature", torch.float32),
+            top_k=column("top_k", torch.int64),
+            top_p=column("top_p", torch.float32),
+            typical_p=column("typical_p", torch.float32),
+            repetition_penalty=column("repetition_penalty", torch.float32),
+            frequency_penalty=column("frequency_penalty", torch.float32),
+            seed=torch.tensor(seeds, dtype=torch.int64, device=device),
+            position=torch.tensor([len(h) for h in histories], dtype=torch.int64, device=device),
+            history=history,
+            history_len=history_len,
+            use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+            use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32
+    top_ids: torch.Tensor  # [B, max_top_n] int64
+    top_logprobs: torch.Tensor  # [B, max_top_n] float32
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, max_top_n: int) -> SamplerOutput:
+    """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
+    processed distribution (after penalties and warpers), as TGI reports them."""
+    scores = _apply_penalties(logits.float(), batch)
+    scores = _apply_warpers(scores, batch)
+    logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
+    greedy_ids = torch.argmax(scores, dim=-1)
+    sampled_ids = torch.argmax(logprobs + _gumbel_noise(batch.seed, batch.position, scores.shape[1]), dim=-1)
+    token_ids = torch.where(batch.do_sample, sampled_ids, greedy_ids)
+    token_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    top_logprobs, top_ids = torch.topk(logprobs, k=max_top_n, dim=-1) if max_top_n else (
+        logprobs[:, :0], token_ids[:, None][:, :0])
+    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+
+
+def _apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.history is None:
+        return scores
+    seen = scores.gather(1, batch.history)  # [B, L]
+    penalty = batch.repetition_penalty[:, None]
+    scores = scores.scatter(1, batch.history, torch.where(seen > 0, seen / penalty, seen * penalty))
+    counts = torch.zeros_like(scores).scatter_add_(1, batch.history, _history_mask(batch))  # [B, V]
+    frequency = counts / batch.history_len[:, None].to(scores.dtype)
+    return scores - batch.frequency_penalty[:, None] * frequency
+
+
+def _history_mask(batch: SamplingBatch) -> torch.Tensor:
+    columns = torch.arange(batch.history.shape[1], device=batch.history.device)
+    return (columns[None, :] < batch.history_len[:, None]).float()  # [B, L]
+
+
+def _apply_warpers(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    temperature = torch.where(batch.do_sample & (batch.temperature > 0), batch.temperature, 1.0)
+    scores = scores / temperature[:, None]
+    if batch.use_top_k_top_p:
+        top_k = torch.where(batch.do_sample, batch.top_k, 0)
+        top_p = torch.where(batch.do_sample, batch.top_p, 1.0)
+        scores = _top_k_top_p(scores, top_k, top_p)
+    if batch.use_typical:
+        scores = _typical(scores, torch.where(batch.do_sample, batch.typical_p, 1.0))
+    return scores
+
+
+def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    k = torch.where(top_k > 0, top_k, scores.shape[1])[:, None]
+    sorted_scores = sorted_scores.masked_fill(ranks >= k, float("-inf"))
+    probs = torch.softmax(sorted_scores, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    # Keep tokens until the mass before them reaches top_p; the most likely token always stays.
+    drop = (mass_before >= top_p[:, None]) & (ranks > 0)
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(1, order, sorted_scores)
+
+
+def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    logprobs = torch.log_softmax(scores, dim=-1)
+    probs = logprobs.exp()
+    entropy = -torch.nansum(probs * logprobs, dim=-1, keepdim=True)
+    surprise_gap = (-logprobs - entropy).abs()  # [B, V]
+    sorted_gap, order = torch.sort(surprise_gap, dim=-1)
+    sorted_probs = probs.gather(1, order)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    # Keep the smallest set of most typical tokens whose mass reaches `mass` (at least one).
+    num_keep = (cumulative < mass[:, None]).sum(dim=-1, keepdim=True).clamp(max=scores.shape[1] - 1)
+    threshold = sorted_gap.gather(1, num_keep)
+    drop = (surprise_gap > threshold) & (mass[:, None] < 1.0)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def _gumbel_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V], a pure function of (seed, position, token id)."""
+    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
+    key = _mix(seed[:, None] * -7046029254386353131 + position[:, None]) + token[None, :]  # [B, V]
+    bits = _shift_right(_mix(key), 40)  # 24 uniform bits
+    uniform = (bits.float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(uniform))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps like uint64)."""
+    x = x ^ _shift_right(x, 30)
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    x = x ^ _shift_right(x, 27)
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ _shift_right(x, 31)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)

@@ -1,0 +1,83 @@
+"""Warmup: run the largest step the router may send, then size the paged KV cache.
+
+The largest step is `max_batch_prefill_tokens` prompt tokens spread over as few requests as the
+per-request limit allows, with every sampling feature on, so peak activation memory is known before the
+KV cache takes what is left.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from tgi_server.sampler import SamplingParams
+
+# Share of free accelerator memory given to the KV cache after warmup (the rest is headroom).
+CUDA_KV_FRACTION = 0.9
+# On CPU the cache lives in RAM next to everything else: take a modest share, bounded.
+CPU_KV_FRACTION = 0.2
+CPU_KV_MAX_BYTES = 1 << 30
+
+_WARMUP_SAMPLING = SamplingParams(
+    do_sample=True, temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9,
+    repetition_penalty=1.2, frequency_penalty=0.1, seed=0,
+)
+
+
+def warmup(
+    runner: ModelRunner,
+    max_batch_prefill_tokens: int,
+    max_total_tokens: int,
+    max_batch_size: int,
+    max_batch_total_tokens: int = 0,
+) -> int:
+    """Runs the largest allowed step, then allocates the KV cache; returns its number of blocks."""
+    lengths = _warmup_lengths(max_batch_prefill_tokens, max(max_total_tokens - 1, 1), max_batch_size)
+    _run_largest_step(runner, lengths)
+    if max_batch_total_tokens:
+        num_blocks = 1 + -(-max_batch_total_tokens // runner.block_size)
+    else:
+        # More than every request at its longest can never be used.
+        num_useful = 1 + -(-max_batch_size * max_total_tokens // runner.block_size)
+        num_blocks = min(_num_kv_blocks_that_fit(runner), num_useful)
+    runner.allocate_kv_cache(num_blocks)
+    return num_blocks
+
+
+def _run_largest_step(runner: ModelRunner, lengths: list[int]) -> None:
+    """One step prefilling `lengths` prompts on a cache just big enough; leaves no cache behind."""
+    block_size = runner.block_size
+    runner.allocate_kv_cache(1 + sum(-(-n // block_size) for n in lengths))
+    new, scheduled, next_block = [], [], 1
+    for request_id, length in enumerate(lengths):
+        count = -(-length // block_size)
+        token_ids = [(request_id * 31 + i) % 100 + 1 for i in range(length)]
+        new.append(NewSequence(request_id, token_ids, _WARMUP_SAMPLING, top_n_tokens=5))
+        scheduled.append(ScheduledSequence(request_id, length, list(range(next_block, next_block + count))))
+        next_block += count
+    runner.step([], new, scheduled)
+    runner.clear()
+    runner.allocate_kv_cache(0)
+
+
+def _warmup_lengths(num_tokens: int, max_length: int, max_batch_size: int) -> list[int]:
+    lengths = []
+    while num_tokens > 0 and len(lengths) < max_batch_size:
+        lengths.append(min(num_tokens, max_length))
+        num_tokens -= lengths[-1]
+    return lengths
+
+
+def _num_kv_blocks_that_fit(runner: ModelRunner) -> int:
+    per_block = runner.kv_cache_bytes_per_block()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+        free, _ = torch.cuda.mem_get_info(runner.device)
+        cached = torch.cuda.memory_reserved(runner.device) - torch.cuda.memory_allocated(runner.device)
+        budget = (free + cached) * CUDA_KV_FRACTION
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budget = min(available * CPU_KV_FRACTION, CPU_KV_MAX_BYTES)
+    return max(int(budget // per_block), 2)

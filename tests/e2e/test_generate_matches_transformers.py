@@ -1,0 +1,89 @@
+"""Greedy generation through HTTP equals HF transformers `generate()` token for token (fp32, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from server_helpers import running_server, save_tiny_model, smollm2_gguf_path, tiny_config
+
+PROMPTS = [
+    "Hello",
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "1, 2, 3, 4, 5,",
+    "Translate to French: I would like a cup of coffee, please. Also, where is the train station?",
+]
+MAX_NEW_TOKENS = 12
+
+
+async def generate_all(url: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one(prompt):
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
+            async with session.post(url + "/generate", json=body) as response:
+                assert response.status == 200, await response.text()
+                payload = await response.json()
+                return [token["id"] for token in payload["details"]["tokens"]]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def transformers_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    import torch
+
+    outputs = []
+    for prompt in prompts:
+        input_ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(generated[0, input_ids.shape[1]:].tolist())
+    return outputs
+
+
+def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
+    for prompt, a, b in zip(PROMPTS, ours, theirs):
+        assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, root / "llama"),
+        "qwen2": save_tiny_model(tiny_config("qwen2"), smollm2_tokenizer_dir, root / "qwen2"),
+    }
+
+
+@pytest.mark.parametrize("num_shard", [1, 2])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home, architecture, num_shard):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models[architecture]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = transformers_greedy(model, tokenizer, PROMPTS, MAX_NEW_TOKENS)
+    with running_server(str(model_dir), hf_home, "--max-batch-prefill-tokens", "256", num_shard=num_shard) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens(ours, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_shard", [1, 2])
+async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_tokenizer_dir, hf_home, num_shard):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    expected = transformers_greedy(model, tokenizer, PROMPTS, MAX_NEW_TOKENS)
+    with running_server(str(gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens(ours, expected)

@@ -1,0 +1,79 @@
+"""The real trained model (SmolLM2-135M-Instruct GGUF) served through the launcher, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from server_helpers import running_server, smollm2_gguf_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(hf_home, smollm2_tokenizer_dir):
+    with running_server(str(smollm2_gguf_path()), hf_home, "--max-batch-prefill-tokens", "512") as server:
+        yield server
+
+
+async def post(session, url, body):
+    async with session.post(url, json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_generate_answers_paris_for_the_capital_of_france(smollm2_server):
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
+    async with aiohttp.ClientSession() as session:
+        status, payload = await post(session, smollm2_server.url + "/generate", body)
+    assert status == 200
+    assert "Paris" in payload["generated_text"]
+
+
+async def test_generate_stream_sends_tgi_events_ending_with_the_full_text(smollm2_server):
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6, "details": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(smollm2_server.url + "/generate_stream", json=body) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            raw = await response.text()
+    events = [json.loads(line[len("data:"):]) for line in raw.splitlines() if line.startswith("data:")]
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert events[-1]["details"]["finish_reason"] in ("length", "eos_token")
+    assert events[-1]["details"]["generated_tokens"] == len(events)
+
+
+async def test_stop_sequence_ends_generation_and_is_kept_in_the_text(smollm2_server):
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 20, "stop": ["Paris"], "details": True}}
+    async with aiohttp.ClientSession() as session:
+        status, payload = await post(session, smollm2_server.url + "/generate", body)
+    assert status == 200
+    assert payload["generated_text"].endswith("Paris")
+    assert payload["details"]["finish_reason"] == "stop_sequence"
+
+
+async def test_same_seed_gives_same_text_alone_and_inside_a_busy_batch(smollm2_server):
+    sampled = {"inputs": "Write a short poem about the sea.", "parameters": {
+        "max_new_tokens": 16, "do_sample": True, "temperature": 0.9, "seed": 42}}
+    url = smollm2_server.url + "/generate"
+    async with aiohttp.ClientSession() as session:
+        _, alone = await post(session, url, sampled)
+        noise = [
+            post(session, url, {"inputs": f"Tell me a fact about the number {i}.", "parameters": {
+                "max_new_tokens": 24, "do_sample": True, "seed": i}})
+            for i in range(5)
+        ]
+        results = await asyncio.gather(post(session, url, sampled), *noise)
+    assert results[0][1]["generated_text"] == alone["generated_text"]
+
+
+async def test_info_reports_the_model_and_limits(smollm2_server):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(smollm2_server.url + "/info") as response:
+            info = await response.json()
+    assert info["model_id"].endswith(".gguf")
+    assert info["max_input_tokens"] < info["max_total_tokens"]
+    assert info["router"] == "text-generation-router"

@@ -1,0 +1,62 @@
+"""Our paged Llama-family model against transformers' own implementation, on tiny random checkpoints."""
+
+import json
+
+import pytest
+import torch
+from model_helpers import (
+    PagedBatchDriver,
+    hf_logits,
+    mixed_schedule,
+    run_schedule,
+    save_tiny_model,
+    tiny_config,
+)
+
+from tgi_server.distributed import SINGLE
+from tgi_server.models.registry import load_model
+
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed"]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def checkpoint(request, tmp_path_factory):
+    """(directory, HF reference model) of one tiny saved checkpoint."""
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = save_tiny_model(tiny_config(request.param), directory)
+    return str(directory), hf_model
+
+
+def _driver(model_dir: str) -> PagedBatchDriver:
+    model, config = load_model(model_dir, SINGLE, torch.float32, torch.device("cpu"))
+    return PagedBatchDriver(model, config, SINGLE)
+
+
+def test_mixed_length_prefill_batch_matches_hf_last_token_logits(checkpoint):
+    model_dir, hf_model = checkpoint
+    driver = _driver(model_dir)
+    prefill = mixed_schedule(hf_model.config.vocab_size)[0]
+    seq_to_logits = driver.step(prefill)
+    for seq_id, token_ids in prefill:
+        expected = hf_logits(hf_model, token_ids)[-1]
+        torch.testing.assert_close(seq_to_logits[seq_id][-1], expected, atol=ATOL, rtol=0)
+
+
+def test_decode_mixed_with_new_prefill_and_chunked_prefill_matches_hf_at_every_position(checkpoint):
+    model_dir, hf_model = checkpoint
+    schedule = mixed_schedule(hf_model.config.vocab_size)
+    seq_to_tokens, seq_to_logits = run_schedule(_driver(model_dir), schedule)
+    for seq_id, token_ids in seq_to_tokens.items():
+        expected = hf_logits(hf_model, token_ids)
+        torch.testing.assert_close(seq_to_logits[seq_id], expected, atol=ATOL, rtol=0)
+
+
+def test_unknown_architecture_is_rejected_naming_supported_ones(tmp_path):
+    save_tiny_model(tiny_config("llama"), tmp_path)
+    config_path = tmp_path / "config.json"
+    config_json = json.loads(config_path.read_text())
+    config_json["architectures"] = ["FancyNewForCausalLM"]
+    config_path.write_text(json.dumps(config_json))
+    with pytest.raises(ValueError, match="FancyNewForCausalLM.*LlamaForCausalLM"):
+        load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))

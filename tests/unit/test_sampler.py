@@ -1,0 +1,113 @@
+"""Batched sampling: HF transformers' logits processors are the oracle for penalties and warpers."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from tgi_server.sampler import SamplingBatch, SamplingParams, _apply_penalties, _apply_warpers, sample
+
+VOCAB = 50
+
+
+def logits_batch(num_rows, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_rows, VOCAB, generator=generator) * 3  # [B, V]
+
+
+def build(params, histories=None):
+    histories = histories or [[1, 2, 3]] * len(params)
+    return SamplingBatch.build(params, histories, torch.device("cpu"))
+
+
+def test_greedy_rows_pick_the_argmax():
+    logits = logits_batch(4)
+    out = sample(logits, build([SamplingParams()] * 4), max_top_n=0)
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_logprob_and_top_tokens_come_from_the_processed_distribution():
+    logits = logits_batch(2)
+    out = sample(logits, build([SamplingParams()] * 2), max_top_n=3)
+    expected = torch.log_softmax(logits, -1)
+    assert torch.allclose(out.logprobs, expected.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert out.top_ids[:, 0].tolist() == out.token_ids.tolist()
+    assert torch.allclose(out.top_logprobs, expected.topk(3, -1).values)
+
+
+def test_seeded_sample_does_not_depend_on_the_rest_of_the_batch():
+    logits = logits_batch(1).repeat(3, 1)
+    target = SamplingParams(do_sample=True, seed=99)
+    alone = sample(logits[:1], build([target], [[4, 5]]), 0).token_ids.item()
+    crowd = [SamplingParams(do_sample=True, seed=1), SamplingParams(do_sample=True, seed=2), target]
+    together = sample(logits, build(crowd, [[9], [8, 7, 6], [4, 5]]), 0).token_ids[2].item()
+    assert alone == together
+
+
+def test_sampling_frequencies_follow_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    params = [SamplingParams(do_sample=True, seed=s) for s in range(4000)]
+    out = sample(logits, SamplingBatch.build(params, [[0]] * 4000, torch.device("cpu")), 0)
+    frequencies = torch.bincount(out.token_ids, minlength=4).float() / 4000
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.03)
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = logits_batch(2)
+    histories = [[1, 2, 3, 3], [4, 10, 20, 30]]
+    params = [SamplingParams(repetition_penalty=1.3)] * 2
+    ours = _apply_penalties(logits, build(params, histories))
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(histories), logits.clone())
+    assert torch.allclose(ours, theirs)
+
+
+def test_frequency_penalty_subtracts_penalty_times_token_share():
+    logits = torch.zeros(1, VOCAB)
+    ours = _apply_penalties(logits, build([SamplingParams(frequency_penalty=0.5)], [[7, 7, 7, 2]]))
+    assert ours[0, 7].item() == pytest.approx(-0.5 * 3 / 4)
+    assert ours[0, 2].item() == pytest.approx(-0.5 * 1 / 4)
+    assert ours[0, 3].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "params, warpers",
+    [
+        (SamplingParams(do_sample=True, temperature=0.7), [TemperatureLogitsWarper(0.7)]),
+        (SamplingParams(do_sample=True, top_k=5), [TopKLogitsWarper(5)]),
+        (SamplingParams(do_sample=True, top_p=0.8), [TopPLogitsWarper(0.8)]),
+        (SamplingParams(do_sample=True, typical_p=0.6), [TypicalLogitsWarper(0.6)]),
+        (
+            SamplingParams(do_sample=True, temperature=1.5, top_k=20, top_p=0.9),
+            [TemperatureLogitsWarper(1.5), TopKLogitsWarper(20), TopPLogitsWarper(0.9)],
+        ),
+    ],
+)
+def test_warpers_keep_the_same_tokens_as_transformers(params, warpers):
+    logits = logits_batch(3, seed=5)
+    ours = _apply_warpers(logits, build([params] * 3))
+    theirs = logits.clone()
+    for warper in warpers:
+        theirs = warper(None, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = ~torch.isinf(theirs)
+    assert torch.allclose(ours[finite], theirs[finite])
+
+
+def test_greedy_rows_are_not_warped_by_their_neighbours_settings():
+    logits = logits_batch(2)
+    params = [SamplingParams(), SamplingParams(do_sample=True, top_k=1, seed=3)]
+    scores = _apply_warpers(logits, build(params))
+    assert not torch.isinf(scores[0]).any()
+    assert math.isinf(scores[1].sort().values[0].item())
+
+
+def test_u64_seeds_above_the_int64_range_are_accepted():
+    out = sample(logits_batch(1), build([SamplingParams(do_sample=True, seed=2**64 - 1)]), 0)
+    assert 0 <= out.token_ids.item() < VOCAB

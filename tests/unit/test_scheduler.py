@@ -1,0 +1,183 @@
+"""Scheduler and block allocator, driven by hand-built step results (no model, no shards)."""
+
+import random
+
+from tgi_router.block_manager import BlockManager
+from tgi_router.request import Request, SampledToken, StepResult
+from tgi_router.scheduler import Scheduler, SchedulerConfig
+
+BLOCK_SIZE = 4
+
+
+def make_scheduler(num_blocks=64, prefill_tokens=32, batch_size=8):
+    config = SchedulerConfig(max_batch_prefill_tokens=prefill_tokens, max_batch_size=batch_size)
+    return Scheduler(config, BlockManager(num_blocks, BLOCK_SIZE))
+
+
+def make_request(request_id, prompt_len, max_new_tokens=4):
+    return Request(id=request_id, prompt_token_ids=list(range(prompt_len)), max_new_tokens=max_new_tokens)
+
+
+def run_step(scheduler, token_id=7):
+    """Schedules one step and feeds back a sampled token for every request that caught up."""
+    plan = scheduler.schedule()
+    samples = []
+    for chunk in plan.scheduled:
+        request = chunk.request
+        if request.num_computed_tokens + chunk.num_tokens == request.num_tokens:
+            samples.append(SampledToken(request.id, token_id, -0.5))
+    return plan, scheduler.update(plan, StepResult(samples))
+
+
+def finish_done(scheduler, sampled):
+    for request, _ in sampled:
+        if len(request.output_token_ids) >= request.max_new_tokens:
+            scheduler.finish(request.id)
+
+
+def test_new_requests_are_sent_in_full_once():
+    scheduler = make_scheduler()
+    scheduler.add(make_request(1, 5))
+    plan, sampled = run_step(scheduler)
+    assert [r.id for r in plan.new_requests] == [1]
+    assert [c.num_tokens for c in plan.scheduled] == [5]
+    assert [r.id for r, _ in sampled] == [1]
+    plan, _ = run_step(scheduler)
+    assert plan.new_requests == []
+    assert [c.num_tokens for c in plan.scheduled] == [1]
+
+
+def test_long_prompt_is_prefilled_in_chunks_within_the_token_budget():
+    scheduler = make_scheduler(prefill_tokens=8)
+    scheduler.add(make_request(1, 20))
+    chunk_sizes = []
+    for _ in range(3):
+        plan, sampled = run_step(scheduler)
+        chunk_sizes.append(plan.num_batched_tokens)
+    assert chunk_sizes == [8, 8, 4]
+    assert len(sampled) == 1  # only the last chunk samples
+
+
+def test_request_arriving_mid_decode_joins_running_batch():
+    scheduler = make_scheduler()
+    scheduler.add(make_request(1, 3, max_new_tokens=10))
+    run_step(scheduler)
+    run_step(scheduler)
+    scheduler.add(make_request(2, 6))
+    plan, sampled = run_step(scheduler)
+    assert [(c.request.id, c.num_tokens) for c in plan.scheduled] == [(1, 1), (2, 6)]
+    assert {r.id for r, _ in sampled} == {1, 2}
+
+
+def test_step_token_budget_covers_decodes_before_new_prefills():
+    scheduler = make_scheduler(prefill_tokens=6)
+    for request_id in range(3):
+        scheduler.add(make_request(request_id, 2, max_new_tokens=10))
+    run_step(scheduler)
+    scheduler.add(make_request(9, 10))
+    plan, _ = run_step(scheduler)
+    # three decodes take 3 tokens; the new prompt gets the remaining 3 as its first chunk
+    assert [(c.request.id, c.num_tokens) for c in plan.scheduled] == [(0, 1), (1, 1), (2, 1), (9, 3)]
+
+
+def test_batch_size_limit_keeps_extra_requests_waiting():
+    scheduler = make_scheduler(batch_size=2)
+    for request_id in range(3):
+        scheduler.add(make_request(request_id, 2))
+    plan, _ = run_step(scheduler)
+    assert [c.request.id for c in plan.scheduled] == [0, 1]
+    assert [r.id for r in scheduler.waiting] == [2]
+
+
+def test_concurrent_requests_take_max_not_sum_of_lengths_in_steps():
+    scheduler = make_scheduler()
+    lengths = [3, 5, 8, 2]
+    for request_id, n in enumerate(lengths):
+        scheduler.add(make_request(request_id, 4, max_new_tokens=n))
+    num_steps = 0
+    while scheduler.has_work:
+        _, sampled = run_step(scheduler)
+        finish_done(scheduler, sampled)
+        num_steps += 1
+    assert num_steps == max(lengths)
+
+
+def test_full_cache_preempts_newest_request_and_recomputes_it_later():
+    # 4 usable blocks of 4 tokens = 16 KV slots for two requests that together want 24.
+    scheduler = make_scheduler(num_blocks=5, prefill_tokens=32)
+    scheduler.add(make_request(1, 4, max_new_tokens=8))
+    scheduler.add(make_request(2, 4, max_new_tokens=8))
+    seen_finished = []
+    outputs = {}
+    for _ in range(60):
+        if not scheduler.has_work:
+            break
+        plan, sampled = run_step(scheduler)
+        seen_finished += plan.finished_ids
+        for request, _ in sampled:
+            outputs[request.id] = len(request.output_token_ids)
+        finish_done(scheduler, sampled)
+    assert not scheduler.has_work
+    assert outputs == {1: 8, 2: 8}
+    assert 2 in seen_finished  # the preempted request was dropped from the shards before recompute
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
+
+
+def test_preempted_request_is_resent_with_its_generated_tokens():
+    scheduler = make_scheduler(num_blocks=5)
+    scheduler.add(make_request(1, 4, max_new_tokens=8))
+    scheduler.add(make_request(2, 4, max_new_tokens=8))
+    resent = []
+    for _ in range(40):
+        if not scheduler.has_work:
+            break
+        plan, sampled = run_step(scheduler)
+        resent += [(r.id, r.num_tokens) for r in plan.new_requests if r.num_preemptions]
+        finish_done(scheduler, sampled)
+    assert resent and all(num_tokens > 4 for _, num_tokens in resent)
+
+
+def test_cancelled_request_frees_blocks_and_is_forgotten_by_shards():
+    scheduler = make_scheduler()
+    scheduler.add(make_request(1, 9, max_new_tokens=50))
+    run_step(scheduler)
+    scheduler.finish(1)
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
+    plan = scheduler.schedule()
+    assert plan.finished_ids == [1] and plan.scheduled == []
+
+
+def test_request_finished_during_a_step_is_skipped_by_update():
+    scheduler = make_scheduler()
+    scheduler.add(make_request(1, 3))
+    plan = scheduler.schedule()
+    scheduler.finish(1)
+    assert scheduler.update(plan, StepResult([SampledToken(1, 5, 0.0)])) == []
+
+
+def test_allocator_returns_to_fully_free_after_mixed_workload():
+    rng = random.Random(0)
+    scheduler = make_scheduler(num_blocks=24, prefill_tokens=16, batch_size=6)
+    next_id = 0
+    for step in range(400):
+        if step < 300 and rng.random() < 0.3:
+            scheduler.add(make_request(next_id, rng.randint(1, 20), max_new_tokens=rng.randint(1, 12)))
+            next_id += 1
+        if step % 17 == 0 and scheduler.running:
+            scheduler.finish(rng.choice(scheduler.running).id)  # a client went away
+        if scheduler.has_work:
+            _, sampled = run_step(scheduler)
+            finish_done(scheduler, sampled)
+    assert not scheduler.has_work
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
+
+
+def test_block_manager_allocates_all_or_nothing():
+    blocks = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    assert blocks.num_free_blocks == 3
+    taken = blocks.allocate(2)
+    assert len(taken) == 2 and 0 not in taken
+    assert blocks.allocate(2) is None
+    assert blocks.num_free_blocks == 1
+    blocks.free(taken)
+    assert blocks.num_free_blocks == 3
