@@ -62,11 +62,11 @@ async def errors_middleware(request: web.Request, handler):
 async def read_json(request: web.Request) -> dict:
     """The request body as a JSON object; anything else is a 4xx in TGI's error format."""
     if request.content_type != "application/json":
-        raise InferError.with_status(415, "validation", "Expected request with `Content-Type: application/json`")
+        raise InferError("Expected request with `Content-Type: application/json`", 415, "validation")
     try:
         body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InferError.with_status(400, "validation", f"Failed to parse the request body as JSON: {error}")
+        raise InferError(f"Failed to parse the request body as JSON: {error}", 400, "validation")
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     return body

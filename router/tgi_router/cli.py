@@ -67,7 +67,10 @@ def serve(
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     args = RouterArgs(**{k: v for k, v in locals().items()})
-    web.run_app(_start(args), host=args.hostname, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which frees its request.
+    web.run_app(
+        _start(args), host=args.hostname, port=args.port, print=None, access_log=None, handler_cancellation=True
+    )
 
 
 async def _start(args: RouterArgs) -> web.Application:

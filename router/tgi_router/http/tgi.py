@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from aiohttp import web
@@ -11,7 +12,13 @@ from tgi_router.app import Router, get_router, read_json
 from tgi_router.engine import GenerationInput, RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError
 from tgi_router.request import SamplingParams
-from tgi_router.validation import ValidRequest, parse_generate_request, validate_input_ids, validate_parameters
+from tgi_router.validation import (
+    ValidRequest,
+    parse_generate_request,
+    validate_input_ids,
+    validate_inputs,
+    validate_parameters,
+)
 
 
 def add_routes(app: web.Application) -> None:
@@ -23,22 +30,23 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/info", info)
 
 
-async def generate(request: web.Request) -> web.Response:
+async def generate(request: web.Request, is_compat: bool = False) -> web.Response:
     router = get_router(request)
     body = await read_json(request)
     with router.admit():
-        valid = await _validate(router, body)
+        valid = await _validate(router, body, is_compat=is_compat)
         events = await _collect(router.engine.submit(_generation_input(valid)))
     return web.json_response(_generate_response(valid, events))
 
 
-async def generate_stream(request: web.Request) -> web.StreamResponse:
+async def generate_stream(request: web.Request, is_compat: bool = False) -> web.StreamResponse:
     router = get_router(request)
     body = await read_json(request)
-    async with sse_response(request, headers={"X-Accel-Buffering": "no"}) as sse:
+    sse_headers = {"X-Accel-Buffering": "no"}
+    async with sse_response(request, headers=sse_headers, sep="\n", allow_all_methods=True) as sse:
         try:
             with router.admit():
-                valid = await _validate(router, body, is_stream=True)
+                valid = await _validate(router, body, is_stream=True, is_compat=is_compat)
                 stream = router.engine.submit(_generation_input(valid))
                 try:
                     await _send_events(sse, valid, stream)
@@ -53,8 +61,8 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     """`POST /`: `/generate` answering a one-element list, or `/generate_stream` when `stream` is true."""
     body = await read_json(request)
     if body.get("stream") is True:
-        return await generate_stream(request)
-    response = await generate(request)
+        return await generate_stream(request, is_compat=True)
+    response = await generate(request, is_compat=True)
     return web.Response(body=b"[" + response.body + b"]", content_type="application/json")
 
 
@@ -71,11 +79,13 @@ async def info(request: web.Request) -> web.Response:
     return web.json_response(get_router(request).info)
 
 
-async def _validate(router: Router, body: dict, is_stream: bool = False) -> ValidRequest:
+async def _validate(router: Router, body: dict, is_stream: bool = False, is_compat: bool = False) -> ValidRequest:
     parsed = parse_generate_request(body)
     validate_parameters(parsed.parameters, router.validation, is_stream=is_stream)
+    validate_inputs(parsed, router.validation)
     input_ids = await router.encode(parsed.inputs)
-    return validate_input_ids(parsed, input_ids, router.validation)
+    # `POST /` returns the prompt with the text by default, as TGI does for text-generation models.
+    return validate_input_ids(parsed, input_ids, router.validation, default_return_full_text=is_compat)
 
 
 def _generation_input(valid: ValidRequest) -> GenerationInput:
@@ -154,6 +164,4 @@ def _token_json(token: Token) -> dict:
 
 
 def _json(payload: dict) -> str:
-    import json
-
     return json.dumps(payload, ensure_ascii=False)
