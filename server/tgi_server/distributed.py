@@ -6,6 +6,17 @@ import torch
 import torch.distributed as dist
 
 
+def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of `rank` when `size` is cut in pieces of ceil(size / world_size).
+
+    Even splits are the usual case; otherwise the last pieces are shorter (even empty), which is
+    what a vocab-parallel embedding wants.
+    """
+    per_rank = -(-size // world_size)
+    start = min(rank * per_rank, size)
+    return start, min(start + per_rank, size)
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """Tensor-parallel process group handle: rank, world_size and the torch.distributed group
@@ -19,13 +30,24 @@ class TPGroup:
     world_size: int
     group: object | None
 
-    def shard_size(self, size: int, what: str) -> int:
-        """`size // world_size`, refusing sizes that do not split evenly across the ranks."""
-        if size % self.world_size != 0:
+    def partition(self, size: int) -> tuple[int, int]:
+        """[start, stop) of this rank's share of `size` items, balanced: shares differ by at most one,
+        so sizes that do not divide by the world size still split (e.g. 9 heads over 2 ranks)."""
+        return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
+
+    def head_partition(self, num_heads: int, num_kv_heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """This rank's ([start, stop) of query heads, [start, stop) of kv heads).
+
+        Heads are split by kv head, each taking its group of query heads along, so grouped-query
+        attention stays within a rank.
+        """
+        if num_kv_heads < self.world_size:
             raise ValueError(
-                f"{what} ({size}) must be divisible by the tensor-parallel world size ({self.world_size})"
+                f"num_key_value_heads ({num_kv_heads}) must be >= the tensor-parallel world size ({self.world_size})"
             )
-        return size // self.world_size
+        kv_start, kv_stop = self.partition(num_kv_heads)
+        group = num_heads // num_kv_heads
+        return (kv_start * group, kv_stop * group), (kv_start, kv_stop)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; a no-op on a single rank."""

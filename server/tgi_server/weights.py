@@ -21,20 +21,9 @@ class WeightSource(Protocol):
         """The whole tensor `name`; KeyError if the checkpoint lacks it."""
         ...
 
-    def get_shard(self, name: str, dim: int, rank: int, world_size: int) -> torch.Tensor:
-        """Rank `rank`'s piece of `name` along `dim`, as `shard_range` splits it."""
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of `name` along `dim`, read without the rest where the format allows."""
         ...
-
-
-def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of `rank` when `size` is cut in pieces of ceil(size / world_size).
-
-    Even splits are the usual case; otherwise the last pieces are shorter (even empty), which is
-    what a vocab-parallel embedding wants.
-    """
-    per_rank = -(-size // world_size)
-    start = min(rank * per_rank, size)
-    return start, min(start + per_rank, size)
 
 
 def load_config(model_path: str) -> PretrainedConfig:
@@ -68,9 +57,8 @@ class SafetensorsWeights:
     def get(self, name: str) -> torch.Tensor:
         return _cast(self._handle(name).get_tensor(name), self.dtype)
 
-    def get_shard(self, name: str, dim: int, rank: int, world_size: int) -> torch.Tensor:
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         tensor_slice = self._handle(name).get_slice(name)
-        start, stop = shard_range(tensor_slice.get_shape()[dim], rank, world_size)
         index = (slice(None),) * dim + (slice(start, stop),)
         return _cast(tensor_slice[index], self.dtype)
 
@@ -123,7 +111,5 @@ class GGUFWeights:
             raise KeyError(f"tensor {name!r} is not in GGUF file {self.path}")
         return self.name_to_tensor[name]
 
-    def get_shard(self, name: str, dim: int, rank: int, world_size: int) -> torch.Tensor:
-        tensor = self.get(name)
-        start, stop = shard_range(tensor.shape[dim], rank, world_size)
-        return tensor.narrow(dim, start, stop - start)
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.get(name).narrow(dim, start, stop - start)

@@ -33,12 +33,16 @@ async def generate_all(url: str, prompts: list[str], max_new_tokens: int) -> lis
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def transformers_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+def transformers_greedy(model, tokenizer_dir, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """HF's greedy continuation of each prompt, tokenized with the model's own tokenizer.json (HF may
+    pick a tokenizer class by model type whose pre-processing differs from the file)."""
     import torch
+    from tokenizers import Tokenizer
 
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     outputs = []
     for prompt in prompts:
-        input_ids = torch.tensor([tokenizer.encode(prompt)])
+        input_ids = torch.tensor([tokenizer.encode(prompt).ids])
         with torch.no_grad():
             generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
         outputs.append(generated[0, input_ids.shape[1]:].tolist())
@@ -63,13 +67,13 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home, architecture, num_shard):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = tiny_models[architecture]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    expected = transformers_greedy(model, tokenizer, PROMPTS, MAX_NEW_TOKENS)
-    with running_server(str(model_dir), hf_home, "--max-batch-prefill-tokens", "256", num_shard=num_shard) as server:
+    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
+    small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
+    with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
         ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
     assert_same_tokens(ours, expected)
 
@@ -78,12 +82,11 @@ async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home
 @pytest.mark.parametrize("num_shard", [1, 2])
 async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_tokenizer_dir, hf_home, num_shard):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    expected = transformers_greedy(model, tokenizer, PROMPTS, MAX_NEW_TOKENS)
+    expected = transformers_greedy(model, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
     with running_server(str(gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
         ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
     assert_same_tokens(ours, expected)

@@ -9,7 +9,8 @@ PROBE = """
 import sys, pkgutil, importlib
 import {package}
 for module in pkgutil.walk_packages({package}.__path__, "{package}."):
-    importlib.import_module(module.name)
+    if not module.name.endswith("__main__"):
+        importlib.import_module(module.name)
 heavy = sorted(name for name in ("torch", "transformers") if name in sys.modules)
 assert not heavy, "imported " + ", ".join(heavy)
 """

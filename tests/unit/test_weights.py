@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
-from tgi_server.weights import SafetensorsWeights, shard_range
+from tgi_server.distributed import shard_range
+from tgi_server.weights import SafetensorsWeights
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,9 +37,9 @@ def test_sharded_reads_are_the_matching_slices_of_the_full_tensor(two_file_check
     weights = SafetensorsWeights(directory, torch.float32)
     for name, full in name_to_tensor.items():
         for dim in range(full.dim()):
-            shards = [weights.get_shard(name, dim, rank, world_size) for rank in range(world_size)]
-            for rank, shard in enumerate(shards):
-                start, stop = shard_range(full.shape[dim], rank, world_size)
+            ranges = [shard_range(full.shape[dim], rank, world_size) for rank in range(world_size)]
+            shards = [weights.get_range(name, dim, start, stop) for start, stop in ranges]
+            for (start, stop), shard in zip(ranges, shards):
                 assert torch.equal(shard, full.narrow(dim, start, stop - start))
             assert torch.equal(torch.cat(shards, dim=dim), full)
 
@@ -62,7 +63,7 @@ def test_missing_tensor_raises_key_error_naming_it(two_file_checkpoint):
     with pytest.raises(KeyError, match="lm_head.weight"):
         weights.get("lm_head.weight")
     with pytest.raises(KeyError, match="lm_head.weight"):
-        weights.get_shard("lm_head.weight", 0, 0, 2)
+        weights.get_range("lm_head.weight", 0, 0, 2)
 
 
 def test_tensor_name_in_two_files_is_rejected(two_file_checkpoint):

@@ -50,7 +50,8 @@ def kv_cache_shape(
     Index 0 of the first dim holds K, index 1 holds V. The runner allocates one such tensor per
     layer (config.num_hidden_layers of them), in the model dtype.
     """
-    num_kv_heads = tp.shard_size(config.num_key_value_heads, "num_key_value_heads")
+    _, (kv_start, kv_stop) = tp.head_partition(config.num_attention_heads, config.num_key_value_heads)
+    num_kv_heads = kv_stop - kv_start
     return (2, num_blocks, block_size, num_kv_heads, attention_head_dim(config))
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_server.distributed import TPGroup
-from tgi_server.weights import WeightSource, shard_range
+from tgi_server.distributed import TPGroup, shard_range
+from tgi_server.weights import WeightSource
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,7 +32,7 @@ class VocabParallelEmbedding(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, name: str) -> None:
         """Read this rank's vocab rows of tensor `name`; padding rows stay zero."""
-        shard = weights.get_shard(name, 0, self.tp.rank, self.tp.world_size)
+        shard = weights.get_range(name, 0, self.vocab_start, self.vocab_stop)
         self.weight[: shard.shape[0]].copy_(shard)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

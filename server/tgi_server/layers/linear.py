@@ -21,8 +21,9 @@ class ColumnParallelLinear(nn.Module):
     """One or more linears sharing an input, fused along the output dim and split across ranks.
 
     `output_sizes` lists the fused parts (e.g. [intermediate, intermediate] for gate/up); each
-    part is split across ranks on its own, so rank r holds [part0_r, part1_r, ...] and its output
-    splits back into matching per-rank pieces.
+    part is split across ranks on its own (balanced, see `TPGroup.partition`, unless `part_ranges`
+    gives this rank's [start, stop) rows of each part), so rank r holds [part0_r, part1_r, ...] and
+    its output splits back into matching per-rank pieces.
     """
 
     def __init__(
@@ -33,10 +34,12 @@ class ColumnParallelLinear(nn.Module):
         tp: TPGroup,
         dtype: torch.dtype,
         device: torch.device,
+        part_ranges: list[tuple[int, int]] | None = None,
     ):
         super().__init__()
         self.tp = tp
-        self.output_sizes_per_rank = [tp.shard_size(size, "output features") for size in output_sizes]
+        self.part_ranges = part_ranges or [tp.partition(size) for size in output_sizes]
+        self.output_sizes_per_rank = [stop - start for start, stop in self.part_ranges]
         num_out = sum(self.output_sizes_per_rank)
         # [num_out_per_rank, in_features]
         self.weight = _parameter(torch.empty(num_out, in_features, dtype=dtype, device=device))
@@ -51,7 +54,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias.copy_(self._read_parts(weights, [f"{p}.bias" for p in prefixes]))
 
     def _read_parts(self, weights: WeightSource, names: list[str]) -> torch.Tensor:
-        shards = [weights.get_shard(name, 0, self.tp.rank, self.tp.world_size) for name in names]
+        shards = [weights.get_range(name, 0, start, stop) for name, (start, stop) in zip(names, self.part_ranges)]
         return torch.cat(shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused, each rank holding whole query heads and whole kv heads."""
+    """q, k and v projections fused, each rank holding whole kv heads and their groups of query heads."""
 
     def __init__(
         self,
@@ -73,16 +76,18 @@ class QKVParallelLinear(ColumnParallelLinear):
         dtype: torch.dtype,
         device: torch.device,
     ):
-        tp.shard_size(num_heads, "num_attention_heads")
-        tp.shard_size(num_kv_heads, "num_key_value_heads")
+        (q_start, q_stop), (kv_start, kv_stop) = tp.head_partition(num_heads, num_kv_heads)
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias, tp, dtype, device)
+        q_rows = (q_start * head_dim, q_stop * head_dim)
+        kv_rows = (kv_start * head_dim, kv_stop * head_dim)
+        super().__init__(hidden_size, sizes, bias, tp, dtype, device, part_ranges=[q_rows, kv_rows, kv_rows])
 
 
 class RowParallelLinear(nn.Module):
     """A linear whose input features are split across ranks; partial outputs are summed by all-reduce.
 
-    The bias is added once, to the reduced sum, so every rank returns the same full output.
+    The bias is added once, to the reduced sum, so every rank returns the same full output. This
+    rank's input features are `input_range` (default: its balanced share, see `TPGroup.partition`).
     """
 
     def __init__(
@@ -93,10 +98,12 @@ class RowParallelLinear(nn.Module):
         tp: TPGroup,
         dtype: torch.dtype,
         device: torch.device,
+        input_range: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.tp = tp
-        num_in = tp.shard_size(in_features, "input features")
+        self.input_range = input_range or tp.partition(in_features)
+        num_in = self.input_range[1] - self.input_range[0]
         # [out_features, num_in_per_rank]
         self.weight = _parameter(torch.empty(out_features, num_in, dtype=dtype, device=device))
         # [out_features]
@@ -105,12 +112,12 @@ class RowParallelLinear(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, prefix: str) -> None:
         """Read this rank's columns of `{prefix}.weight` and the whole `{prefix}.bias`."""
-        self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, self.tp.rank, self.tp.world_size))
+        self.weight.copy_(weights.get_range(f"{prefix}.weight", 1, *self.input_range))
         if self.bias is not None:
             self.bias.copy_(weights.get(f"{prefix}.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, in_features / world_size] -> [num_tokens, out_features], the same on all ranks."""
+        """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""
         out = self.tp.all_reduce(F.linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias

@@ -46,13 +46,16 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.head_dim = head_dim = attention_head_dim(config)
         num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.num_heads = tp.shard_size(num_heads, "num_attention_heads")
-        self.num_kv_heads = tp.shard_size(num_kv_heads, "num_key_value_heads")
+        (q_start, q_stop), (kv_start, kv_stop) = tp.head_partition(num_heads, num_kv_heads)
+        self.num_heads, self.num_kv_heads = q_stop - q_start, kv_stop - kv_start
         qkv_bias, o_bias = attention_biases(config)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp, dtype, device
         )
-        self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device)
+        o_inputs = (q_start * head_dim, q_stop * head_dim)  # this rank's heads
+        self.o_proj = RowParallelLinear(
+            num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device, input_range=o_inputs
+        )
         self.rotary = RotaryEmbedding(config, head_dim, device)
         window = layer_sliding_window(config, layer_idx)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, window)

@@ -1,0 +1,3 @@
+from tgi_launcher.cli import main
+
+main()
