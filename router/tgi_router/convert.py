@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_router.request import Request, SampledToken, SamplingParams, StepPlan, StepResult
 
@@ -41,13 +43,5 @@ def _new_request(request: Request) -> pb.NewRequest:
 
 
 def _sampling(params: SamplingParams) -> pb.SamplingParameters:
-    return pb.SamplingParameters(
-        do_sample=params.do_sample,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        typical_p=params.typical_p,
-        repetition_penalty=params.repetition_penalty,
-        frequency_penalty=params.frequency_penalty,
-        seed=params.seed,
-    )
+    # Field names are the proto's.
+    return pb.SamplingParameters(**dataclasses.asdict(params))

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field, fields
 
 from tgi_router.errors import ValidationError
+from tgi_router.request import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,7 @@ class ValidRequest:
     inputs: str
     input_ids: list[int]
     max_new_tokens: int
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    typical_p: float
-    repetition_penalty: float
-    frequency_penalty: float
-    seed: int
+    sampling: SamplingParams
     stop: list[str]
     top_n_tokens: int
     details: bool
@@ -203,14 +197,16 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         inputs=request.inputs,
         input_ids=input_ids,
         max_new_tokens=max_new_tokens,
-        do_sample=params.is_sampling,
-        temperature=params.temperature or 1.0,
-        top_k=params.top_k or 0,
-        top_p=params.top_p or 1.0,
-        typical_p=params.typical_p or 1.0,
-        repetition_penalty=params.repetition_penalty or 1.0,
-        frequency_penalty=params.frequency_penalty or 0.0,
-        seed=params.seed if params.seed is not None else random.getrandbits(64),
+        sampling=SamplingParams(
+            do_sample=params.is_sampling,
+            temperature=params.temperature or 1.0,
+            top_k=params.top_k or 0,
+            top_p=params.top_p or 1.0,
+            typical_p=params.typical_p or 1.0,
+            repetition_penalty=params.repetition_penalty or 1.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
+            seed=params.seed if params.seed is not None else random.getrandbits(64),
+        ),
         stop=params.stop,
         top_n_tokens=params.top_n_tokens or 0,
         details=params.details,

