@@ -95,7 +95,8 @@ async def _start(args: RouterArgs) -> web.Application:
         info=_info(args, limits),
         max_concurrent_requests=args.max_concurrent_requests,
     )
-    log.info("ready: %s KV blocks of %s tokens, limits %s", limits.num_blocks, shard_info.block_size, limits)
+    log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
+    log.info("serving on http://%s:%d", args.hostname, args.port)
     return build_app(router)
 
 
