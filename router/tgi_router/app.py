@@ -10,10 +10,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from tgi_router.engine import Engine
+from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.errors import InferError, OverloadedError, ValidationError
 from tgi_router.tokenizer import Tokenizer
-from tgi_router.validation import ValidationConfig
+from tgi_router.validation import (
+    GenerateRequest,
+    ValidationConfig,
+    ValidRequest,
+    validate_input_ids,
+    validate_inputs,
+    validate_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,30 @@ class Router:
         finally:
             self.num_in_flight -= 1
 
-    async def encode(self, text: str) -> list[int]:
+    async def validate(
+        self,
+        request: GenerateRequest,
+        is_stream: bool = False,
+        default_return_full_text: bool = False,
+        add_special_tokens: bool = True,
+    ) -> ValidRequest:
+        """TGI's checks, in its order: parameters, inputs, then lengths after tokenization."""
+        validate_parameters(request.parameters, self.validation, is_stream=is_stream)
+        validate_inputs(request, self.validation)
         # HF tokenizers release the GIL, so a thread keeps the event loop responsive.
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+        input_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs, add_special_tokens)
+        return validate_input_ids(request, input_ids, self.validation, default_return_full_text)
+
+    def submit(self, valid: ValidRequest) -> RequestStream:
+        return self.engine.submit(
+            GenerationInput(
+                input_ids=valid.input_ids,
+                max_new_tokens=valid.max_new_tokens,
+                sampling=valid.sampling,
+                stop_sequences=tuple(valid.stop),
+                top_n_tokens=valid.top_n_tokens,
+            )
+        )
 
 
 def error_response(error: InferError) -> web.Response:
@@ -73,11 +101,12 @@ async def read_json(request: web.Request) -> dict:
 
 
 def build_app(router: Router) -> web.Application:
-    from tgi_router.http import tgi
+    from tgi_router.http import openai, tgi
 
     app = web.Application(middlewares=[errors_middleware])
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
+    openai.add_routes(app)
 
     async def run_engine(app: web.Application):
         task = asyncio.create_task(router.engine.run())

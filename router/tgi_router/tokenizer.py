@@ -32,6 +32,9 @@ class Tokenizer:
     special_ids: frozenset[int]
     bos_token_id: int | None
     add_bos_token: bool
+    # Special token strings, as chat templates use them.
+    bos_token: str | None
+    eos_token: str | None
     chat_template: str | None
     model_max_length: int | None
 
@@ -52,6 +55,8 @@ class Tokenizer:
             special_ids=special_ids,
             bos_token_id=bos_id,
             add_bos_token=bool(config.get("add_bos_token")) and bos_id is not None,
+            bos_token=bos,
+            eos_token=_token_content(config.get("eos_token")),
             chat_template=_chat_template(root, config),
             model_max_length=max_length if isinstance(max_length, int) and max_length < _NO_MAX_LENGTH else None,
         )

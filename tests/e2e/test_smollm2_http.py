@@ -77,3 +77,55 @@ async def test_info_reports_the_model_and_limits(smollm2_server):
     assert info["model_id"].endswith(".gguf")
     assert info["max_input_tokens"] < info["max_total_tokens"]
     assert info["router"] == "text-generation-router"
+
+
+def sse_payloads(raw: str) -> list[str]:
+    return [line[len("data:"):].strip() for line in raw.splitlines() if line.startswith("data:")]
+
+
+async def test_container_readme_chat_stream_curl_works_verbatim(smollm2_server):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "What is deep learning?"}],
+            "stream": True, "max_tokens": 128}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(smollm2_server.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            payloads = sse_payloads(await response.text())
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert "learning" in text.lower()
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def test_container_readme_generate_curl_works_verbatim(smollm2_server):
+    body = {"inputs": "What is Deep Learning?", "parameters": {"temperature": 0.2, "top_p": 0.95, "max_new_tokens": 256}}
+    async with aiohttp.ClientSession() as session:
+        status, payload = await post(session, smollm2_server.url + "/generate", body)
+    assert status == 200
+    assert len(payload["generated_text"]) > 20
+
+
+async def test_chat_completion_answers_with_usage_and_logprobs(smollm2_server):
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    async with aiohttp.ClientSession() as session:
+        status, payload = await post(session, smollm2_server.url + "/v1/chat/completions", body)
+    assert status == 200
+    choice = payload["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    assert len(choice["logprobs"]["content"]) == payload["usage"]["completion_tokens"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in choice["logprobs"]["content"])
+
+
+async def test_completions_answer_every_prompt_of_a_list(smollm2_server):
+    body = {"model": "any-name", "prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 5, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        status, payload = await post(session, smollm2_server.url + "/v1/completions", body)
+        async with session.get(smollm2_server.url + "/v1/models") as response:
+            models = await response.json()
+    assert status == 200
+    assert payload["model"] == "any-name"
+    assert [c["index"] for c in payload["choices"]] == [0, 1]
+    assert "Paris" in payload["choices"][0]["text"]
+    assert models["data"][0]["id"].endswith(".gguf")

