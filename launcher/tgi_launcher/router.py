@@ -1,0 +1,33 @@
+"""The router's command line, built from the launcher's config."""
+
+from __future__ import annotations
+
+import sys
+
+from tgi_launcher.config import LauncherConfig
+
+
+def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
+    """`tgi_router` serving HTTP in front of the shards. Token limits left unset are not passed: the
+    router derives them from the model and the KV cache its warmup finds."""
+    argv = [
+        sys.executable, "-m", "tgi_router",
+        "--model-id", config.model_id, "--tokenizer-path", tokenizer_path,
+        "--shard-uds-path", config.shard_uds_path, "--num-shard", str(config.num_shard),
+        "--hostname", config.hostname, "--port", str(config.port),
+        "--max-concurrent-requests", str(config.max_concurrent_requests),
+        "--max-best-of", str(config.max_best_of),
+        "--max-stop-sequences", str(config.max_stop_sequences),
+        "--max-top-n-tokens", str(config.max_top_n_tokens),
+    ]
+    optional = {
+        "--max-input-tokens": config.max_input_tokens,
+        "--max-total-tokens": config.max_total_tokens,
+        "--max-batch-prefill-tokens": config.max_batch_prefill_tokens,
+        "--max-batch-total-tokens": config.max_batch_total_tokens,
+        "--max-batch-size": config.max_batch_size,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
