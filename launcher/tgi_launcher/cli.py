@@ -17,7 +17,7 @@ import typer
 
 from tgi_launcher import shards
 from tgi_launcher.config import DEFAULT_SHARD_UDS_PATH, ConfigError, LauncherConfig, resolve_config
-from tgi_launcher.router import router_argv
+from tgi_launcher.router import router_argv, router_env
 from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
 
 log = logging.getLogger("tgi_launcher")
@@ -46,9 +46,12 @@ def launch(
     master_addr: str = typer.Option("localhost", envvar="MASTER_ADDR", help="torch.distributed rendezvous address."),
     master_port: Optional[int] = typer.Option(None, envvar="MASTER_PORT", help="torch.distributed rendezvous port (default: 29500, or a free port with several shards)."),
     shard_ready_timeout: float = typer.Option(600, envvar="SHARD_READY_TIMEOUT", help="Seconds each shard may take to load its model."),
+    api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Require `Authorization: Bearer <key>` on generation routes."),
+    cors_allow_origin: list[str] = typer.Option([], envvar="CORS_ALLOW_ORIGIN", help="Origins allowed by CORS (repeat the flag; `*` for any)."),
+    payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Largest request body in bytes (413 beyond)."),
 ):
     """Serve a model: prepare its files, start the shards, then the router; stop all if one dies."""
-    options = dict(locals())  # exactly the parameters above
+    options = {**locals(), "cors_allow_origin": tuple(cors_allow_origin)}  # exactly the parameters above
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s launcher: %(message)s")
     try:
         config = resolve_config(**options)
@@ -88,7 +91,7 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         if supervisor.is_stop_requested:
             return 0
         log.info("Starting the router on %s:%d", config.hostname, config.port)
-        router = supervisor.start("router", router_argv(config, tokenizer_path))
+        router = supervisor.start("router", router_argv(config, tokenizer_path), router_env(config))
         dead = supervisor.wait()
         if dead is not None:
             log.error("%s terminated with exit code %s; shutting down", dead.name.capitalize(), shards.describe_exit(dead.exit_code))

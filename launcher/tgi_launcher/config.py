@@ -55,6 +55,10 @@ class LauncherConfig:
     master_addr: str = "localhost"
     master_port: int = DEFAULT_MASTER_PORT
     shard_ready_timeout: float = 600.0
+    # Bearer key for the generation routes; reaches the router through its environment, never argv.
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    payload_limit: int = 2_000_000
 
     def __post_init__(self):
         for name in ("num_shard", "max_concurrent_requests", "max_best_of", "max_input_tokens",

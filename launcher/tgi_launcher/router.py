@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tgi_launcher.config import LauncherConfig
@@ -30,4 +31,15 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    argv += ["--payload-limit", str(config.payload_limit)]
+    for origin in config.cors_allow_origin:
+        argv += ["--cors-allow-origin", origin]
     return argv
+
+
+def router_env(config: LauncherConfig) -> dict[str, str]:
+    """The launcher's environment, plus API_KEY when set (kept out of argv, which `ps` shows)."""
+    env = dict(os.environ)
+    if config.api_key:
+        env["API_KEY"] = config.api_key
+    return env

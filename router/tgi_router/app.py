@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 
+import aiohttp_cors
 from aiohttp import web
 
 from tgi_router.engine import Engine, GenerationInput, RequestStream
+from tgi_router.metrics import Metrics
 from tgi_router.errors import InferError, OverloadedError, ValidationError
 from tgi_router.tokenizer import Tokenizer
 from tgi_router.validation import (
@@ -36,6 +40,12 @@ class Router:
     validation: ValidationConfig
     info: dict
     max_concurrent_requests: int
+    # The `x-compute-type` header: "gpu+optimized" on GPUs (TGI's value), else "cpu".
+    compute_type: str = "cpu"
+    # When set, POST routes (except /chat_tokenize) need `Authorization: Bearer <api_key>`.
+    api_key: str | None = None
+    cors_allow_origins: tuple[str, ...] = ()
+    payload_limit: int = 2_000_000
     num_in_flight: int = 0
 
     @contextlib.contextmanager
@@ -75,15 +85,83 @@ class Router:
         )
 
 
+def timing_headers(router: Router, valid: ValidRequest, stream: RequestStream, started_at: float,
+                   validated_at: float) -> dict[str, str]:
+    """Records a finished request in the metrics; returns TGI's response headers for it (durations
+    in ms, `x-compute-time` in s)."""
+    now = time.monotonic()
+    request = stream.request
+    scheduled_at = request.first_scheduled_time or now
+    num_generated = len(request.output_token_ids)
+    inference = now - scheduled_at
+    _observe_request(router.engine.metrics, valid, started_at, validated_at, scheduled_at, now, num_generated)
+    return {
+        "x-compute-type": router.compute_type,
+        "x-compute-time": f"{now - started_at:.6f}",
+        "x-compute-characters": str(len(valid.inputs)),
+        "x-total-time": str(round((now - started_at) * 1000)),
+        "x-validation-time": str(round((validated_at - started_at) * 1000)),
+        "x-queue-time": str(round((scheduled_at - request.arrival_time) * 1000)),
+        "x-inference-time": str(round(inference * 1000)),
+        "x-time-per-token": str(round(inference * 1000 / max(num_generated, 1))),
+        "x-prompt-tokens": str(len(valid.input_ids)),
+        "x-generated-tokens": str(num_generated),
+    }
+
+
+def _observe_request(metrics: Metrics, valid: ValidRequest, started_at: float, validated_at: float,
+                     scheduled_at: float, now: float, num_generated: int) -> None:
+    metrics.request_success.inc()
+    metrics.request_duration.observe(now - started_at)
+    metrics.validation_duration.observe(validated_at - started_at)
+    metrics.queue_duration.observe(scheduled_at - validated_at)
+    metrics.inference_duration.observe(now - scheduled_at)
+    metrics.time_per_token.observe((now - scheduled_at) / max(num_generated, 1))
+    metrics.generated_tokens.observe(num_generated)
+    metrics.input_length.observe(len(valid.input_ids))
+    metrics.max_new_tokens.observe(valid.max_new_tokens)
+
+
+def stream_headers(router: Router, num_characters: int) -> dict[str, str]:
+    """Headers of an SSE response, sent before any token exists."""
+    return {"x-compute-type": router.compute_type, "x-compute-characters": str(num_characters),
+            "X-Accel-Buffering": "no"}
+
+
 def error_response(error: InferError) -> web.Response:
     return web.json_response(error.to_json(), status=error.status)
 
 
 @web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """401 with an empty body unless the bearer key matches (compared in constant time)."""
+    key = request.app[ROUTER_KEY].api_key
+    if key and request.method == "POST" and request.path != "/chat_tokenize":
+        supplied = request.headers.get("Authorization", "").lower().encode()
+        if not hmac.compare_digest(supplied, f"bearer {key}".lower().encode()):
+            return web.Response(status=401)
+    return await handler(request)
+
+
+# TGI's `err` label of tgi_request_failure for each error type.
+_FAILURE_LABELS = {"validation": "validation", "overloaded": "overloaded", "generation": "generation",
+                   "template_error": "template", "incomplete_generation": "incomplete"}
+
+
+def count_failure(router: Router, error: InferError) -> None:
+    router.engine.metrics.request_failure.labels(_FAILURE_LABELS.get(error.error_type, error.error_type)).inc()
+
+
+@web.middleware
 async def errors_middleware(request: web.Request, handler):
+    """Counts generation requests and turns InferErrors into TGI's error JSON."""
+    router = request.app[ROUTER_KEY]
+    if request.method == "POST":
+        router.engine.metrics.request_count.inc()
     try:
         return await handler(request)
     except InferError as error:
+        count_failure(router, error)
         return error_response(error)
 
 
@@ -93,6 +171,8 @@ async def read_json(request: web.Request) -> dict:
         raise InferError("Expected request with `Content-Type: application/json`", 415, "validation")
     try:
         body = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge as error:
+        raise InferError(f"Payload too large: {error.text}", 413, "validation") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InferError(f"Failed to parse the request body as JSON: {error}", 400, "validation")
     if not isinstance(body, dict):
@@ -101,12 +181,14 @@ async def read_json(request: web.Request) -> dict:
 
 
 def build_app(router: Router) -> web.Application:
-    from tgi_router.http import openai, tgi
+    from tgi_router.http import cloud, openai, tgi
 
-    app = web.Application(middlewares=[errors_middleware])
+    app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=router.payload_limit)
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
     openai.add_routes(app)
+    cloud.add_routes(app)
+    _allow_cors(app, router.cors_allow_origins)
 
     async def run_engine(app: web.Application):
         task = asyncio.create_task(router.engine.run())
@@ -117,6 +199,16 @@ def build_app(router: Router) -> web.Application:
 
     app.cleanup_ctx.append(run_engine)
     return app
+
+
+def _allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+    """CORS as TGI allows it: GET and POST, the content-type header, from the listed origins."""
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(allow_headers=("content-type",), allow_methods=("GET", "POST"))
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 def get_router(request: web.Request) -> Router:

@@ -15,6 +15,7 @@ from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_router.app import Router, build_app
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
+from tgi_router.metrics import Metrics
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 from tgi_router.shard_client import ShardClient
 from tgi_router.tokenizer import Tokenizer
@@ -44,6 +45,9 @@ class RouterArgs:
     max_batch_prefill_tokens: Optional[int]
     max_batch_total_tokens: Optional[int]
     max_batch_size: Optional[int]
+    api_key: Optional[str]
+    cors_allow_origin: list[str]
+    payload_limit: int
 
 
 @app.command()
@@ -63,6 +67,9 @@ def serve(
     max_batch_prefill_tokens: Optional[int] = typer.Option(None),
     max_batch_total_tokens: Optional[int] = typer.Option(None),
     max_batch_size: Optional[int] = typer.Option(None),
+    api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Bearer key required on generation routes."),
+    cors_allow_origin: list[str] = typer.Option([], help="Origins allowed by CORS (`*` for any)."),
+    payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes."),
 ):
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
@@ -89,11 +96,16 @@ async def _start(args: RouterArgs) -> web.Application:
         max_total_tokens=limits.max_total_tokens,
     )
     router = Router(
-        engine=Engine(scheduler, shards, tokenizer),
+        engine=Engine(scheduler, shards, tokenizer, Metrics(
+            limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),
         tokenizer=tokenizer,
         validation=validation,
         info=_info(args, limits),
         max_concurrent_requests=args.max_concurrent_requests,
+        compute_type="gpu+optimized" if shard_info.device_type == "cuda" else "cpu",
+        api_key=args.api_key,
+        cors_allow_origins=tuple(args.cors_allow_origin),
+        payload_limit=args.payload_limit,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     log.info("serving on http://%s:%d", args.hostname, args.port)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.errors import GenerationError, InferError
-from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams
+from tgi_router.metrics import Metrics
+from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan
 from tgi_router.scheduler import Scheduler
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
@@ -63,8 +65,10 @@ class _Stream:
 class RequestStream:
     """Events of one request: `TokenEvent`s, ending with one that has a finish reason, or an error."""
 
-    def __init__(self, engine: Engine, request_id: int, queue: asyncio.Queue):
-        self.id = request_id
+    def __init__(self, engine: Engine, request: Request, queue: asyncio.Queue):
+        self.id = request.id
+        # Read-only for callers: timings (arrival, first scheduled) and token counts.
+        self.request = request
         self._engine = engine
         self._queue = queue
         self.is_done = False
@@ -89,10 +93,11 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer):
+    def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer, metrics: Metrics):
         self.scheduler = scheduler
         self.shards = shards
         self.tokenizer = tokenizer
+        self.metrics = metrics
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
@@ -107,21 +112,22 @@ class Engine:
             StopSequenceMatcher(list(generation.stop_sequences)),
         )
         self._streams[request_id] = stream
-        self.scheduler.add(
-            Request(
-                id=request_id,
-                prompt_token_ids=list(generation.input_ids),
-                max_new_tokens=generation.max_new_tokens,
-                sampling=generation.sampling,
-                top_n_tokens=generation.top_n_tokens,
-            )
+        request = Request(
+            id=request_id,
+            prompt_token_ids=list(generation.input_ids),
+            max_new_tokens=generation.max_new_tokens,
+            sampling=generation.sampling,
+            top_n_tokens=generation.top_n_tokens,
         )
+        self.scheduler.add(request)
         self._wakeup.set()
-        return RequestStream(self, request_id, stream.events)
+        return RequestStream(self, request, stream.events)
 
     def cancel(self, request_id: int) -> None:
+        """Drops a request whose client went away."""
         if self._streams.pop(request_id, None) is not None:
             self.scheduler.finish(request_id)
+            self.metrics.request_failure.labels("dropped").inc()
 
     async def run(self) -> None:
         while True:
@@ -139,29 +145,47 @@ class Engine:
             self._fail(head.id, GenerationError("request does not fit in the KV cache"))
         if not plan.scheduled and not plan.finished_ids:
             return
+        method = "prefill" if plan.new_requests or plan.num_batched_tokens > len(plan.scheduled) else "decode"
+        started = time.perf_counter()
         try:
             result = await self.shards.step(plan)
         except ShardError as error:
             log.error("%s", error)
             self.is_healthy = False
+            self.metrics.step_failure.labels(method).inc()
             for request_id in list(self._streams):
                 self._fail(request_id, GenerationError(str(error)))
             return
         self.is_healthy = True
         self.num_steps += 1
+        self._observe_step(plan, method, time.perf_counter() - started, result.forward_ns)
         for request, sample in self.scheduler.update(plan, result):
             self._on_token(request, sample)
+
+    def _observe_step(self, plan: StepPlan, method: str, seconds: float, forward_ns: int) -> None:
+        metrics, scheduler = self.metrics, self.scheduler
+        metrics.step_count.labels(method).inc()
+        metrics.step_success.labels(method).inc()
+        metrics.step_duration.labels(method).observe(seconds)
+        metrics.forward_duration.labels(method).observe(forward_ns / 1e9)
+        if plan.new_requests:
+            metrics.batch_next_size.observe(len(plan.new_requests))
+        metrics.queue_size.set(len(scheduler.waiting))
+        metrics.batch_size.set(len(scheduler.running))
+        blocks = scheduler.blocks
+        metrics.batch_max_tokens.set((blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size)
 
     def _on_token(self, request: Request, sample: SampledToken) -> None:
         stream = self._streams[request.id]
         text = stream.detokenizer.push(sample.token_id)
+        # TGI's order: length, then end of sequence, then stop sequences.
         finish, keep = None, None
-        if sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
+        if len(request.output_token_ids) >= request.max_new_tokens:
+            finish = FinishReason.LENGTH
+        elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
             finish = FinishReason.EOS_TOKEN
         elif (keep := stream.stops.feed(text)) is not None:
             finish = FinishReason.STOP_SEQUENCE
-        elif len(request.output_token_ids) >= request.max_new_tokens:
-            finish = FinishReason.LENGTH
         event = TokenEvent(
             token=self._token(sample.token_id, sample.logprob, text),
             top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens],

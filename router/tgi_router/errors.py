@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 class InferError(Exception):
+    """Base of every error answered to a client; subclasses fix the status and type of TGI's
+    `InferError` variants, and the constructor can set others (framework errors such as 415)."""
+
     status = 500
     error_type = "incomplete_generation"
 
@@ -25,6 +28,7 @@ class ValidationError(InferError):
 
     def __init__(self, detail: str):
         super().__init__(f"Input validation error: {detail}")
+        self.detail = detail
 
 
 class OverloadedError(InferError):
@@ -41,6 +45,26 @@ class GenerationError(InferError):
 
     def __init__(self, detail: str):
         super().__init__(f"Request failed during generation: {detail}")
+
+
+class IncompleteGenerationError(InferError):
+    """The backend ended a request without its final token."""
+
+    status = 500
+    error_type = "incomplete_generation"
+
+    def __init__(self):
+        super().__init__("Incomplete generation")
+
+
+class IncompleteGenerationStreamError(InferError):
+    """As IncompleteGenerationError, on `/generate_stream` (TGI names it apart)."""
+
+    status = 500
+    error_type = "incomplete_generation_stream"
+
+    def __init__(self):
+        super().__init__("Incomplete generation stream")
 
 
 class UnhealthyError(InferError):

@@ -7,6 +7,7 @@ here knows about gRPC or HTTP.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 
@@ -49,6 +50,9 @@ class Request:
     # False until the shards have received this request in full (again after a preemption).
     is_on_shards: bool = False
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    # When the request first joined a batch (the end of its queue time).
+    first_scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

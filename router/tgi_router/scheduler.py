@@ -9,6 +9,7 @@ the newest running request is preempted (its blocks freed) and recomputed later 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -127,6 +128,8 @@ class Scheduler:
             new_blocks = self.blocks.allocate(self.blocks.num_blocks_for(num_tokens))
             self.waiting.popleft()
             self.running.append(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.block_ids = list(new_blocks)
             scheduled.append(ScheduledChunk(request, num_tokens, new_blocks))
             budget -= num_tokens

@@ -1,19 +1,102 @@
 """The model's tokenizer for the router, from `tokenizer.json` with the Rust `tokenizers` library.
 
 transformers would import torch, which the router never does; everything needed here is in the
-JSON files HF writes next to a model.
+JSON files HF writes next to a model. The aim is the ids and text of transformers 5's
+`AutoTokenizer` for the same directory (the tests check this against it), with one exception: a
+BOS that tokenizer_config.json asks for and the post-processor lacks is added (`_is_bos_missing`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer as RustTokenizer
 
-# transformers writes this sentinel as model_max_length when the model declares none.
+# transformers writes int(1e30) as model_max_length when the model declares none.
 _NO_MAX_LENGTH = 10**18
+# The named special tokens of transformers' tokenizers (`SPECIAL_TOKENS_ATTRIBUTES`).
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# transformers' `clean_up_tokenization`, applied on decode when the tokenizer config asks for it.
+_CLEAN_UP_PAIRS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Encodes prompts and decodes ids; built once by `from_dir` and shared by all requests.
+
+    `special_ids` are transformers' `all_special_ids` (the named special tokens plus the extra ones),
+    which is what TGI reports as `Token.special`. `eos_token_ids` end generation.
+    """
+
+    backend: RustTokenizer = field(repr=False)
+    bos_token: str | None
+    eos_token: str | None
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+    special_ids: frozenset[int]
+    chat_template: str | None
+    model_max_length: int | None
+    # True when tokenizer_config.json asks for a BOS that the post-processor does not write.
+    is_bos_prepended: bool = False
+    is_cleaning_up_spaces: bool = False
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        root = Path(path)
+        backend = RustTokenizer.from_file(str(root / "tokenizer.json"))
+        # Length limits are the router's job (validation), never the tokenizer's.
+        backend.no_padding()
+        backend.no_truncation()
+        config = {**_read_json(root / "special_tokens_map.json"), **_read_json(root / "tokenizer_config.json")}
+        bos_token = _token_content(config.get("bos_token"))
+        bos_id = backend.token_to_id(bos_token) if bos_token else None
+        max_length = config.get("model_max_length")
+        return cls(
+            backend=backend,
+            bos_token=bos_token,
+            eos_token=_token_content(config.get("eos_token")),
+            bos_token_id=bos_id,
+            eos_token_ids=_eos_token_ids(root, config, backend),
+            special_ids=_special_ids(config, backend),
+            chat_template=_chat_template(root, config),
+            model_max_length=max_length if isinstance(max_length, int) and max_length < _NO_MAX_LENGTH else None,
+            is_bos_prepended=_is_bos_missing(config, backend, bos_id),
+            is_cleaning_up_spaces=_is_cleaning_up_spaces(config, backend),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Every id the tokenizer knows, added tokens included (`len(tokenizer)` in transformers)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode_with_offsets(text, add_special_tokens)[0]
+
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and, for each, the `(start, stop)` character span of `text` it covers.
+
+        Special tokens the post-processor adds cover `(0, 0)`. (TGI's /tokenize reports byte offsets;
+        convert with `len(text[:start].encode())`.)
+        """
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        ids, offsets = encoding.ids, encoding.offsets
+        if add_special_tokens and self.is_bos_prepended:
+            ids, offsets = [self.bos_token_id, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.is_cleaning_up_spaces:
+            for old, new in _CLEAN_UP_PAIRS:
+                text = text.replace(old, new)
+        return text
 
 
 def _read_json(path: Path) -> dict:
@@ -25,54 +108,23 @@ def _token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-@dataclass
-class Tokenizer:
-    backend: RustTokenizer
-    eos_token_ids: frozenset[int]
-    special_ids: frozenset[int]
-    bos_token_id: int | None
-    add_bos_token: bool
-    # Special token strings, as chat templates use them.
-    bos_token: str | None
-    eos_token: str | None
-    chat_template: str | None
-    model_max_length: int | None
+def _is_bos_missing(config: dict, backend: RustTokenizer, bos_id: int | None) -> bool:
+    """The config asks for a BOS (`add_bos_token: true`) that the post-processor does not write.
 
-    @classmethod
-    def from_dir(cls, path: str) -> Tokenizer:
-        root = Path(path)
-        backend = RustTokenizer.from_file(str(root / "tokenizer.json"))
-        config = _read_json(root / "tokenizer_config.json")
-        bos = _token_content(config.get("bos_token"))
-        bos_id = backend.token_to_id(bos) if bos else None
-        special_ids = frozenset(
-            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
-        )
-        max_length = config.get("model_max_length")
-        return cls(
-            backend=backend,
-            eos_token_ids=_eos_token_ids(root, config, backend),
-            special_ids=special_ids,
-            bos_token_id=bos_id,
-            add_bos_token=bool(config.get("add_bos_token")) and bos_id is not None,
-            bos_token=bos,
-            eos_token=_token_content(config.get("eos_token")),
-            chat_template=_chat_template(root, config),
-            model_max_length=max_length if isinstance(max_length, int) and max_length < _NO_MAX_LENGTH else None,
-        )
+    transformers 5 ignores `add_bos_token` when tokenizer.json exists, but transformers 4's Llama
+    tokenizers (and so TGI) honour it, and a model trained with a BOS needs it.
+    """
+    if config.get("add_bos_token") is not True or bos_id is None:
+        return False
+    return backend.encode("", add_special_tokens=True).ids[:1] != [bos_id]
 
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id, *ids]
-        return ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+def _is_cleaning_up_spaces(config: dict, backend: RustTokenizer) -> bool:
+    """transformers applies `clean_up_tokenization_spaces` on decode, except to BPE models."""
+    if not config.get("clean_up_tokenization_spaces"):
+        return False
+    is_forced = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+    return type(backend.model).__name__ != "BPE" or is_forced
 
 
 def _eos_token_ids(root: Path, config: dict, backend: RustTokenizer) -> frozenset[int]:
@@ -86,12 +138,25 @@ def _eos_token_ids(root: Path, config: dict, backend: RustTokenizer) -> frozense
     return frozenset() if eos_id is None else frozenset([eos_id])
 
 
+def _special_ids(config: dict, backend: RustTokenizer) -> frozenset[int]:
+    """transformers' `all_special_ids`: the named special tokens, model-specific `*_token` entries,
+    and `extra_special_tokens` (formerly `additional_special_tokens`)."""
+    tokens = [config.get(key) for key in _SPECIAL_TOKEN_KEYS]
+    tokens += [value for key, value in config.items() if key.endswith("_token") and isinstance(value, (str, dict))]
+    extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+    tokens += list(extra.values()) if isinstance(extra, dict) else list(extra)
+    ids = (backend.token_to_id(content) for content in map(_token_content, tokens) if content)
+    return frozenset(token_id for token_id in ids if token_id is not None)
+
+
 def _chat_template(root: Path, config: dict) -> str | None:
+    """`chat_template.jinja` (transformers 5), else `chat_template.json`, else tokenizer_config.json's;
+    of a list of named templates, the one named `default` (as TGI picks)."""
     template_file = root / "chat_template.jinja"
     if template_file.exists():
         return template_file.read_text()
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {entry["name"]: entry["template"] for entry in template}
+    template = _read_json(root / "chat_template.json").get("chat_template", config.get("chat_template"))
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         return named.get("default")
-    return template
+    return template if isinstance(template, str) else None

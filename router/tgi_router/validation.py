@@ -1,16 +1,30 @@
 """TGI's request validation: the same checks, in the same order, with the same messages.
 
-`parse_generate_request` type-checks the JSON; `validate_parameters` checks values before
-tokenization; `validate_input_ids` checks lengths after it and fills the derived defaults.
+A handler runs, in this order (TGI's):
+1. `parse_generate_request`: the JSON body against TGI's types (where TGI's JSON extractor would
+   fail, a clear 422 here);
+2. `validate_parameters`: parameter values, before tokenization;
+3. `validate_inputs`: the input text and `truncate`, before tokenization;
+4. tokenization (the caller's, e.g. in a thread);
+5. `validate_input_ids`: left truncation, the length limits, then the `ValidRequest` the engine needs.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field, fields
+import math
+import secrets
+import struct
+from dataclasses import dataclass, fields
 
 from tgi_router.errors import ValidationError
 from tgi_router.request import SamplingParams
+
+# TGI schedules at most this many new tokens at a time and re-queues the request to continue, so
+# the length check counts no more than this many.
+DEFAULT_GENERATION_LENGTH = 1024
+
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class GenerateParameters:
+    """TGI's `GenerateParameters` as the client sent them; None means "not given"."""
+
     best_of: int | None = None
     temperature: float | None = None
     repetition_penalty: float | None = None
@@ -34,7 +50,7 @@ class GenerateParameters:
     do_sample: bool = False
     max_new_tokens: int | None = None
     return_full_text: bool | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
     truncate: int | None = None
     watermark: bool = False
     details: bool = False
@@ -42,6 +58,7 @@ class GenerateParameters:
     seed: int | None = None
     top_n_tokens: int | None = None
     grammar: dict | None = None
+    # Accepted and ignored: this server loads no LoRA adapters.
     adapter_id: str | None = None
 
     @property
@@ -55,6 +72,12 @@ class GenerateParameters:
             or (self.typical_p is not None and self.typical_p < 1.0)
         )
 
+    @property
+    def is_sampling_requested(self) -> bool:
+        """TGI's test for `best_of`: any warper given, whatever its value, counts as sampling."""
+        warpers = (self.temperature, self.top_k, self.top_p, self.typical_p)
+        return self.do_sample or any(value is not None for value in warpers)
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -64,111 +87,143 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class ValidRequest:
+    """Everything a TGI handler and the engine need, with TGI's defaults filled in."""
+
     inputs: str
-    input_ids: list[int]
+    input_ids: list[int]  # after left truncation
     max_new_tokens: int
+    # do_sample is the effective one (see GenerateParameters.is_sampling); seed is random if not given.
     sampling: SamplingParams
-    stop: list[str]
+    is_seed_given: bool
+    stop: tuple[str, ...]
     top_n_tokens: int
     details: bool
     decoder_input_details: bool
     return_full_text: bool
+    best_of: int
+    watermark: bool
 
 
-# JSON type each parameter accepts (None is always allowed for optional ones).
-_FIELD_TYPES = {
-    "best_of": int, "temperature": float, "repetition_penalty": float, "frequency_penalty": float,
-    "top_k": int, "top_p": float, "typical_p": float, "do_sample": bool, "max_new_tokens": int,
-    "return_full_text": bool, "stop": list, "truncate": int, "watermark": bool, "details": bool,
-    "decoder_input_details": bool, "seed": int, "top_n_tokens": int, "grammar": dict, "adapter_id": str,
+# Integer parameters and the range of their type in TGI (usize, i32, u32, u64).
+_INTEGER_RANGES = {
+    "best_of": (0, _U64_MAX),
+    "top_k": (-(2**31), 2**31 - 1),
+    "max_new_tokens": (0, _U32_MAX),
+    "truncate": (0, _U64_MAX),
+    "seed": (0, _U64_MAX),
+    "top_n_tokens": (0, _U32_MAX),
 }
+_FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"}
+_OTHER_TYPES = {
+    "do_sample": (bool, "a boolean"),
+    "return_full_text": (bool, "a boolean"),
+    "watermark": (bool, "a boolean"),
+    "details": (bool, "a boolean"),
+    "decoder_input_details": (bool, "a boolean"),
+    "stop": (list, "a list of strings"),
+    "grammar": (dict, "an object"),
+    "adapter_id": (str, "a string"),
+}
+# Fields that TGI declares without Option: JSON null is a type error there too.
 _NOT_NULLABLE = {"do_sample", "watermark", "details", "decoder_input_details", "stop"}
+_PARAMETER_NAMES = tuple(f.name for f in fields(GenerateParameters))
 
 
 def parse_generate_request(body: dict) -> GenerateRequest:
+    """Type-checks `{"inputs": str, "parameters"?: {...}}`; unknown fields are ignored, as in TGI.
+
+    Without `parameters`, TGI samples (`do_sample: true`); with them, every missing field takes
+    its default, so `do_sample` is false.
+    """
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
     inputs = body.get("inputs")
     if not isinstance(inputs, str):
         raise ValidationError("`inputs` must be a string")
-    raw = body.get("parameters")
-    if raw is None:
-        # TGI quirk kept for compatibility: without a parameters object, requests are sampled.
+    if "parameters" not in body:
         return GenerateRequest(inputs, GenerateParameters(do_sample=True))
+    raw = body["parameters"]
     if not isinstance(raw, dict):
         raise ValidationError("`parameters` must be an object")
-    known = {f.name for f in fields(GenerateParameters)}
-    values = {name: _checked(name, value) for name, value in raw.items() if name in known}
+    values = {name: _checked(name, raw[name]) for name in _PARAMETER_NAMES if name in raw}
     return GenerateRequest(inputs, GenerateParameters(**{k: v for k, v in values.items() if v is not None}))
 
 
 def _checked(name: str, value):
-    expected = _FIELD_TYPES[name]
-    if value is None and name not in _NOT_NULLABLE:
+    """`value` as TGI's type for parameter `name` reads it, or a ValidationError."""
+    if value is None:
+        if name in _NOT_NULLABLE:
+            raise ValidationError(f"`{name}` must not be null")
         return None
-    is_bool = isinstance(value, bool)
-    if expected is float and isinstance(value, (int, float)) and not is_bool:
-        return float(value)
-    if expected is int and isinstance(value, int) and not is_bool:
-        if value < 0 or value >= 1 << 64:
-            raise ValidationError(f"`{name}` must be a non-negative integer below 2^64, got {value}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[name]
+        if not is_number or isinstance(value, float):
+            raise ValidationError(f"`{name}` must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValidationError(f"`{name}` must be an integer between {low} and {high}, got {value}")
         return value
-    if expected is list and isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return value
-    if expected in (bool, dict, str) and isinstance(value, expected):
-        return value
-    raise ValidationError(f"`{name}` must be of type {_type_name(expected)}, got {value!r}")
+    if name in _FLOATS:
+        if not is_number:
+            raise ValidationError(f"`{name}` must be a number, got {value!r}")
+        number = _as_f32(value)
+        if not math.isfinite(number):
+            raise ValidationError(f"`{name}` must be a finite number, got {value!r}")
+        return number
+    expected, description = _OTHER_TYPES[name]
+    if not isinstance(value, expected) or (name == "stop" and not all(isinstance(s, str) for s in value)):
+        raise ValidationError(f"`{name}` must be {description}, got {value!r}")
+    return tuple(value) if name == "stop" else value
 
 
-def _type_name(expected) -> str:
-    return {int: "integer", float: "number", bool: "boolean", list: "list of strings", dict: "object", str: "string"}[expected]
+def _as_f32(value: int | float) -> float:
+    """The value TGI compares: JSON numbers are read as f32 (so 0.99999999 is 1.0 there too)."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(value)))[0]
+    except OverflowError:
+        return math.inf
 
 
 def validate_parameters(params: GenerateParameters, config: ValidationConfig, is_stream: bool = False) -> None:
-    """Value checks that need no tokenization, in TGI's order."""
-    _validate_best_of(params, config, is_stream)
+    """Value checks that need no tokenization, in TGI's order, first failure raised."""
+    best_of = 1 if params.best_of is None else params.best_of
+    if is_stream:
+        # TGI's streaming handler refuses these before validating anything else.
+        if best_of != 1:
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+        if params.decoder_input_details:
+            raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    elif best_of > 1:
+        if config.max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if best_of > config.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {config.max_best_of}. Given: {best_of}")
+    temperature, top_k, top_p, typical_p = params.temperature, params.top_k, params.top_p, params.typical_p
+    num_stops, top_n_tokens = len(params.stop), params.top_n_tokens
     checks = [
-        (params.temperature is not None and params.temperature <= 0, "`temperature` must be strictly positive"),
+        (best_of > 1 and not params.is_sampling_requested, "you must use sampling when `best_of` is > 1"),
+        (temperature is not None and temperature <= 0, "`temperature` must be strictly positive"),
         (params.repetition_penalty is not None and params.repetition_penalty <= 0,
          "`repetition_penalty` must be strictly positive"),
         (params.frequency_penalty is not None and not -2.0 <= params.frequency_penalty <= 2.0,
          "`frequency_penalty` must be >= -2.0 and <= 2.0"),
-        (params.top_p is not None and not 0.0 < params.top_p < 1.0, "`top_p` must be > 0.0 and < 1.0"),
-        (params.typical_p is not None and not 0.0 < params.typical_p < 1.0, "`typical_p` must be > 0.0 and < 1.0"),
-        (params.top_k is not None and params.top_k <= 0, "`top_k` must be strictly positive"),
+        (top_p is not None and not 0.0 < top_p < 1.0, "`top_p` must be > 0.0 and < 1.0"),
+        (typical_p is not None and not 0.0 < typical_p < 1.0, "`typical_p` must be > 0.0 and < 1.0"),
+        (top_k is not None and top_k <= 0, "`top_k` must be strictly positive"),
         (params.max_new_tokens == 0, "`max_new_tokens` must be strictly positive"),
-        (len(params.stop) > config.max_stop_sequences,
-         f"`stop` supports up to {config.max_stop_sequences} stop sequences. Given: {len(params.stop)}"),
-        ((params.top_n_tokens or 0) > config.max_top_n_tokens,
-         f"`top_n_tokens` must be >= 0 and <= {config.max_top_n_tokens}. Given: {params.top_n_tokens}"),
-        (is_stream and params.decoder_input_details,
-         "`decoder_input_details` == true is not supported when streaming tokens"),
-        (params.grammar is not None, "grammar is not supported yet by this server"),
-        (params.watermark, "`watermark` is not supported yet by this server"),
-        (params.decoder_input_details, "`decoder_input_details` is not supported yet by this server"),
+        (num_stops > config.max_stop_sequences,
+         f"`stop` supports up to {config.max_stop_sequences} stop sequences. Given: {num_stops}"),
+        (params.seed is not None and best_of > 1, "`seed` must not be set when `best_of` > 1"),
+        (top_n_tokens is not None and top_n_tokens > config.max_top_n_tokens,
+         f"`top_n_tokens` must be >= 0 and <= {config.max_top_n_tokens}. Given: {top_n_tokens}"),
     ]
-    for failed, message in checks:
-        if failed:
+    for is_failed, message in checks:
+        if is_failed:
             raise ValidationError(message)
 
 
-def _validate_best_of(params: GenerateParameters, config: ValidationConfig, is_stream: bool) -> None:
-    best_of = params.best_of
-    if best_of is None or best_of == 1:
-        return
-    if config.max_best_of == 1:
-        raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
-    if best_of == 0 or best_of > config.max_best_of:
-        raise ValidationError(f"`best_of` must be > 0 and <= {config.max_best_of}. Given: {best_of}")
-    if not params.is_sampling:
-        raise ValidationError("you must use sampling when `best_of` is > 1")
-    if params.seed is not None:
-        raise ValidationError("`seed` must not be set when `best_of` > 1")
-    if is_stream:
-        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-    raise ValidationError("`best_of` > 1 is not supported yet by this server")
-
-
 def validate_inputs(request: GenerateRequest, config: ValidationConfig) -> None:
-    """Checks on the raw input text, before tokenization."""
+    """Checks on the raw input text and `truncate`, before tokenization."""
     if not request.inputs:
         raise ValidationError("`inputs` cannot be empty")
     truncate = request.parameters.truncate
@@ -180,36 +235,62 @@ def validate_inputs(request: GenerateRequest, config: ValidationConfig) -> None:
 
 def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: ValidationConfig,
                        default_return_full_text: bool = False) -> ValidRequest:
-    """Length checks after tokenization (left truncation first); fills the derived defaults."""
+    """After tokenization: keeps the last `truncate` ids, checks the lengths, fills the defaults.
+
+    TGI checks `inputs + min(max_new_tokens, 1024)` against max_total_tokens, since it generates
+    1024 tokens at a time and re-queues for more; this engine generates in one go, so
+    `max_new_tokens` is clamped to what fits, where TGI would stop re-queueing.
+    """
     params = request.parameters
-    if params.truncate is not None:
-        input_ids = input_ids[-params.truncate:]
-    num_inputs = len(input_ids)
-    if num_inputs > config.max_input_tokens:
-        raise ValidationError(f"`inputs` must have less than {config.max_input_tokens} tokens. Given: {num_inputs}")
-    max_new_tokens = params.max_new_tokens or config.max_total_tokens - num_inputs
-    if num_inputs + max_new_tokens > config.max_total_tokens:
+    num_input_tokens = min(len(input_ids), params.truncate or len(input_ids))
+    input_ids = input_ids[len(input_ids) - num_input_tokens :]
+    if params.max_new_tokens is None:
+        max_new_tokens = max(config.max_total_tokens - num_input_tokens, 0)
+    else:
+        max_new_tokens = params.max_new_tokens
+    num_first_new_tokens = min(max_new_tokens, DEFAULT_GENERATION_LENGTH)
+    if num_input_tokens + num_first_new_tokens > config.max_total_tokens:
         raise ValidationError(
             f"`inputs` tokens + `max_new_tokens` must be <= {config.max_total_tokens}. "
-            f"Given: {num_inputs} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            f"Given: {num_input_tokens} `inputs` tokens and {num_first_new_tokens} `max_new_tokens`"
         )
+    if num_input_tokens > config.max_input_tokens:
+        raise ValidationError(
+            f"`inputs` must have less than {config.max_input_tokens} tokens. Given: {num_input_tokens}"
+        )
+    if params.grammar is not None:
+        raise ValidationError("grammar is not supported")  # TGI's message when grammars are disabled
+    _check_supported(params)
     return ValidRequest(
         inputs=request.inputs,
         input_ids=input_ids,
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(
-            do_sample=params.is_sampling,
-            temperature=params.temperature or 1.0,
-            top_k=params.top_k or 0,
-            top_p=params.top_p or 1.0,
-            typical_p=params.typical_p or 1.0,
-            repetition_penalty=params.repetition_penalty or 1.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
-            seed=params.seed if params.seed is not None else random.getrandbits(64),
-        ),
+        max_new_tokens=min(max_new_tokens, config.max_total_tokens - num_input_tokens),
+        sampling=_sampling(params),
+        is_seed_given=params.seed is not None,
         stop=params.stop,
         top_n_tokens=params.top_n_tokens or 0,
         details=params.details,
         decoder_input_details=params.decoder_input_details,
         return_full_text=default_return_full_text if params.return_full_text is None else params.return_full_text,
+        best_of=max(params.best_of or 1, 1),
+        watermark=params.watermark,
+    )
+
+
+def _check_supported(params: GenerateParameters) -> None:
+    """What TGI accepts and this server cannot do yet; checked after all of TGI's rules."""
+    if params.watermark:
+        raise ValidationError("`watermark` is not supported yet by this server")
+
+
+def _sampling(params: GenerateParameters) -> SamplingParams:
+    return SamplingParams(
+        do_sample=params.is_sampling,
+        temperature=1.0 if params.temperature is None else params.temperature,
+        top_k=params.top_k or 0,
+        top_p=1.0 if params.top_p is None else params.top_p,
+        typical_p=1.0 if params.typical_p is None else params.typical_p,
+        repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
+        frequency_penalty=0.0 if params.frequency_penalty is None else params.frequency_penalty,
+        seed=secrets.randbits(64) if params.seed is None else params.seed,
     )

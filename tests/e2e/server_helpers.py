@@ -55,6 +55,7 @@ class Server:
     """A `text-generation-launcher` subprocess serving on a free port."""
 
     def __init__(self, model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1):
+        self.model_id = model_id
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

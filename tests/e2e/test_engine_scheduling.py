@@ -16,6 +16,7 @@ from server_helpers import save_tiny_model, tiny_config
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine, GenerationInput
+from tgi_router.metrics import Metrics
 from tgi_router.request import SamplingParams
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 from tgi_router.shard_client import ShardClient
@@ -60,7 +61,8 @@ async def running_engine(uds: str, tokenizer_dir, max_batch_total_tokens: int = 
         )
     )
     scheduler = Scheduler(SchedulerConfig(PREFILL_TOKENS, max_batch_size), BlockManager(warmed.num_blocks, warmed.block_size))
-    engine = Engine(scheduler, shards, Tokenizer.from_dir(str(tokenizer_dir)))
+    metrics = Metrics(PREFILL_TOKENS, PREFILL_TOKENS, scheduler.blocks.capacity_tokens)
+    engine = Engine(scheduler, shards, Tokenizer.from_dir(str(tokenizer_dir)), metrics)
     task = asyncio.create_task(engine.run())
     try:
         yield engine

@@ -316,6 +316,7 @@ def test_children_get_the_argv_and_env_contract(launch, short_dir):
         "--model-id", "org/fake", "--tokenizer-path", "/fake/tokenizer", "--shard-uds-path", uds, "--num-shard", "2",
         "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "128", "--max-best-of", "2",
         "--max-stop-sequences", "4", "--max-top-n-tokens", "5", "--max-total-tokens", "512",
+        "--payload-limit", "2000000",
     ]
 
 

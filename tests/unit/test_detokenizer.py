@@ -1,100 +1,114 @@
-"""Tokenizer files read without transformers; incremental detokenization; stop sequences."""
+"""Incremental detokenization (TGI's `decode_token`) and stop sequences."""
 
-import json
 import random
 
 import pytest
-from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizer_fixtures import TEXTS, byte_level_dir, llama_like_dir  # noqa: F401 (fixtures)
 
 from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.tokenizer import Tokenizer
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Über café naïve résumé — 日本語のテキスト 😀🎉 emoji!",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
-]
+
+@pytest.fixture(scope="module")
+def byte_level(byte_level_dir):
+    return Tokenizer.from_dir(byte_level_dir)
 
 
-def save(tokenizer: RustTokenizer, directory, config: dict, generation_config: dict | None = None):
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    if generation_config is not None:
-        (directory / "generation_config.json").write_text(json.dumps(generation_config))
-    return Tokenizer.from_dir(str(directory))
+@pytest.fixture(scope="module")
+def llama_like(llama_like_dir):
+    return Tokenizer.from_dir(llama_like_dir)
 
 
-@pytest.fixture
-def byte_level(tmp_path):
-    """GPT-2 style byte-level BPE: multi-byte characters are often split across tokens."""
-    tokenizer = RustTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return save(tokenizer, tmp_path, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+@pytest.fixture(scope="module")
+def smollm2(smollm2_tokenizer_dir):
+    return Tokenizer.from_dir(smollm2_tokenizer_dir)
 
 
-@pytest.fixture
-def byte_fallback(tmp_path):
-    """Llama-2 style BPE with byte fallback: unknown characters become <0xNN> byte tokens."""
-    tokenizer = RustTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
-    tokenizer.train_from_iterator([c.encode("ascii", "ignore").decode() for c in CORPUS], trainer)
-    return save(tokenizer, tmp_path, {"bos_token": "<s>", "eos_token": "</s>"}, {"eos_token_id": [2, 1]})
-
-
-def pushed_text(tokenizer, prompt_ids, generated_ids):
+def stream(tokenizer, prompt_ids, generated_ids) -> list[str]:
+    """Every push's text, then the flush's; checks that `text` is their concatenation."""
     detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-    pieces = [detokenizer.push(token_id) for token_id in generated_ids]
-    assert "".join(pieces) == detokenizer.text
-    return detokenizer.text
+    pieces = [detokenizer.push(token_id) for token_id in generated_ids] + [detokenizer.flush()]
+    assert detokenizer.text == "".join(pieces)
+    return pieces
 
 
-@pytest.mark.parametrize("fixture", ["byte_level", "byte_fallback"])
-def test_streamed_pieces_join_to_the_full_decode_including_split_characters(fixture, request):
-    tokenizer = request.getfixturevalue(fixture)
-    prompt = tokenizer.encode("Hello")
-    for text in ["Über café — 日本語 😀🎉!", "naïve résumé", "🎉🎉 fox"]:
-        generated = tokenizer.encode(text, add_special_tokens=False)
-        assert pushed_text(tokenizer, prompt, generated) == tokenizer.decode(generated)
-
-
-def test_random_byte_level_ids_stream_to_the_full_decode(byte_level):
+def test_random_byte_level_ids_stream_to_exactly_the_full_decode(byte_level):
     rng = random.Random(0)
-    for _ in range(50):
-        generated = [rng.randrange(2, byte_level.vocab_size) for _ in range(rng.randint(1, 30))]
-        full = byte_level.decode(generated)
-        streamed = pushed_text(byte_level, [5, 6], generated)
-        # Only a trailing incomplete character may be held back.
-        assert full.startswith(streamed)
-        assert full[len(streamed):].strip("\ufffd") == ""
+    prompt = byte_level.encode("Hello there")
+    for _ in range(300):
+        generated = [rng.randrange(byte_level.vocab_size) for _ in range(rng.randint(1, 40))]
+        pieces = stream(byte_level, prompt, generated)
+        assert "".join(pieces) == byte_level.decode(generated)
+        # Only text made of complete characters is pushed; a partial one waits for flush.
+        assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
 
 
-def test_incomplete_character_is_held_back_until_its_last_byte(byte_fallback):
-    emoji_bytes = [byte_fallback.backend.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
-    detokenizer = IncrementalDetokenizer(byte_fallback, byte_fallback.encode("Hi"))
+@pytest.mark.parametrize("name", ["byte_level", "smollm2"])
+def test_real_text_streams_to_the_full_decode(name, request):
+    tokenizer = request.getfixturevalue(name)
+    prompt = tokenizer.encode("Question: say it again.")
+    for text in TEXTS:
+        generated = tokenizer.encode(text, add_special_tokens=False)
+        pieces = stream(tokenizer, prompt, generated)
+        assert pieces[-1] == ""  # nothing held back at the end of complete text
+        assert "".join(pieces) == tokenizer.decode(generated) == text
+
+
+def test_byte_fallback_text_streams_as_decoded_after_the_prompt(llama_like):
+    # The decoder strips one leading space from a decode; in context it is kept, as in TGI.
+    prompt = llama_like.encode("Hello")
+    for text in TEXTS:
+        generated = llama_like.encode(text, add_special_tokens=False)
+        in_context = llama_like.decode(prompt + generated)[len(llama_like.decode(prompt)) :]
+        assert "".join(stream(llama_like, prompt, generated)) == in_context
+        assert in_context.removeprefix(" ") == llama_like.decode(generated)
+
+
+def test_byte_fallback_character_is_held_back_until_its_last_byte(llama_like):
+    emoji_bytes = [llama_like.backend.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
+    detokenizer = IncrementalDetokenizer(llama_like, llama_like.encode("Hi"))
     assert [detokenizer.push(t) for t in emoji_bytes] == ["", "", "", "😀"]
+    assert detokenizer.flush() == ""
 
 
-def test_bos_is_added_when_the_config_asks_and_the_post_processor_does_not(byte_level):
-    ids = byte_level.encode("fox")
-    assert ids[0] == byte_level.bos_token_id
-    assert byte_level.encode("fox", add_special_tokens=False)[0] != byte_level.bos_token_id
+def test_byte_level_emoji_split_over_tokens_comes_out_whole(byte_level):
+    generated = byte_level.encode("a🥞b", add_special_tokens=False)
+    assert len(generated) > 3  # the emoji's 4 bytes are not one token
+    pieces = stream(byte_level, [], generated)
+    assert "🥞" in pieces and "".join(pieces) == "a🥞b"
 
 
-def test_eos_ids_come_from_generation_config_before_the_tokenizer_config(byte_level, byte_fallback):
-    assert byte_level.eos_token_ids == {byte_level.backend.token_to_id("</s>")}
-    assert byte_fallback.eos_token_ids == {2, 1}
+def test_incomplete_character_at_the_end_is_flushed_as_replacement_char(llama_like):
+    detokenizer = IncrementalDetokenizer(llama_like, [])
+    assert detokenizer.push(llama_like.backend.token_to_id("<0xE2>")) == ""
+    assert detokenizer.flush() == "\ufffd"
+    assert detokenizer.text == "\ufffd"
 
 
-def test_special_ids_are_the_added_special_tokens(byte_level):
-    assert byte_level.special_ids == {byte_level.backend.token_to_id("<s>"), byte_level.backend.token_to_id("</s>")}
+def test_special_tokens_are_streamed_as_text(smollm2):
+    im_end = smollm2.backend.token_to_id("<|im_end|>")
+    pieces = stream(smollm2, smollm2.encode("Hi"), smollm2.encode("Bye", add_special_tokens=False) + [im_end])
+    assert pieces[-2:] == ["<|im_end|>", ""]
+
+
+def test_per_token_texts_match_tgi_decode_token_with_transformers(smollm2_tokenizer_dir, smollm2):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    prompt = hf("The menu:")["input_ids"]
+    generated = hf(" Émile aime les crêpes 🥞🎉 日本語 — fin", add_special_tokens=False)["input_ids"]
+    ids, prefix_offset, read_offset, expected = list(prompt), max(len(prompt) - 5, 0), len(prompt), []
+    for token_id in generated:  # TGI's server-side algorithm, written out with transformers
+        ids.append(token_id)
+        prefix_text = hf.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+        new_text = hf.decode(ids[prefix_offset:], skip_special_tokens=False)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            expected.append(new_text[len(prefix_text) :])
+            prefix_offset, read_offset = read_offset, len(ids)
+        else:
+            expected.append("")
+    detokenizer = IncrementalDetokenizer(smollm2, prompt)
+    assert [detokenizer.push(token_id) for token_id in generated] == expected
 
 
 def test_stop_sequence_spanning_tokens_is_found_and_kept():
@@ -110,25 +124,37 @@ def test_stop_sequence_inside_one_token_drops_what_follows_it():
     assert matcher.feed(". Then") == len("Paris.")
 
 
-def test_earliest_of_several_stop_sequences_wins():
-    matcher = StopSequenceMatcher(["world", "lo"])
-    assert matcher.feed("hello world") == len("hello")
+def test_earliest_ending_stop_sequence_wins():
+    assert StopSequenceMatcher(["world", "lo"]).feed("hello world") == len("hello")
 
 
 def test_no_stop_sequences_never_stops():
     matcher = StopSequenceMatcher([])
     assert matcher.feed("anything at all") is None
+    assert matcher.feed("") is None
 
 
-def test_smollm2_tokenizer_matches_transformers_and_streams_its_text(smollm2_tokenizer_dir):
-    from transformers import AutoTokenizer
+def test_empty_stop_sequence_stops_after_the_first_token_as_tgi_does():
+    assert StopSequenceMatcher(["", "x"]).feed("Hello") == len("Hello")
 
-    ours = Tokenizer.from_dir(str(smollm2_tokenizer_dir))
-    theirs = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    for text in ["The capital of France is", "  leading spaces\n\ttabs", "Émile aime les crêpes 🥞", *CORPUS]:
-        ids = ours.encode(text)
-        assert ids == theirs(text)["input_ids"]
-        assert ours.decode(ids) == theirs.decode(ids)
-        assert pushed_text(ours, ours.encode("Q:"), ids) == theirs.decode(ids)
-    assert ours.eos_token_ids == {theirs.eos_token_id}
-    assert ours.chat_template and "<|im_start|>" in ours.chat_template
+
+def test_a_match_is_reported_once_and_only_for_new_text():
+    matcher = StopSequenceMatcher(["ab", "abcdef"])
+    assert matcher.feed("xab") == 3
+    # The caller stops at the first match; were it to go on, the old match is not reported again.
+    assert matcher.feed("z") is None
+
+
+def test_stop_matching_agrees_with_a_full_scan_on_random_splits():
+    rng = random.Random(1)
+    for _ in range(500):
+        text = "".join(rng.choice("ab c\n") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("ab c\n") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        ends = [text.find(s) + len(s) for s in stops if s in text]
+        expected = min(ends) if ends else None
+        matcher, fed, result = StopSequenceMatcher(stops), 0, None
+        while fed < len(text) and result is None:
+            size = rng.randint(1, 6)
+            result = matcher.feed(text[fed : fed + size])
+            fed += size
+        assert result == expected, (text, stops)

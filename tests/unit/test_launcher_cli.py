@@ -33,6 +33,9 @@ OPTIONS = [
     ("MAX_BATCH_PREFILL_TOKENS", "--max-batch-prefill-tokens", "max_batch_prefill_tokens", "300", 300),
     ("MAX_BATCH_TOTAL_TOKENS", "--max-batch-total-tokens", "max_batch_total_tokens", "4000", 4000),
     ("MAX_BATCH_SIZE", "--max-batch-size", "max_batch_size", "16", 16),
+    ("API_KEY", "--api-key", "api_key", "k3y", "k3y"),
+    ("PAYLOAD_LIMIT", "--payload-limit", "payload_limit", "4096", 4096),
+    ("CORS_ALLOW_ORIGIN", "--cors-allow-origin", "cors_allow_origin", "https://a.example", ("https://a.example",)),
     ("HOSTNAME", "--hostname", "hostname", "127.0.0.2", "127.0.0.2"),
     ("PORT", "--port", "port", "8080", 8080),
     ("SHARD_UDS_PATH", "--shard-uds-path", "shard_uds_path", "/tmp/abc", "/tmp/abc"),
@@ -201,7 +204,7 @@ def test_router_argv_carries_the_request_limits():
         sys.executable, "-m", "tgi_router", "--model-id", "org/m", "--tokenizer-path", "/tok",
         "--shard-uds-path", "/tmp/s", "--num-shard", "2", "--hostname", "127.0.0.1", "--port", "8080",
         "--max-concurrent-requests", "128", "--max-best-of", "2", "--max-stop-sequences", "4",
-        "--max-top-n-tokens", "5",
+        "--max-top-n-tokens", "5", "--payload-limit", "2000000",
     ]
 
 

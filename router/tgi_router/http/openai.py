@@ -14,11 +14,11 @@ import time
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from tgi_router.app import Router, get_router, read_json
+from tgi_router.app import Router, get_router, read_json, stream_headers, timing_headers
 from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
-from tgi_router.http.tgi import collect
+from tgi_router.http.tgi import collect, tokens_json
 from tgi_router.request import FinishReason
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request
 
@@ -31,6 +31,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/chat_tokenize", chat_tokenize)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -40,19 +41,31 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started_at = time.monotonic()
     router = get_router(request)
     body = await read_json(request)
     is_stream = body.get("stream") is True
     with router.admit():
         valid = await router.validate(_chat_request(router, body), is_stream, add_special_tokens=False)
+        validated_at = time.monotonic()
         stream = router.submit(valid)
         head = _head(router, body, "chat.completion.chunk" if is_stream else "chat.completion")
         if not is_stream:
             events = await collect(stream)
-            return web.json_response({**head, "choices": [_chat_choice(body, events)], "usage": _usage(valid, events)})
-        async with _open_sse(request) as sse:
+            headers = timing_headers(router, valid, stream, started_at, validated_at)
+            payload = {**head, "choices": [_chat_choice(body, events)], "usage": _usage(valid, events)}
+            return web.json_response(payload, headers=headers)
+        async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
             await _stream_chat(sse, head, body, valid, stream)
         return sse
+
+
+async def chat_tokenize(request: web.Request) -> web.Response:
+    """The chat template's output for a chat request, and its tokens."""
+    router = get_router(request)
+    prompt = _chat_request(router, await read_json(request)).inputs
+    ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, prompt, False)
+    return web.json_response({"tokenize_response": tokens_json(prompt, ids, offsets), "templated_text": prompt})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -73,7 +86,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             ]
             usage = [_usage(v, events) for v, events in zip(valids, results)]
             return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
-        async with _open_sse(request) as sse:
+        async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
             await _stream_completions(sse, head, valids, streams)
         return sse
 
@@ -190,8 +203,8 @@ def _sum_usage(usages: list[dict]) -> dict:
     return {key: sum(u[key] for u in usages) for key in usages[0]}
 
 
-def _open_sse(request: web.Request):
-    return sse_response(request, headers={"X-Accel-Buffering": "no"}, sep="\n", allow_all_methods=True)
+def _open_sse(request: web.Request, headers: dict[str, str]):
+    return sse_response(request, headers=headers, sep="\n", allow_all_methods=True)
 
 
 async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream) -> None:

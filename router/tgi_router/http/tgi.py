@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
+import random
+import time
 
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from tgi_router.app import Router, get_router, read_json
+from tgi_router.app import Router, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError
 from tgi_router.validation import ValidRequest, parse_generate_request
@@ -20,32 +24,51 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/", compat_generate)
     app.router.add_get("/", health)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_get("/metrics", metrics)
 
 
 async def generate(request: web.Request, is_compat: bool = False) -> web.Response:
+    started_at = time.monotonic()
     router = get_router(request)
     body = await read_json(request)
     with router.admit():
         valid = await _validate(router, body, is_compat=is_compat)
-        events = await collect(router.submit(valid))
-    return web.json_response(_generate_response(valid, events))
+        validated_at = time.monotonic()
+        candidates = [_with_seed(valid, random.getrandbits(64)) for _ in range(1, valid.best_of)]
+        streams = [router.submit(v) for v in [valid, *candidates]]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+    # best_of: the candidate with the highest mean token logprob answers; the others come along.
+    ranked = sorted(zip([valid, *candidates], streams, results), key=lambda c: -_mean_logprob(c[2]))
+    (best, stream, events), others = ranked[0], ranked[1:]
+    response = _generate_response(best, events)
+    if others and best.details:
+        response["details"]["best_of_sequences"] = [_sequence_json(v, e) for v, _, e in others]
+    headers = timing_headers(router, best, stream, started_at, validated_at)
+    return web.json_response(response, headers=headers)
 
 
 async def generate_stream(request: web.Request, is_compat: bool = False) -> web.StreamResponse:
+    started_at = time.monotonic()
     router = get_router(request)
     body = await read_json(request)
-    sse_headers = {"X-Accel-Buffering": "no"}
-    async with sse_response(request, headers=sse_headers, sep="\n", allow_all_methods=True) as sse:
+    inputs = body.get("inputs")
+    headers = stream_headers(router, len(inputs) if isinstance(inputs, str) else 0)
+    async with sse_response(request, headers=headers, sep="\n", allow_all_methods=True) as sse:
         try:
             with router.admit():
                 valid = await _validate(router, body, is_stream=True, is_compat=is_compat)
+                validated_at = time.monotonic()
                 stream = router.submit(valid)
                 try:
                     await _send_events(sse, valid, stream)
                 finally:
                     stream.cancel()
+                timing_headers(router, valid, stream, started_at, validated_at)  # records the metrics
         except InferError as error:  # TGI reports stream errors as an event, with HTTP 200
+            count_failure(router, error)
             await sse.send(_json(error.to_json()))
     return sse
 
@@ -56,7 +79,8 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     if body.get("stream") is True:
         return await generate_stream(request, is_compat=True)
     response = await generate(request, is_compat=True)
-    return web.Response(body=b"[" + response.body + b"]", content_type="application/json")
+    headers = {k: v for k, v in response.headers.items() if k.lower().startswith("x-")}
+    return web.Response(body=b"[" + response.body + b"]", content_type="application/json", headers=headers)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -66,6 +90,30 @@ async def health(request: web.Request) -> web.Response:
     except Exception as error:  # any shard failure means unhealthy
         raise UnhealthyError() from error
     return web.Response()
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """Token ids of `inputs` with their text and UTF-8 byte offsets (parameters are ignored)."""
+    router = get_router(request)
+    inputs = parse_generate_request(await read_json(request)).inputs
+    ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, inputs)
+    return web.json_response(tokens_json(inputs, ids, offsets))
+
+
+def tokens_json(text: str, ids: list[int], char_offsets: list[tuple[int, int]]) -> list[dict]:
+    """TGI's token list: each token's text and its UTF-8 byte offsets into `text`."""
+    byte_offsets = [0]
+    for char in text:
+        byte_offsets.append(byte_offsets[-1] + len(char.encode()))
+    return [
+        {"id": token_id, "text": text[start:stop], "start": byte_offsets[start], "stop": byte_offsets[stop]}
+        for token_id, (start, stop) in zip(ids, char_offsets)
+    ]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = get_router(request).engine.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def info(request: web.Request) -> web.Response:
@@ -105,20 +153,36 @@ async def _send_events(sse, valid: ValidRequest, stream: RequestStream) -> None:
 
 
 def _generate_response(valid: ValidRequest, events: list[TokenEvent]) -> dict:
-    last = events[-1]
-    response = {"generated_text": _full_text(valid, last.generated_text)}
+    response = {"generated_text": _full_text(valid, events[-1].generated_text)}
     if valid.details:
-        details = {
-            "finish_reason": last.finish_reason.value,
-            "generated_tokens": len(events),
-            "seed": _seed(valid),
-            "prefill": [],
-            "tokens": [_token_json(e.token) for e in events],
-        }
-        if valid.top_n_tokens:
-            details["top_tokens"] = [[_token_json(t) for t in e.top_tokens] for e in events]
+        details = _sequence_json(valid, events)
+        del details["generated_text"]
         response["details"] = details
     return response
+
+
+def _sequence_json(valid: ValidRequest, events: list[TokenEvent]) -> dict:
+    """TGI's BestOfSequence; `details` is the same without `generated_text`."""
+    last = events[-1]
+    sequence = {
+        "generated_text": _full_text(valid, last.generated_text),
+        "finish_reason": last.finish_reason.value,
+        "generated_tokens": len(events),
+        "seed": _seed(valid),
+        "prefill": [],
+        "tokens": [_token_json(e.token) for e in events],
+    }
+    if valid.top_n_tokens:
+        sequence["top_tokens"] = [[_token_json(t) for t in e.top_tokens] for e in events]
+    return sequence
+
+
+def _mean_logprob(events: list[TokenEvent]) -> float:
+    return sum(e.token.logprob for e in events) / len(events)
+
+
+def _with_seed(valid: ValidRequest, seed: int) -> ValidRequest:
+    return dataclasses.replace(valid, sampling=dataclasses.replace(valid.sampling, seed=seed))
 
 
 def _full_text(valid: ValidRequest, generated_text: str) -> str:

@@ -1,0 +1,56 @@
+"""Cloud platform routes: SageMaker's `/invocations` and Vertex AI's `/vertex`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from tgi_router.app import get_router, read_json
+from tgi_router.errors import InferError, ValidationError
+from tgi_router.http import openai, tgi
+from tgi_router.validation import GenerateParameters, GenerateRequest, parse_generate_request
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/invocations", invocations)
+    app.router.add_post("/vertex", vertex)
+
+
+async def invocations(request: web.Request) -> web.StreamResponse:
+    """SageMaker: a generate request (`inputs`), a chat request (`messages`) or a completion (`prompt`)."""
+    body = await read_json(request)
+    if "inputs" in body:
+        return await tgi.compat_generate(request)
+    if "messages" in body:
+        return await openai.chat_completions(request)
+    if "prompt" in body:
+        return await openai.completions(request)
+    raise ValidationError("expected a generate (`inputs`), chat (`messages`) or completion (`prompt`) request")
+
+
+async def vertex(request: web.Request) -> web.Response:
+    """Vertex AI: `{"instances": [{"inputs", "parameters"?}, ...]}` -> `{"predictions": [text, ...]}`.
+
+    As in TGI, only `max_new_tokens` and `seed` are taken from each instance's parameters.
+    """
+    router = get_router(request)
+    instances = (await read_json(request)).get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise ValidationError("`instances` must be a non-empty list")
+    requests = [_instance_request(instance) for instance in instances]
+    with router.admit():
+        valids = [await router.validate(r) for r in requests]
+        try:
+            results = await asyncio.gather(*(tgi.collect(router.submit(v)) for v in valids))
+        except InferError:
+            return web.json_response({"error": "Incomplete generation"}, status=500)
+    return web.json_response({"predictions": [events[-1].generated_text for events in results]})
+
+
+def _instance_request(instance) -> GenerateRequest:
+    if not isinstance(instance, dict):
+        raise ValidationError("each instance must be an object with `inputs`")
+    parsed = parse_generate_request({"inputs": instance.get("inputs"), "parameters": instance.get("parameters") or {}})
+    kept = GenerateParameters(max_new_tokens=parsed.parameters.max_new_tokens, seed=parsed.parameters.seed)
+    return GenerateRequest(parsed.inputs, kept)

@@ -1,0 +1,45 @@
+"""Prometheus metrics under TGI's names and labels (`/metrics`), in a registry of their own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# TGI's duration buckets: 0.00015 s growing by 1.5x, 35 of them.
+DURATION_BUCKETS = [0.00015 * 1.5**k for k in range(35)]
+
+
+def _linear(stop: int, count: int = 100) -> list[float]:
+    return [stop * (i + 1) / count for i in range(count)]
+
+
+class Metrics:
+    def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int):
+        self.registry = registry = CollectorRegistry()
+
+        def histogram(name, doc, buckets=DURATION_BUCKETS, labels=()):
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        self.request_count = Counter("tgi_request_count", "Requests received", registry=registry)
+        self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=registry)
+        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=registry)
+        self.request_duration = histogram("tgi_request_duration", "End-to-end request time (s)")
+        self.validation_duration = histogram("tgi_request_validation_duration", "Validation time (s)")
+        self.queue_duration = histogram("tgi_request_queue_duration", "Time queued before batching (s)")
+        self.inference_duration = histogram("tgi_request_inference_duration", "Time from batching to the end (s)")
+        self.time_per_token = histogram("tgi_request_mean_time_per_token_duration", "Inference time per token (s)")
+        self.generated_tokens = histogram("tgi_request_generated_tokens", "Tokens generated", _linear(max_total_tokens))
+        self.input_length = histogram("tgi_request_input_length", "Prompt tokens", _linear(max_input_tokens))
+        self.max_new_tokens = histogram("tgi_request_max_new_tokens", "max_new_tokens", _linear(max_total_tokens))
+        self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
+        self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=registry)
+        self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch", registry=registry)
+        Gauge("tgi_batch_max_total_tokens", "KV cache size in tokens", registry=registry).set(max_batch_total_tokens)
+        self.batch_next_size = histogram("tgi_batch_next_size", "Requests joining per step", [2**i for i in range(11)])
+        self.step_count = Counter("tgi_batch_inference_count", "Steps run", ["method"], registry=registry)
+        self.step_success = Counter("tgi_batch_inference_success", "Steps that succeeded", ["method"], registry=registry)
+        self.step_failure = Counter("tgi_batch_inference_failure", "Steps that failed", ["method"], registry=registry)
+        self.step_duration = histogram("tgi_batch_inference_duration", "Step round trip (s)", labels=["method"])
+        self.forward_duration = histogram("tgi_batch_forward_duration", "Shard forward time (s)", labels=["method"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
