@@ -81,6 +81,7 @@ class Router:
                 sampling=valid.sampling,
                 stop_sequences=tuple(valid.stop),
                 top_n_tokens=valid.top_n_tokens,
+                prompt_logprobs=valid.decoder_input_details,
             )
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
-from tgi_router.request import Request, SampledToken, SamplingParams, StepPlan, StepResult
+from tgi_router.request import PromptLogprobs, Request, SampledToken, SamplingParams, StepPlan, StepResult
 
 
 def step_request(plan: StepPlan) -> pb.StepRequest:
@@ -30,7 +30,10 @@ def step_result(response: pb.StepResponse) -> StepResult:
         )
         for s in response.samples
     ]
-    return StepResult(samples, response.forward_ns)
+    prompt_logprobs = [
+        PromptLogprobs(p.request_id, p.start, tuple(p.logprobs)) for p in response.prompt_logprobs
+    ]
+    return StepResult(samples, response.forward_ns, prompt_logprobs)
 
 
 def _new_request(request: Request) -> pb.NewRequest:
@@ -39,6 +42,7 @@ def _new_request(request: Request) -> pb.NewRequest:
         token_ids=request.all_token_ids,
         sampling=_sampling(request.sampling),
         top_n_tokens=request.top_n_tokens,
+        prompt_logprobs=request.prompt_logprobs is not None,
     )
 
 

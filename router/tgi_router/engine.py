@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class GenerationInput:
     top_n_tokens: int = 0
     # Generate exactly max_new_tokens (benchmarks); end-of-sequence tokens do not stop the request.
     ignore_eos: bool = False
+    # Compute the logprob of every prompt token (TGI's decoder_input_details).
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Engine:
             max_new_tokens=generation.max_new_tokens,
             sampling=generation.sampling,
             top_n_tokens=generation.top_n_tokens,
+            prompt_logprobs=[math.nan] * len(generation.input_ids) if generation.prompt_logprobs else None,
         )
         self.scheduler.add(request)
         self._wakeup.set()

@@ -50,6 +50,8 @@ class Request:
     # False until the shards have received this request in full (again after a preemption).
     is_on_shards: bool = False
     num_preemptions: int = 0
+    # Logprob of each prompt token (NaN until computed; the first never is), when asked for.
+    prompt_logprobs: list[float] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # When the request first joined a batch (the end of its queue time).
     first_scheduled_time: float | None = None
@@ -101,6 +103,16 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """logprobs[i] is the logprob of prompt token `start + i` of request `request_id`."""
+
+    request_id: int
+    start: int
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class StepResult:
     samples: list[SampledToken]
     forward_ns: int = 0
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)

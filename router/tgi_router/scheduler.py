@@ -74,6 +74,7 @@ class Scheduler:
         Requests finished while the step was running are skipped (their ids reach the shards with the
         next plan).
         """
+        self._store_prompt_logprobs(result)
         samples = {sample.request_id: sample for sample in result.samples}
         sampled: list[tuple[Request, SampledToken]] = []
         for chunk in plan.scheduled:
@@ -86,6 +87,13 @@ class Scheduler:
                 request.output_token_ids.append(sample.token_id)
                 sampled.append((request, sample))
         return sampled
+
+    def _store_prompt_logprobs(self, result: StepResult) -> None:
+        for chunk in result.prompt_logprobs:
+            request = self._live.get(chunk.request_id)
+            if request is not None and request.prompt_logprobs is not None:
+                stop = min(chunk.start + len(chunk.logprobs), len(request.prompt_logprobs))
+                request.prompt_logprobs[chunk.start : stop] = chunk.logprobs[: stop - chunk.start]
 
     def _schedule_running(self, scheduled: list[ScheduledChunk], budget: int) -> tuple[int, bool]:
         did_preempt = False

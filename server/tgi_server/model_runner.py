@@ -23,6 +23,9 @@ class Sequence:
     token_ids: list[int]
     sampling: SamplingParams
     top_n_tokens: int
+    # Tokens known when the request arrived; prompt logprobs cover these.
+    num_prompt_tokens: int
+    wants_prompt_logprobs: bool = False
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
 
@@ -33,6 +36,7 @@ class NewSequence:
     token_ids: list[int]
     sampling: SamplingParams
     top_n_tokens: int
+    wants_prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,22 @@ class ScheduledSequence:
     id: int
     num_tokens: int
     new_block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """logprobs[i] = log p(token[start + i] | tokens before it), for prompt tokens computed this step."""
+
+    request_id: int
+    start: int
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    samples: list[Sample]
+    prompt_logprobs: list[PromptLogprobs]
+    forward_ns: int
 
 
 @dataclass(frozen=True)
@@ -81,33 +101,58 @@ class ModelRunner:
     @torch.inference_mode()
     def step(
         self, finished_ids: list[int], new: list[NewSequence], scheduled: list[ScheduledSequence]
-    ) -> tuple[list[Sample], int]:
-        """Applies one plan; returns the samples (batch order) and the forward+sampling time in ns."""
+    ) -> StepOutput:
+        """Applies one plan; returns the samples (batch order), any prompt logprobs, and the
+        forward+sampling time in ns."""
         start = time.perf_counter_ns()
         for request_id in finished_ids:
             self.sequences.pop(request_id, None)
         for request in new:
-            self.sequences[request.id] = Sequence(list(request.token_ids), request.sampling, request.top_n_tokens)
-        if not scheduled:
-            return [], time.perf_counter_ns() - start
+            self.sequences[request.id] = Sequence(
+                list(request.token_ids), request.sampling, request.top_n_tokens,
+                num_prompt_tokens=len(request.token_ids), wants_prompt_logprobs=request.wants_prompt_logprobs,
+            )
         batch = []
         for item in scheduled:
             sequence = self.sequences[item.id]
             sequence.block_table.extend(item.new_block_ids)
             batch.append((item.id, sequence, item.num_tokens))
-        samples = self._forward_and_sample(batch)
-        return samples, time.perf_counter_ns() - start
+        samples, prompt_logprobs = self._forward_and_sample(batch) if batch else ([], [])
+        return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
 
-    def _forward_and_sample(self, batch: list[tuple[int, Sequence, int]]) -> list[Sample]:
+    def _forward_and_sample(self, batch: list[tuple[int, Sequence, int]]) -> tuple[list[Sample], list[PromptLogprobs]]:
         input_ids, positions, attn, sample_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [num_tokens, hidden]
+        prompt_logprobs = self._prompt_logprobs(batch, hidden, attn.query_start_loc_cpu)
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:
             seq.num_computed_tokens += n
         if not to_sample:
-            return []
+            return [], prompt_logprobs
         logits = self.model.compute_logits(hidden[sample_rows])  # [num_samples, vocab]
-        return self._sample(logits, to_sample)
+        return self._sample(logits, to_sample), prompt_logprobs
+
+    def _prompt_logprobs(self, batch, hidden: torch.Tensor, query_start_loc: list[int]) -> list[PromptLogprobs]:
+        """Raw-model logprobs of the next prompt token at each prompt position computed this step."""
+        rows, targets, spans = [], [], []
+        for (request_id, seq, num_tokens), first_row in zip(batch, query_start_loc):
+            start = seq.num_computed_tokens
+            stop = min(start + num_tokens, seq.num_prompt_tokens - 1)  # positions with a next prompt token
+            if not seq.wants_prompt_logprobs or stop <= start:
+                continue
+            rows += range(first_row, first_row + stop - start)
+            targets += seq.token_ids[start + 1 : stop + 1]
+            spans.append((request_id, start + 1, stop - start))
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [rows, vocab]
+        target_ids = torch.tensor(targets, device=self.device)[:, None]
+        values = torch.log_softmax(logits, dim=-1).gather(1, target_ids).squeeze(1).tolist()
+        out, offset = [], 0
+        for request_id, first_position, count in spans:
+            out.append(PromptLogprobs(request_id, first_position, values[offset : offset + count]))
+            offset += count
+        return out
 
     def _prepare(self, batch: list[tuple[int, Sequence, int]]):
         input_ids: list[int] = []

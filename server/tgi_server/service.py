@@ -46,18 +46,22 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     def Step(self, request: pb.StepRequest, context):
         new = [
-            NewSequence(r.id, list(r.token_ids), _sampling_from_pb(r.sampling), r.top_n_tokens)
+            NewSequence(r.id, list(r.token_ids), _sampling_from_pb(r.sampling), r.top_n_tokens, r.prompt_logprobs)
             for r in request.new_requests
         ]
         scheduled = [ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids)) for s in request.scheduled]
         with self._lock:
             try:
-                samples, forward_ns = self.runner.step(list(request.finished_ids), new, scheduled)
+                output = self.runner.step(list(request.finished_ids), new, scheduled)
             except (KeyError, ValueError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id}: {error!r}")
         if self.rank != 0:
-            return pb.StepResponse(forward_ns=forward_ns)
+            return pb.StepResponse(forward_ns=output.forward_ns)
         return pb.StepResponse(
+            prompt_logprobs=[
+                pb.PromptLogprobs(request_id=p.request_id, start=p.start, logprobs=p.logprobs)
+                for p in output.prompt_logprobs
+            ],
             samples=[
                 pb.Sample(
                     request_id=s.request_id,
@@ -65,9 +69,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                     logprob=s.logprob,
                     top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in s.top_tokens],
                 )
-                for s in samples
+                for s in output.samples
             ],
-            forward_ns=forward_ns,
+            forward_ns=output.forward_ns,
         )
 
     def ClearCache(self, request, context):

@@ -54,7 +54,7 @@ def _run_largest_step(runner: ModelRunner, lengths: list[int]) -> None:
     for request_id, length in enumerate(lengths):
         count = -(-length // block_size)
         token_ids = [(request_id * 31 + i) % 100 + 1 for i in range(length)]
-        new.append(NewSequence(request_id, token_ids, _WARMUP_SAMPLING, top_n_tokens=5))
+        new.append(NewSequence(request_id, token_ids, _WARMUP_SAMPLING, top_n_tokens=5, wants_prompt_logprobs=True))
         scheduled.append(ScheduledSequence(request_id, length, list(range(next_block, next_block + count))))
         next_block += count
     runner.step([], new, scheduled)

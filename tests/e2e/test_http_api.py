@@ -170,3 +170,15 @@ async def test_best_of_returns_the_best_candidate_and_the_others_in_details(serv
     mean = lambda tokens: sum(t["logprob"] for t in tokens) / len(tokens)  # noqa: E731
     assert mean(details["tokens"]) >= mean(other["tokens"])
     assert details["seed"] != other["seed"]
+
+
+async def test_decoder_input_details_returns_the_prompt_tokens_with_logprobs(server):
+    body = {"inputs": "Hello there friend", "parameters": {"max_new_tokens": 2, "decoder_input_details": True,
+                                                          "details": True}}
+    status, headers, payload = await call(server, "POST", "/generate", json=body)
+    assert status == 200
+    prefill = payload["details"]["prefill"]
+    assert len(prefill) == int(headers["x-prompt-tokens"])
+    assert "".join(token["text"] for token in prefill) == "Hello there friend"
+    assert prefill[0]["logprob"] is None
+    assert all(token["logprob"] <= 0 for token in prefill[1:])

@@ -43,9 +43,9 @@ async def generate(request: web.Request, is_compat: bool = False) -> web.Respons
     # best_of: the candidate with the highest mean token logprob answers; the others come along.
     ranked = sorted(zip([valid, *candidates], streams, results), key=lambda c: -_mean_logprob(c[2]))
     (best, stream, events), others = ranked[0], ranked[1:]
-    response = _generate_response(best, events)
+    response = _generate_response(router, best, stream, events)
     if others and best.details:
-        response["details"]["best_of_sequences"] = [_sequence_json(v, e) for v, _, e in others]
+        response["details"]["best_of_sequences"] = [_sequence_json(router, v, s, e) for v, s, e in others]
     headers = timing_headers(router, best, stream, started_at, validated_at)
     return web.json_response(response, headers=headers)
 
@@ -152,16 +152,16 @@ async def _send_events(sse, valid: ValidRequest, stream: RequestStream) -> None:
         await sse.send(_json(message))
 
 
-def _generate_response(valid: ValidRequest, events: list[TokenEvent]) -> dict:
+def _generate_response(router: Router, valid: ValidRequest, stream: RequestStream, events: list[TokenEvent]) -> dict:
     response = {"generated_text": _full_text(valid, events[-1].generated_text)}
     if valid.details:
-        details = _sequence_json(valid, events)
+        details = _sequence_json(router, valid, stream, events)
         del details["generated_text"]
         response["details"] = details
     return response
 
 
-def _sequence_json(valid: ValidRequest, events: list[TokenEvent]) -> dict:
+def _sequence_json(router: Router, valid: ValidRequest, stream: RequestStream, events: list[TokenEvent]) -> dict:
     """TGI's BestOfSequence; `details` is the same without `generated_text`."""
     last = events[-1]
     sequence = {
@@ -169,12 +169,24 @@ def _sequence_json(valid: ValidRequest, events: list[TokenEvent]) -> dict:
         "finish_reason": last.finish_reason.value,
         "generated_tokens": len(events),
         "seed": _seed(valid),
-        "prefill": [],
+        "prefill": _prefill_json(router, valid, stream),
         "tokens": [_token_json(e.token) for e in events],
     }
     if valid.top_n_tokens:
         sequence["top_tokens"] = [[_token_json(t) for t in e.top_tokens] for e in events]
     return sequence
+
+
+def _prefill_json(router: Router, valid: ValidRequest, stream: RequestStream) -> list[dict]:
+    """The prompt tokens with their logprobs (the first has none), when decoder_input_details."""
+    logprobs = stream.request.prompt_logprobs
+    if not valid.decoder_input_details or logprobs is None:
+        return []
+    decode = router.tokenizer.decode
+    return [
+        {"id": token_id, "text": decode([token_id]), "logprob": None if math.isnan(logprob) else logprob}
+        for token_id, logprob in zip(valid.input_ids, logprobs)
+    ]
 
 
 def _mean_logprob(events: list[TokenEvent]) -> float:

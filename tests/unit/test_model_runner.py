@@ -1,0 +1,47 @@
+"""The shard's runner on a tiny random Llama: plans in, samples and prompt logprobs out, checked
+against HF transformers."""
+
+import torch
+from model_helpers import hf_logits, save_tiny_model, tiny_config
+
+from tgi_server.distributed import SINGLE
+from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from tgi_server.models.registry import load_model
+from tgi_server.sampler import SamplingParams
+
+BLOCK_SIZE = 4
+
+
+def make_runner(tmp_path):
+    hf_model = save_tiny_model(tiny_config("llama"), tmp_path)
+    model, config = load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+    runner.allocate_kv_cache(32)
+    return runner, hf_model
+
+
+def test_prompt_logprobs_over_chunked_prefill_match_transformers(tmp_path):
+    runner, hf_model = make_runner(tmp_path)
+    prompt = [3, 17, 42, 8, 99, 5, 23]
+    new = [NewSequence(1, prompt, SamplingParams(), 0, wants_prompt_logprobs=True)]
+    first = runner.step([], new, [ScheduledSequence(1, 3, [7])])
+    second = runner.step([], [], [ScheduledSequence(1, 4, [2])])
+    got = {}
+    for chunk in first.prompt_logprobs + second.prompt_logprobs:
+        for i, logprob in enumerate(chunk.logprobs):
+            got[chunk.start + i] = logprob
+    expected = torch.log_softmax(hf_logits(hf_model, prompt), dim=-1)
+    assert sorted(got) == list(range(1, len(prompt)))
+    for position, logprob in got.items():
+        assert abs(logprob - expected[position - 1, prompt[position]].item()) < 1e-4
+    assert first.samples == [] and len(second.samples) == 1
+
+
+def test_greedy_samples_follow_transformers_and_requests_without_logprobs_get_none(tmp_path):
+    runner, hf_model = make_runner(tmp_path)
+    prompt = [11, 12, 13, 14, 15]
+    out = runner.step([], [NewSequence(4, prompt, SamplingParams(), 2)], [ScheduledSequence(4, 5, [1, 2])])
+    (sample,) = out.samples
+    assert out.prompt_logprobs == []
+    assert sample.token_id == hf_logits(hf_model, prompt)[-1].argmax().item()
+    assert [t for t, _ in sample.top_tokens][0] == sample.token_id and len(sample.top_tokens) == 2
