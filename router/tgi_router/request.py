@@ -29,6 +29,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     seed: int = 0
+    watermark: bool = False
 
 
 @dataclass(eq=False)

@@ -260,7 +260,6 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         )
     if params.grammar is not None:
         raise ValidationError("grammar is not supported")  # TGI's message when grammars are disabled
-    _check_supported(params)
     return ValidRequest(
         inputs=request.inputs,
         input_ids=input_ids,
@@ -277,12 +276,6 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
     )
 
 
-def _check_supported(params: GenerateParameters) -> None:
-    """What TGI accepts and this server cannot do yet; checked after all of TGI's rules."""
-    if params.watermark:
-        raise ValidationError("`watermark` is not supported yet by this server")
-
-
 def _sampling(params: GenerateParameters) -> SamplingParams:
     return SamplingParams(
         do_sample=params.is_sampling,
@@ -293,4 +286,5 @@ def _sampling(params: GenerateParameters) -> SamplingParams:
         repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
         frequency_penalty=0.0 if params.frequency_penalty is None else params.frequency_penalty,
         seed=secrets.randbits(64) if params.seed is None else params.seed,
+        watermark=params.watermark,
     )

@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     seed: int = 0
+    watermark: bool = False
 
 
 @dataclass
@@ -45,6 +46,8 @@ class SamplingBatch:
     # Known on the host when the batch is built, so the hot path needs no device sync to skip work.
     use_top_k_top_p: bool
     use_typical: bool
+    # (row, previous token id) of the rows to watermark.
+    watermark_rows: list[tuple[int, int]]
 
     @classmethod
     def build(cls, params: list[SamplingParams], histories: list[list[int]], device) -> SamplingBatch:
@@ -73,6 +76,7 @@ class SamplingBatch:
             history_len=history_len,
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
+            watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
         )
 
 
@@ -87,7 +91,8 @@ class SamplerOutput:
 def sample(logits: torch.Tensor, batch: SamplingBatch, max_top_n: int) -> SamplerOutput:
     """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
     processed distribution (after penalties and warpers), as TGI reports them."""
-    scores = _apply_penalties(logits.float(), batch)
+    scores = _apply_watermark(logits.float(), batch.watermark_rows)
+    scores = _apply_penalties(scores, batch)
     scores = _apply_warpers(scores, batch)
     logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
     greedy_ids = torch.argmax(scores, dim=-1)
@@ -97,6 +102,28 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_top_n: int) -> Sample
     top_logprobs, top_ids = torch.topk(logprobs, k=max_top_n, dim=-1) if max_top_n else (
         logprobs[:, :0], token_ids[:, None][:, :0])
     return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+
+
+WATERMARK_GAMMA = 0.5
+WATERMARK_DELTA = 2.0
+_WATERMARK_HASH_KEY = 15485863
+
+
+def _apply_watermark(scores: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
+    """Kirchenbauer et al.'s green list, drawn as TGI draws it, so TGI's detectors recognise it.
+
+    One randperm per watermarked row: a rare option, kept out of the common path.
+    """
+    if not rows:
+        return scores
+    scores = scores.clone()
+    vocab_size = scores.shape[1]
+    num_green = int(WATERMARK_GAMMA * vocab_size)
+    for row, previous_token in rows:
+        generator = torch.Generator(device=scores.device).manual_seed(_WATERMARK_HASH_KEY * previous_token)
+        green = torch.randperm(vocab_size, generator=generator, device=scores.device)[:num_green]
+        scores[row, green] += WATERMARK_DELTA
+    return scores
 
 
 def _apply_penalties(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -90,4 +90,5 @@ def _sampling_from_pb(p: pb.SamplingParameters) -> SamplingParams:
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty,
         seed=p.seed,
+        watermark=p.watermark,
     )

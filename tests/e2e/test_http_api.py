@@ -182,3 +182,13 @@ async def test_decoder_input_details_returns_the_prompt_tokens_with_logprobs(ser
     assert "".join(token["text"] for token in prefill) == "Hello there friend"
     assert prefill[0]["logprob"] is None
     assert all(token["logprob"] <= 0 for token in prefill[1:])
+
+
+async def test_watermark_is_accepted_and_deterministic_for_greedy_requests(server):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4, "watermark": True, "details": True}}
+    first = await call(server, "POST", "/generate", json=body)
+    second = await call(server, "POST", "/generate", json=body)
+    plain = await call(server, "POST", "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}})
+    assert first[0] == second[0] == 200
+    assert first[2]["generated_text"] == second[2]["generated_text"]
+    assert plain[0] == 200

@@ -111,3 +111,24 @@ def test_greedy_rows_are_not_warped_by_their_neighbours_settings():
 def test_u64_seeds_above_the_int64_range_are_accepted():
     out = sample(logits_batch(1), build([SamplingParams(do_sample=True, seed=2**64 - 1)]), 0)
     assert 0 <= out.token_ids.item() < VOCAB
+
+
+def test_watermark_adds_delta_to_tgis_green_list_seeded_by_the_previous_token():
+    from tgi_server.sampler import WATERMARK_DELTA, _apply_watermark
+
+    logits = logits_batch(2)
+    scores = _apply_watermark(logits, [(1, 77)])
+    generator = torch.Generator().manual_seed(15485863 * 77)
+    green = torch.randperm(VOCAB, generator=generator)[: VOCAB // 2]
+    expected = logits[1].clone()
+    expected[green] += WATERMARK_DELTA
+    assert torch.equal(scores[1], expected)
+    assert torch.equal(scores[0], logits[0])
+
+
+def test_watermarked_greedy_row_prefers_green_tokens():
+    logits = torch.zeros(1, VOCAB)
+    out = sample(logits, build([SamplingParams(watermark=True)], [[5]]), 0)
+    generator = torch.Generator().manual_seed(15485863 * 5)
+    green = set(torch.randperm(VOCAB, generator=generator)[: VOCAB // 2].tolist())
+    assert out.token_ids.item() in green

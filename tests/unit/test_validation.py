@@ -70,8 +70,6 @@ RULES = [
     ({"best_of": 0}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"decoder_input_details": True}, {"is_stream": True},
      "`decoder_input_details` == true is not supported when streaming tokens"),
-    # What TGI accepts and this server does not do yet, refused after all of TGI's rules.
-    ({"watermark": True}, {}, "`watermark` is not supported yet by this server"),
 ]
 
 
