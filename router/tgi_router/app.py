@@ -182,13 +182,14 @@ async def read_json(request: web.Request) -> dict:
 
 
 def build_app(router: Router) -> web.Application:
-    from tgi_router.http import cloud, openai, tgi
+    from tgi_router.http import cloud, openai, openapi, tgi
 
     app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=router.payload_limit)
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
     openai.add_routes(app)
     cloud.add_routes(app)
+    openapi.add_routes(app)
     _allow_cors(app, router.cors_allow_origins)
 
     async def run_engine(app: web.Application):

@@ -192,3 +192,12 @@ async def test_watermark_is_accepted_and_deterministic_for_greedy_requests(serve
     assert first[0] == second[0] == 200
     assert first[2]["generated_text"] == second[2]["generated_text"]
     assert plain[0] == 200
+
+
+async def test_openapi_document_and_swagger_ui_are_served(server):
+    status, _, document = await call(server, "GET", "/api-doc/openapi.json")
+    assert status == 200 and document["openapi"].startswith("3.")
+    assert "/generate" in document["paths"]
+    status, _, page = await call(server, "GET", "/docs")
+    assert status == 200 and "swagger-ui" in page
+    assert (await call(server, "GET", "/docs/assets/swagger-ui-bundle.js"))[0] == 200
