@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROTO_DIR := proto
 PROTO_FILES := $(PROTO_DIR)/tgi_proto/generate/v1/generate.proto
 
-.PHONY: install proto run test test-fast
+.PHONY: install proto run test test-fast lint docker
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,3 +31,9 @@ test: install
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/hadolint Dockerfile
+
+docker:
+	docker build -t tgi-py .

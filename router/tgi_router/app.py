@@ -204,11 +204,10 @@ def build_app(router: Router) -> web.Application:
 
 
 def _allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
-    """CORS as TGI allows it: GET and POST, the content-type header, from the listed origins."""
-    if not origins:
-        return
+    """CORS as TGI allows it: GET and POST, the content-type header, from the listed origins (any
+    origin when none is listed)."""
     options = aiohttp_cors.ResourceOptions(allow_headers=("content-type",), allow_methods=("GET", "POST"))
-    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins or ("*",)})
     for route in list(app.router.routes()):
         cors.add(route)
 
