@@ -50,6 +50,9 @@ def launch(
     api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Require `Authorization: Bearer <key>` on generation routes."),
     cors_allow_origin: list[str] = typer.Option([], envvar="CORS_ALLOW_ORIGIN", help="Origins allowed by CORS (repeat the flag; `*` for any)."),
     payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Largest request body in bytes (413 beyond)."),
+    aip_http_port: Optional[int] = typer.Option(None, envvar="AIP_HTTP_PORT", help="Vertex AI: the port to serve on (overrides --port)."),
+    aip_predict_route: Optional[str] = typer.Option(None, envvar="AIP_PREDICT_ROUTE", help="Vertex AI: extra route answering like /vertex."),
+    aip_health_route: Optional[str] = typer.Option(None, envvar="AIP_HEALTH_ROUTE", help="Vertex AI: extra route answering like /health."),
 ):
     """Serve a model: prepare its files, start the shards, then the router; stop all if one dies."""
     if ctx.invoked_subcommand is not None:

@@ -59,6 +59,9 @@ class LauncherConfig:
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
     payload_limit: int = 2_000_000
+    # Vertex AI serves predictions and health checks on routes (and a port) it chooses.
+    aip_predict_route: str | None = None
+    aip_health_route: str | None = None
 
     def __post_init__(self):
         for name in ("num_shard", "max_concurrent_requests", "max_best_of", "max_input_tokens",
@@ -109,6 +112,7 @@ def resolve_config(
     max_input_length: int | None = None,
     shard_uds_path: str | None = None,
     master_port: int | None = None,
+    aip_http_port: int | None = None,
     **settings,
 ) -> LauncherConfig:
     """Builds the config from the options as given (None = not given); `settings` are the other
@@ -126,6 +130,8 @@ def resolve_config(
         num_shard = max(num_visible_gpus(), 1)
     if master_port is None:
         master_port = free_port() if num_shard > 1 else DEFAULT_MASTER_PORT
+    if aip_http_port is not None:  # Vertex AI picks the port
+        settings["port"] = aip_http_port
     return LauncherConfig(
         model_id=model_id if model_id is not None else default_model_id(),
         num_shard=num_shard,

@@ -32,6 +32,10 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--payload-limit", str(config.payload_limit)]
+    if config.aip_predict_route:
+        argv += ["--predict-route", config.aip_predict_route]
+    if config.aip_health_route:
+        argv += ["--health-route", config.aip_health_route]
     for origin in config.cors_allow_origin:
         argv += ["--cors-allow-origin", origin]
     return argv

@@ -46,6 +46,9 @@ class Router:
     api_key: str | None = None
     cors_allow_origins: tuple[str, ...] = ()
     payload_limit: int = 2_000_000
+    # Routes a platform chooses (Vertex AI's AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE).
+    predict_route: str | None = None
+    health_route: str | None = None
     num_in_flight: int = 0
 
     @contextlib.contextmanager
@@ -190,6 +193,10 @@ def build_app(router: Router) -> web.Application:
     openai.add_routes(app)
     cloud.add_routes(app)
     openapi.add_routes(app)
+    if router.predict_route:
+        app.router.add_post(router.predict_route, cloud.vertex)
+    if router.health_route:
+        app.router.add_get(router.health_route, tgi.health)
     _allow_cors(app, router.cors_allow_origins)
 
     async def run_engine(app: web.Application):

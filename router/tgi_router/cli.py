@@ -48,6 +48,8 @@ class RouterArgs:
     api_key: Optional[str]
     cors_allow_origin: list[str]
     payload_limit: int
+    predict_route: Optional[str]
+    health_route: Optional[str]
 
 
 @app.command()
@@ -70,6 +72,8 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Bearer key required on generation routes."),
     cors_allow_origin: list[str] = typer.Option([], help="Origins allowed by CORS (`*` for any)."),
     payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes."),
+    predict_route: Optional[str] = typer.Option(None, help="Extra route answering like /vertex (Vertex AI)."),
+    health_route: Optional[str] = typer.Option(None, help="Extra route answering like /health (Vertex AI)."),
 ):
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
@@ -106,6 +110,8 @@ async def _start(args: RouterArgs) -> web.Application:
         api_key=args.api_key,
         cors_allow_origins=tuple(args.cors_allow_origin),
         payload_limit=args.payload_limit,
+        predict_route=args.predict_route,
+        health_route=args.health_route,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     log.info("serving on http://%s:%d", args.hostname, args.port)

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from server_helpers import running_server, save_tiny_model, tiny_config
+from server_helpers import Server, free_port, running_server, save_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,21 @@ async def test_openapi_document_and_swagger_ui_are_served(server):
     status, _, page = await call(server, "GET", "/docs")
     assert status == 200 and "swagger-ui" in page
     assert (await call(server, "GET", "/docs/assets/swagger-ui-bundle.js"))[0] == 200
+
+
+async def test_vertex_ai_env_sets_the_port_and_the_routes(tmp_path, hf_home, smollm2_tokenizer_dir, monkeypatch):
+    model = save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path / "llama")
+    port = free_port()
+    monkeypatch.setenv("AIP_HTTP_PORT", str(port))
+    monkeypatch.setenv("AIP_PREDICT_ROUTE", "/predict")
+    monkeypatch.setenv("AIP_HEALTH_ROUTE", "/isalive")
+    server = Server(str(model), hf_home, "--max-batch-total-tokens", "4096")
+    server.url = f"http://127.0.0.1:{port}"  # AIP_HTTP_PORT wins over --port
+    try:
+        server.wait_ready()
+        assert (await call(server, "GET", "/isalive"))[0] == 200
+        body = {"instances": [{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}]}
+        status, _, payload = await call(server, "POST", "/predict", json=body)
+    finally:
+        server.stop()
+    assert status == 200 and len(payload["predictions"]) == 1
