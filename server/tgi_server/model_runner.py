@@ -192,15 +192,15 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
         params = [seq.sampling for _, seq in to_sample]
         batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device)
-        max_top_n = max(seq.top_n_tokens for _, seq in to_sample)
-        out = sample(logits, batch, max_top_n)
+        out = sample(logits, batch, [seq.top_n_tokens for _, seq in to_sample])
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist()
         top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+        top_counts = out.top_counts.tolist()
         samples = []
         for row, (request_id, seq) in enumerate(to_sample):
             seq.token_ids.append(token_ids[row])
-            n = seq.top_n_tokens
+            n = top_counts[row]
             top = list(zip(top_ids[row][:n], top_logprobs[row][:n]))
             samples.append(Sample(request_id, token_ids[row], logprobs[row], top))
         return samples

@@ -84,13 +84,15 @@ class SamplingBatch:
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor  # [B] float32
-    top_ids: torch.Tensor  # [B, max_top_n] int64
-    top_logprobs: torch.Tensor  # [B, max_top_n] float32
+    top_ids: torch.Tensor  # [B, K] int64, most likely first
+    top_logprobs: torch.Tensor  # [B, K] float32
+    top_counts: torch.Tensor  # [B] int64: how many of the K columns belong to each row
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, max_top_n: int) -> SamplerOutput:
+def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> SamplerOutput:
     """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
-    processed distribution (after penalties and warpers), as TGI reports them."""
+    processed distribution (after penalties and warpers), as TGI reports them. Row i also gets its
+    `top_n[i]` most likely tokens, plus any tied with the last of them (as TGI returns them)."""
     scores = _apply_watermark(logits.float(), batch.watermark_rows)
     scores = _apply_penalties(scores, batch)
     scores = _apply_warpers(scores, batch)
@@ -99,9 +101,23 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_top_n: int) -> Sample
     sampled_ids = torch.argmax(logprobs + _gumbel_noise(batch.seed, batch.position, scores.shape[1]), dim=-1)
     token_ids = torch.where(batch.do_sample, sampled_ids, greedy_ids)
     token_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
-    top_logprobs, top_ids = torch.topk(logprobs, k=max_top_n, dim=-1) if max_top_n else (
-        logprobs[:, :0], token_ids[:, None][:, :0])
-    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+    top_ids, top_logprobs, top_counts = _top_tokens(logprobs, top_n)
+    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, top_counts)
+
+
+def _top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_rows = logprobs.shape[0]
+    if not any(top_n):
+        empty = logprobs.new_zeros((num_rows, 0))
+        return empty.long(), empty, torch.zeros(num_rows, dtype=torch.int64, device=logprobs.device)
+    n = torch.tensor(top_n, device=logprobs.device)  # [B]
+    values = torch.topk(logprobs, k=max(top_n), dim=-1).values
+    nth = values.gather(1, (n - 1).clamp(min=0)[:, None])  # [B, 1]: the n-th best logprob of each row
+    is_kept = (logprobs >= nth) & torch.isfinite(logprobs)
+    counts = torch.where(n > 0, is_kept.sum(dim=-1), 0)  # [B]
+    # One host sync for the widest row; only requests asking for top tokens pay for it.
+    top_logprobs, top_ids = torch.topk(logprobs, k=int(counts.max()), dim=-1)
+    return top_ids, top_logprobs, counts
 
 
 WATERMARK_GAMMA = 0.5

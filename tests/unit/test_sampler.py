@@ -29,13 +29,13 @@ def build(params, histories=None):
 
 def test_greedy_rows_pick_the_argmax():
     logits = logits_batch(4)
-    out = sample(logits, build([SamplingParams()] * 4), max_top_n=0)
+    out = sample(logits, build([SamplingParams()] * 4), [0] * 4)
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
 def test_logprob_and_top_tokens_come_from_the_processed_distribution():
     logits = logits_batch(2)
-    out = sample(logits, build([SamplingParams()] * 2), max_top_n=3)
+    out = sample(logits, build([SamplingParams()] * 2), [3, 3])
     expected = torch.log_softmax(logits, -1)
     assert torch.allclose(out.logprobs, expected.gather(1, out.token_ids[:, None]).squeeze(1))
     assert out.top_ids[:, 0].tolist() == out.token_ids.tolist()
@@ -45,16 +45,16 @@ def test_logprob_and_top_tokens_come_from_the_processed_distribution():
 def test_seeded_sample_does_not_depend_on_the_rest_of_the_batch():
     logits = logits_batch(1).repeat(3, 1)
     target = SamplingParams(do_sample=True, seed=99)
-    alone = sample(logits[:1], build([target], [[4, 5]]), 0).token_ids.item()
+    alone = sample(logits[:1], build([target], [[4, 5]]), [0]).token_ids.item()
     crowd = [SamplingParams(do_sample=True, seed=1), SamplingParams(do_sample=True, seed=2), target]
-    together = sample(logits, build(crowd, [[9], [8, 7, 6], [4, 5]]), 0).token_ids[2].item()
+    together = sample(logits, build(crowd, [[9], [8, 7, 6], [4, 5]]), [0]).token_ids[2].item()
     assert alone == together
 
 
 def test_sampling_frequencies_follow_the_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
     params = [SamplingParams(do_sample=True, seed=s) for s in range(4000)]
-    out = sample(logits, SamplingBatch.build(params, [[0]] * 4000, torch.device("cpu")), 0)
+    out = sample(logits, SamplingBatch.build(params, [[0]] * 4000, torch.device("cpu")), [0] * 4000)
     frequencies = torch.bincount(out.token_ids, minlength=4).float() / 4000
     assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.03)
 
@@ -109,7 +109,7 @@ def test_greedy_rows_are_not_warped_by_their_neighbours_settings():
 
 
 def test_u64_seeds_above_the_int64_range_are_accepted():
-    out = sample(logits_batch(1), build([SamplingParams(do_sample=True, seed=2**64 - 1)]), 0)
+    out = sample(logits_batch(1), build([SamplingParams(do_sample=True, seed=2**64 - 1)]), [0])
     assert 0 <= out.token_ids.item() < VOCAB
 
 
@@ -128,7 +128,16 @@ def test_watermark_adds_delta_to_tgis_green_list_seeded_by_the_previous_token():
 
 def test_watermarked_greedy_row_prefers_green_tokens():
     logits = torch.zeros(1, VOCAB)
-    out = sample(logits, build([SamplingParams(watermark=True)], [[5]]), 0)
+    out = sample(logits, build([SamplingParams(watermark=True)], [[5]]), [0])
     generator = torch.Generator().manual_seed(15485863 * 5)
     green = set(torch.randperm(VOCAB, generator=generator)[: VOCAB // 2].tolist())
     assert out.token_ids.item() in green
+
+
+def test_top_tokens_include_ties_with_the_last_one_and_respect_each_rows_n():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    batch = SamplingBatch.build([SamplingParams()] * 2, [[1], [1]], torch.device("cpu"))
+    out = sample(logits, batch, [2, 1])
+    assert out.top_counts.tolist() == [4, 1]  # row 0: the best, then three tied for second
+    assert out.top_ids[0, :4].tolist()[0] == 0 and sorted(out.top_ids[0, 1:4].tolist()) == [1, 2, 3]
+    assert out.top_ids[1, :1].tolist() == [0]
