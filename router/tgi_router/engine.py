@@ -105,7 +105,6 @@ class Engine:
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self.num_steps = 0
-        self.is_healthy = True
 
     def submit(self, generation: GenerationInput) -> RequestStream:
         request_id = next(self._ids)
@@ -155,12 +154,10 @@ class Engine:
             result = await self.shards.step(plan)
         except ShardError as error:
             log.error("%s", error)
-            self.is_healthy = False
             self.metrics.step_failure.labels(method).inc()
             for request_id in list(self._streams):
                 self._fail(request_id, GenerationError(str(error)))
             return
-        self.is_healthy = True
         self.num_steps += 1
         self._observe_step(plan, method, time.perf_counter() - started, result.forward_ns)
         for request, sample in self.scheduler.update(plan, result):

@@ -28,7 +28,6 @@ class ValidationError(InferError):
 
     def __init__(self, detail: str):
         super().__init__(f"Input validation error: {detail}")
-        self.detail = detail
 
 
 class OverloadedError(InferError):
@@ -45,26 +44,6 @@ class GenerationError(InferError):
 
     def __init__(self, detail: str):
         super().__init__(f"Request failed during generation: {detail}")
-
-
-class IncompleteGenerationError(InferError):
-    """The backend ended a request without its final token."""
-
-    status = 500
-    error_type = "incomplete_generation"
-
-    def __init__(self):
-        super().__init__("Incomplete generation")
-
-
-class IncompleteGenerationStreamError(InferError):
-    """As IncompleteGenerationError, on `/generate_stream` (TGI names it apart)."""
-
-    status = 500
-    error_type = "incomplete_generation_stream"
-
-    def __init__(self):
-        super().__init__("Incomplete generation stream")
 
 
 class UnhealthyError(InferError):

@@ -8,7 +8,6 @@ the call.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import grpc
 
@@ -30,10 +29,6 @@ class ShardClient:
         self.socket_paths = [f"{uds_path}-{rank}" for rank in range(num_shards)]
         self._channels = [grpc.aio.insecure_channel(f"unix://{p}", options=_CHANNEL_OPTIONS) for p in self.socket_paths]
         self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
-
-    @staticmethod
-    def sockets_exist(uds_path: str, num_shards: int) -> bool:
-        return all(os.path.exists(f"{uds_path}-{rank}") for rank in range(num_shards))
 
     async def info(self) -> pb.InfoResponse:
         return (await self._all("Info", pb.InfoRequest()))[0]
