@@ -20,6 +20,10 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
         "--max-best-of", str(config.max_best_of),
         "--max-stop-sequences", str(config.max_stop_sequences),
         "--max-top-n-tokens", str(config.max_top_n_tokens),
+        "--max-client-batch-size", str(config.max_client_batch_size),
+        "--validation-workers", str(config.validation_workers),
+        "--waiting-served-ratio", str(config.waiting_served_ratio),
+        "--max-waiting-tokens", str(config.max_waiting_tokens),
     ]
     optional = {
         "--max-input-tokens": config.max_input_tokens,

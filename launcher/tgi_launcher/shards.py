@@ -1,13 +1,15 @@
 """The shard command lines, and the process plumbing shared by every child of the launcher.
 
 A `Child` is one process in its own session (so a signal reaches everything it started) whose output
-is copied to our stderr line by line, prefixed with its name. A `Supervisor` owns the children: it
-waits for shard sockets, blocks until any child exits or a stop is requested, and stops them all.
+is copied to our stderr line by line, prefixed with its name (or as JSON records: `logs.child_line`).
+A `Supervisor` owns the children: it waits for shard sockets, blocks until any child exits or a stop
+is requested, and stops them all.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import signal
@@ -19,23 +21,45 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from tgi_launcher.config import LauncherConfig
+from tgi_launcher.logs import child_line
 
 log = logging.getLogger("tgi_launcher")
 
-# Seconds a child gets to exit after SIGTERM before SIGKILL.
-STOP_GRACE_SECONDS = 10.0
+# Seconds a child gets to exit after SIGTERM before SIGKILL: the router drains in-flight requests
+# for up to 25 s first (tgi_router.app.DRAIN_TIMEOUT_SECONDS).
+STOP_GRACE_SECONDS = 30.0
 POLL_SECONDS = 0.1
 # How often a slow shard start is reported.
 WAITING_LOG_SECONDS = 10.0
 NUM_TAIL_LINES = 40
 
 _output_lock = threading.Lock()
+_PR_SET_PDEATHSIG = 1
+# libc, loaded before any fork: the child between fork and exec may only make the prctl call.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent_pid: int):
+    """A preexec_fn: the child gets SIGKILL when the launcher dies, even by SIGKILL (Linux only), so
+    no shard or router outlives it. The signal follows the thread that forks; children are only
+    started from the launcher's main thread."""
+
+    def preexec():
+        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent_pid:  # the launcher died before prctl
+            os._exit(1)
+
+    return preexec if _libc is not None else None
 
 
 def prepare_argv(config: LauncherConfig) -> list[str]:
     """`tgi_server prepare`: resolves the model to local files; prints JSON as its last stdout line."""
     argv = [sys.executable, "-m", "tgi_server", "prepare", config.model_id]
-    return argv + (["--revision", config.revision] if config.revision is not None else [])
+    if config.revision is not None:
+        argv += ["--revision", config.revision]
+    if config.huggingface_hub_cache is not None:
+        argv += ["--cache-dir", config.huggingface_hub_cache]
+    return argv
 
 
 def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
@@ -45,18 +69,32 @@ def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
         "--rank", str(rank), "--world-size", str(config.num_shard), "--uds-path", config.shard_uds_path,
         "--master-addr", config.master_addr, "--master-port", str(config.master_port),
     ]
-    return argv + (["--dtype", config.dtype] if config.dtype is not None else [])
+    if config.dtype is not None:
+        argv += ["--dtype", config.dtype]
+    if config.load_format != "auto":
+        argv += ["--load-format", config.load_format]
+    if config.cuda_graphs is not None:
+        argv += ["--cuda-graphs", ",".join(map(str, config.cuda_graphs)) or "0"]
+    if config.cuda_memory_fraction != 1.0:
+        argv += ["--cuda-memory-fraction", str(config.cuda_memory_fraction)]
+    if config.disable_custom_kernels:
+        argv.append("--disable-custom-kernels")
+    return argv
 
 
 def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    """The variables torch.distributed reads, on top of the launcher's environment."""
-    return {
+    """The variables torch.distributed reads, and the hub cache if one was set, on top of the
+    launcher's environment."""
+    env = {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": str(config.num_shard),
         "MASTER_ADDR": config.master_addr,
         "MASTER_PORT": str(config.master_port),
     }
+    if config.huggingface_hub_cache is not None:
+        env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
+    return env
 
 
 class StartupError(RuntimeError):
@@ -65,16 +103,23 @@ class StartupError(RuntimeError):
 
 @dataclass(eq=False)
 class Child:
-    """A named child process; its stdout and stderr are forwarded to our stderr as `[name] line`."""
+    """A named child process; its stdout and stderr are forwarded to our stderr as `[name] line`
+    (as JSON records with `json_output`); stderr is only kept in `stderr_tail` unless
+    `is_stderr_forwarded`."""
 
     name: str
     process: subprocess.Popen
+    json_output: bool = False
+    is_stderr_forwarded: bool = True
     stdout_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
     _readers: list[threading.Thread] = field(default_factory=list, repr=False)
 
     @classmethod
-    def start(cls, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def start(
+        cls, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+        json_output: bool = False, is_stderr_forwarded: bool = True,
+    ) -> Child:
         """Starts `argv` with the launcher's environment plus `env`, unbuffered so lines arrive live."""
         process = subprocess.Popen(
             argv,
@@ -83,23 +128,26 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
             text=True,
             errors="replace",
         )
-        child = cls(name, process)
-        for stream, tail in ((process.stdout, child.stdout_tail), (process.stderr, child.stderr_tail)):
-            reader = threading.Thread(target=child._forward, args=(stream, tail), daemon=True)
+        child = cls(name, process, json_output, is_stderr_forwarded)
+        outputs = ((process.stdout, child.stdout_tail, True), (process.stderr, child.stderr_tail, is_stderr_forwarded))
+        for stream, tail, is_forwarded in outputs:
+            reader = threading.Thread(target=child._forward, args=(stream, tail, is_forwarded), daemon=True)
             reader.start()
             child._readers.append(reader)
         return child
 
-    def _forward(self, stream: IO[str], tail: collections.deque) -> None:
+    def _forward(self, stream: IO[str], tail: collections.deque, is_forwarded: bool) -> None:
         for line in stream:
             text = line.rstrip("\n")
             tail.append(text)
-            with _output_lock:
-                sys.stderr.write(f"[{self.name}] {text}\n")
-                sys.stderr.flush()
+            if is_forwarded:
+                with _output_lock:
+                    sys.stderr.write(child_line(self.name, text, self.json_output) + "\n")
+                    sys.stderr.flush()
 
     @property
     def exit_code(self) -> int | None:
@@ -148,13 +196,14 @@ class Supervisor:
     """Owns the launcher's children. Thread-safe `request_stop()` (e.g. from a signal handler) makes
     every wait return early."""
 
-    def __init__(self, grace: float = STOP_GRACE_SECONDS):
+    def __init__(self, grace: float = STOP_GRACE_SECONDS, json_output: bool = False):
         self.children: list[Child] = []
         self.grace = grace
+        self.json_output = json_output
         self._stop_requested = threading.Event()
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        child = Child.start(name, argv, env)
+        child = Child.start(name, argv, env, json_output=self.json_output)
         self.children.append(child)
         return child
 
@@ -165,9 +214,11 @@ class Supervisor:
     def is_stop_requested(self) -> bool:
         return self._stop_requested.is_set()
 
-    def run_to_completion(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child | None:
+    def run_to_completion(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, is_stderr_forwarded: bool = True
+    ) -> Child | None:
         """Runs a one-off command; returns it once it exited, or None (after stopping it) on a stop."""
-        child = Child.start(name, argv, env)
+        child = Child.start(name, argv, env, json_output=self.json_output, is_stderr_forwarded=is_stderr_forwarded)
         while child.exit_code is None:
             if self._stop_requested.wait(POLL_SECONDS):
                 stop([child], self.grace)

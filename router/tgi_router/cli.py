@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +46,10 @@ class RouterArgs:
     max_batch_prefill_tokens: Optional[int]
     max_batch_total_tokens: Optional[int]
     max_batch_size: Optional[int]
+    max_client_batch_size: int
+    validation_workers: int
+    waiting_served_ratio: float
+    max_waiting_tokens: int
     api_key: Optional[str]
     cors_allow_origin: list[str]
     payload_limit: int
@@ -69,6 +74,12 @@ def serve(
     max_batch_prefill_tokens: Optional[int] = typer.Option(None),
     max_batch_total_tokens: Optional[int] = typer.Option(None),
     max_batch_size: Optional[int] = typer.Option(None),
+    max_client_batch_size: int = typer.Option(4, help="Most prompts in one /v1/completions request."),
+    validation_workers: int = typer.Option(2, min=1, help="Threads that tokenize requests."),
+    waiting_served_ratio: float = typer.Option(
+        1.2, help="Ignored, as by TGI v3 with chunked prefill (always on here): waiting requests join every step."
+    ),
+    max_waiting_tokens: int = typer.Option(20, help="Ignored, like --waiting-served-ratio."),
     api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Bearer key required on generation routes."),
     cors_allow_origin: list[str] = typer.Option([], help="Origins allowed by CORS (`*` for any)."),
     payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes."),
@@ -85,6 +96,11 @@ def serve(
 
 
 async def _start(args: RouterArgs) -> web.Application:
+    # Tokenization runs in asyncio's default executor (asyncio.to_thread).
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(args.validation_workers, thread_name_prefix="validation")
+    )
+    log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
     tokenizer = Tokenizer.from_dir(args.tokenizer_path)
     shards = ShardClient(args.shard_uds_path, args.num_shard)
     shard_info = await shards.info()
@@ -164,8 +180,8 @@ def _info(args: RouterArgs, limits: Limits) -> dict:
         "max_stop_sequences": args.max_stop_sequences,
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,
-        "validation_workers": 1,
-        "max_client_batch_size": 4,
+        "validation_workers": args.validation_workers,
+        "max_client_batch_size": args.max_client_batch_size,
         "router": "text-generation-router",
         "version": VERSION,
         "sha": None,

@@ -315,8 +315,9 @@ def test_children_get_the_argv_and_env_contract(launch, short_dir):
     assert router["argv"] == [
         "--model-id", "org/fake", "--tokenizer-path", "/fake/tokenizer", "--shard-uds-path", uds, "--num-shard", "2",
         "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "128", "--max-best-of", "2",
-        "--max-stop-sequences", "4", "--max-top-n-tokens", "5", "--max-total-tokens", "512",
-        "--payload-limit", "2000000",
+        "--max-stop-sequences", "4", "--max-top-n-tokens", "5", "--max-client-batch-size", "4",
+        "--validation-workers", "2", "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20",
+        "--max-total-tokens", "512", "--payload-limit", "2000000",
     ]
 
 
@@ -359,12 +360,35 @@ def test_dead_router_stops_the_shards(launch, short_dir):
     assert not any(is_alive(pid) for pid in pids)
 
 
+def test_children_die_with_a_launcher_killed_by_sigkill(launch, short_dir):
+    launcher = launch("--num-shard", "2", "--shard-uds-path", str(short_dir / "sock"))
+    launcher.wait_ready()
+    pids = launcher.child_pids()
+    assert len(pids) == 3
+    os.kill(launcher.process.pid, signal.SIGKILL)  # the launcher alone: each child has a session of its own
+    launcher.process.wait()
+    assert wait_until(lambda: not any(is_alive(pid) for pid in pids))
+
+
 def test_failed_prepare_exits_nonzero_with_its_error_output(launch):
     launcher = launch(FAKE_PREPARE_FAIL="1")
     assert launcher.process.wait(timeout=15) != 0
     assert "Could not prepare org/fake (exit code 3)" in launcher.log
     assert "Traceback: no such model org/fake" in launcher.log
     assert launcher.child_pids() == []
+
+
+def test_json_output_makes_every_line_a_json_record_child_lines_included(launch, short_dir):
+    launcher = launch("--num-shard", "2", "--shard-uds-path", str(short_dir / "sock"), "--json-output")
+    launcher.wait_ready()
+    launcher.process.send_signal(signal.SIGTERM)
+    assert launcher.process.wait(timeout=15) == 0, launcher.log
+    records = [json.loads(line) for line in launcher.log.splitlines()]  # fails on any non-JSON line
+    assert all(record.keys() == {"timestamp", "level", "message", "target"} for record in records)
+    targets = {record["target"] for record in records}
+    assert {"text_generation_launcher", "prepare", "shard 0", "shard 1"} <= targets
+    assert {"target": "shard 1", "level": "INFO", "message": "loading the model on rank 1"}.items() <= next(
+        record for record in records if record["target"] == "shard 1").items()
 
 
 def test_two_launchers_side_by_side_do_not_collide(launch):

@@ -1,10 +1,13 @@
 """Launcher options from flags and TGI's env vars, derived defaults, validation, and the child command lines."""
 
+import json
+import logging
 import stat
 import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from tgi_launcher import cli
@@ -14,13 +17,16 @@ from tgi_launcher.config import (
     num_visible_gpus,
     resolve_config,
 )
+from tgi_launcher.logs import JsonFormatter, child_line
 from tgi_launcher.router import router_argv
 from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
 
-# (env var, flag, LauncherConfig field, raw value, parsed value)
+# (env var, flag, LauncherConfig field, raw value, parsed value); raw None: a boolean flag (env "true").
 OPTIONS = [
     ("MODEL_ID", "--model-id", "model_id", "/models/x", "/models/x"),
     ("REVISION", "--revision", "revision", "abc123", "abc123"),
+    ("VALIDATION_WORKERS", "--validation-workers", "validation_workers", "4", 4),
+    ("SHARDED", "--sharded", "num_shard", "false", 1),  # 1 although two GPUs are visible (OPTION_ENV)
     ("NUM_SHARD", "--num-shard", "num_shard", "3", 3),
     ("DTYPE", "--dtype", "dtype", "bfloat16", "bfloat16"),
     ("MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests", "max_concurrent_requests", "7", 7),
@@ -33,6 +39,16 @@ OPTIONS = [
     ("MAX_BATCH_PREFILL_TOKENS", "--max-batch-prefill-tokens", "max_batch_prefill_tokens", "300", 300),
     ("MAX_BATCH_TOTAL_TOKENS", "--max-batch-total-tokens", "max_batch_total_tokens", "4000", 4000),
     ("MAX_BATCH_SIZE", "--max-batch-size", "max_batch_size", "16", 16),
+    ("WAITING_SERVED_RATIO", "--waiting-served-ratio", "waiting_served_ratio", "1.2", 1.2),
+    ("MAX_WAITING_TOKENS", "--max-waiting-tokens", "max_waiting_tokens", "7", 7),
+    ("MAX_CLIENT_BATCH_SIZE", "--max-client-batch-size", "max_client_batch_size", "8", 8),
+    ("CUDA_GRAPHS", "--cuda-graphs", "cuda_graphs", "1,2,4", (1, 2, 4)),
+    ("CUDA_MEMORY_FRACTION", "--cuda-memory-fraction", "cuda_memory_fraction", "0.9", 0.9),
+    ("DISABLE_CUSTOM_KERNELS", "--disable-custom-kernels", "disable_custom_kernels", None, True),
+    ("LOAD_FORMAT", "--load-format", "load_format", "dummy", "dummy"),
+    ("HUGGINGFACE_HUB_CACHE", "--huggingface-hub-cache", "huggingface_hub_cache", "/data/hub", "/data/hub"),
+    ("JSON_OUTPUT", "--json-output", "json_output", None, True),
+    ("GRACEFUL_TERMINATION_TIMEOUT", "--graceful-termination-timeout", "graceful_termination_timeout", "5", 5),
     ("API_KEY", "--api-key", "api_key", "k3y", "k3y"),
     ("PAYLOAD_LIMIT", "--payload-limit", "payload_limit", "4096", 4096),
     ("CORS_ALLOW_ORIGIN", "--cors-allow-origin", "cors_allow_origin", "https://a.example", ("https://a.example",)),
@@ -42,7 +58,53 @@ OPTIONS = [
     ("MASTER_ADDR", "--master-addr", "master_addr", "10.0.0.1", "10.0.0.1"),
     ("MASTER_PORT", "--master-port", "master_port", "29600", 29600),
     ("SHARD_READY_TIMEOUT", "--shard-ready-timeout", "shard_ready_timeout", "12.5", 12.5),
+    ("AIP_HTTP_PORT", "--aip-http-port", "port", "8081", 8081),
+    ("AIP_PREDICT_ROUTE", "--aip-predict-route", "aip_predict_route", "/predict", "/predict"),
+    ("AIP_HEALTH_ROUTE", "--aip-health-route", "aip_health_route", "/healthz", "/healthz"),
 ]
+# Environment an option's row needs besides its own variable.
+OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
+
+# TGI options that cannot change anything here: accepted, with a warning (None: silently).
+# (env var, flag, raw value or None for a boolean flag, warning)
+NO_EFFECT_OPTIONS = [
+    ("TRUST_REMOTE_CODE", "--trust-remote-code", None, "`--trust-remote-code` has no effect"),
+    ("OTLP_ENDPOINT", "--otlp-endpoint", "http://collector:4317", "`--otlp-endpoint` has no effect"),
+    ("OTLP_SERVICE_NAME", "--otlp-service-name", "svc", "`--otlp-service-name` has no effect"),
+    ("PROMETHEUS_PORT", "--prometheus-port", "9100", "`--prometheus-port` has no effect"),
+    ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", None, "`--disable-grammar-support` has no effect"),
+    ("ENABLE_PREFILL_LOGPROBS", "--enable-prefill-logprobs", None, "`--enable-prefill-logprobs` has no effect"),
+    ("USAGE_STATS", "--usage-stats", "off", None),  # nothing is ever sent
+    ("SPECULATE", "--speculate", "0", None),  # the one supported value
+    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "auto", None),
+]
+
+# Values that fail with one line, the same by flag and by env var. (env var, flag, raw value, message)
+REJECTED_OPTIONS = [
+    ("QUANTIZE", "--quantize", "gptq", "`--quantize gptq` is not supported: no quantization is implemented"),
+    ("SPECULATE", "--speculate", "2", "`--speculate 2` is not supported: speculative decoding is not implemented"),
+    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8_e5m2", "`--kv-cache-dtype fp8_e5m2` is not supported"),
+    ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
+    ("ROPE_SCALING", "--rope-scaling", "dynamic", "`--rope-scaling dynamic` is not supported"),
+    ("ROPE_FACTOR", "--rope-factor", "2.0", "`--rope-factor 2.0` is not supported"),
+    ("WATERMARK_GAMMA", "--watermark-gamma", "0.5", "`--watermark-gamma 0.5` is not supported"),
+    ("WATERMARK_DELTA", "--watermark-delta", "2.0", "`--watermark-delta 2.0` is not supported"),
+    ("WEIGHTS_CACHE_OVERRIDE", "--weights-cache-override", "/w", "`--weights-cache-override /w` is not supported"),
+    ("TOKENIZER_CONFIG_PATH", "--tokenizer-config-path", "/t.json", "`--tokenizer-config-path /t.json` is not supported"),
+    ("USAGE_STATS", "--usage-stats", "sometimes", "`usage_stats` must be one of on, off, no-stack"),
+    ("LOAD_FORMAT", "--load-format", "pt", "`load_format` must be one of auto, dummy"),
+    ("CUDA_GRAPHS", "--cuda-graphs", "1,x", "`cuda_graphs` takes comma-separated batch sizes"),
+    ("CUDA_MEMORY_FRACTION", "--cuda-memory-fraction", "1.5", "`cuda_memory_fraction` must be in (0, 1]"),
+    ("SHARDED", "--sharded", "maybe", "`sharded` must be true or false"),
+    ("VALIDATION_WORKERS", "--validation-workers", "0", "`validation_workers` must be >= 1"),
+    ("MAX_CLIENT_BATCH_SIZE", "--max-client-batch-size", "0", "`max_client_batch_size` must be >= 1"),
+    ("WAITING_SERVED_RATIO", "--waiting-served-ratio", "-1", "`waiting_served_ratio` must be >= 0"),
+]
+ALL_ENV_VARS = {row[0] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
+
+
+def flag_args(flag: str, raw: str | None) -> list[str]:
+    return [flag] if raw is None else [flag, raw]
 
 
 @pytest.fixture
@@ -50,7 +112,7 @@ def captured(monkeypatch):
     """Runs the CLI up to the point where it would start processes; returns (result, config built)."""
     configs = []
     monkeypatch.setattr(cli, "run", lambda config: configs.append(config) or 0)
-    for env, *_ in OPTIONS:
+    for env in ALL_ENV_VARS:
         monkeypatch.delenv(env, raising=False)  # e.g. HOSTNAME is often exported by the shell
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
@@ -64,16 +126,50 @@ def captured(monkeypatch):
 
 @pytest.mark.parametrize("env, flag, field, raw, expected", OPTIONS)
 def test_every_option_reads_its_tgi_env_var(captured, env, flag, field, raw, expected):
-    result, config = captured(["--model-id", "m"] if env != "MODEL_ID" else [], env={env: raw})
+    environment = {env: "true" if raw is None else raw, **OPTION_ENV.get(env, {})}
+    result, config = captured(["--model-id", "m"] if env != "MODEL_ID" else [], env=environment)
     assert result.exit_code == 0, result.output
     assert getattr(config, field) == expected
 
 
 @pytest.mark.parametrize("env, flag, field, raw, expected", OPTIONS)
 def test_every_option_is_settable_by_its_flag(captured, env, flag, field, raw, expected):
-    result, config = captured(([] if flag == "--model-id" else ["--model-id", "m"]) + [flag, raw])
+    args = ([] if flag == "--model-id" else ["--model-id", "m"]) + flag_args(flag, raw)
+    result, config = captured(args, env=OPTION_ENV.get(env))
     assert result.exit_code == 0, result.output
     assert getattr(config, field) == expected
+
+
+@pytest.mark.parametrize("by_env", [False, True], ids=["flag", "env"])
+@pytest.mark.parametrize("env, flag, raw, warning", NO_EFFECT_OPTIONS)
+def test_options_without_effect_here_are_accepted_with_a_warning(captured, caplog, env, flag, raw, warning, by_env):
+    args = ["--model-id", "m"] + ([] if by_env else flag_args(flag, raw))
+    result, config = captured(args, env={env: "true" if raw is None else raw} if by_env else None)
+    assert result.exit_code == 0, result.output
+    assert config == resolve_config(model_id="m", shard_uds_path=config.shard_uds_path)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0]
+
+
+@pytest.mark.parametrize("by_env", [False, True], ids=["flag", "env"])
+@pytest.mark.parametrize("env, flag, raw, message", REJECTED_OPTIONS)
+def test_unsupported_values_fail_with_one_line_by_flag_and_by_env_var(captured, env, flag, raw, message, by_env):
+    args = ["--model-id", "m"] + ([] if by_env else [flag, raw])
+    result, config = captured(args, env={env: raw} if by_env else None)
+    assert result.exit_code == 2 and config is None
+    assert result.output.startswith("Error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_every_launcher_option_is_in_a_parity_table():
+    command = typer.main.get_command(cli.app)
+    assert {param.envvar for param in command.params if param.envvar} == ALL_ENV_VARS
+    flags = {flag for param in command.params for flag in param.opts}
+    tested = {row[1] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
+    assert flags - tested == {"--env", "-e", "-p", "-g"}  # --env only prints; -p, -g: short forms
 
 
 def test_flag_wins_over_env_var(captured):
@@ -100,6 +196,23 @@ def test_defaults_follow_tgi(captured):
     limits = (config.max_input_tokens, config.max_total_tokens, config.max_batch_prefill_tokens,
               config.max_batch_total_tokens, config.max_batch_size)
     assert limits == (None,) * 5  # the router derives them
+    assert (config.validation_workers, config.max_client_batch_size) == (2, 4)
+    assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.3, 20)
+    assert (config.cuda_graphs, config.cuda_memory_fraction, config.disable_custom_kernels) == (None, 1.0, False)
+    assert (config.load_format, config.huggingface_hub_cache, config.json_output) == ("auto", None, False)
+    assert config.graceful_termination_timeout == 90
+
+
+@pytest.mark.parametrize("args, visible, num_shard", [
+    (["--sharded", "true"], "0,1,2", 3),
+    (["--sharded", "false"], "0,1,2", 1),
+    (["--sharded", "true", "--num-shard", "2"], "", 2),
+    (["--sharded", "false", "--num-shard", "1"], "0,1", 1),
+])
+def test_sharded_and_num_shard_resolve_as_in_tgi(captured, args, visible, num_shard):
+    result, config = captured(["--model-id", "m", *args], env={"CUDA_VISIBLE_DEVICES": visible})
+    assert result.exit_code == 0, result.output
+    assert config.num_shard == num_shard
 
 
 def test_num_shard_defaults_to_the_visible_gpus(captured):
@@ -131,6 +244,11 @@ def test_default_socket_path_is_unique_per_launcher(captured):
     (["--max-input-tokens", "5", "--max-input-length", "6"], "set only one of `max_input_tokens` and `max_input_length`"),
     (["--dtype", "float8"], "`dtype` must be one of"),
     (["--shard-uds-path", "/tmp/" + "x" * 120], "`shard_uds_path` is too long"),
+    (["--sharded", "true"], "`sharded` is true but only 0 CUDA device(s) are visible"),
+    (["--sharded", "true", "--num-shard", "1"], "`sharded` is true but `num_shard` is 1"),
+    (["--sharded", "false", "--num-shard", "2"], "`sharded` is false but `num_shard` is 2"),
+    (["--max-batch-prefill-tokens", "5000", "--max-batch-total-tokens", "4096"],
+     "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`"),
 ])
 def test_contradictory_settings_fail_fast_with_one_line(captured, args, message):
     result, config = captured(["--model-id", "m", *args])
@@ -175,10 +293,10 @@ def test_visible_gpus_are_counted_with_nvidia_smi(monkeypatch, tmp_path):
     assert num_visible_gpus() == 0
 
 
-def test_prepare_argv_passes_revision_only_when_set():
+def test_prepare_argv_passes_revision_and_hub_cache_only_when_set():
     assert prepare_argv(LauncherConfig(model_id="org/m"))[1:] == ["-m", "tgi_server", "prepare", "org/m"]
-    argv = prepare_argv(LauncherConfig(model_id="org/m", revision="refs/pr/2"))
-    assert argv[0] == sys.executable and argv[-2:] == ["--revision", "refs/pr/2"]
+    argv = prepare_argv(LauncherConfig(model_id="org/m", revision="refs/pr/2", huggingface_hub_cache="/data/hub"))
+    assert argv[0] == sys.executable and argv[5:] == ["--revision", "refs/pr/2", "--cache-dir", "/data/hub"]
 
 
 def test_shard_argv_names_rank_world_socket_and_rendezvous():
@@ -191,11 +309,28 @@ def test_shard_argv_names_rank_world_socket_and_rendezvous():
     assert shard_argv(with_dtype, "/weights", 0)[-2:] == ["--dtype", "bfloat16"]
 
 
+def test_shard_argv_carries_the_gpu_options_that_differ_from_the_shard_defaults():
+    config = LauncherConfig(model_id="m", load_format="dummy", cuda_graphs=(1, 2, 4), cuda_memory_fraction=0.9,
+                            disable_custom_kernels=True)
+    assert shard_argv(config, "/weights", 0)[-7:] == [
+        "--load-format", "dummy", "--cuda-graphs", "1,2,4", "--cuda-memory-fraction", "0.9", "--disable-custom-kernels",
+    ]
+    assert shard_argv(LauncherConfig(model_id="m", cuda_graphs=()), "/weights", 0)[-2:] == ["--cuda-graphs", "0"]
+    assert "--cuda-graphs" not in shard_argv(LauncherConfig(model_id="m"), "/weights", 0)  # the shard's default
+
+
+def test_cuda_graphs_zero_disables_them(captured):
+    _, config = captured(["--model-id", "m", "--cuda-graphs", "0"])
+    assert config.cuda_graphs == ()
+
+
 def test_shard_env_carries_the_torch_distributed_variables():
     config = LauncherConfig(model_id="m", num_shard=4, master_addr="h", master_port=1234)
     assert shard_env(config, 3) == {
         "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
     }
+    with_cache = LauncherConfig(model_id="m", huggingface_hub_cache="/data/hub")
+    assert shard_env(with_cache, 0)["HUGGINGFACE_HUB_CACHE"] == "/data/hub"
 
 
 def test_router_argv_carries_the_request_limits():
@@ -204,7 +339,8 @@ def test_router_argv_carries_the_request_limits():
         sys.executable, "-m", "tgi_router", "--model-id", "org/m", "--tokenizer-path", "/tok",
         "--shard-uds-path", "/tmp/s", "--num-shard", "2", "--hostname", "127.0.0.1", "--port", "8080",
         "--max-concurrent-requests", "128", "--max-best-of", "2", "--max-stop-sequences", "4",
-        "--max-top-n-tokens", "5", "--payload-limit", "2000000",
+        "--max-top-n-tokens", "5", "--max-client-batch-size", "4", "--validation-workers", "2",
+        "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20", "--payload-limit", "2000000",
     ]
 
 
@@ -213,6 +349,34 @@ def test_router_argv_passes_only_the_token_limits_that_were_set():
     assert argv[argv.index("--max-total-tokens") + 1] == "512" and argv[argv.index("--max-batch-size") + 1] == "8"
     for flag in ("--max-input-tokens", "--max-batch-prefill-tokens", "--max-batch-total-tokens"):
         assert flag not in argv
+
+
+def test_env_prints_the_environment_then_launches(captured):
+    result, config = captured(["--model-id", "m", "--env", "--api-key", "s3cret"])
+    assert result.exit_code == 0 and config is not None
+    for text in ("Runtime environment:", "Python: 3.", "torch: ", "nvidia-smi:", "Configuration: LauncherConfig("):
+        assert text in result.output
+    assert "s3cret" not in result.output and "api_key='***'" in result.output
+
+
+def test_json_output_formats_launcher_records_and_child_lines_as_json_objects():
+    record = logging.LogRecord("tgi_launcher", logging.WARNING, __file__, 1, "shard %d is slow", (3,), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert line.keys() == {"timestamp", "level", "message", "target"}
+    assert (line["level"], line["message"], line["target"]) == ("WARN", "shard 3 is slow", "text_generation_launcher")
+    assert line["timestamp"].endswith("Z")
+    forwarded = json.loads(child_line("shard 0", "2025-01-01 00:00:00,000 shard 0 ERROR CUDA error", True))
+    assert (forwarded["level"], forwarded["target"]) == ("ERROR", "shard 0")
+    assert forwarded["message"] == "2025-01-01 00:00:00,000 shard 0 ERROR CUDA error"
+    assert json.loads(child_line("router", "plain text", True))["level"] == "INFO"
+    assert child_line("router", "plain text", False) == "[router] plain text"
+
+
+def test_config_errors_are_one_json_line_with_json_output(captured):
+    result, _ = captured(["--model-id", "m", "--json-output", "--quantize", "awq"])
+    assert result.exit_code == 2
+    line = json.loads(result.output)
+    assert line["level"] == "ERROR" and "`--quantize awq` is not supported" in line["message"]
 
 
 PROBE = """

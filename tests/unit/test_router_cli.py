@@ -1,0 +1,102 @@
+"""The router's command line: limits left unset are derived from the model and the KV cache its warmup
+found (TGI's rules), and the launcher's request-handling flags reach the router."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from tgi_proto.generate.v1 import generate_pb2 as pb
+from tgi_router import cli
+
+BLOCK_SIZE = 16
+
+
+def router_args(**overrides) -> cli.RouterArgs:
+    defaults = dict(
+        model_id="m", tokenizer_path="/tok", shard_uds_path="/tmp/s", num_shard=1, hostname="0.0.0.0", port=3000,
+        max_concurrent_requests=128, max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
+        max_input_tokens=None, max_total_tokens=None, max_batch_prefill_tokens=None, max_batch_total_tokens=None,
+        max_batch_size=None, max_client_batch_size=4, validation_workers=2, waiting_served_ratio=1.2,
+        max_waiting_tokens=20, api_key=None, cors_allow_origin=[], payload_limit=2_000_000, predict_route=None,
+        health_route=None,
+    )
+    return cli.RouterArgs(**{**defaults, **overrides})
+
+
+class FakeShards:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.requests: list[pb.WarmupRequest] = []
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        self.requests.append(request)
+        return pb.WarmupResponse(num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
+
+
+def warmup(args: cli.RouterArgs, num_blocks: int = 1001, max_position: int = 4096, model_max_length=None):
+    """(limits, the WarmupRequest sent) for a KV cache of `num_blocks` blocks (block 0 is reserved)."""
+    shards = FakeShards(num_blocks)
+    info = pb.InfoResponse(block_size=BLOCK_SIZE, max_position_embeddings=max_position)
+    tokenizer = SimpleNamespace(model_max_length=model_max_length)
+    return asyncio.run(cli._warmup(args, shards, info, tokenizer)), shards.requests[0]
+
+
+def test_unset_limits_come_from_the_model_context_when_the_kv_cache_holds_it():
+    limits, request = warmup(router_args(), num_blocks=1001, max_position=4096)  # 16000 tokens of KV cache
+    assert (limits.max_total_tokens, limits.max_input_tokens) == (4096, 4095)
+    assert (limits.max_batch_prefill_tokens, limits.max_batch_size, limits.num_blocks) == (4096, 128, 1001)
+    assert (request.max_total_tokens, request.max_batch_prefill_tokens, request.max_batch_size) == (4096, 4096, 128)
+
+
+def test_a_kv_cache_smaller_than_the_context_bounds_max_total_tokens():
+    limits, _ = warmup(router_args(), num_blocks=101, max_position=4096)  # 100 usable blocks of 16
+    assert (limits.max_total_tokens, limits.max_input_tokens) == (1600, 1599)
+
+
+def test_the_tokenizer_model_max_length_bounds_max_total_tokens():
+    limits, _ = warmup(router_args(), max_position=4096, model_max_length=2048)
+    assert (limits.max_total_tokens, limits.max_input_tokens) == (2048, 2047)
+
+
+def test_default_prefill_budget_is_bounded_by_the_context():
+    limits, _ = warmup(router_args(), max_position=512)
+    assert limits.max_batch_prefill_tokens == 512 and limits.max_total_tokens == 512
+
+
+def test_limits_that_were_set_are_kept():
+    args = router_args(max_input_tokens=100, max_total_tokens=300, max_batch_prefill_tokens=1000, max_batch_size=8)
+    limits, request = warmup(args)
+    assert (limits.max_input_tokens, limits.max_total_tokens, limits.max_batch_prefill_tokens) == (100, 300, 1000)
+    assert limits.max_batch_size == 8 and request.max_total_tokens == 300
+
+
+def test_max_total_tokens_beyond_the_kv_cache_stops_the_router():
+    with pytest.raises(SystemExit, match="Not enough memory to handle `max_total_tokens=5000`"):
+        warmup(router_args(max_total_tokens=5000), num_blocks=101)
+
+
+def test_max_input_tokens_not_below_the_derived_total_stops_the_router():
+    with pytest.raises(SystemExit, match=r"`max_input_tokens` \(1600\) must be < `max_total_tokens` \(1600\)"):
+        warmup(router_args(max_input_tokens=1600), num_blocks=101)
+
+
+def test_info_reports_the_validation_workers_and_client_batch_size():
+    limits, _ = warmup(router_args())
+    info = cli._info(router_args(validation_workers=5, max_client_batch_size=9), limits)
+    assert (info["validation_workers"], info["max_client_batch_size"]) == (5, 9)
+
+
+def test_launcher_flags_parse_into_router_args(monkeypatch):
+    parsed = []
+    monkeypatch.setattr(cli, "_start", parsed.append)
+    monkeypatch.setattr(cli.web, "run_app", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(cli.app, [
+        "--tokenizer-path", "/tok", "--max-client-batch-size", "8", "--validation-workers", "3",
+        "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "7",
+    ])
+    assert result.exit_code == 0, result.output
+    args = parsed[0]
+    assert (args.max_client_batch_size, args.validation_workers) == (8, 3)
+    assert (args.waiting_served_ratio, args.max_waiting_tokens) == (0.3, 7)
