@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.metrics import Metrics
-from tgi_router.errors import InferError, OverloadedError, ValidationError
+from tgi_router.errors import InferError, OverloadedError, ShuttingDownError, ValidationError
 from tgi_router.tokenizer import Tokenizer
 from tgi_router.validation import (
     GenerateRequest,
@@ -29,6 +30,12 @@ from tgi_router.validation import (
 log = logging.getLogger(__name__)
 
 ROUTER_KEY = web.AppKey("router", object)
+
+# After SIGTERM, in-flight requests get this long to finish; any still running then fail with a 503.
+# Below the launcher's grace period (tgi_launcher.shards.STOP_GRACE_SECONDS), so the router exits by itself.
+DRAIN_TIMEOUT_SECONDS = 25.0
+# Served while draining, so the drain can be watched; everything else answers 503.
+_SERVED_WHILE_DRAINING = frozenset({"/metrics"})
 
 
 @dataclass
@@ -50,10 +57,14 @@ class Router:
     predict_route: str | None = None
     health_route: str | None = None
     num_in_flight: int = 0
+    # Set on SIGTERM: new requests get 503 while the in-flight ones finish.
+    is_draining: bool = False
 
     @contextlib.contextmanager
     def admit(self):
         """Holds one of `max_concurrent_requests` slots; raises OverloadedError when none is free."""
+        if self.is_draining:
+            raise ShuttingDownError()
         if self.num_in_flight >= self.max_concurrent_requests:
             raise OverloadedError()
         self.num_in_flight += 1
@@ -76,6 +87,21 @@ class Router:
         input_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs, add_special_tokens)
         return validate_input_ids(request, input_ids, self.validation, default_return_full_text)
 
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
+        """Refuses new requests (503) and waits until the in-flight ones are done; those still running
+        after `timeout` seconds fail with a 503 (an error JSON, or an error event in a stream)."""
+        self.is_draining = True
+        log.info("shutting down: draining %d in-flight request(s)", self.num_in_flight)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_in_flight:
+            log.warning("%d request(s) still running after %.0f s; failing them", self.num_in_flight, timeout)
+            self.engine.fail_all(ShuttingDownError())
+            while self.num_in_flight and loop.time() < deadline + 1.0:
+                await asyncio.sleep(0.05)
+
     def submit(self, valid: ValidRequest) -> RequestStream:
         return self.engine.submit(
             GenerationInput(
@@ -84,6 +110,7 @@ class Router:
                 sampling=valid.sampling,
                 stop_sequences=tuple(valid.stop),
                 top_n_tokens=valid.top_n_tokens,
+                ignore_eos=valid.ignore_eos,
                 prompt_logprobs=valid.decoder_input_details,
             )
         )
@@ -158,30 +185,49 @@ def count_failure(router: Router, error: InferError) -> None:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    """Counts generation requests and turns InferErrors into TGI's error JSON."""
+    """Counts generation requests and turns every error into TGI's error JSON: InferErrors with their
+    status, anything unexpected as a 500 (logged with its traceback, never with the request body)."""
     router = request.app[ROUTER_KEY]
     if request.method == "POST":
         router.engine.metrics.request_count.inc()
     try:
+        if router.is_draining and request.path not in _SERVED_WHILE_DRAINING:
+            raise ShuttingDownError()
         return await handler(request)
     except InferError as error:
+        count_failure(router, error)
+        return error_response(error)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        error = InferError("Internal server error", 500, "internal")
         count_failure(router, error)
         return error_response(error)
 
 
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object; anything else is a 4xx in TGI's error format."""
+    """The request body as a JSON object; anything else is a 4xx in TGI's error format.
+
+    Strict JSON, as TGI's parser reads it: UTF-8 only, no NaN or Infinity, no lone surrogate escapes
+    (they cannot be tokenized or sent back), integers of at most 4300 digits, bounded nesting.
+    """
     if request.content_type != "application/json":
         raise InferError("Expected request with `Content-Type: application/json`", 415, "validation")
     try:
-        body = json.loads(await request.read())
+        body = json.loads((await request.read()).decode("utf-8"), parse_constant=_reject_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates
     except web.HTTPRequestEntityTooLarge as error:
         raise InferError(f"Payload too large: {error.text}", 413, "validation") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InferError(f"Failed to parse the request body as JSON: {error}", 400, "validation")
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, Unicode errors, too many digits
+        raise InferError(f"Failed to parse the request body as JSON: {error}", 400, "validation") from None
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def build_app(router: Router) -> web.Application:
@@ -201,13 +247,38 @@ def build_app(router: Router) -> web.Application:
 
     async def run_engine(app: web.Application):
         task = asyncio.create_task(router.engine.run())
+        _drain_on_sigterm(router)
         yield
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     app.cleanup_ctx.append(run_engine)
     return app
+
+
+def _drain_on_sigterm(router: Router) -> None:
+    """SIGTERM drains the in-flight requests, then stops the server (replacing aiohttp's handler, which
+    stops listening at once and then waits up to 60 s for every open request)."""
+    loop = asyncio.get_running_loop()
+    tasks = []  # holds the drain task, which the loop only references weakly
+
+    async def drain_then_exit():
+        await router.drain()
+        loop.call_soon(_raise_graceful_exit)
+
+    def on_sigterm():
+        if not router.is_draining:
+            tasks.append(loop.create_task(drain_then_exit()))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+
+def _raise_graceful_exit() -> None:
+    raise web.GracefulExit()
 
 
 def _allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:

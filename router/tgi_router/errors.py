@@ -52,3 +52,13 @@ class UnhealthyError(InferError):
 
     def __init__(self):
         super().__init__("unhealthy")
+
+
+class ShuttingDownError(InferError):
+    """The server got SIGTERM: it finishes the requests it has and takes no new ones."""
+
+    status = 503
+    error_type = "shutting_down"
+
+    def __init__(self):
+        super().__init__("Server is shutting down")

@@ -58,6 +58,9 @@ class GenerateParameters:
     seed: int | None = None
     top_n_tokens: int | None = None
     grammar: dict | None = None
+    # vLLM's extension, not TGI's: end-of-sequence tokens do not stop generation, so a request runs
+    # to max_new_tokens (or a stop sequence). Benchmarks use it for fixed output lengths.
+    ignore_eos: bool = False
     # Accepted and ignored: this server loads no LoRA adapters.
     adapter_id: str | None = None
 
@@ -102,6 +105,7 @@ class ValidRequest:
     return_full_text: bool
     best_of: int
     watermark: bool
+    ignore_eos: bool = False
 
 
 # Integer parameters and the range of their type in TGI (usize, i32, u32, u64).
@@ -120,12 +124,13 @@ _OTHER_TYPES = {
     "watermark": (bool, "a boolean"),
     "details": (bool, "a boolean"),
     "decoder_input_details": (bool, "a boolean"),
+    "ignore_eos": (bool, "a boolean"),
     "stop": (list, "a list of strings"),
     "grammar": (dict, "an object"),
     "adapter_id": (str, "a string"),
 }
-# Fields that TGI declares without Option: JSON null is a type error there too.
-_NOT_NULLABLE = {"do_sample", "watermark", "details", "decoder_input_details", "stop"}
+# Fields that TGI (and vLLM, for ignore_eos) declares without Option: JSON null is a type error there too.
+_NOT_NULLABLE = {"do_sample", "watermark", "details", "decoder_input_details", "ignore_eos", "stop"}
 _PARAMETER_NAMES = tuple(f.name for f in fields(GenerateParameters))
 
 
@@ -273,6 +278,7 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         return_full_text=default_return_full_text if params.return_full_text is None else params.return_full_text,
         best_of=max(params.best_of or 1, 1),
         watermark=params.watermark,
+        ignore_eos=params.ignore_eos,
     )
 
 

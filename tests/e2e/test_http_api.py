@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import aiohttp
 import pytest
@@ -73,21 +75,64 @@ async def test_vertex_returns_one_prediction_per_instance(server):
     assert len(payload["predictions"]) == 2
 
 
-@pytest.mark.parametrize(
-    "kwargs, status, error_type",
-    [
-        ({"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "validation"),
-        ({"data": "inputs=hi", "headers": {"Content-Type": "text/plain"}}, 415, "validation"),
-        ({"json": {"inputs": "hi", "parameters": {"top_p": 1.0}}}, 422, "validation"),
-        ({"json": {"inputs": "hi", "parameters": {"max_new_tokens": "many"}}}, 422, "validation"),
-        ({"json": {"inputs": "hi", "parameters": {"max_new_tokens": 600}}}, 422, "validation"),
-        ({"json": ["inputs"]}, 422, "validation"),
-    ],
-)
-async def test_bad_requests_get_tgi_error_json_never_500(server, kwargs, status, error_type):
-    got_status, _, payload = await call(server, "POST", "/generate", **kwargs)
+JSON = {"Content-Type": "application/json"}
+MALFORMED_BODIES = [
+    ({"data": "{not json", "headers": JSON}, 400),
+    ({"data": b"", "headers": JSON}, 400),
+    ({"data": b'{"inputs": "\xff\xfe"}', "headers": JSON}, 400),  # not UTF-8
+    ({"data": '{"inputs": "\\ud800"}', "headers": JSON}, 400),  # a lone surrogate escape
+    ({"data": '{"inputs": "hi", "parameters": {"temperature": NaN}}', "headers": JSON}, 400),
+    ({"data": '{"inputs": "hi", "parameters": {"seed": 1' + "0" * 5000 + "}}", "headers": JSON}, 400),
+    ({"data": "[" * 100_000 + "]" * 100_000, "headers": JSON}, 400),
+    ({"data": "inputs=hi", "headers": {"Content-Type": "text/plain"}}, 415),
+    ({"data": b'{"inputs": "hi"}'}, 415),  # no Content-Type
+]
+POST_ROUTES = ["/generate", "/generate_stream", "/", "/tokenize", "/v1/completions", "/v1/chat/completions",
+               "/chat_tokenize", "/invocations", "/vertex"]
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+@pytest.mark.parametrize("kwargs, status", MALFORMED_BODIES)
+async def test_malformed_bodies_get_tgi_error_json_on_every_route(server, path, kwargs, status):
+    got_status, _, payload = await call(server, "POST", path, **kwargs)
     assert got_status == status
-    assert payload["error_type"] == error_type and payload["error"]
+    assert payload["error_type"] == "validation" and payload["error"]
+
+
+@pytest.mark.parametrize("body", [
+    {"inputs": "hi", "parameters": {"top_p": 1.0}},
+    {"inputs": "hi", "parameters": {"max_new_tokens": "many"}},
+    {"inputs": "hi", "parameters": {"max_new_tokens": 600}},
+    {"inputs": "hi", "parameters": {"max_new_tokens": -1}},
+    {"inputs": "hi", "parameters": {"max_new_tokens": 2**70}},
+    {"inputs": "hi", "parameters": {"seed": 2**64}},
+    {"inputs": "hi", "parameters": {"top_p": 1e308}},  # beyond f32, as TGI reads it
+    {"inputs": "hi", "parameters": {"repetition_penalty": -0.5}},
+    {"inputs": "hi", "parameters": {"stop": ["a"] * 100}},
+    {"inputs": ""},
+    {"inputs": ["hi"]},
+    ["inputs"],
+])
+async def test_bad_requests_get_tgi_error_json_never_500(server, body):
+    status, _, payload = await call(server, "POST", "/generate", json=body)
+    assert status == 422
+    assert payload["error_type"] == "validation" and payload["error"]
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": "hi"},
+    {"messages": []},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": "hi", "name": 5}]},
+    {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+    {"messages": [{"role": "user", "content": "hi"}], "model": 5},
+    {"messages": [{"role": "user", "content": "hi"}], "stream_options": 5},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": False},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
+])
+async def test_chat_requests_of_the_wrong_shape_get_422(server, body):
+    status, _, payload = await call(server, "POST", "/v1/chat/completions", json=body)
+    assert status == 422 and payload["error_type"] == "validation"
 
 
 async def test_validation_error_in_a_stream_arrives_as_an_event(server):
@@ -97,13 +142,21 @@ async def test_validation_error_in_a_stream_arrives_as_an_event(server):
     assert '"error_type": "validation"' in text and "`temperature` must be strictly positive" in text
 
 
-async def test_requests_beyond_max_concurrent_get_429_overloaded(server):
-    long = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 400}}
-    results = await asyncio.gather(*(call(server, "POST", "/generate", json=long) for _ in range(4)))
-    statuses = sorted(status for status, _, _ in results)
-    assert statuses.count(200) >= 1 and 429 in statuses
-    overloaded = next(payload for status, _, payload in results if status == 429)
-    assert overloaded == {"error": "Model is overloaded", "error_type": "overloaded"}
+async def test_requests_beyond_max_concurrent_get_429_overloaded_and_health_stays_fast(server):
+    long = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 500, "ignore_eos": True}}
+    running = [asyncio.create_task(call(server, "POST", "/generate", json=long)) for _ in range(2)]
+    await asyncio.sleep(0.3)  # both admitted: the server is saturated (--max-concurrent-requests 2)
+    extra = await asyncio.gather(*(call(server, "POST", "/generate", json=long) for _ in range(8)))
+    health_seconds = []
+    for _ in range(5):
+        started = time.monotonic()
+        assert (await call(server, "GET", "/health"))[0] == 200
+        health_seconds.append(time.monotonic() - started)
+    assert not any(task.done() for task in running), "the long requests ended before the checks"
+    assert [status for status, _, _ in await asyncio.gather(*running)] == [200, 200]
+    assert all(status == 429 for status, _, _ in extra)
+    assert all(payload == {"error": "Model is overloaded", "error_type": "overloaded"} for _, _, payload in extra)
+    assert max(health_seconds) < 0.5, health_seconds
 
 
 async def test_metrics_are_prometheus_text_with_tgi_names(server):
@@ -219,3 +272,45 @@ async def test_vertex_ai_env_sets_the_port_and_the_routes(tmp_path, hf_home, smo
     finally:
         server.stop()
     assert status == 200 and len(payload["predictions"]) == 1
+
+
+EOS_PROMPT = "Hello there"
+
+
+def _greedy_first_token(model_dir, prompt: str) -> int:
+    """The token a greedy /generate of `prompt` starts with (tokenized as the router does)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    input_ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(prompt).ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return int(model(torch.tensor([input_ids])).logits[0, -1].argmax())
+
+
+@pytest.fixture(scope="module")
+def eos_server(tmp_path_factory, hf_home, smollm2_tokenizer_dir):
+    """A tiny model whose end-of-sequence token is the one greedy decoding of EOS_PROMPT emits first."""
+    model = save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path_factory.mktemp("eos") / "llama")
+    eos_token_id = _greedy_first_token(model, EOS_PROMPT)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
+    with running_server(str(model), hf_home, "--max-batch-total-tokens", "4096") as server:
+        yield server
+
+
+async def test_ignore_eos_generates_exactly_max_new_tokens_past_the_eos_token(eos_server):
+    parameters = {"max_new_tokens": 6, "details": True}
+    _, _, stopped = await call(eos_server, "POST", "/generate", json={"inputs": EOS_PROMPT, "parameters": parameters})
+    assert stopped["details"]["finish_reason"] == "eos_token" and stopped["details"]["generated_tokens"] == 1
+
+    body = {"inputs": EOS_PROMPT, "parameters": {**parameters, "ignore_eos": True}}
+    status, _, payload = await call(eos_server, "POST", "/generate", json=body)
+    assert status == 200
+    assert payload["details"]["finish_reason"] == "length" and payload["details"]["generated_tokens"] == 6
+    assert payload["details"]["tokens"][0]["id"] == stopped["details"]["tokens"][0]["id"]
+
+    body = {"prompt": EOS_PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    status, _, completion = await call(eos_server, "POST", "/v1/completions", json=body)
+    assert status == 200
+    assert completion["choices"][0]["finish_reason"] == "length" and completion["usage"]["completion_tokens"] == 6

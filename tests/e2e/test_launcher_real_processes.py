@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
+import json
 import os
 import signal
 import subprocess
 import time
 
+import aiohttp
 import pytest
 from server_helpers import Server, save_tiny_model, tiny_config
 
@@ -29,29 +32,66 @@ def shard_pids(uds: str) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def test_killed_shard_stops_everything_with_an_error_naming_it(tiny_llama, hf_home, tmp_path):
+LONG = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 600, "ignore_eos": True}}
+
+
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+
+
+async def test_killed_shard_fails_in_flight_requests_then_stops_everything_naming_it(tiny_llama, hf_home, tmp_path):
     uds = str(tmp_path / "sock")
     server = start(tiny_llama, hf_home, uds, num_shard=2)
     try:
-        victim = shard_pids(uds)[1]
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        code = server.process.wait(timeout=15)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            generate = asyncio.create_task(session.post(server.url + "/generate", json=LONG))
+            async with session.post(server.url + "/generate_stream", json=LONG) as stream:
+                await stream.content.readline()  # generation has started
+                victim = shard_pids(uds)[1]
+                killed_at = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                events = sse_events((await stream.content.read()).decode())
+            generated = await generate
+            generated_payload = await generated.json()
+        code = await asyncio.to_thread(server.process.wait, 15)
         elapsed = time.monotonic() - killed_at
     finally:
         server.stop()
+    # In-flight clients get TGI's errors, not a hang: an error event, and a 424 error JSON.
+    assert events[-1]["error_type"] == "generation" and "shard 1" in events[-1]["error"]
+    assert generated.status == 424 and generated_payload["error_type"] == "generation"
     assert code != 0
     assert elapsed < 5
-    assert "terminated with exit code" in server.log and "Shard" in server.log
+    assert "Shard 1 terminated with exit code -9 (SIGKILL)" in server.log
     assert glob.glob(uds + "-*") == []
     assert shard_pids(uds) == []
 
 
-def test_sigterm_shuts_down_cleanly_with_exit_code_zero(tiny_llama, hf_home, tmp_path):
+async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero(tiny_llama, hf_home, tmp_path):
     uds = str(tmp_path / "sock")
     server = start(tiny_llama, hf_home, uds)
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0
+    refusals = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async with session.post(server.url + "/generate_stream", json=LONG) as stream:
+                text = (await stream.content.readline()).decode()
+                server.process.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+                while not refusals and time.monotonic() - stopped_at < 5:
+                    async with session.post(server.url + "/generate", json={"inputs": "Hi"}) as response:
+                        if response.status == 503:
+                            refusals.append(await response.json())
+                text += (await stream.content.read()).decode()
+        code = await asyncio.to_thread(server.process.wait, 30)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        server.stop()
+    assert refusals == [{"error": "Server is shutting down", "error_type": "shutting_down"}]
+    events = sse_events(text)
+    assert len(events) == 600 and events[-1]["generated_text"] is not None  # the in-flight request finished
+    assert code == 0
+    assert elapsed < 10
+    assert "did not stop" not in server.log  # nothing needed SIGKILL
     assert glob.glob(uds + "-*") == []
     assert shard_pids(uds) == []
 

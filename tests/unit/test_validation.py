@@ -135,6 +135,9 @@ TYPE_ERRORS = [
     ({"inputs": "hi", "parameters": {"stop": None}}, "`stop` must not be null"),
     ({"inputs": "hi", "parameters": {"details": None}}, "`details` must not be null"),
     ({"inputs": "hi", "parameters": {"do_sample": "yes"}}, "`do_sample` must be a boolean, got 'yes'"),
+    ({"inputs": "hi", "parameters": {"ignore_eos": "true"}}, "`ignore_eos` must be a boolean, got 'true'"),
+    ({"inputs": "hi", "parameters": {"ignore_eos": 1}}, "`ignore_eos` must be a boolean, got 1"),
+    ({"inputs": "hi", "parameters": {"ignore_eos": None}}, "`ignore_eos` must not be null"),
     ({"inputs": "hi", "parameters": {"grammar": "a+"}}, "`grammar` must be an object, got 'a+'"),
     ({"inputs": "hi", "parameters": {"adapter_id": 3}}, "`adapter_id` must be a string, got 3"),
 ]
@@ -234,6 +237,11 @@ def test_valid_request_carries_the_flags_given():
     }})
     assert valid.stop == ("\n", "END") and valid.top_n_tokens == 5
     assert valid.details and valid.decoder_input_details and valid.return_full_text and valid.best_of == 1
+
+
+def test_ignore_eos_is_off_by_default_and_carried_when_given():
+    assert validate({"inputs": "hi", "parameters": {}}).ignore_eos is False
+    assert validate({"inputs": "hi", "parameters": {"ignore_eos": True}}).ignore_eos is True
 
 
 def test_return_full_text_defaults_per_route():

@@ -7,9 +7,15 @@ import asyncio
 from aiohttp import web
 
 from tgi_router.app import get_router, read_json
-from tgi_router.errors import InferError, ValidationError
+from tgi_router.errors import ValidationError
 from tgi_router.http import openai, tgi
-from tgi_router.validation import GenerateParameters, GenerateRequest, parse_generate_request
+from tgi_router.validation import (
+    GenerateParameters,
+    GenerateRequest,
+    ValidationConfig,
+    parse_generate_request,
+    validate_parameters,
+)
 
 
 def add_routes(app: web.Application) -> None:
@@ -32,25 +38,26 @@ async def invocations(request: web.Request) -> web.StreamResponse:
 async def vertex(request: web.Request) -> web.Response:
     """Vertex AI: `{"instances": [{"inputs", "parameters"?}, ...]}` -> `{"predictions": [text, ...]}`.
 
-    As in TGI, only `max_new_tokens` and `seed` are taken from each instance's parameters.
+    As in TGI, only `max_new_tokens` and `seed` are taken from each instance's parameters. A failed
+    generation is answered as on every other route (TGI answers a 500 here).
     """
     router = get_router(request)
     instances = (await read_json(request)).get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValidationError("`instances` must be a non-empty list")
-    requests = [_instance_request(instance) for instance in instances]
+    requests = [_instance_request(instance, router.validation) for instance in instances]
     with router.admit():
         valids = [await router.validate(r) for r in requests]
-        try:
-            results = await asyncio.gather(*(tgi.collect(router.submit(v)) for v in valids))
-        except InferError:
-            return web.json_response({"error": "Incomplete generation"}, status=500)
+        results = await tgi.collect_all([router.submit(v) for v in valids])
     return web.json_response({"predictions": [events[-1].generated_text for events in results]})
 
 
-def _instance_request(instance) -> GenerateRequest:
+def _instance_request(instance, config: ValidationConfig) -> GenerateRequest:
+    """The instance as a request; every parameter is checked, though only two are used."""
     if not isinstance(instance, dict):
         raise ValidationError("each instance must be an object with `inputs`")
-    parsed = parse_generate_request({"inputs": instance.get("inputs"), "parameters": instance.get("parameters") or {}})
+    parameters = instance.get("parameters")
+    parsed = parse_generate_request({"inputs": instance.get("inputs"), "parameters": {} if parameters is None else parameters})
+    validate_parameters(parsed.parameters, config)
     kept = GenerateParameters(max_new_tokens=parsed.parameters.max_new_tokens, seed=parsed.parameters.seed)
     return GenerateRequest(parsed.inputs, kept)

@@ -18,13 +18,15 @@ from tgi_router.app import Router, get_router, read_json, stream_headers, timing
 from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
-from tgi_router.http.tgi import collect, tokens_json
+from tgi_router.http.tgi import collect, collect_all, finite, tokens_json
 from tgi_router.request import FinishReason
-from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request
+from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
 # Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
 _CHAT_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
 _UNSUPPORTED = ("tools", "tool_choice", "response_format")
+# Fields used as they are (the sampling fields go through TGI's parameter checks); null means not given.
+_TYPED_FIELDS = {"model": (str, "a string"), "logprobs": (bool, "a boolean"), "stream_options": (dict, "an object")}
 
 
 def add_routes(app: web.Application) -> None:
@@ -63,7 +65,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def chat_tokenize(request: web.Request) -> web.Response:
     """The chat template's output for a chat request, and its tokens."""
     router = get_router(request)
-    prompt = _chat_request(router, await read_json(request)).inputs
+    chat = _chat_request(router, await read_json(request))
+    validate_parameters(chat.parameters, router.validation)  # as /v1/chat/completions would
+    prompt = chat.inputs
     ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, prompt, False)
     return web.json_response({"tokenize_response": tokens_json(prompt, ids, offsets), "templated_text": prompt})
 
@@ -78,7 +82,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         streams = [router.submit(valid) for valid in valids]
         head = _head(router, body, "text_completion")
         if not is_stream:
-            results = await asyncio.gather(*(collect(s) for s in streams))
+            results = await collect_all(streams)
             choices = [
                 {"index": i, "text": events[-1].generated_text, "logprobs": None,
                  "finish_reason": events[-1].finish_reason.value}
@@ -118,19 +122,34 @@ def _completion_request(body: dict, prompt: str) -> GenerateRequest:
 
 def _sampling_parameters(body: dict) -> dict:
     """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
+    _check_types(body)
     temperature = body.get("temperature")
-    is_greedy = temperature == 0
+    is_greedy = temperature == 0 and not isinstance(temperature, bool)
     stop = body.get("stop")
     return {
+        **({"ignore_eos": body["ignore_eos"]} if "ignore_eos" in body else {}),  # vLLM's extension
         "max_new_tokens": body.get("max_tokens", body.get("max_completion_tokens")),
         "do_sample": not is_greedy,
         "temperature": None if is_greedy else temperature,
         "top_p": body.get("top_p"),
         "seed": body.get("seed"),
-        "stop": [stop] if isinstance(stop, str) else (stop or []),
+        "stop": [stop] if isinstance(stop, str) else ([] if stop is None else stop),
         "frequency_penalty": body.get("frequency_penalty"),
         "details": True,
     }
+
+
+def _check_types(body: dict) -> None:
+    """422 for OpenAI fields of the wrong type, which would otherwise be ignored or misread."""
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ValidationError(f"`stream` must be a boolean, got {body['stream']!r}")
+    for name, (expected, description) in _TYPED_FIELDS.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, expected):
+            raise ValidationError(f"`{name}` must be {description}, got {value!r}")
+    include_usage = (body.get("stream_options") or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ValidationError(f"`stream_options.include_usage` must be a boolean, got {include_usage!r}")
 
 
 def _number(body: dict, name: str) -> float:
@@ -151,6 +170,8 @@ def _message(message) -> dict:
         content = "".join(part["text"] for part in content)
     if content is not None and not isinstance(content, str):
         raise ValidationError("message `content` must be a string or a list of text parts")
+    if message.get("name") is not None and not isinstance(message["name"], str):
+        raise ValidationError("message `name` must be a string")
     return {**message, "content": content or ""}
 
 
@@ -189,8 +210,8 @@ def _chat_choice(body: dict, events: list[TokenEvent]) -> dict:
 def _logprob(event: TokenEvent) -> dict:
     return {
         "token": event.token.text,
-        "logprob": event.token.logprob,
-        "top_logprobs": [{"token": t.text, "logprob": t.logprob} for t in event.top_tokens],
+        "logprob": finite(event.token.logprob),
+        "top_logprobs": [{"token": t.text, "logprob": finite(t.logprob)} for t in event.top_tokens],
     }
 
 

