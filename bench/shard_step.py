@@ -1,7 +1,9 @@
-"""Step time of one shard's ModelRunner, without router or gRPC: the baseline the GPU work improves.
+"""Step time of one shard's ModelRunner, without router or gRPC.
 
-Builds a model of a given shape with random bf16 weights (no checkpoint needed), prefills requests,
-then times decode steps at several batch sizes. Prints one JSON object.
+Builds a model of a given shape with random bf16 weights (no checkpoint needed), times a lone
+prefill of each `--prefill-lens`, then prefills requests and times decode steps at several batch
+sizes; with CUDA graphs it also times the bare graph replay (GPU time of the forward + LM head), so
+step time = replay + host work + sampling. Prints one JSON object.
 
     python bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,32 --decode-steps 64
 """
@@ -17,9 +19,12 @@ import time
 import torch
 from transformers import LlamaConfig
 
+from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
 from tgi_server.distributed import SINGLE
+from tgi_server.kernels import disable_kernels
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.llama import LlamaForCausalLM
+from tgi_server.models.registry import fill_random_weights
 from tgi_server.sampler import SamplingParams
 
 SHAPES = {
@@ -32,17 +37,48 @@ SHAPES = {
 BLOCK_SIZE = 16
 
 
-def build_runner(shape: str, device: torch.device, num_blocks: int) -> ModelRunner:
+def build_runner(
+    shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int
+) -> ModelRunner:
     config = LlamaConfig(**SHAPES[shape])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
     model = LlamaForCausalLM(config, SINGLE, dtype, device).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
-    runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE)
+    fill_random_weights(model, seed=0)
+    runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE, graph_sizes)
     runner.allocate_kv_cache(num_blocks)
+    if graph_sizes:
+        runner.capture_cuda_graphs(max_total_tokens, max(graph_sizes), max(max_total_tokens, 4096))
     return runner
+
+
+def time_prefill(runner: ModelRunner, length: int, request_id: int, repeats: int = 5) -> dict:
+    """Median time of one step that prefills a lone `length`-token prompt and samples its first token."""
+    blocks = list(range(1, 1 + -(-length // BLOCK_SIZE)))
+    times = []
+    for i in range(repeats):
+        new = [NewSequence(request_id + i, [(3 * t) % 1000 + 1 for t in range(length)], SamplingParams(), 0)]
+        start = time.perf_counter()
+        runner.step([], new, [ScheduledSequence(request_id + i, length, blocks)])
+        times.append(time.perf_counter() - start)
+        runner.step([request_id + i], [], [])
+    return {"prompt_len": length, "prefill_step_median_ms": round(statistics.median(times[1:]) * 1000, 3)}
+
+
+def time_graph_replay(runner: ModelRunner, batch_size: int, repeats: int = 50) -> float | None:
+    """GPU time (ms) of one replay of the decode graph that serves `batch_size` sequences."""
+    graphs = runner.decode_graphs
+    size = graphs.padded_size(batch_size) if graphs is not None else None
+    if size is None:
+        return None
+    graph = graphs._graphs[size]
+    graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    stop.record()
+    stop.synchronize()
+    return round(start.elapsed_time(stop) / repeats, 3)
 
 
 def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps: int, first_id: int) -> dict:
@@ -63,9 +99,11 @@ def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps
         start = time.perf_counter()
         runner.step([], [], decode)  # samples come back as Python ints: the step is synchronous
         step_times.append(time.perf_counter() - start)
+    replay_ms = time_graph_replay(runner, batch_size) if runner.device.type == "cuda" else None
     runner.step([first_id + i for i in range(batch_size)], [], [])
     median = statistics.median(step_times)
     return {
+        "graph_replay_ms": replay_ms,
         "batch_size": batch_size,
         "prompt_len": prompt_len,
         "prefill_s": round(prefill_s, 4),
@@ -75,27 +113,59 @@ def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps
     }
 
 
+def profile(runner: ModelRunner, prompt_len: int, prefill_lens: list[int]) -> None:
+    """torch.profiler tables (to stderr) of 8 batch-1 decode steps and of lone prefills."""
+    import sys
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_decode(runner, 1, prompt_len, 8, first_id=30_000)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+    for length in prefill_lens:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            time_prefill(runner, length, request_id=40_000, repeats=2)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--prefill-lens", default="128,1024", help="Lone prompts to time a prefill step of.")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--disable-custom-kernels", action="store_true", help="The portable PyTorch path.")
+    parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of batch-1 decode and of the first prefill to stderr.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    disable_kernels(args.disable_custom_kernels)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    blocks_needed = max(batch_sizes) * -(-(args.prompt_len + args.decode_steps + 1) // BLOCK_SIZE) + 1
-    runner = build_runner(args.shape, device, blocks_needed)
+    prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
+    max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
+    blocks_needed = max(batch_sizes) * -(-max_total_tokens // BLOCK_SIZE) + 1
+    graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
+        size for size in DEFAULT_BATCH_SIZES if size <= max(batch_sizes)
+    )
+    runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens)
     time_decode(runner, 1, 16, 4, first_id=10_000)  # warm-up: allocator, kernels
+    prefills = [time_prefill(runner, n, request_id=20_000 + 100 * i) for i, n in enumerate(prefill_lens)]
     results = [
         time_decode(runner, b, args.prompt_len, args.decode_steps, first_id=1000 * (i + 1))
         for i, b in enumerate(batch_sizes)
     ]
+    if args.profile:
+        profile(runner, args.prompt_len, prefill_lens[:1])
     print(json.dumps({
         "benchmark": "shard_step",
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "cuda_graphs": list(graph_sizes),
+        "custom_kernels": not args.disable_custom_kernels,
+        "prefill": prefills,
         "results": results,
     }, indent=2))
 

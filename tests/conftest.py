@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+# Triton kernels run through Triton's interpreter where there is no GPU (tests/unit/test_kernels.py);
+# it must be chosen before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,3 +46,13 @@ def smollm2_tokenizer_dir(hf_home, smollm2_gguf) -> Path:
     return Path(json.loads(out.stdout.strip().splitlines()[-1])["tokenizer_path"])
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; without it they are skipped, not failed."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -17,6 +17,7 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
             pb.ScheduledRequest(id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids)
             for c in plan.scheduled
         ],
+        lookahead=plan.lookahead,
     )
 
 

@@ -2,7 +2,8 @@
 
 One asyncio task owns the scheduler, the allocator and every request's state, so nothing needs a lock.
 HTTP handlers `submit` a request and read its events; a handler that goes away `cancel`s, which frees
-the request's blocks before the next step.
+the request's blocks before the next step. A step that fails (a shard died, or a bug) fails every
+request in flight with an error event, so no client is left waiting; the loop itself keeps running.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class TokenEvent:
     # Set on the last event of a request.
     finish_reason: FinishReason | None = None
     generated_text: str | None = None
+
+
+@dataclass
+class _InFlight:
+    """A step sent to the shards, not yet answered."""
+
+    plan: StepPlan
+    call: asyncio.Future
+    method: str  # "prefill" or "decode", the metrics' label
+    started: float  # time.perf_counter() when sent
 
 
 @dataclass
@@ -127,65 +138,110 @@ class Engine:
         return RequestStream(self, request, stream.events)
 
     def cancel(self, request_id: int) -> None:
-        """Drops a request whose client went away."""
+        """Drops a request whose client went away; its KV blocks are free when this returns."""
         if self._streams.pop(request_id, None) is not None:
             self.scheduler.finish(request_id)
             self.metrics.request_failure.labels("dropped").inc()
+            self._observe_batch()
+
+    def fail_all(self, error: InferError) -> None:
+        """Ends every request in flight (streaming or only scheduled) with `error`."""
+        scheduled = [request.id for request in (*self.scheduler.waiting, *self.scheduler.running)]
+        for request_id in {*self._streams, *scheduled}:
+            self._fail(request_id, error)
+        self._observe_batch()
 
     async def run(self) -> None:
+        """Steps until cancelled. The next step is sent as soon as the finished one's tokens are known
+        (before their text and events are made), so that Python work overlaps the shards' forward."""
+        in_flight: _InFlight | None = None
         while True:
-            if not self.scheduler.has_work:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._step()
+            try:
+                if in_flight is None:
+                    if not self.scheduler.has_work:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
+                    in_flight = self._launch()
+                    continue
+                step, in_flight = in_flight, None
+                sampled = await self._finish(step)
+                in_flight = self._launch() if self.scheduler.has_work else None
+                await asyncio.sleep(0)  # grpc.aio sends the call on the loop's next turn: before the events
+                for request, sample, finish in sampled:
+                    self._on_token(request, sample, finish)
+                self._observe_batch()
+            except ShardError as error:
+                log.error("%s", error)
+                self.fail_all(GenerationError(str(error)))
+            except Exception as error:  # a bug must cost the batch in flight, not the server
+                log.exception("step failed")
+                self.fail_all(GenerationError(f"{type(error).__name__}: {error}"))
 
-    async def _step(self) -> None:
+    def _launch(self) -> _InFlight | None:
+        """Schedules the next step and sends it to the shards; None when there is nothing to run."""
         plan = self.scheduler.schedule()
         if not plan.scheduled and not self.scheduler.running:
             # Only possible for a request larger than the whole cache, which validation prevents.
             head = self.scheduler.waiting[0]
             self._fail(head.id, GenerationError("request does not fit in the KV cache"))
         if not plan.scheduled and not plan.finished_ids:
-            return
+            return None
         method = "prefill" if plan.new_requests or plan.num_batched_tokens > len(plan.scheduled) else "decode"
-        started = time.perf_counter()
+        call = asyncio.ensure_future(self.shards.step(plan))
+        return _InFlight(plan, call, method, time.perf_counter())
+
+    async def _finish(self, step: _InFlight) -> list[tuple[Request, SampledToken, FinishReason | None]]:
+        """Waits for `step`, advances its requests, and ends those that stop by length or end of
+        sequence at once (their blocks are free for the next plan). Stop sequences need the text,
+        which is made after the next step is sent: such a request leaves one step later, and the
+        token computed for it meanwhile is dropped."""
         try:
-            result = await self.shards.step(plan)
-        except ShardError as error:
-            log.error("%s", error)
-            self.metrics.step_failure.labels(method).inc()
-            for request_id in list(self._streams):
-                self._fail(request_id, GenerationError(str(error)))
-            return
+            result = await step.call
+        except Exception:
+            self.metrics.step_failure.labels(step.method).inc()
+            raise
         self.num_steps += 1
-        self._observe_step(plan, method, time.perf_counter() - started, result.forward_ns)
-        for request, sample in self.scheduler.update(plan, result):
-            self._on_token(request, sample)
+        self._observe_step(step.plan, step.method, time.perf_counter() - step.started, result.forward_ns)
+        sampled = []
+        for request, sample in self.scheduler.update(step.plan, result):
+            stream = self._streams[request.id]
+            finish = None
+            if len(request.output_token_ids) >= request.max_new_tokens:
+                finish = FinishReason.LENGTH
+            elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
+                finish = FinishReason.EOS_TOKEN
+            if finish is not None:
+                self.scheduler.finish(request.id)
+            sampled.append((request, sample, finish))
+        return sampled
 
     def _observe_step(self, plan: StepPlan, method: str, seconds: float, forward_ns: int) -> None:
-        metrics, scheduler = self.metrics, self.scheduler
+        metrics = self.metrics
         metrics.step_count.labels(method).inc()
         metrics.step_success.labels(method).inc()
         metrics.step_duration.labels(method).observe(seconds)
         metrics.forward_duration.labels(method).observe(forward_ns / 1e9)
         if plan.new_requests:
             metrics.batch_next_size.observe(len(plan.new_requests))
+
+    def _observe_batch(self) -> None:
+        """The queue, batch and KV cache gauges, as they are now."""
+        metrics, scheduler, blocks = self.metrics, self.scheduler, self.scheduler.blocks
         metrics.queue_size.set(len(scheduler.waiting))
         metrics.batch_size.set(len(scheduler.running))
-        blocks = scheduler.blocks
         metrics.batch_max_tokens.set((blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size)
 
-    def _on_token(self, request: Request, sample: SampledToken) -> None:
-        stream = self._streams[request.id]
+    def _on_token(self, request: Request, sample: SampledToken, finish: FinishReason | None) -> None:
+        """Emits the token's event. `finish` is the length or end-of-sequence stop found from the ids;
+        without one, a stop sequence in the text may end the request (TGI's order: length, end of
+        sequence, stop sequences)."""
+        stream = self._streams.get(request.id)
+        if stream is None:  # cancelled meanwhile
+            return
         text = stream.detokenizer.push(sample.token_id)
-        # TGI's order: length, then end of sequence, then stop sequences.
-        finish, keep = None, None
-        if len(request.output_token_ids) >= request.max_new_tokens:
-            finish = FinishReason.LENGTH
-        elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
-            finish = FinishReason.EOS_TOKEN
-        elif (keep := stream.stops.feed(text)) is not None:
+        keep = None
+        if finish is None and (keep := stream.stops.feed(text)) is not None:
             finish = FinishReason.STOP_SEQUENCE
         event = TokenEvent(
             token=self._token(sample.token_id, sample.logprob, text),

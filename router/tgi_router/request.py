@@ -87,6 +87,8 @@ class StepPlan:
     finished_ids: list[int]
     new_requests: list[Request]
     scheduled: list[ScheduledChunk]
+    # No request waits, so the shards may start the next decode step early (the proto's `lookahead`).
+    lookahead: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

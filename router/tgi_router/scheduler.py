@@ -5,6 +5,10 @@ step gives running requests their share first (one token when decoding, the rest
 when prefilling in chunks), then admits waiting requests FIFO while the step's token budget, the batch
 size and the KV cache allow. KV blocks are allocated lazily as sequences grow; when the cache runs out,
 the newest running request is preempted (its blocks freed) and recomputed later from its tokens.
+
+A request that samples this step also gets the block its next token goes to, when one is free without
+preempting: with nothing waiting, the shards start the next decode step before its plan arrives
+(`StepPlan.lookahead`) and need a KV slot for every request.
 """
 
 from __future__ import annotations
@@ -60,10 +64,14 @@ class Scheduler:
         budget, did_preempt = self._schedule_running(scheduled, budget)
         if not did_preempt:
             self._schedule_waiting(scheduled, budget)
+        for chunk in scheduled:
+            self._reserve_next_token(chunk)
         new_requests = [chunk.request for chunk in scheduled if not chunk.request.is_on_shards]
         for request in new_requests:
             request.is_on_shards = True
-        plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled)
+        plan = StepPlan(
+            self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=not self.waiting
+        )
         self._next_step_id += 1
         self._finished_ids = []
         return plan
@@ -123,6 +131,17 @@ class Scheduler:
                 return None, True
         request.block_ids.extend(new_blocks)
         return new_blocks, preempted
+
+    def _reserve_next_token(self, chunk: ScheduledChunk) -> None:
+        """Gives a request that samples this step the block of its next token, if one is free."""
+        request = chunk.request
+        if request.num_computed_tokens + chunk.num_tokens != request.num_tokens:
+            return  # a prompt chunk: nothing is sampled
+        if self.blocks.num_blocks_for(request.num_tokens + 1) > len(request.block_ids):
+            new_blocks = self.blocks.allocate(1)
+            if new_blocks is not None:
+                request.block_ids.extend(new_blocks)
+                chunk.new_block_ids.extend(new_blocks)
 
     def _schedule_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:

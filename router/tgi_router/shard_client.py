@@ -2,12 +2,14 @@
 
 Ranks run collectives inside a step, so they must all get every call, in the same order. Rank 0's
 answer is the batch's answer (the proto says only rank 0 fills samples); a failure on any rank fails
-the call.
+the call at once: the other ranks may be blocked in a collective waiting for the failed one, and
+their calls are cancelled rather than awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 
@@ -44,19 +46,35 @@ class ShardClient:
         # Ranks may size their caches differently; every rank can hold the smallest.
         return min(responses, key=lambda r: r.num_blocks)
 
-    async def step(self, plan: StepPlan) -> StepResult:
-        responses = await self._all("Step", convert.step_request(plan))
+    def step(self, plan: StepPlan) -> Awaitable[StepResult]:
+        """Sends the step to every shard before returning (the engine does Python work for the last
+        step while this one runs); the awaitable gives rank 0's result."""
+        return self._step_result(self._start("Step", convert.step_request(plan)))
+
+    async def _step_result(self, calls: list) -> StepResult:
+        responses = await self._gather("Step", calls)
         return convert.step_result(responses[0])
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def _all(self, method: str, request):
-        calls = [getattr(stub, method)(request) for stub in self._stubs]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for rank, result in enumerate(results):
-            if isinstance(result, grpc.aio.AioRpcError):
-                raise ShardError(f"{method} failed on shard {rank}: {result.details()}") from result
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        return await self._gather(method, self._start(method, request))
+
+    def _start(self, method: str, request) -> list:
+        """Starts the call on every rank (grpc.aio sends it on the event loop's next turn)."""
+        return [asyncio.ensure_future(getattr(stub, method)(request)) for stub in self._stubs]
+
+    async def _gather(self, method: str, calls: list):
+        try:
+            await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for call in calls:
+                call.cancel()
+        for rank, call in enumerate(calls):
+            error = call.exception() if call.done() and not call.cancelled() else None
+            if isinstance(error, grpc.aio.AioRpcError):
+                raise ShardError(f"{method} failed on shard {rank}: {error.details()}") from error
+            if error is not None:
+                raise error
+        return [call.result() for call in calls]

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
@@ -45,12 +46,24 @@ def serve(
     master_port: int = typer.Option(29500, help="torch.distributed rendezvous port."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
     block_size: int = typer.Option(16, help="Tokens per KV cache block."),
+    load_format: str = typer.Option("auto", help="auto: read the checkpoint; dummy: random weights from config.json alone."),
+    cuda_graphs: Optional[str] = typer.Option(
+        None, help="Decode batch sizes to capture as CUDA graphs, comma-separated; 0 disables (default: 1,2,4,...,256 up to the max batch size)."
+    ),
+    cuda_memory_fraction: float = typer.Option(1.0, help="Share of the GPU's memory this shard may use."),
+    disable_custom_kernels: bool = typer.Option(False, help="Use the portable PyTorch attention and layers, not the Triton kernels."),
 ):
     """Load the model and serve the shard's gRPC API on a Unix socket."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {rank} %(levelname)s %(message)s")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, dtype, block_size)
+    if not 0 < cuda_memory_fraction <= 1:
+        raise typer.BadParameter(f"--cuda-memory-fraction must be in (0, 1], got {cuda_memory_fraction}")
+    options = ShardOptions(
+        dtype=dtype, block_size=block_size, load_format=load_format, cuda_graph_sizes=_graph_sizes(cuda_graphs),
+        cuda_memory_fraction=cuda_memory_fraction, disable_custom_kernels=disable_custom_kernels,
+    )
+    server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
@@ -59,36 +72,64 @@ def serve(
     server.stop(grace=2).wait()
 
 
-def _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, dtype, block_size):
+@dataclass(frozen=True)
+class ShardOptions:
+    dtype: str | None
+    block_size: int
+    load_format: str
+    cuda_graph_sizes: tuple[int, ...]
+    cuda_memory_fraction: float
+    disable_custom_kernels: bool
+
+
+def _graph_sizes(text: str | None) -> tuple[int, ...]:
+    from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
+
+    if text is None:
+        return DEFAULT_BATCH_SIZES
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--cuda-graphs takes comma-separated batch sizes, got {text!r}")
+    if any(size < 0 for size in sizes):
+        raise typer.BadParameter(f"--cuda-graphs sizes must be >= 0, got {text!r}")
+    return tuple(size for size in sizes if size > 0)
+
+
+def _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options: ShardOptions):
     import grpc
     import torch
 
     from tgi_proto.generate.v1 import generate_pb2 as pb
     from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
     from tgi_server.distributed import init_distributed
+    from tgi_server.kernels import disable_kernels
     from tgi_server.model_runner import ModelRunner
     from tgi_server.models.registry import load_model, model_architecture
     from tgi_server.service import TextGenerationService
 
     if torch.cuda.is_available():
         device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    dtype = options.dtype
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    disable_kernels(options.disable_custom_kernels)
     tp = init_distributed(rank, world_size, master_addr, master_port, device)
-    model, config = load_model(model_path, tp, torch_dtype, device)
-    runner = ModelRunner(model, config, tp, device, torch_dtype, block_size)
+    model, config = load_model(model_path, tp, torch_dtype, device, options.load_format)
+    runner = ModelRunner(model, config, tp, device, torch_dtype, options.block_size, options.cuda_graph_sizes)
     info = pb.InfoResponse(
         architecture=model_architecture(config),
         dtype=str(torch_dtype).removeprefix("torch."),
         device_type=device.type,
-        block_size=block_size,
+        block_size=options.block_size,
         vocab_size=config.vocab_size,
         max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
         world_size=world_size,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(runner, info, rank), server)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(runner, info, rank, options.cuda_memory_fraction), server)
     socket_path = f"{uds_path}-{rank}"
     if os.path.exists(socket_path):
         os.unlink(socket_path)

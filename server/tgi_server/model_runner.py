@@ -3,6 +3,13 @@ forward pass over the paged KV cache, and samples for the requests whose prompt 
 
 The router decides everything (which requests, how many tokens, which blocks); this module only
 follows the plan. All ranks run the same plan and sample the same tokens.
+
+Lookahead: when the router says nothing waits and the step's batch will decode next (on CUDA, with
+graphs), the runner starts that next decode step as soon as this one is sampled and returns; the GPU
+runs it while the router handles the result. The next plan's decode rows that match what was started
+(same sequence, unchanged since) take its samples; everything else is computed as usual. A started
+row recomputes exactly what the plan would have asked (sampling is a pure function of the sequence
+and its seed), so reusing it changes nothing but the time.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.attention import AttentionMetadata, kv_cache_shape
-from tgi_server.sampler import SamplingBatch, SamplingParams, sample
+from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, sample
 
 
 @dataclass
@@ -62,6 +71,30 @@ class StepOutput:
     forward_ns: int
 
 
+@dataclass
+class FlatBatch:
+    """A step's new tokens flattened in batch order, on the host."""
+
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slots: np.ndarray  # [num_tokens] int64: block_id * block_size + offset
+    query_start_loc: list[int]  # [B + 1]: sequence i's tokens are rows [q[i], q[i + 1])
+    seq_lens: list[int]  # [B]: context length after this step
+    block_tables: np.ndarray  # [B, max_blocks] int32, padded with 0
+    sample_rows: list[int]  # rows whose sequence samples this step
+
+
+@dataclass
+class _Lookahead:
+    """A decode step started before its plan arrived; row i decodes sequences[i]'s last token."""
+
+    sequences: list[Sequence]
+    # num_computed_tokens of each sequence when started: a row is valid while this is unchanged
+    positions: list[int]
+    output: SamplerOutput  # still on the device
+    done: torch.cuda.Event
+
+
 @dataclass(frozen=True)
 class Sample:
     request_id: int
@@ -71,7 +104,16 @@ class Sample:
 
 
 class ModelRunner:
-    def __init__(self, model, config, tp: TPGroup, device: torch.device, dtype: torch.dtype, block_size: int):
+    def __init__(
+        self,
+        model,
+        config,
+        tp: TPGroup,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        cuda_graph_sizes: tuple[int, ...] = (),
+    ):
         self.model = model
         self.config = config
         self.tp = tp
@@ -81,8 +123,16 @@ class ModelRunner:
         self.sequences: dict[int, Sequence] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        # Decode batch sizes to replay as CUDA graphs once the KV cache exists (none on CPU).
+        self.cuda_graph_sizes = cuda_graph_sizes if device.type == "cuda" else ()
+        self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
+        self._lookahead: _Lookahead | None = None
+        self.num_lookahead_rows_used = 0  # samples served from a started step (a statistic)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._lookahead = None
+        self.decode_graphs = self.mixed_graphs = None  # graphs address the old cache
         self.kv_caches = []  # free the old cache before allocating the new one
         shape = kv_cache_shape(self.config, self.tp, num_blocks, self.block_size)
         self.kv_caches = [
@@ -91,20 +141,46 @@ class ModelRunner:
         ]
         self.num_blocks = num_blocks
 
+    def capture_cuda_graphs(self, max_total_tokens: int, max_batch_size: int, max_batch_tokens: int) -> None:
+        """Captures, over the current KV cache, for sequences of up to `max_total_tokens` tokens:
+        decode steps of the `cuda_graph_sizes` up to `max_batch_size` (and that size itself), and
+        mixed steps of up to `max_batch_tokens` tokens in `max_batch_size` sequences."""
+        sizes = [size for size in self.cuda_graph_sizes if size < max_batch_size]
+        if self.cuda_graph_sizes and max(self.cuda_graph_sizes) >= max_batch_size:
+            sizes.append(max_batch_size)
+        if not sizes or not self.num_blocks:
+            return
+        max_blocks_per_seq = -(-(max_total_tokens + 1) // self.block_size)  # + the lookahead token
+        self.mixed_graphs = MixedGraphs(
+            self.model, self.kv_caches, token_buckets(max_batch_tokens), max_batch_size, max_blocks_per_seq, self.device
+        )
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool
+        )
+
     def kv_cache_bytes_per_block(self) -> int:
         shape = kv_cache_shape(self.config, self.tp, 1, self.block_size)
         return math.prod(shape) * self.dtype.itemsize * self.config.num_hidden_layers
 
     def clear(self) -> None:
         self.sequences.clear()
+        self._lookahead = None
 
     @torch.inference_mode()
     def step(
-        self, finished_ids: list[int], new: list[NewSequence], scheduled: list[ScheduledSequence]
+        self,
+        finished_ids: list[int],
+        new: list[NewSequence],
+        scheduled: list[ScheduledSequence],
+        lookahead: bool = False,
     ) -> StepOutput:
-        """Applies one plan; returns the samples (batch order), any prompt logprobs, and the
-        forward+sampling time in ns."""
+        """Applies one plan; returns the samples (one per request that sampled, in no set order),
+        any prompt logprobs, and the step's time in ns. With `lookahead`, may start the next decode
+        step (see the module's docstring)."""
         start = time.perf_counter_ns()
+        started, self._lookahead = self._lookahead, None
+        if started is not None:
+            started.done.synchronize()  # its inputs are read: the graph buffers are free again
         for request_id in finished_ids:
             self.sequences.pop(request_id, None)
         for request in new:
@@ -117,20 +193,109 @@ class ModelRunner:
             sequence = self.sequences[item.id]
             sequence.block_table.extend(item.new_block_ids)
             batch.append((item.id, sequence, item.num_tokens))
-        samples, prompt_logprobs = self._forward_and_sample(batch) if batch else ([], [])
+        reused = self._take_started(started, batch) if started is not None else []
+        rest = [item for item in batch if item[0] not in {request_id for request_id, _, _ in reused}]
+        samples, prompt_logprobs = self._forward_and_sample(rest) if rest else ([], [])
+        if reused:
+            samples = self._collect_started(started, reused) + samples
+            self.num_lookahead_rows_used += len(reused)
+        if lookahead and batch:
+            self._start_lookahead([seq for _, seq, _ in batch])
         return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
 
+    @staticmethod
+    def _take_started(started: _Lookahead, batch: list[tuple[int, Sequence, int]]) -> list[tuple[int, Sequence, int]]:
+        """The batch's decode rows that the started step computed, unchanged since."""
+        rows = {id(seq): position for seq, position in zip(started.sequences, started.positions)}
+        return [
+            (request_id, seq, n)
+            for request_id, seq, n in batch
+            if n == 1 and rows.get(id(seq)) == seq.num_computed_tokens == len(seq.token_ids) - 1
+        ]
+
+    def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
+        row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
+        rows = torch.tensor([row_of[id(seq)] for _, seq, _ in reused], device=self.device)
+        out = started.output
+        token_ids, logprobs = torch.stack([out.token_ids.double(), out.logprobs.double()])[:, rows].tolist()
+        samples = []
+        for (request_id, seq, _), token_id, logprob in zip(reused, token_ids, logprobs):
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(int(token_id))
+            samples.append(Sample(request_id, int(token_id), logprob, []))
+        return samples
+
+    def _start_lookahead(self, sequences: list[Sequence]) -> None:
+        """Launches the decode step of `sequences` (all of them, or none) without waiting for it."""
+        block_size, graphs = self.block_size, self.decode_graphs
+        if graphs is None or graphs.padded_size(len(sequences)) is None:
+            return
+        for seq in sequences:
+            position = seq.num_computed_tokens
+            if (
+                position != len(seq.token_ids) - 1  # still prefilling
+                or seq.top_n_tokens  # top-n needs a host sync inside sampling
+                or position >= len(seq.block_table) * block_size  # no slot for the token
+                or len(seq.block_table) > graphs.max_blocks_per_seq
+            ):
+                return
+        positions = [seq.num_computed_tokens for seq in sequences]
+        logits = graphs.run(
+            [seq.token_ids[-1] for seq in sequences],
+            positions,
+            [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)],
+            [seq.block_table for seq in sequences],
+        )
+        batch = SamplingBatch.build([seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device)
+        output = sample(logits, batch, [0] * len(sequences))
+        done = torch.cuda.Event()
+        done.record()
+        self._lookahead = _Lookahead(sequences, positions, output, done)
+
     def _forward_and_sample(self, batch: list[tuple[int, Sequence, int]]) -> tuple[list[Sample], list[PromptLogprobs]]:
-        input_ids, positions, attn, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [num_tokens, hidden]
-        prompt_logprobs = self._prompt_logprobs(batch, hidden, attn.query_start_loc_cpu)
+        if self._is_graph_decode(batch):
+            return self._decode_with_graph(batch), []
+        flat = self._flatten(batch)
+        graphs = self.mixed_graphs
+        if graphs is not None and graphs.fits(len(flat.input_ids), len(batch), flat.block_tables.shape[1]):
+            hidden = graphs.run(flat)  # [num_tokens, hidden]
+        else:
+            input_ids, positions, attn = self._eager_inputs(flat)
+            hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [num_tokens, hidden]
+        prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc)
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:
             seq.num_computed_tokens += n
         if not to_sample:
             return [], prompt_logprobs
+        sample_rows = torch.tensor(flat.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[sample_rows])  # [num_samples, vocab]
         return self._sample(logits, to_sample), prompt_logprobs
+
+    def _is_graph_decode(self, batch: list[tuple[int, Sequence, int]]) -> bool:
+        """Every sequence computes its last known token (so samples, and needs no prompt logprobs),
+        within the captured batch sizes and sequence length."""
+        graphs = self.decode_graphs
+        return (
+            graphs is not None
+            and graphs.padded_size(len(batch)) is not None
+            and all(
+                n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids)
+                and seq.num_computed_tokens < len(seq.block_table) * self.block_size <= graphs.max_blocks_per_seq * self.block_size
+                for _, seq, n in batch
+            )
+        )
+
+    def _decode_with_graph(self, batch: list[tuple[int, Sequence, int]]) -> list[Sample]:
+        block_size = self.block_size
+        positions = [seq.num_computed_tokens for _, seq, _ in batch]
+        slots = [seq.block_table[p // block_size] * block_size + p % block_size for (_, seq, _), p in zip(batch, positions)]
+        logits = self.decode_graphs.run(
+            [seq.token_ids[-1] for _, seq, _ in batch], positions, slots, [seq.block_table for _, seq, _ in batch]
+        )
+        for _, seq, _ in batch:
+            seq.num_computed_tokens += 1
+        return self._sample(logits, [(request_id, seq) for request_id, seq, _ in batch])
 
     def _prompt_logprobs(self, batch, hidden: torch.Tensor, query_start_loc: list[int]) -> list[PromptLogprobs]:
         """Raw-model logprobs of the next prompt token at each prompt position computed this step."""
@@ -154,53 +319,64 @@ class ModelRunner:
             offset += count
         return out
 
-    def _prepare(self, batch: list[tuple[int, Sequence, int]]):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
+    def _flatten(self, batch: list[tuple[int, Sequence, int]]) -> FlatBatch:
         block_size = self.block_size
-        for _, seq, num_tokens in batch:
+        input_ids, positions, slots, query_start_loc, seq_lens, sample_rows = [], [], [], [0], [], []
+        width = max(len(seq.block_table) for _, seq, _ in batch)
+        tables = np.zeros((len(batch), width), dtype=np.int32)
+        for row, (_, seq, num_tokens) in enumerate(batch):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             if end > len(seq.block_table) * block_size:
                 raise ValueError(f"block table of {len(seq.block_table)} blocks cannot hold {end} tokens")
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            tables[row, : len(seq.block_table)] = seq.block_table
+            span = np.arange(start, end)
+            input_ids.append(seq.token_ids[start:end])
+            positions.append(span)
+            slots.append(tables[row, span // block_size].astype(np.int64) * block_size + span % block_size)
             query_start_loc.append(query_start_loc[-1] + num_tokens)
             seq_lens.append(end)
             if end == len(seq.token_ids):
                 sample_rows.append(query_start_loc[-1] - 1)
-        width = max(len(seq.block_table) for _, seq, _ in batch)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for _, seq, _ in batch]
+        return FlatBatch(
+            input_ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids in input_ids]),
+            positions=np.concatenate(positions),
+            slots=np.concatenate(slots),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            sample_rows=sample_rows,
+        )
+
+    def _eager_inputs(self, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         device = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),  # [num_tokens]
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),  # [B + 1]
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),  # [B]
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),  # [B, max_blocks]
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=torch.from_numpy(flat.slots).to(device),  # [num_tokens]
+            query_start_loc=torch.tensor(flat.query_start_loc, dtype=torch.int32, device=device),  # [B + 1]
+            seq_lens=torch.tensor(flat.seq_lens, dtype=torch.int32, device=device),  # [B]
+            block_tables=torch.from_numpy(flat.block_tables).to(device),  # [B, max_blocks]
+            query_start_loc_cpu=flat.query_start_loc,
+            seq_lens_cpu=flat.seq_lens,
+            max_query_len=max(b - a for a, b in zip(flat.query_start_loc, flat.query_start_loc[1:])),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=device)  # [num_tokens]
-        pos = torch.tensor(positions, dtype=torch.int64, device=device)  # [num_tokens]
-        return ids, pos, attn, torch.tensor(sample_rows, dtype=torch.int64, device=device)
+        ids = torch.from_numpy(flat.input_ids).to(device)  # [num_tokens]
+        positions = torch.from_numpy(flat.positions).to(device)  # [num_tokens]
+        return ids, positions, attn
 
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
         params = [seq.sampling for _, seq in to_sample]
         batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device)
-        out = sample(logits, batch, [seq.top_n_tokens for _, seq in to_sample])
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
-        top_counts = out.top_counts.tolist()
+        top_n = [seq.top_n_tokens for _, seq in to_sample]
+        out = sample(logits, batch, top_n)
+        # One device-to-host copy (float64 holds every token id exactly); top tokens only when asked.
+        token_ids, logprobs = torch.stack([out.token_ids.double(), out.logprobs.double()]).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in to_sample]
+        if any(top_n):
+            top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+            for row, n in enumerate(out.top_counts.tolist()):
+                tops[row] = list(zip(top_ids[row][:n], top_logprobs[row][:n]))
         samples = []
         for row, (request_id, seq) in enumerate(to_sample):
-            seq.token_ids.append(token_ids[row])
-            n = top_counts[row]
-            top = list(zip(top_ids[row][:n], top_logprobs[row][:n]))
-            samples.append(Sample(request_id, token_ids[row], logprobs[row], top))
+            token_id = int(token_ids[row])
+            seq.token_ids.append(token_id)
+            samples.append(Sample(request_id, token_id, logprobs[row], tops[row]))
         return samples

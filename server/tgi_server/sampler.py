@@ -30,20 +30,25 @@ class SamplingParams:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling controls as tensors on the logits' device."""
+    """Per-row sampling controls as tensors on the logits' device.
 
-    do_sample: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    top_p: torch.Tensor  # [B] float32, 1 = off
-    typical_p: torch.Tensor  # [B] float32, 1 = off
-    repetition_penalty: torch.Tensor  # [B] float32, 1 = off
-    frequency_penalty: torch.Tensor  # [B] float32, 0 = off
-    seed: torch.Tensor  # [B] int64 (u64 reinterpreted)
-    position: torch.Tensor  # [B] int64: index the sampled token will have in its sequence
+    Columns a batch does not use are None (an all-greedy batch without penalties builds no tensor):
+    the sampling columns exist when `use_sampling`, the penalty columns when `history` does.
+    """
+
+    do_sample: torch.Tensor | None  # [B] bool
+    temperature: torch.Tensor | None  # [B] float32
+    top_k: torch.Tensor | None  # [B] int64, 0 = off
+    top_p: torch.Tensor | None  # [B] float32, 1 = off
+    typical_p: torch.Tensor | None  # [B] float32, 1 = off
+    seed: torch.Tensor | None  # [B] int64 (u64 reinterpreted)
+    position: torch.Tensor | None  # [B] int64: index the sampled token will have in its sequence
+    repetition_penalty: torch.Tensor | None  # [B] float32, 1 = off
+    frequency_penalty: torch.Tensor | None  # [B] float32, 0 = off
     history: torch.Tensor | None  # [B, L] int64 token ids so far, padded by repeating the first id
     history_len: torch.Tensor | None  # [B] int64
     # Known on the host when the batch is built, so the hot path needs no device sync to skip work.
+    use_sampling: bool
     use_top_k_top_p: bool
     use_typical: bool
     # (row, previous token id) of the rows to watermark.
@@ -51,29 +56,38 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], histories: list[list[int]], device) -> SamplingBatch:
-        def column(name, dtype):
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
 
-        needs_history = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params)
-        history = history_len = None
-        if needs_history:
+        def field(name, dtype):
+            return column([getattr(p, name) for p in params], dtype)
+
+        columns = dict.fromkeys(
+            ["do_sample", "temperature", "top_k", "top_p", "typical_p", "seed", "position",
+             "repetition_penalty", "frequency_penalty", "history", "history_len"]
+        )
+        use_sampling = any(p.do_sample for p in params)
+        if use_sampling:
+            columns.update(
+                do_sample=field("do_sample", torch.bool),
+                temperature=field("temperature", torch.float32),
+                top_k=field("top_k", torch.int64),
+                top_p=field("top_p", torch.float32),
+                typical_p=field("typical_p", torch.float32),
+                seed=column([p.seed - _U64 if p.seed >= _U64 // 2 else p.seed for p in params], torch.int64),
+                position=column([len(h) for h in histories], torch.int64),
+            )
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params):
             width = max(len(h) for h in histories)
-            padded = [h + [h[0]] * (width - len(h)) for h in histories]
-            history = torch.tensor(padded, dtype=torch.int64, device=device)  # [B, L]
-            history_len = torch.tensor([len(h) for h in histories], dtype=torch.int64, device=device)
-        seeds = [p.seed - _U64 if p.seed >= _U64 // 2 else p.seed for p in params]
+            columns.update(
+                repetition_penalty=field("repetition_penalty", torch.float32),
+                frequency_penalty=field("frequency_penalty", torch.float32),
+                history=column([h + [h[0]] * (width - len(h)) for h in histories], torch.int64),  # [B, L]
+                history_len=column([len(h) for h in histories], torch.int64),
+            )
         return cls(
-            do_sample=column("do_sample", torch.bool),
-            temperature=column("temperature", torch.float32),
-            top_k=column("top_k", torch.int64),
-            top_p=column("top_p", torch.float32),
-            typical_p=column("typical_p", torch.float32),
-            repetition_penalty=column("repetition_penalty", torch.float32),
-            frequency_penalty=column("frequency_penalty", torch.float32),
-            seed=torch.tensor(seeds, dtype=torch.int64, device=device),
-            position=torch.tensor([len(h) for h in histories], dtype=torch.int64, device=device),
-            history=history,
-            history_len=history_len,
+            **columns,
+            use_sampling=use_sampling,
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
             watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
@@ -97,9 +111,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> Samp
     scores = _apply_penalties(scores, batch)
     scores = _apply_warpers(scores, batch)
     logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
-    greedy_ids = torch.argmax(scores, dim=-1)
-    sampled_ids = torch.argmax(logprobs + _gumbel_noise(batch.seed, batch.position, scores.shape[1]), dim=-1)
-    token_ids = torch.where(batch.do_sample, sampled_ids, greedy_ids)
+    token_ids = torch.argmax(scores, dim=-1)  # greedy
+    if batch.use_sampling:
+        sampled_ids = torch.argmax(logprobs + _gumbel_noise(batch.seed, batch.position, scores.shape[1]), dim=-1)
+        token_ids = torch.where(batch.do_sample, sampled_ids, token_ids)
     token_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
     top_ids, top_logprobs, top_counts = _top_tokens(logprobs, top_n)
     return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, top_counts)
@@ -159,6 +174,8 @@ def _history_mask(batch: SamplingBatch) -> torch.Tensor:
 
 
 def _apply_warpers(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if not batch.use_sampling:  # greedy rows ignore every warper
+        return scores
     temperature = torch.where(batch.do_sample & (batch.temperature > 0), batch.temperature, 1.0)
     scores = scores / temperature[:, None]
     if batch.use_top_k_top_p:

@@ -18,8 +18,9 @@ from tgi_server.warmup import warmup
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int):
+    def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int, memory_fraction: float = 1.0):
         self.runner = runner
+        self.memory_fraction = memory_fraction
         self.info = info
         self.rank = rank
         self._lock = threading.Lock()
@@ -39,6 +40,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                     request.max_total_tokens,
                     request.max_batch_size,
                     request.max_batch_total_tokens,
+                    self.memory_fraction,
                 )
             except RuntimeError as error:  # out of memory, mostly
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"warmup failed: {error}")
@@ -52,7 +54,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         scheduled = [ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids)) for s in request.scheduled]
         with self._lock:
             try:
-                output = self.runner.step(list(request.finished_ids), new, scheduled)
+                output = self.runner.step(list(request.finished_ids), new, scheduled, request.lookahead)
             except (KeyError, ValueError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id}: {error!r}")
         if self.rank != 0:

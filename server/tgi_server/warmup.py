@@ -1,4 +1,4 @@
-"""Warmup: run the largest step the router may send, then size the paged KV cache.
+"""Warmup: run the largest step the router may send, size the paged KV cache, capture CUDA graphs.
 
 The largest step is `max_batch_prefill_tokens` prompt tokens spread over as few requests as the
 per-request limit allows, with every sampling feature on, so peak activation memory is known before the
@@ -32,8 +32,10 @@ def warmup(
     max_total_tokens: int,
     max_batch_size: int,
     max_batch_total_tokens: int = 0,
+    memory_fraction: float = 1.0,
 ) -> int:
-    """Runs the largest allowed step, then allocates the KV cache; returns its number of blocks."""
+    """Runs the largest allowed step, then allocates the KV cache (within `memory_fraction` of the
+    GPU) and captures the decode CUDA graphs; returns the cache's number of blocks."""
     lengths = _warmup_lengths(max_batch_prefill_tokens, max(max_total_tokens - 1, 1), max_batch_size)
     _run_largest_step(runner, lengths)
     if max_batch_total_tokens:
@@ -41,8 +43,9 @@ def warmup(
     else:
         # More than every request at its longest can never be used.
         num_useful = 1 + -(-max_batch_size * max_total_tokens // runner.block_size)
-        num_blocks = min(_num_kv_blocks_that_fit(runner), num_useful)
+        num_blocks = min(_num_kv_blocks_that_fit(runner, memory_fraction), num_useful)
     runner.allocate_kv_cache(num_blocks)
+    runner.capture_cuda_graphs(max_total_tokens, max_batch_size, max_batch_prefill_tokens)
     return num_blocks
 
 
@@ -70,13 +73,14 @@ def _warmup_lengths(num_tokens: int, max_length: int, max_batch_size: int) -> li
     return lengths
 
 
-def _num_kv_blocks_that_fit(runner: ModelRunner) -> int:
+def _num_kv_blocks_that_fit(runner: ModelRunner, memory_fraction: float) -> int:
     per_block = runner.kv_cache_bytes_per_block()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
-        free, _ = torch.cuda.mem_get_info(runner.device)
-        cached = torch.cuda.memory_reserved(runner.device) - torch.cuda.memory_allocated(runner.device)
-        budget = (free + cached) * CUDA_KV_FRACTION
+        free, total = torch.cuda.mem_get_info(runner.device)
+        reserved = torch.cuda.memory_reserved(runner.device)
+        cached = reserved - torch.cuda.memory_allocated(runner.device)
+        budget = (min(free, total * memory_fraction - reserved) + cached) * CUDA_KV_FRACTION
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         budget = min(available * CPU_KV_FRACTION, CPU_KV_MAX_BYTES)

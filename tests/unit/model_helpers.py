@@ -112,6 +112,7 @@ class PagedBatchDriver:
             block_tables=block_tables,
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
+            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
         )
 
 

@@ -181,3 +181,34 @@ def test_block_manager_allocates_all_or_nothing():
     assert blocks.num_free_blocks == 1
     blocks.free(taken)
     assert blocks.num_free_blocks == 3
+
+
+def test_a_request_that_samples_also_gets_the_block_of_its_next_token():
+    scheduler = make_scheduler(prefill_tokens=8)
+    scheduler.add(make_request(1, 8, max_new_tokens=10))  # 8 tokens fill two blocks exactly
+    plan, _ = run_step(scheduler)
+    (chunk,) = plan.scheduled
+    assert len(chunk.new_block_ids) == 3  # the sampled token (position 8) goes to a third block
+    for _ in range(3):  # positions 9..11 stay in that block
+        plan, _ = run_step(scheduler)
+        assert plan.scheduled[0].new_block_ids == []
+    plan, _ = run_step(scheduler)  # decodes position 11, samples the token for position 12
+    assert len(plan.scheduled[0].new_block_ids) == 1
+
+
+def test_prompt_chunks_get_no_extra_block():
+    scheduler = make_scheduler(prefill_tokens=4)
+    scheduler.add(make_request(1, 12))
+    plan, _ = run_step(scheduler)
+    assert len(plan.scheduled[0].new_block_ids) == 1
+
+
+def test_steps_allow_lookahead_only_while_nothing_waits():
+    scheduler = make_scheduler(batch_size=1)
+    scheduler.add(make_request(1, 3))
+    scheduler.add(make_request(2, 3))
+    plan, _ = run_step(scheduler)
+    assert not plan.lookahead  # request 2 waits for a batch slot
+    scheduler.finish(1)
+    plan, _ = run_step(scheduler)
+    assert plan.lookahead

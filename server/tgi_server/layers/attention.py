@@ -1,10 +1,11 @@
 """Paged attention: a per-layer KV cache of fixed-size blocks, addressed through block tables.
 
-This is the portable PyTorch backend (a Python loop over sequences, no device syncs); GPU
-kernels plug in behind the same `PagedAttention.forward` and `AttentionMetadata`.
+`PagedAttention.forward` rotates q and k, writes k and v into the cache, then attends. On CUDA it
+runs two Triton kernels (`tgi_server.kernels`); elsewhere, the portable PyTorch path: a Python loop
+over sequences with no device syncs, which is also the kernels' reference.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from tgi_server.distributed import TPGroup
+from tgi_server.kernels import use_kernels
+from tgi_server.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -34,6 +37,10 @@ class AttentionMetadata:
     # same values as python lists, so the portable path needs no device syncs
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # the most new tokens of any one sequence (1 when every sequence decodes)
+    max_query_len: int
+    # what kernels derive from the above once per step and share across layers
+    derived: dict = field(default_factory=dict, repr=False)
 
 
 def attention_head_dim(config: PretrainedConfig) -> int:
@@ -72,17 +79,28 @@ class PagedAttention(nn.Module):
 
     def forward(
         self,
+        positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
     ) -> torch.Tensor:
-        """Write k, v into `kv_cache` at `attn.slot_mapping`, then attend.
+        """Rotate q and k by `positions`, write k, v into `kv_cache` at `attn.slot_mapping`, then attend.
 
-        q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim];
-        kv_cache as `kv_cache_shape`. Returns [num_tokens, num_heads, head_dim].
+        q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim] (q may be
+        overwritten); kv_cache as `kv_cache_shape`. Returns [num_tokens, num_heads, head_dim].
         """
+        if use_kernels(q):
+            from tgi_server.kernels.attention import paged_attention
+            from tgi_server.kernels.fused import rotary_and_write_cache
+
+            rotary_and_write_cache(
+                q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, kv_cache, attn.slot_mapping
+            )
+            return paged_attention(q, kv_cache, attn, self.scale, self.sliding_window)
+        q, k = rotary(positions, q, k)
         write_kv_cache(kv_cache, k, v, attn.slot_mapping)
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         starts = attn.query_start_loc_cpu

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from tgi_server.kernels import use_kernels
 from tgi_server.weights import WeightSource
 
 
@@ -21,7 +22,20 @@ class RMSNorm(nn.Module):
         self.weight.copy_(weights.get(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., hidden_size] -> same shape and dtype."""
+        """[num_tokens, hidden_size] -> same shape and dtype."""
+        if use_kernels(x):
+            from tgi_server.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream of a pre-norm block, in one kernel on GPU."""
+        if use_kernels(x):
+            from tgi_server.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        total = x + residual
+        return self(total), total

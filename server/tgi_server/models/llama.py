@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from tgi_server.distributed import TPGroup
+from tgi_server.kernels import use_kernels
 from tgi_server.layers.attention import AttentionMetadata, PagedAttention, attention_head_dim
 from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -72,8 +73,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, attn)  # [num_tokens, num_heads, head_dim]
+        out = self.attn(positions, q, k, v, self.rotary, kv_cache, attn)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -94,12 +94,21 @@ class LlamaMLP(nn.Module):
         self.down_proj.load(weights, f"{prefix}.down_proj")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(hidden)  # [num_tokens, 2 * intermediate_per_rank]
+        if use_kernels(gate_up):
+            from tgi_server.kernels.fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    The residual stream travels beside the block's output, so each norm adds it in the same kernel
+    (vLLM's layout): a layer takes (output of the previous block, stream before it) and returns the same.
+    """
 
     def __init__(
         self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
@@ -117,10 +126,21 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp.load(weights, f"{prefix}.mlp")
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), attn, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous block's output (or the embeddings, with residual None)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn, kv_cache)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -148,10 +168,10 @@ class LlamaModel(nn.Module):
         attn: AttentionMetadata,
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, attn, kv_cache)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, attn, kv_cache)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -23,12 +23,17 @@ def model_architecture(config: PretrainedConfig) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(
-    model_path: str, tp: TPGroup, dtype: torch.dtype, device: torch.device
+    model_path: str, tp: TPGroup, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Build this rank's shard of the model at `model_path` and load its weights.
 
-    `model_path` is a local directory with config.json and *.safetensors, or a `.gguf` file.
+    `model_path` is a local directory with config.json and *.safetensors, or a `.gguf` file. With
+    `load_format="dummy"` only the config is read and the weights are random (for sizing and
+    benchmarking models whose weights are not at hand).
     Raises ValueError for an architecture not in `ARCHITECTURES`.
     """
     config = load_config(model_path)
@@ -37,6 +42,25 @@ def load_model(
         raise ValueError(
             f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     model = ARCHITECTURES[architecture](config, tp, dtype, device)
-    model.load_weights(open_weights(model_path, config, dtype))
+    if load_format == "dummy":
+        fill_random_weights(model, seed=tp.rank)
+    else:
+        model.load_weights(open_weights(model_path, config, dtype))
     return model.eval(), config
+
+
+@torch.no_grad()
+def fill_random_weights(model: nn.Module, seed: int) -> None:
+    """Norm scales 1, every other parameter uniform in [-1e-3, 1e-3] (small, so activations stay finite
+    through any depth), drawn on the parameter's device."""
+    generator = None
+    for name, parameter in model.named_parameters():
+        if generator is None:
+            generator = torch.Generator(device=parameter.device).manual_seed(seed)
+        if "norm" in name:
+            parameter.fill_(1.0)
+        else:
+            parameter.uniform_(-1e-3, 1e-3, generator=generator)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU measurement in one call: GPU tests, the shard's step times, then the real server over HTTP
+# (Llama-3.1-8B shape, random bf16 weights): one stream, time to first token, 128 concurrent streams.
+# Optionally HF transformers' generate_batch on the same throughput workload (HF=1).
+#
+#   OUT=/tmp/results bash bench/gpu_suite.sh            # the device tool sets OUT
+#   PARTS="tests step http" NUM_PROMPTS=512 HF=1 bash bench/gpu_suite.sh
+#
+# Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
+# from bench/assets (git-ignored: carry it to the GPU machine).
+set -u
+OUT=${OUT:-/tmp/gpu-suite}
+PARTS=${PARTS:-"tests step http"}
+NUM_PROMPTS=${NUM_PROMPTS:-512}
+HF=${HF:-0}
+HF_PROMPTS=${HF_PROMPTS:-$NUM_PROMPTS}
+PORT=${PORT:-3000}
+PREFILL_TOKENS=${PREFILL_TOKENS:-4096}  # the router's --max-batch-prefill-tokens
+TAG=${TAG:-}  # suffix of the result files
+SHAPE=${SHAPE:-llama-3.1-8b}
+MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
+PY=${PY:-python3}
+LOGS=${LOGS:-/tmp/gpu-suite-logs}  # $OUT brings back at most 8 files: the JSON, and logs.tar.gz
+mkdir -p "$OUT" "$LOGS"
+trap 'tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .' EXIT
+cd "$(dirname "$0")/.."
+export PYTHONPATH=server:proto:router:launcher:bench PYTHONUNBUFFERED=1
+# Router dependencies the GPU image lacks (aiohttp-cors, aiohttp-sse, swagger-ui-bundle), carried as wheels.
+if ls .whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if has tests; then
+    $PY -m pytest -q -p no:cacheprovider tests/unit/test_gpu_path.py tests/unit/test_kernels.py > "$LOGS/tests.log" 2>&1
+    tail -1 "$LOGS/tests.log"
+    grep -E "^(E  |FAILED)" "$LOGS/tests.log" | cut -c1-300 | head -20
+fi
+
+if has step; then
+    $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,8,32,128 --decode-steps 48 --prompt-len 128 \
+        --prefill-lens 128,1024 > "$OUT/shard_step.json" 2> "$LOGS/shard_step.log"
+    $PY -c "import json; d = json.load(open('$OUT/shard_step.json')); print('prefill', d['prefill']); [print(r) for r in d['results']]"
+fi
+
+if has http; then
+    $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
+    SOCKET=/tmp/tgi-bench-$$
+    $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy > "$LOGS/shard$TAG.log" 2>&1 &
+    SHARD=$!
+    until [ -S "$SOCKET-0" ]; do
+        kill -0 "$SHARD" 2> /dev/null || { echo "the shard died:"; tail -20 "$LOGS/shard$TAG.log"; exit 1; }
+        sleep 0.5
+    done
+    $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" \
+        --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$PREFILL_TOKENS" \
+        --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$TAG.log" 2>&1 &
+    ROUTER=$!
+    until curl -sf "localhost:$PORT/health" > /dev/null; do
+        kill -0 "$ROUTER" 2> /dev/null || { echo "the router died:"; tail -20 "$LOGS/router$TAG.log"; kill "$SHARD"; exit 1; }
+        sleep 0.5
+    done
+    serve() { $PY bench/serving.py --base-url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR" "$@"; }
+    serve --num-prompts 4 --input-len 128 --output-len 256 --max-concurrency 1 --warmup 1 \
+        --result-json "$OUT/http_single_stream$TAG.json" > "$LOGS/http_single_stream$TAG.txt" 2>&1
+    serve --num-prompts 10 --input-len 1024 --output-len 1 --max-concurrency 1 --warmup 2 \
+        --result-json "$OUT/http_ttft_1024$TAG.json" > "$LOGS/http_ttft_1024$TAG.txt" 2>&1
+    serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
+        --result-json "$OUT/http_c128$TAG.json" > "$LOGS/http_c128$TAG.txt" 2>&1
+    for f in http_single_stream$TAG http_ttft_1024$TAG http_c128$TAG; do
+        echo "== $f"; grep -E "Successful|Failed requests|Output token throughput|TTFT|TPOT" "$LOGS/$f.txt"
+    done
+    curl -s "localhost:$PORT/metrics" > "$LOGS/metrics$TAG.txt"
+    kill "$ROUTER" "$SHARD"; wait
+    grep -iE "error|Traceback" "$LOGS/shard$TAG.log" | head -5
+fi
+
+if [ "$HF" = 1 ]; then
+    $PY bench/hf_generate_batch.py --model "$MODEL_DIR" --load-format dummy --num-prompts "$HF_PROMPTS" \
+        --input-len 1024 --output-len 256 --result-json "$OUT/hf_generate_batch.json" > "$LOGS/hf.txt" 2>&1
+    tail -15 "$LOGS/hf.txt"
+fi

@@ -1,0 +1,197 @@
+"""CUDA graphs of the forward pass, so a step costs one launch instead of hundreds.
+
+`DecodeGraphs`: a decode step (every sequence adds one token) has a shape fixed by its batch size
+alone, so it is captured once per size in `batch_sizes`, forward plus LM head; a step of n sequences
+replays the smallest captured size >= n with the extra rows padded. Padding rows write their K/V to
+slot 0 (block 0 is reserved as padding and never holds a sequence's tokens) and attend to that slot.
+
+`MixedGraphs`: any other step (prefill chunks with or without decodes) is captured per token count
+bucket, for up to `max_seqs` sequences; the attention kernel reads the batch layout from the device
+and launches enough programs for any split of the bucket's tokens. Padding tokens belong to no
+sequence (their rows are never read) and write their K/V to slot 0; padding sequences have no
+tokens. The graph returns hidden states; the runner picks the rows to score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tgi_server.layers.attention import AttentionMetadata
+
+# Batch sizes captured when none are given (TGI captures 1..32; a GPU serves 128+ at once).
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Rows of the packed input buffer: input id, position, KV slot, sequence length.
+_IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model,
+        kv_caches: list[torch.Tensor],
+        batch_sizes: list[int],
+        max_blocks_per_seq: int,
+        device: torch.device,
+        pool=None,
+    ):
+        self.batch_sizes = sorted(set(batch_sizes))
+        max_size = self.batch_sizes[-1]
+        # One host buffer (pinned) and one device buffer, so a step's inputs cross in one copy.
+        self._host = torch.zeros(4, max_size, dtype=torch.int64, pin_memory=True)  # [4, max_size]
+        self._host_rows = self._host.numpy()
+        self._inputs = torch.zeros(4, max_size, dtype=torch.int64, device=device)  # [4, max_size]
+        self._block_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)  # 1 token each
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # [size, vocab_size] float32, written by each replay
+        self._inputs_read = torch.cuda.Event()  # the pinned buffer may be rewritten after this
+        self.pool = pool
+        self._capture(model, kv_caches)
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._inputs[_SLOTS, :size],
+            query_start_loc=self._query_start_loc[: size + 1],
+            seq_lens=self._inputs[_SEQ_LENS, :size],
+            block_tables=self._block_tables[:size],
+            query_start_loc_cpu=[],  # the kernels read the device tensors only
+            seq_lens_cpu=[],
+            max_query_len=1,
+        )
+
+    @torch.inference_mode()
+    def _capture(self, model, kv_caches: list[torch.Tensor]) -> None:
+        self._inputs[_SEQ_LENS].fill_(1)  # padding rows: slot 0, one key
+        for size in reversed(self.batch_sizes):  # largest first: the smaller ones reuse its memory
+
+            def forward(size=size):
+                # Fresh metadata each call: what kernels derive from it must be computed in the graph.
+                attn = self._metadata(size)
+                hidden = model(self._inputs[_IDS, :size], self._inputs[_POSITIONS, :size], attn, kv_caches)
+                return model.compute_logits(hidden)
+
+            self._graphs[size], self._logits[size], self.pool = capture(forward, self.pool)
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The captured batch size a step of `num_seqs` decodes runs at, or None if it is too big."""
+        for size in self.batch_sizes:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def run(
+        self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [num_seqs, vocab_size] of one decode step; sequence i's new token sits at
+        positions[i] and goes to KV slot slots[i], its context is positions[i] + 1 tokens."""
+        num_seqs = len(input_ids)
+        size = self.padded_size(num_seqs)
+        self._inputs_read.synchronize()
+        host = self._host_rows
+        host[_IDS, :num_seqs] = input_ids
+        host[_POSITIONS, :num_seqs] = positions
+        host[_SLOTS, :num_seqs] = slots
+        host[_SEQ_LENS, :num_seqs] = positions
+        host[_SEQ_LENS, :num_seqs] += 1
+        host[:, num_seqs:size] = 0
+        host[_SEQ_LENS, num_seqs:size] = 1
+        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        width = max(len(table) for table in block_tables)
+        tables = np.zeros((size, width), dtype=np.int32)  # padding rows read block 0
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        self._block_tables[:size, :width].copy_(torch.from_numpy(tables))
+        self._inputs_read.record()
+        self._graphs[size].replay()
+        return self._logits[size][:num_seqs]
+
+
+def capture(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """Captures `forward()` (after one plain run that compiles its kernels); returns the graph, its
+    output tensor and the memory pool the next capture should share."""
+    forward()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    torch.cuda.synchronize()
+    return graph, output, graph.pool()
+
+
+class MixedGraphs:
+    def __init__(
+        self,
+        model,
+        kv_caches: list[torch.Tensor],
+        token_buckets: list[int],
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ):
+        self.token_buckets = sorted(set(token_buckets))
+        self.max_seqs = max_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        max_tokens = self.token_buckets[-1]
+        # Rows: input id, position, KV slot (per token); query_start_loc and seq_lens (per sequence).
+        self._host_tokens = torch.zeros(3, max_tokens, dtype=torch.int64, pin_memory=True)
+        self._host_seqs = torch.zeros(2, max_seqs + 1, dtype=torch.int32, pin_memory=True)
+        self._tokens = torch.zeros(3, max_tokens, dtype=torch.int64, device=device)
+        self._seqs = torch.zeros(2, max_seqs + 1, dtype=torch.int32, device=device)
+        self._block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[int, torch.Tensor] = {}  # [bucket, hidden_size], written by each replay
+        self._inputs_read = torch.cuda.Event()  # the pinned buffers may be rewritten after this
+        self.pool = None
+        with torch.inference_mode():
+            for bucket in reversed(self.token_buckets):
+
+                def forward(bucket=bucket):
+                    # Fresh metadata each call: what kernels derive from it must be computed in the graph.
+                    attn = AttentionMetadata(
+                        slot_mapping=self._tokens[_SLOTS, :bucket],
+                        query_start_loc=self._seqs[0],
+                        seq_lens=self._seqs[1, :max_seqs],
+                        block_tables=self._block_tables,
+                        query_start_loc_cpu=[],
+                        seq_lens_cpu=[],
+                        max_query_len=bucket,
+                    )
+                    return model(self._tokens[_IDS, :bucket], self._tokens[_POSITIONS, :bucket], attn, kv_caches)
+
+                self._graphs[bucket], self._hidden[bucket], self.pool = capture(forward, self.pool)
+
+    def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
+        return num_tokens <= self.token_buckets[-1] and num_seqs <= self.max_seqs and max_blocks <= self.max_blocks_per_seq
+
+    def run(self, flat) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of a step laid out as `flat` (a FlatBatch)."""
+        num_tokens, num_seqs = len(flat.input_ids), len(flat.seq_lens)
+        bucket = next(b for b in self.token_buckets if b >= num_tokens)
+        self._inputs_read.synchronize()
+        tokens = self._host_tokens.numpy()
+        tokens[_IDS, :num_tokens] = flat.input_ids
+        tokens[_POSITIONS, :num_tokens] = flat.positions
+        tokens[_SLOTS, :num_tokens] = flat.slots
+        tokens[:, num_tokens:bucket] = 0
+        seqs = self._host_seqs.numpy()
+        seqs[0, : num_seqs + 1] = flat.query_start_loc
+        seqs[0, num_seqs + 1 :] = num_tokens  # padding sequences: no tokens
+        seqs[1, :num_seqs] = flat.seq_lens
+        seqs[1, num_seqs:] = 0
+        self._tokens[:, :bucket].copy_(self._host_tokens[:, :bucket], non_blocking=True)
+        self._seqs.copy_(self._host_seqs, non_blocking=True)
+        self._block_tables[:num_seqs, : flat.block_tables.shape[1]].copy_(torch.from_numpy(flat.block_tables))
+        self._inputs_read.record()
+        self._graphs[bucket].replay()
+        return self._hidden[bucket][:num_tokens]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts to capture mixed steps at: powers of two from 64, and `max_tokens` itself."""
+    buckets, size = [], 64
+    while size < max_tokens:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_tokens]

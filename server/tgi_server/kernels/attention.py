@@ -1,0 +1,307 @@
+"""Paged attention for a flat batch that mixes prefill chunks and decode tokens, in one Triton kernel.
+
+One program computes BLOCK_Q query tokens of one sequence for all query heads that share one KV head
+(grouped-query attention reads each K/V tile once for the whole group), walking the sequence's block
+table BLOCK_N keys at a time with an online softmax. Same inputs and result as
+`tgi_server.layers.attention.PagedAttention`'s portable path.
+
+A decode batch too small to fill the GPU (sequences x KV heads below ~2 programs per SM) splits each
+sequence's keys over several programs instead and merges their partial softmaxes in a second kernel
+(flash-decoding), so one long context does not run on a handful of SMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tgi_server.layers.attention import AttentionMetadata
+
+# Keys per inner-loop iteration; each key's page is looked up in the block table on its own.
+BLOCK_N = 64
+# Rows of the score tile (query tokens x heads of a group); tl.dot needs at least 16.
+PREFILL_ROWS = 64
+DECODE_ROWS = 16
+# Split decode keys until sequences x KV heads x splits reaches this many programs.
+TARGET_PROGRAMS = 256
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, q_block_starts_ptr, num_seqs,
+    scale, sliding_window,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
+    stride_table,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Program (i, kv_head): query block i of the whole batch; sequence s owns blocks
+    # q_block_starts[s] .. q_block_starts[s + 1] - 1. Extra programs (a padded grid) return at once.
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if block >= tl.load(q_block_starts_ptr + num_seqs):
+        return
+    low = block * 0  # tensors, not constants: Triton specialises an int argument equal to 1
+    high = low + num_seqs - 1
+    while low < high:  # the last sequence whose first block is <= this one (skips empty sequences)
+        middle = (low + high + 1) // 2
+        if tl.load(q_block_starts_ptr + middle) <= block:
+            low = middle
+        else:
+            high = middle - 1
+    seq = low
+    q_block = block - tl.load(q_block_starts_ptr + seq)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len  # position of the sequence's first new token
+
+    # Row r of the tile is query token r // GROUP_P of this block, head r % GROUP_P of the group.
+    rows = tl.arange(0, BLOCK_Q * GROUP_P)
+    q_index = q_block * BLOCK_Q + rows // GROUP_P
+    group_index = rows % GROUP_P
+    row_valid = (q_index < q_len) & (group_index < GROUP)
+    q_pos = first_pos + q_index
+    head = kv_head * GROUP + group_index
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_valid = dims < HEAD_DIM
+    q_token = (q_begin + q_index).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_token[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+    )
+
+    # Keys up to the block's last query position; with a window, from the first query's window on.
+    key_stop = first_pos + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    key_start = 0
+    if USE_WINDOW:
+        key_start = tl.maximum(first_pos + q_block * BLOCK_Q - sliding_window + 1, 0)
+        key_start = (key_start // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_Q * GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_P], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    for start in range(key_start, key_stop, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < key_stop
+        page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+        slot = keys % PAGE
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(
+            k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot
+            + kv_head * stride_k_head + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * qk_scale
+        allowed = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (keys[None, :] > q_pos[:, None] - sliding_window)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot
+            + kv_head * stride_v_head + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + q_token[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & dim_valid[None, :],
+    )
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, lse_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    scale, sliding_window,
+    stride_q_token, stride_q_head,
+    stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
+    stride_table,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One decode token's heads of one KV group over one slice of its keys: writes the slice's
+    normalised output to partial[token, head, split] and its log2-sum-exp to lse[token, head, split]."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_pos = seq_len - 1
+    rows = tl.arange(0, ROWS)  # the group's heads, padded to the 16 rows tl.dot needs
+    row_valid = rows < GROUP
+    head = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_valid = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + token * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+    )
+    first_key = 0
+    if USE_WINDOW:
+        first_key = tl.maximum(q_pos - sliding_window + 1, 0)
+    span = tl.cdiv(tl.cdiv(seq_len - first_key, SPLITS), BLOCK_N) * BLOCK_N
+    key_start = first_key + split * span
+    key_stop = tl.minimum(key_start + span, seq_len)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_P], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(key_start, key_stop, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < key_stop
+        page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+        slot = keys % PAGE
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(
+            k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot
+            + kv_head * stride_k_head + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(key_valid[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot
+            + kv_head * stride_v_head + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+    row_offset = (token * (tl.num_programs(1) * GROUP) + head) * SPLITS + split  # [token, head, split]
+    tl.store(partial_ptr + row_offset[:, None] * HEAD_DIM_P + dims[None, :], out, mask=row_valid[:, None])
+    tl.store(lse_ptr + row_offset, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr, stride_o_token, stride_o_head, num_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """out[token, head] = the partial outputs weighted by each slice's share of the softmax mass."""
+    token = tl.load(query_start_loc_ptr + tl.program_id(0)).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, HEAD_DIM_P)
+    row = (token * num_heads + head) * SPLITS
+    lse = tl.load(lse_ptr + row + splits)  # [SPLITS]
+    weight = tl.exp2(lse - tl.max(lse, 0))  # empty slices weigh 0
+    partial = tl.load(partial_ptr + (row + splits)[:, None] * HEAD_DIM_P + dims[None, :])
+    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """q [num_tokens, num_heads, head_dim] over kv_cache [2, num_blocks, block_size, num_kv_heads,
+    head_dim] (this step's K/V already written), laid out by `attn`.
+    Returns [num_tokens, num_heads, head_dim]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = attn.seq_lens.shape[0]
+    max_query_len = attn.max_query_len
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    head_dim_p = max(triton.next_power_of_2(head_dim), 16)  # tl.dot: K >= 16
+    out = torch.empty_like(q)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(TARGET_PROGRAMS, num_seqs * num_kv_heads)))
+    if max_query_len == 1 and splits > 1:
+        partial = torch.empty(q.shape[0], num_heads, splits, head_dim_p, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[0], num_heads, splits, dtype=torch.float32, device=q.device)
+        _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
+            q, k_cache, v_cache, partial, lse,
+            attn.query_start_loc, attn.seq_lens, attn.block_tables,
+            scale, sliding_window or 0,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            attn.block_tables.stride(0),
+            GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            ROWS=max(group_p, 16), BLOCK_N=BLOCK_N, PAGE=page, SPLITS=splits, USE_WINDOW=sliding_window is not None,
+            IEEE=q.dtype == torch.float32,
+        )
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            partial, lse, out, attn.query_start_loc, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits,
+        )
+        return out
+    rows = DECODE_ROWS if max_query_len == 1 else PREFILL_ROWS
+    block_q = max(rows // group_p, 1)
+    q_block_starts, num_q_blocks = _q_blocks(attn, block_q, q.shape[0])
+    _paged_attention_kernel[(num_q_blocks, num_kv_heads)](
+        q, k_cache, v_cache, out,
+        attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
+        scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        attn.block_tables.stride(0),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, PAGE=page, USE_WINDOW=sliding_window is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def _q_blocks(attn: AttentionMetadata, block_q: int, num_tokens: int) -> tuple[torch.Tensor, int]:
+    """(q_block_starts [B + 1] int32 on the device, programs to launch), computed once per step.
+
+    From the host copy of query_start_loc when there is one (exact grid); inside a CUDA graph from
+    the device tensor, with a grid big enough for any split of the batch's tokens.
+    """
+    key = ("q_block_starts", block_q)
+    if key not in attn.derived:
+        if attn.query_start_loc_cpu:
+            starts, total = [0], 0
+            for begin, end in zip(attn.query_start_loc_cpu, attn.query_start_loc_cpu[1:]):
+                total += -(-(end - begin) // block_q)
+                starts.append(total)
+            attn.derived[key] = (torch.tensor(starts, dtype=torch.int32, device=attn.seq_lens.device), total)
+        else:
+            counts = (attn.query_start_loc.diff() + block_q - 1) // block_q  # [B]
+            starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            attn.derived[key] = (starts, triton.cdiv(num_tokens, block_q) + attn.seq_lens.shape[0])
+    return attn.derived[key]

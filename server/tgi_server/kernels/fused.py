@@ -1,0 +1,142 @@
+"""Fused elementwise kernels of a decoder layer: one launch where PyTorch needs several.
+
+Each rounds where the portable layer rounds (to the model dtype between ops that PyTorch runs in
+that dtype), so the two paths agree to the last bit on most inputs and within one rounding step
+otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    stride_x, stride_residual, stride_out, stride_residual_out,
+    hidden_size, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    mean_square = tl.sum(x32 * x32, 0) / hidden_size
+    normed = (x32 * tl.math.rsqrt(mean_square + eps)).to(x.dtype)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, (normed.to(tl.float32) * weight.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of x (or of x + residual): x [num_tokens, hidden_size].
+
+    Returns (normed, x + residual) with a residual, (normed, None) without one.
+    """
+    num_tokens, hidden_size = x.shape
+    out = torch.empty_like(x)
+    residual_out = torch.empty_like(x) if residual is not None else None
+    _rms_norm_kernel[(num_tokens,)](
+        x, residual if residual is not None else x, weight, out, residual_out if residual is not None else out,
+        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        residual_out.stride(0) if residual_out is not None else 0,
+        hidden_size, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
+    )
+    return out, residual_out
+
+
+@triton.jit
+def _rotary_cache_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+    stride_cache_slot, stride_cache_head,
+    num_heads, attention_scaling,
+    HALF: tl.constexpr, HALF_P: tl.constexpr,
+):
+    """Program (token, h): query head h for h < num_heads, else KV head h - num_heads."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half = tl.arange(0, HALF_P)
+    mask = half < HALF
+    angles = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + half, mask=mask, other=0.0)
+    cos = tl.cos(angles) * attention_scaling
+    sin = tl.sin(angles) * attention_scaling
+    if head < num_heads:  # q: rotated in place
+        x_ptr = q_ptr + token * stride_q_token + head * stride_q_head + half
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(x_ptr, (a * cos - b * sin).to(x1.dtype), mask=mask)
+        tl.store(x_ptr + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    else:  # k: rotated into the cache; v: copied into the cache
+        kv_head = head - num_heads
+        cache_offset = tl.load(slot_mapping_ptr + token) * stride_cache_slot + kv_head * stride_cache_head + half
+        x_ptr = k_ptr + token * stride_k_token + kv_head * stride_k_head + half
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + cache_offset, (a * cos - b * sin).to(dtype), mask=mask)
+        tl.store(k_cache_ptr + cache_offset + HALF, (b * cos + a * sin).to(dtype), mask=mask)
+        v_offset = token * stride_v_token + kv_head * stride_v_head + half
+        tl.store(v_cache_ptr + cache_offset, tl.load(v_ptr + v_offset, mask=mask, other=0.0), mask=mask)
+        tl.store(v_cache_ptr + cache_offset + HALF, tl.load(v_ptr + v_offset + HALF, mask=mask, other=0.0), mask=mask)
+
+
+def rotary_and_write_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotates q in place and writes rotated k and v into kv_cache at slot_mapping.
+
+    q [num_tokens, num_heads, head_dim], k and v [num_tokens, num_kv_heads, head_dim] (views into
+    the fused QKV output are fine), positions and slot_mapping [num_tokens] int64,
+    kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim].
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    slots = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, num_slots, num_kv_heads, head_dim]
+    half = head_dim // 2
+    _rotary_cache_kernel[(num_tokens, num_heads + num_kv_heads)](
+        q, k, v, positions, inv_freq, slot_mapping, slots[0], slots[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        slots.stride(1), slots.stride(2),
+        num_heads, attention_scaling,
+        HALF=half, HALF_P=triton.next_power_of_2(half),
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    activated = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(out_ptr + row * stride_out + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, 2 * width] = [gate | up] -> silu(gate) * up, [num_tokens, width]."""
+    num_tokens, width = x.shape[0], x.shape[1] // 2
+    out = torch.empty(num_tokens, width, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(num_tokens, triton.cdiv(width, block))](x, out, x.stride(0), out.stride(0), width, BLOCK=block)
+    return out

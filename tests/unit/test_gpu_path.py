@@ -1,0 +1,94 @@
+"""The GPU path end to end in one shard: Triton kernels, CUDA graphs for decode, chunked prefill.
+
+Greedy tokens are checked against HF transformers (fp32, on CPU) teacher-forced: given our tokens so
+far, each token we picked is HF's argmax, or within float noise of it where two logits nearly tie
+(GPU and CPU sum in different orders, so an exact tie can break either way)."""
+
+import pytest
+import torch
+from model_helpers import save_tiny_model, tiny_config
+
+from tgi_server.distributed import SINGLE
+from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from tgi_server.models.registry import load_model
+from tgi_server.sampler import SamplingParams
+from tgi_server.warmup import warmup
+
+pytestmark = pytest.mark.gpu
+
+BLOCK_SIZE = 16
+PROMPTS = [[5, 9, 2], [17] * 40, list(range(3, 80)), [100, 4], [7, 7, 8, 9, 10, 11], list(range(60, 5, -1))]
+# Different lengths, so requests leave the batch at different steps.
+NEW_TOKENS = [24, 10, 24, 5, 24, 17]
+
+
+def generate_greedy(
+    runner: ModelRunner, prefill_chunk: int, lookahead: bool = False, late_join_step: int = 0
+) -> list[list[int]]:
+    """Greedy continuations of PROMPTS, batched the way the router batches them: prompts prefilled
+    `prefill_chunk` tokens a step, the last prompt joining at `late_join_step`, requests finishing at
+    their NEW_TOKENS; with `lookahead`, steps where nobody waits to join say so."""
+    blocks_per_seq = -(-(max(map(len, PROMPTS)) + max(NEW_TOKENS) + 1) // BLOCK_SIZE)
+    outputs: list[list[int]] = [[] for _ in PROMPTS]
+    computed = [0] * len(PROMPTS)
+    joined, finished, step = set(), [], 0
+    while len(joined) < len(PROMPTS) or any(len(outputs[i]) < NEW_TOKENS[i] for i in joined):
+        new, scheduled = [], []
+        for i, prompt in enumerate(PROMPTS):
+            if i not in joined and (i < len(PROMPTS) - 1 or step >= late_join_step):
+                joined.add(i)
+                new.append(NewSequence(i, prompt, SamplingParams(), 0))
+                blocks = list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
+            elif i in joined and len(outputs[i]) < NEW_TOKENS[i]:
+                blocks = []
+            else:
+                continue
+            n = min(prefill_chunk, len(prompt) - computed[i]) if computed[i] < len(prompt) else 1
+            scheduled.append(ScheduledSequence(i, n, blocks))
+            computed[i] += n
+        out = runner.step(finished, new, scheduled, lookahead=lookahead and len(joined) == len(PROMPTS))
+        finished = []
+        for sample in out.samples:
+            outputs[sample.request_id].append(sample.token_id)
+            if len(outputs[sample.request_id]) == NEW_TOKENS[sample.request_id]:
+                finished.append(sample.request_id)
+        step += 1
+    return outputs
+
+
+def assert_greedy_under_transformers(hf_model, outputs: list[list[int]]) -> None:
+    num_exact = 0
+    for prompt, tokens in zip(PROMPTS, outputs):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]  # [len(tokens), vocab]
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        assert torch.all(chosen >= logits.max(dim=1).values - 1e-3), (prompt, tokens)
+        num_exact += sum(a == b for a, b in zip(tokens, logits.argmax(dim=1).tolist()))
+    assert num_exact >= 0.95 * sum(NEW_TOKENS)  # near ties are rare
+
+
+def load_runner(variant: str, tmp_path):
+    hf_model = save_tiny_model(tiny_config(variant), tmp_path)
+    device = torch.device("cuda")
+    model, config = load_model(str(tmp_path), SINGLE, torch.float32, device)
+    runner = ModelRunner(model, config, SINGLE, device, torch.float32, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8))
+    warmup(runner, max_batch_prefill_tokens=256, max_total_tokens=128, max_batch_size=8)
+    assert runner.decode_graphs is not None
+    return runner, hf_model
+
+
+@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads"])
+def test_gpu_greedy_with_kernels_and_cuda_graphs_follows_transformers(variant, tmp_path):
+    runner, hf_model = load_runner(variant, tmp_path)
+    assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))
+
+
+def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
+    """Requests finishing, a late joiner, chunked prefill: lookahead rows are reused or recomputed."""
+    runner, hf_model = load_runner("llama", tmp_path)
+    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6)
+    runner.clear()
+    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6)
+    assert runner.num_lookahead_rows_used > 50
+    assert with_lookahead == plain
+    assert_greedy_under_transformers(hf_model, with_lookahead)

@@ -1,0 +1,200 @@
+"""The Triton kernels of the GPU path compute what the portable PyTorch layers compute.
+
+On a GPU the kernels run natively; without one, on CPU through Triton's interpreter
+(TRITON_INTERPRET=1), so CI checks their arithmetic. fp32 agrees to float rounding, bf16 to two
+rounding steps (the interpreter truncates where GPUs round).
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 set before triton is imported (conftest.py)", allow_module_level=True)
+
+from triton.runtime import interpreter  # noqa: E402
+
+from model_helpers import PagedBatchDriver, mixed_schedule, run_schedule, save_tiny_model, tiny_config  # noqa: E402
+from tgi_server.distributed import TPGroup  # noqa: E402
+from tgi_server.layers.attention import AttentionMetadata, PagedAttention  # noqa: E402
+from tgi_server.layers.norm import RMSNorm  # noqa: E402
+from tgi_server.layers.rotary import RotaryEmbedding  # noqa: E402
+from tgi_server.models.registry import load_model  # noqa: E402
+
+CPU = torch.device("cpu")
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else CPU
+
+
+@contextlib.contextmanager
+def portable_layers():
+    """The layers' PyTorch path, even for CUDA tensors: the reference the kernels must match."""
+    from tgi_server import kernels
+
+    kernels.disable_kernels(True)
+    try:
+        yield
+    finally:
+        kernels.disable_kernels(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels():
+    """Triton 3.6's interpreter calls `int()` on 1-element arrays, which numpy >= 2.4 refuses."""
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch
+    yield
+    interpreter._patch_lang_tensor = original
+
+
+def _metadata(q_lens: list[int], context_lens: list[int], block_size: int, num_blocks: int, generator):
+    """Random block tables (block 0 left as padding) for sequences with cached context + new tokens."""
+    seq_lens = [c + q for c, q in zip(context_lens, q_lens)]
+    pages = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
+    tables, slots = [], []
+    for context, seq_len in zip(context_lens, seq_lens):
+        count = -(-seq_len // block_size)
+        table, pages = pages[:count], pages[count:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(context, seq_len)]
+    width = max(len(t) for t in tables)
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=DEVICE),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        max_query_len=max(q_lens),
+    )
+
+
+@pytest.mark.parametrize(
+    "q_lens, context_lens, window",
+    [
+        ([5, 1, 20], [0, 30, 17], None),  # prefill, decode and a chunked-prefill continuation
+        ([1, 1, 1], [50, 3, 0], None),  # decode only: keys split over several programs
+        ([1, 1], [300, 90], 40),  # split decode with a sliding window
+        ([33], [0], 8),  # sliding window inside one prefill
+        ([3, 1], [40, 70], 20),  # sliding window over cached context
+    ],
+)
+def test_paged_attention_kernel_matches_portable_attention(q_lens, context_lens, window):
+    from tgi_server.kernels.attention import paged_attention
+
+    generator = torch.Generator().manual_seed(0)
+    num_heads, num_kv_heads, head_dim, block_size = 6, 2, 64, 16
+    attn = _metadata(q_lens, context_lens, block_size, 40, generator)
+    kv_cache = torch.randn(2, 40, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE)
+    num_tokens = sum(q_lens)
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=generator).to(DEVICE)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(DEVICE)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(DEVICE)
+    rotary = RotaryEmbedding(tiny_config("llama"), head_dim, DEVICE)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, q_lens)]).to(DEVICE)
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, window)
+    with portable_layers():
+        expected = layer(positions, q.clone(), k, v, rotary, kv_cache, attn)  # writes the new K/V
+
+    out = paged_attention(rotary(positions, q, k)[0], kv_cache, attn, layer.scale, window)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_portable_norm(dtype):
+    from tgi_server.kernels.fused import rms_norm
+
+    generator = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 5, 96, generator=generator).to(DEVICE, dtype)
+    norm = RMSNorm(96, 1e-5, dtype, DEVICE)
+    norm.weight.data = torch.randn(96, generator=generator).to(DEVICE, dtype)
+    out, total = rms_norm(x, norm.weight, 1e-5, residual)
+    tolerance = {} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 2**-6}
+    with portable_layers():
+        torch.testing.assert_close(total, x + residual, **tolerance)
+        torch.testing.assert_close(out, norm(x + residual), **tolerance)
+        torch.testing.assert_close(rms_norm(x, norm.weight, 1e-5)[0], norm(x), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_kernel_matches_swiglu(dtype):
+    from tgi_server.kernels.fused import silu_and_mul
+
+    x = torch.randn(7, 2 * 1100, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    gate, up = x.chunk(2, dim=-1)
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 2**-6}
+    torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, **tolerance)
+
+
+def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache():
+    from tgi_server.kernels.fused import rotary_and_write_cache
+    from tgi_server.layers.attention import write_kv_cache
+
+    generator = torch.Generator().manual_seed(0)
+    num_tokens, head_dim = 9, 16
+    rotary = RotaryEmbedding(tiny_config("llama"), head_dim, DEVICE)
+    qkv = torch.randn(num_tokens, (6 + 2 + 2) * head_dim, generator=generator).to(DEVICE)  # one fused projection
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([6 * head_dim, 2 * head_dim, 2 * head_dim], -1))
+    positions = torch.randint(0, 500, (num_tokens,), generator=generator).to(DEVICE)
+    slots = torch.randperm(40, generator=generator)[:num_tokens].to(DEVICE)
+    expected_q, expected_k = rotary(positions, q, k)
+    expected_cache = torch.zeros(2, 10, 4, 2, head_dim, device=DEVICE)
+    write_kv_cache(expected_cache, expected_k, v, slots)
+
+    cache = torch.zeros(2, 10, 4, 2, head_dim, device=DEVICE)
+    rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots)
+    torch.testing.assert_close(q, expected_q)
+    torch.testing.assert_close(cache, expected_cache)
+
+
+@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads"])
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's check; on a GPU test_gpu_path.py covers it")
+def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path, monkeypatch):
+    """A whole tiny model over a mixed schedule (prefill, chunked prefill, decode) through the kernels."""
+    from tgi_server import kernels
+
+    save_tiny_model(tiny_config(variant), tmp_path)
+    model, config = load_model(str(tmp_path), TPGroup(0, 1, None), torch.float32, CPU)
+    schedule = mixed_schedule(config.vocab_size)
+    _, expected = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
+    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
+    for module in ("tgi_server.layers.attention", "tgi_server.layers.norm", "tgi_server.models.llama"):
+        monkeypatch.setattr(f"{module}.use_kernels", lambda x: True)
+    _, actual = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
+    for seq_id, logits in expected.items():
+        torch.testing.assert_close(actual[seq_id], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_in_graph_layout_matches_the_exact_grid():
+    """Inside a CUDA graph the kernel gets no host copies: block starts come from the device and the
+    grid is an upper bound, with empty padding sequences and padding tokens after the real ones."""
+    from tgi_server.kernels.attention import paged_attention
+
+    generator = torch.Generator().manual_seed(1)
+    num_heads, num_kv_heads, head_dim = 4, 2, 32
+    exact = _metadata([7, 1, 19], [0, 21, 5], 16, 24, generator)
+    kv_cache = torch.randn(2, 24, 16, num_kv_heads, head_dim, generator=generator).to(DEVICE)
+    q = torch.randn(27 + 5, num_heads, head_dim, generator=generator).to(DEVICE)  # 5 padding tokens
+    expected = paged_attention(q[:27], kv_cache, exact, head_dim**-0.5, None)
+    starts = exact.query_start_loc_cpu + [27, 27]  # two empty padding sequences
+    padded = AttentionMetadata(
+        slot_mapping=exact.slot_mapping,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(exact.seq_lens_cpu + [0, 0], dtype=torch.int32, device=DEVICE),
+        block_tables=torch.cat([exact.block_tables, exact.block_tables[:2] * 0]),
+        query_start_loc_cpu=[],
+        seq_lens_cpu=[],
+        max_query_len=32,
+    )
+    torch.testing.assert_close(paged_attention(q, kv_cache, padded, head_dim**-0.5, None)[:27], expected)
