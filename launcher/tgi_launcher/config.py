@@ -44,8 +44,6 @@ UNSUPPORTED = {
     "lora_adapters": ((None, ""), "LoRA adapters are not implemented"),
     "rope_scaling": ((None,), "RoPE scaling comes from the model's config.json only"),
     "rope_factor": ((None,), "RoPE scaling comes from the model's config.json only"),
-    "watermark_gamma": ((None,), "watermarking is not implemented"),
-    "watermark_delta": ((None,), "watermarking is not implemented"),
     "weights_cache_override": ((None,), "point --model-id at the directory holding the weights instead"),
     "tokenizer_config_path": ((None,), "the tokenizer and chat template come from the model directory only"),
 }
@@ -103,6 +101,9 @@ class LauncherConfig:
     graceful_termination_timeout: float = 90.0
     # Hub cache for `prepare` and the shards; None: huggingface_hub's default (HF_HOME/hub).
     huggingface_hub_cache: str | None = None
+    # Green-list share and logit boost of `watermark` requests; None: the shard's defaults (0.5, 2.0).
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
     # Decode batch sizes captured as CUDA graphs: None lets the shard choose, () disables them.
     cuda_graphs: tuple[int, ...] | None = None
     cuda_memory_fraction: float = 1.0
@@ -130,6 +131,10 @@ class LauncherConfig:
                      "graceful_termination_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.watermark_gamma is not None and not 0 < self.watermark_gamma < 1:
+            raise ConfigError(f"`watermark_gamma` must be in (0, 1), got {self.watermark_gamma}")
+        if self.watermark_delta is not None and self.watermark_delta < 0:
+            raise ConfigError(f"`watermark_delta` must be >= 0, got {self.watermark_delta}")
         _check_less("max_input_tokens", self.max_input_tokens, "max_total_tokens", self.max_total_tokens)
         _check_at_most("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
         _check_at_most("max_batch_prefill_tokens", self.max_batch_prefill_tokens,

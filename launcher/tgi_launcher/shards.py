@@ -83,8 +83,8 @@ def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
 
 
 def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    """The variables torch.distributed reads, and the hub cache if one was set, on top of the
-    launcher's environment."""
+    """The variables torch.distributed reads, and the hub cache and watermark settings if set, on top
+    of the launcher's environment."""
     env = {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
@@ -94,6 +94,10 @@ def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
     }
     if config.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
+    if config.watermark_gamma is not None:
+        env["WATERMARK_GAMMA"] = str(config.watermark_gamma)  # read by the shard's sampler, as in TGI
+    if config.watermark_delta is not None:
+        env["WATERMARK_DELTA"] = str(config.watermark_delta)
     return env
 
 

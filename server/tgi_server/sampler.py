@@ -8,6 +8,7 @@ preemption recomputes the sequence.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -135,8 +136,9 @@ def _top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> tuple[torch.Tensor,
     return top_ids, top_logprobs, counts
 
 
-WATERMARK_GAMMA = 0.5
-WATERMARK_DELTA = 2.0
+# TGI's server reads these two from the environment (the launcher's --watermark-gamma/-delta).
+WATERMARK_GAMMA = float(os.environ.get("WATERMARK_GAMMA", 0.5))
+WATERMARK_DELTA = float(os.environ.get("WATERMARK_DELTA", 2.0))
 _WATERMARK_HASH_KEY = 15485863
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from tgi_launcher import cli
 from tgi_launcher.config import (
+    ConfigError,
     LauncherConfig,
     default_model_id,
     num_visible_gpus,
@@ -47,6 +48,8 @@ OPTIONS = [
     ("DISABLE_CUSTOM_KERNELS", "--disable-custom-kernels", "disable_custom_kernels", None, True),
     ("LOAD_FORMAT", "--load-format", "load_format", "dummy", "dummy"),
     ("HUGGINGFACE_HUB_CACHE", "--huggingface-hub-cache", "huggingface_hub_cache", "/data/hub", "/data/hub"),
+    ("WATERMARK_GAMMA", "--watermark-gamma", "watermark_gamma", "0.25", 0.25),
+    ("WATERMARK_DELTA", "--watermark-delta", "watermark_delta", "1.5", 1.5),
     ("JSON_OUTPUT", "--json-output", "json_output", None, True),
     ("GRACEFUL_TERMINATION_TIMEOUT", "--graceful-termination-timeout", "graceful_termination_timeout", "5", 5),
     ("API_KEY", "--api-key", "api_key", "k3y", "k3y"),
@@ -87,8 +90,6 @@ REJECTED_OPTIONS = [
     ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
     ("ROPE_SCALING", "--rope-scaling", "dynamic", "`--rope-scaling dynamic` is not supported"),
     ("ROPE_FACTOR", "--rope-factor", "2.0", "`--rope-factor 2.0` is not supported"),
-    ("WATERMARK_GAMMA", "--watermark-gamma", "0.5", "`--watermark-gamma 0.5` is not supported"),
-    ("WATERMARK_DELTA", "--watermark-delta", "2.0", "`--watermark-delta 2.0` is not supported"),
     ("WEIGHTS_CACHE_OVERRIDE", "--weights-cache-override", "/w", "`--weights-cache-override /w` is not supported"),
     ("TOKENIZER_CONFIG_PATH", "--tokenizer-config-path", "/t.json", "`--tokenizer-config-path /t.json` is not supported"),
     ("USAGE_STATS", "--usage-stats", "sometimes", "`usage_stats` must be one of on, off, no-stack"),
@@ -331,6 +332,14 @@ def test_shard_env_carries_the_torch_distributed_variables():
     }
     with_cache = LauncherConfig(model_id="m", huggingface_hub_cache="/data/hub")
     assert shard_env(with_cache, 0)["HUGGINGFACE_HUB_CACHE"] == "/data/hub"
+
+
+def test_watermark_settings_reach_the_shards_sampler_through_its_environment():
+    config = LauncherConfig(model_id="m", watermark_gamma=0.25, watermark_delta=1.5)
+    env = shard_env(config, 0)
+    assert (env["WATERMARK_GAMMA"], env["WATERMARK_DELTA"]) == ("0.25", "1.5")
+    with pytest.raises(ConfigError, match="watermark_gamma"):
+        LauncherConfig(model_id="m", watermark_gamma=1.5)
 
 
 def test_router_argv_carries_the_request_limits():

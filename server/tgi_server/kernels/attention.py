@@ -29,6 +29,50 @@ MAX_SPLITS = 16
 
 
 @triton.jit
+def _attend_key_tile(
+    q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
+    stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One online-softmax step: the query rows `q` over keys start .. start + BLOCK_N - 1 (those below
+    key_stop) of sequence `seq`, each key's page looked up in its block table. Returns the updated
+    (running max, running sum, unnormalised output); softmax in base 2 (`qk_scale` includes log2 e)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_valid = keys < key_stop
+    page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+    slot = keys % PAGE
+    kv_mask = key_valid[:, None] & dim_valid[None, :]
+    k = tl.load(
+        k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot + kv_head * stride_k_head + dims[None, :],
+        mask=kv_mask, other=0.0,
+    )
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    allowed = key_valid[None, :]
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (keys[None, :] > q_pos[:, None] - sliding_window)
+    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(
+        v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot + kv_head * stride_v_head + dims[None, :],
+        mask=kv_mask, other=0.0,
+    )
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, q_block_starts_ptr, num_seqs,
@@ -88,40 +132,12 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], tl.float32)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     for start in range(key_start, key_stop, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < key_stop
-        page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-        slot = keys % PAGE
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(
-            k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-            + kv_head * stride_k_head + dims[None, :],
-            mask=kv_mask, other=0.0,
+        m_i, l_i, acc = _attend_key_tile(
+            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+            k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
+            stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
+            BLOCK_N=BLOCK_N, PAGE=PAGE, CAUSAL=True, USE_WINDOW=USE_WINDOW, IEEE=IEEE,
         )
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * qk_scale
-        allowed = key_valid[None, :] & (keys[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (keys[None, :] > q_pos[:, None] - sliding_window)
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-            + kv_head * stride_v_head + dims[None, :],
-            mask=kv_mask, other=0.0,
-        )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -171,37 +187,13 @@ def _decode_split_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM_P], tl.float32)
     qk_scale = scale * 1.4426950408889634
-    for start in range(key_start, key_stop, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < key_stop
-        page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-        slot = keys % PAGE
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(
-            k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-            + kv_head * stride_k_head + dims[None, :],
-            mask=kv_mask, other=0.0,
+    for start in range(key_start, key_stop, BLOCK_N):  # the window is in the key range already
+        m_i, l_i, acc = _attend_key_tile(
+            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+            k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
+            stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
+            BLOCK_N=BLOCK_N, PAGE=PAGE, CAUSAL=False, USE_WINDOW=False, IEEE=IEEE,
         )
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(key_valid[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-            + kv_head * stride_v_head + dims[None, :],
-            mask=kv_mask, other=0.0,
-        )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
