@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROTO_DIR := proto
 PROTO_FILES := $(PROTO_DIR)/tgi_proto/generate/v1/generate.proto
 
-.PHONY: install proto run test test-fast lint docker
+.PHONY: install proto run test test-fast bench lint docker
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,16 @@ test: install
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# One whole measurement (bench/gpu_suite.sh): the Llama-3.1-8B shape with random weights on a GPU; on a
+# machine without one, a smoke run of the same HTTP workloads on a tiny model. JSON results go to $(BENCH_OUT).
+BENCH_OUT ?= bench/out
+bench: install
+	@if command -v nvidia-smi > /dev/null; then \
+		OUT=$(BENCH_OUT) PY=$(PY) bash bench/gpu_suite.sh; \
+	else \
+		OUT=$(BENCH_OUT) PY=$(PY) SHAPE=tiny PARTS=http NUM_PROMPTS=16 bash bench/gpu_suite.sh; \
+	fi
 
 lint: install
 	$(VENV)/bin/hadolint Dockerfile
