@@ -194,7 +194,8 @@ class ModelRunner:
             sequence.block_table.extend(item.new_block_ids)
             batch.append((item.id, sequence, item.num_tokens))
         reused = self._take_started(started, batch) if started is not None else []
-        rest = [item for item in batch if item[0] not in {request_id for request_id, _, _ in reused}]
+        reused_ids = {request_id for request_id, _, _ in reused}
+        rest = [item for item in batch if item[0] not in reused_ids]
         samples, prompt_logprobs = self._forward_and_sample(rest) if rest else ([], [])
         if reused:
             samples = self._collect_started(started, reused) + samples
