@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/results bash bench/gpu_suite.sh            # the device tool sets OUT
 #   PARTS="tests step http" NUM_PROMPTS=512 HF=1 bash bench/gpu_suite.sh
+#   C128_SWEEP="1024 2048 8192" bash bench/gpu_suite.sh   # also 128 concurrent at these prefill budgets
 #
 # Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
 # from bench/assets (git-ignored: carry it to the GPU machine).
@@ -17,6 +18,7 @@ HF_PROMPTS=${HF_PROMPTS:-$NUM_PROMPTS}
 PORT=${PORT:-3000}
 PREFILL_TOKENS=${PREFILL_TOKENS:-4096}  # the router's --max-batch-prefill-tokens
 TAG=${TAG:-}  # suffix of the result files
+C128_SWEEP=${C128_SWEEP:-}  # more --max-batch-prefill-tokens values to run the 128-concurrent workload at
 SHAPE=${SHAPE:-llama-3.1-8b}
 MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
 PY=${PY:-python3}
@@ -38,8 +40,22 @@ if has tests; then
     grep -E "^(E  |FAILED)" "$LOGS/tests.log" | cut -c1-300 | head -20
 fi
 
+if has skinny; then  # the few-token linear kernel against cuBLAS, then whole decode steps without it
+    $PY bench/skinny_linear.py --rows 1,2,4 > "$OUT/skinny_linear.json" 2> "$LOGS/skinny_linear.log"
+    grep -v "^ *$" "$LOGS/skinny_linear.log" | tail -20
+    $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,2,4 --decode-steps 48 --prompt-len 128 \
+        --prefill-lens "" --skinny-max-rows 0 > "$OUT/shard_step_cublas.json" 2> "$LOGS/shard_step_cublas.log"
+    $PY -c "import json; d = json.load(open('$OUT/shard_step_cublas.json')); [print('cuBLAS only', r) for r in d['results']]"
+fi
+
+if has timeline; then  # one stream's decode steps under the profiler: GPU busy time and the gaps
+    $PY bench/decode_timeline.py --steps 48 --profiled-steps 12 --trace "$OUT/decode_timeline.json.gz" \
+        > "$OUT/decode_timeline.json" 2> "$LOGS/decode_timeline.log"
+    grep -E "^step|^   gap" "$LOGS/decode_timeline.log" | cut -c1-400
+fi
+
 if has step; then
-    $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,8,32,128 --decode-steps 48 --prompt-len 128 \
+    $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,2,4,8,32,128 --decode-steps 48 --prompt-len 128 \
         --prefill-lens 128,1024 > "$OUT/shard_step.json" 2> "$LOGS/shard_step.log"
     $PY -c "import json; d = json.load(open('$OUT/shard_step.json')); print('prefill', d['prefill']); [print(r) for r in d['results']]"
 fi
@@ -53,14 +69,17 @@ if has http; then
         kill -0 "$SHARD" 2> /dev/null || { echo "the shard died:"; tail -20 "$LOGS/shard$TAG.log"; exit 1; }
         sleep 0.5
     done
-    $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" \
-        --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$PREFILL_TOKENS" \
-        --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$TAG.log" 2>&1 &
-    ROUTER=$!
-    until curl -sf "localhost:$PORT/health" > /dev/null; do
-        kill -0 "$ROUTER" 2> /dev/null || { echo "the router died:"; tail -20 "$LOGS/router$TAG.log"; kill "$SHARD"; exit 1; }
-        sleep 0.5
-    done
+    start_router() {  # start_router PREFILL_TOKENS LOG_TAG
+        $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" \
+            --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$1" \
+            --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$2.log" 2>&1 &
+        ROUTER=$!
+        until curl -sf "localhost:$PORT/health" > /dev/null; do
+            kill -0 "$ROUTER" 2> /dev/null || { echo "the router died:"; tail -20 "$LOGS/router$2.log"; kill "$SHARD"; exit 1; }
+            sleep 0.5
+        done
+    }
+    start_router "$PREFILL_TOKENS" "$TAG"
     serve() { $PY bench/serving.py --base-url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR" "$@"; }
     serve --num-prompts 4 --input-len 128 --output-len 256 --max-concurrency 1 --warmup 1 \
         --result-json "$OUT/http_single_stream$TAG.json" > "$LOGS/http_single_stream$TAG.txt" 2>&1
@@ -72,6 +91,14 @@ if has http; then
         echo "== $f"; grep -E "Successful|Failed requests|Output token throughput|TTFT|TPOT" "$LOGS/$f.txt"
     done
     curl -s "localhost:$PORT/metrics" > "$LOGS/metrics$TAG.txt"
+    for budget in $C128_SWEEP; do
+        kill "$ROUTER"; wait "$ROUTER"
+        start_router "$budget" "${TAG}_p$budget"
+        serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
+            --result-json "$LOGS/http_c128${TAG}_p$budget.json" > "$LOGS/http_c128${TAG}_p$budget.txt" 2>&1
+        echo "== c128 at --max-batch-prefill-tokens $budget"
+        grep -E "Output token throughput|TTFT|TPOT" "$LOGS/http_c128${TAG}_p$budget.txt"
+    done
     kill "$ROUTER" "$SHARD"; wait
     grep -iE "error|Traceback" "$LOGS/shard$TAG.log" | head -5
 fi

@@ -138,10 +138,15 @@ def main() -> None:
     parser.add_argument("--prefill-lens", default="128,1024", help="Lone prompts to time a prefill step of.")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--disable-custom-kernels", action="store_true", help="The portable PyTorch path.")
+    parser.add_argument("--skinny-max-rows", type=int, help="Batches up to this many rows use the skinny linear kernel (default: the kernel's MAX_ROWS; 0: cuBLAS only).")
     parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of batch-1 decode and of the first prefill to stderr.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     disable_kernels(args.disable_custom_kernels)
+    if args.skinny_max_rows is not None:
+        from tgi_server.kernels import skinny
+
+        skinny.MAX_ROWS = args.skinny_max_rows
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
@@ -165,6 +170,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda_graphs": list(graph_sizes),
         "custom_kernels": not args.disable_custom_kernels,
+        "skinny_max_rows": args.skinny_max_rows,
         "prefill": prefills,
         "results": results,
     }, indent=2))

@@ -14,7 +14,9 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
         finished_ids=plan.finished_ids,
         new_requests=[_new_request(r) for r in plan.new_requests],
         scheduled=[
-            pb.ScheduledRequest(id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids)
+            pb.ScheduledRequest(
+                id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids, last_token=c.last_token
+            )
             for c in plan.scheduled
         ],
         lookahead=plan.lookahead,

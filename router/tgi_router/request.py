@@ -77,6 +77,8 @@ class ScheduledChunk:
     request: Request
     num_tokens: int
     new_block_ids: list[int]
+    # The token sampled after this chunk is the request's last (it reaches max_new_tokens).
+    last_token: bool = False
 
 
 @dataclass

@@ -8,11 +8,13 @@ the newest running request is preempted (its blocks freed) and recomputed later 
 
 A request that samples this step also gets the block its next token goes to, when one is free without
 preempting: with nothing waiting, the shards start the next decode step before its plan arrives
-(`StepPlan.lookahead`) and need a KV slot for every request.
+(`StepPlan.lookahead`) and need a KV slot for every request. A request whose sample is its last
+(`ScheduledChunk.last_token`) needs none, and the shards leave it out of that step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -64,8 +66,7 @@ class Scheduler:
         budget, did_preempt = self._schedule_running(scheduled, budget)
         if not did_preempt:
             self._schedule_waiting(scheduled, budget)
-        for chunk in scheduled:
-            self._reserve_next_token(chunk)
+        scheduled = [self._prepare_next_token(chunk) for chunk in scheduled]
         new_requests = [chunk.request for chunk in scheduled if not chunk.request.is_on_shards]
         for request in new_requests:
             request.is_on_shards = True
@@ -132,16 +133,20 @@ class Scheduler:
         request.block_ids.extend(new_blocks)
         return new_blocks, preempted
 
-    def _reserve_next_token(self, chunk: ScheduledChunk) -> None:
-        """Gives a request that samples this step the block of its next token, if one is free."""
+    def _prepare_next_token(self, chunk: ScheduledChunk) -> ScheduledChunk:
+        """Marks a chunk whose sample is the request's last; otherwise, when the request samples this
+        step, gives it the block of its next token if one is free."""
         request = chunk.request
         if request.num_computed_tokens + chunk.num_tokens != request.num_tokens:
-            return  # a prompt chunk: nothing is sampled
+            return chunk  # a prompt chunk: nothing is sampled
+        if len(request.output_token_ids) + 1 >= request.max_new_tokens:
+            return dataclasses.replace(chunk, last_token=True)
         if self.blocks.num_blocks_for(request.num_tokens + 1) > len(request.block_ids):
             new_blocks = self.blocks.allocate(1)
             if new_blocks is not None:
                 request.block_ids.extend(new_blocks)
                 chunk.new_block_ids.extend(new_blocks)
+        return chunk
 
     def _schedule_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:

@@ -53,6 +53,8 @@ class ScheduledSequence:
     id: int
     num_tokens: int
     new_block_ids: list[int]
+    # The token sampled this step is the request's last: no lookahead row for it.
+    last_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,13 @@ class ModelRunner:
                 list(request.token_ids), request.sampling, request.top_n_tokens,
                 num_prompt_tokens=len(request.token_ids), wants_prompt_logprobs=request.wants_prompt_logprobs,
             )
-        batch = []
+        batch, continuing = [], []
         for item in scheduled:
             sequence = self.sequences[item.id]
             sequence.block_table.extend(item.new_block_ids)
             batch.append((item.id, sequence, item.num_tokens))
+            if not item.last_token:
+                continuing.append(sequence)
         reused = self._take_started(started, batch) if started is not None else []
         reused_ids = {request_id for request_id, _, _ in reused}
         rest = [item for item in batch if item[0] not in reused_ids]
@@ -200,8 +204,8 @@ class ModelRunner:
         if reused:
             samples = self._collect_started(started, reused) + samples
             self.num_lookahead_rows_used += len(reused)
-        if lookahead and batch:
-            self._start_lookahead([seq for _, seq, _ in batch])
+        if lookahead and continuing:
+            self._start_lookahead(continuing)
         return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
 
     @staticmethod

@@ -51,7 +51,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             NewSequence(r.id, list(r.token_ids), _sampling_from_pb(r.sampling), r.top_n_tokens, r.prompt_logprobs)
             for r in request.new_requests
         ]
-        scheduled = [ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids)) for s in request.scheduled]
+        scheduled = [
+            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token) for s in request.scheduled
+        ]
         with self._lock:
             try:
                 output = self.runner.step(list(request.finished_ids), new, scheduled, request.lookahead)

@@ -44,7 +44,9 @@ def generate_greedy(
             else:
                 continue
             n = min(prefill_chunk, len(prompt) - computed[i]) if computed[i] < len(prompt) else 1
-            scheduled.append(ScheduledSequence(i, n, blocks))
+            samples = computed[i] + n >= len(prompt)
+            last_token = samples and len(outputs[i]) + 1 == NEW_TOKENS[i]
+            scheduled.append(ScheduledSequence(i, n, blocks, last_token))
             computed[i] += n
         out = runner.step(finished, new, scheduled, lookahead=lookahead and len(joined) == len(PROMPTS))
         finished = []
@@ -92,3 +94,12 @@ def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
     assert runner.num_lookahead_rows_used > 50
     assert with_lookahead == plain
     assert_greedy_under_transformers(hf_model, with_lookahead)
+
+
+def test_a_request_at_its_last_token_starts_no_lookahead_row(tmp_path):
+    runner, _ = load_runner("llama", tmp_path)
+    blocks = list(range(1, 9))
+    runner.step([], [NewSequence(1, PROMPTS[0], SamplingParams(), 0)], [ScheduledSequence(1, 3, blocks)], lookahead=True)
+    assert runner._lookahead is not None
+    runner.step([], [], [ScheduledSequence(1, 1, [], last_token=True)], lookahead=True)
+    assert runner._lookahead is None  # the next plan would not decode it: the GPU stays free

@@ -137,6 +137,21 @@ def test_silu_and_mul_kernel_matches_swiglu(dtype):
     torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 3, 6])
+def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
+    """Ragged edges on every axis: N and K not multiples of the tiles, M not a power of two."""
+    from tgi_server.kernels.skinny import skinny_linear
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, 1000, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(37, 1000, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(37, generator=generator).to(DEVICE, dtype)
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.2, "rtol": 2**-7}
+    torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight), **tolerance)
+    torch.testing.assert_close(skinny_linear(x, weight, bias, config=(8, 256, 4)), F.linear(x, weight, bias), **tolerance)
+
+
 def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache():
     from tgi_server.kernels.fused import rotary_and_write_cache
     from tgi_server.layers.attention import write_kv_cache
@@ -169,7 +184,7 @@ def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path, m
     schedule = mixed_schedule(config.vocab_size)
     _, expected = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
-    for module in ("tgi_server.layers.attention", "tgi_server.layers.norm", "tgi_server.models.llama"):
+    for module in ("tgi_server.layers.attention", "tgi_server.layers.linear", "tgi_server.layers.norm", "tgi_server.models.llama"):
         monkeypatch.setattr(f"{module}.use_kernels", lambda x: True)
     _, actual = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
     for seq_id, logits in expected.items():

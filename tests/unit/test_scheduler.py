@@ -196,6 +196,24 @@ def test_a_request_that_samples_also_gets_the_block_of_its_next_token():
     assert len(plan.scheduled[0].new_block_ids) == 1
 
 
+def test_the_last_sample_of_a_request_is_marked_and_gets_no_extra_block():
+    scheduler = make_scheduler(prefill_tokens=8)
+    scheduler.add(make_request(1, 8, max_new_tokens=2))
+    plan, _ = run_step(scheduler)
+    (chunk,) = plan.scheduled
+    assert not chunk.last_token and len(chunk.new_block_ids) == 3
+    plan, _ = run_step(scheduler)
+    assert plan.scheduled[0].last_token
+
+
+def test_a_one_token_request_is_marked_last_at_its_prefill():
+    scheduler = make_scheduler(prefill_tokens=8)
+    scheduler.add(make_request(1, 8, max_new_tokens=1))
+    plan, _ = run_step(scheduler)
+    (chunk,) = plan.scheduled
+    assert chunk.last_token and len(chunk.new_block_ids) == 2
+
+
 def test_prompt_chunks_get_no_extra_block():
     scheduler = make_scheduler(prefill_tokens=4)
     scheduler.add(make_request(1, 12))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgi_server.distributed import TPGroup, shard_range
+from tgi_server.layers.linear import linear
 from tgi_server.weights import WeightSource
 
 
@@ -50,5 +51,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] logits, the full vocab on every rank."""
-        local_logits = F.linear(hidden, self.weight)  # [num_tokens, num_rows]
+        local_logits = linear(hidden, self.weight)  # [num_tokens, num_rows]
         return self.tp.all_gather_last_dim(local_logits)[:, : self.vocab_size]

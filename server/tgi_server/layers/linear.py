@@ -10,7 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgi_server.distributed import TPGroup
+from tgi_server.kernels import use_kernels
 from tgi_server.weights import WeightSource
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; on the GPU path, a few rows go through the skinny kernel, which reads the weight
+    faster than cuBLAS does at that size (see `tgi_server.kernels.skinny`)."""
+    if use_kernels(x) and x.stride(-1) == 1:
+        from tgi_server.kernels import skinny
+
+        if x.dim() == 2 and x.shape[0] <= skinny.MAX_ROWS:
+            return skinny.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:
@@ -59,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -118,7 +130,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias
         return out
