@@ -85,6 +85,14 @@ if has http; then
         --result-json "$OUT/http_single_stream$TAG.json" > "$LOGS/http_single_stream$TAG.txt" 2>&1
     serve --num-prompts 10 --input-len 1024 --output-len 1 --max-concurrency 1 --warmup 2 \
         --result-json "$OUT/http_ttft_1024$TAG.json" > "$LOGS/http_ttft_1024$TAG.txt" 2>&1
+    # Where a lone 1024-token request's time goes, by the router's timing headers (ms) and curl's total (s).
+    PROMPT=$($PY -c "print('hello ' * 1023)")
+    for i in 1 2 3; do
+        curl -s -D - -o /dev/null -w "curl total %{time_total}\n" -H 'Content-Type: application/json' \
+            -d "{\"inputs\": \"$PROMPT\", \"parameters\": {\"max_new_tokens\": 1}}" "localhost:$PORT/generate" \
+            | grep -iE "x-(total|validation|queue|inference)-time|x-prompt-tokens|curl total" | tr -d '\r' | tr '\n' ' '
+        echo
+    done
     serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
         --result-json "$OUT/http_c128$TAG.json" > "$LOGS/http_c128$TAG.txt" 2>&1
     for f in http_single_stream$TAG http_ttft_1024$TAG http_c128$TAG; do

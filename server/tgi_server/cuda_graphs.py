@@ -9,18 +9,21 @@ slot 0 (block 0 is reserved as padding and never holds a sequence's tokens) and 
 bucket, for up to `max_seqs` sequences; the attention kernel reads the batch layout from the device
 and launches enough programs for any split of the bucket's tokens. Padding tokens belong to no
 sequence (their rows are never read) and write their K/V to slot 0; padding sequences have no
-tokens. The graph returns hidden states; the runner picks the rows to score.
+tokens. The graph returns hidden states; the runner picks the rows to score. A large step whose
+bucket would pad it by more than an eighth runs eagerly instead: from a few hundred tokens on, the
+GPU's work outlasts launching it op by op, so the graph would only add padded compute.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from tgi_server.layers.attention import AttentionMetadata
 
 # Batch sizes captured when none are given (TGI captures 1..32; a GPU serves 128+ at once).
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Mixed-step buckets up to this many tokens are powers of two, and always replayed (see `fits`).
+_SMALL_BUCKET = 512
 # Rows of the packed input buffer: input id, position, KV slot, sequence length.
 _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
 
@@ -41,6 +44,7 @@ class DecodeGraphs:
         self._host = torch.zeros(4, max_size, dtype=torch.int64, pin_memory=True)  # [4, max_size]
         self._host_rows = self._host.numpy()
         self._inputs = torch.zeros(4, max_size, dtype=torch.int64, device=device)  # [4, max_size]
+        self._host_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self._block_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)  # 1 token each
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -82,13 +86,21 @@ class DecodeGraphs:
         return None
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]]
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        block_tables: list[list[int]],
+        device_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [num_seqs, vocab_size] of one decode step; sequence i's new token sits at
-        positions[i] and goes to KV slot slots[i], its context is positions[i] + 1 tokens."""
+        positions[i] and goes to KV slot slots[i], its context is positions[i] + 1 tokens. With
+        `device_input_ids` ([num_seqs] int64 on the device) the input ids come from there, in stream
+        order (e.g. from the step before, still running), and `input_ids` is ignored. Copies inputs
+        without a host sync."""
         num_seqs = len(input_ids)
         size = self.padded_size(num_seqs)
-        self._inputs_read.synchronize()
+        self._inputs_read.synchronize()  # the previous step's inputs have left the pinned buffers
         host = self._host_rows
         host[_IDS, :num_seqs] = input_ids
         host[_POSITIONS, :num_seqs] = positions
@@ -97,13 +109,15 @@ class DecodeGraphs:
         host[_SEQ_LENS, :num_seqs] += 1
         host[:, num_seqs:size] = 0
         host[_SEQ_LENS, num_seqs:size] = 1
-        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
-        width = max(len(table) for table in block_tables)
-        tables = np.zeros((size, width), dtype=np.int32)  # padding rows read block 0
+        tables = self._host_tables.numpy()
+        tables[:size] = 0  # padding rows read block 0
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        self._block_tables[:size, :width].copy_(torch.from_numpy(tables))
+        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        self._block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         self._inputs_read.record()
+        if device_input_ids is not None:
+            self._inputs[_IDS, :num_seqs].copy_(device_input_ids)
         self._graphs[size].replay()
         return self._logits[size][:num_seqs]
 
@@ -163,7 +177,11 @@ class MixedGraphs:
                 self._graphs[bucket], self._hidden[bucket], self.pool = capture(forward, self.pool)
 
     def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
-        return num_tokens <= self.token_buckets[-1] and num_seqs <= self.max_seqs and max_blocks <= self.max_blocks_per_seq
+        """Whether a step of this shape runs as a graph (see the module's docstring)."""
+        if num_tokens > self.token_buckets[-1] or num_seqs > self.max_seqs or max_blocks > self.max_blocks_per_seq:
+            return False
+        bucket = next(b for b in self.token_buckets if b >= num_tokens)
+        return bucket <= _SMALL_BUCKET or bucket - num_tokens <= num_tokens // 8
 
     def run(self, flat) -> torch.Tensor:
         """Hidden states [num_tokens, hidden_size] of a step laid out as `flat` (a FlatBatch)."""
@@ -189,9 +207,15 @@ class MixedGraphs:
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Token counts to capture mixed steps at: powers of two from 64, and `max_tokens` itself."""
+    """Token counts to capture mixed steps at: powers of two from 64 to 512, then evenly spaced (at
+    least 512 apart, at most 16 more buckets) up to `max_tokens`, which is one."""
     buckets, size = [], 64
-    while size < max_tokens:
+    while size < min(max_tokens, _SMALL_BUCKET):
         buckets.append(size)
         size *= 2
+    step = max(_SMALL_BUCKET, -(-max_tokens // 16))
+    size = _SMALL_BUCKET
+    while size < max_tokens:
+        buckets.append(size)
+        size += step
     return [*buckets, max_tokens]

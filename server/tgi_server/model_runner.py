@@ -5,11 +5,15 @@ The router decides everything (which requests, how many tokens, which blocks); t
 follows the plan. All ranks run the same plan and sample the same tokens.
 
 Lookahead: when the router says nothing waits and the step's batch will decode next (on CUDA, with
-graphs), the runner starts that next decode step as soon as this one is sampled and returns; the GPU
-runs it while the router handles the result. The next plan's decode rows that match what was started
-(same sequence, unchanged since) take its samples; everything else is computed as usual. A started
-row recomputes exactly what the plan would have asked (sampling is a pure function of the sequence
-and its seed), so reusing it changes nothing but the time.
+graphs), the runner starts that next decode step before returning; the GPU runs it while the router
+handles the result. The next plan's decode rows that match what was started (same sequence,
+unchanged since) take its samples; everything else is computed as usual. When a plan is entirely
+served by the started step, the runner chains: it queues the step after it at once, fed with the
+started step's sampled tokens on the device, and only then waits for the started step's samples, so
+the GPU never idles between decode steps. A started row recomputes exactly what the plan would have
+asked (sampling is a pure function of the sequence and its seed), so reusing it changes nothing but
+the time. Rows with penalties, a watermark or top-n alternatives need the host's copy of the tokens,
+so they are never chained.
 """
 
 from __future__ import annotations
@@ -88,12 +92,16 @@ class FlatBatch:
 
 @dataclass
 class _Lookahead:
-    """A decode step started before its plan arrived; row i decodes sequences[i]'s last token."""
+    """A decode step started before its plan arrived; row i decodes the token at positions[i] of
+    sequences[i] (its last token, or for a chained step the token the step before is sampling)."""
 
     sequences: list[Sequence]
-    # num_computed_tokens of each sequence when started: a row is valid while this is unchanged
+    # Valid while the sequence's num_computed_tokens equals this (the row's decode position).
     positions: list[int]
-    output: SamplerOutput  # still on the device
+    output: SamplerOutput  # on the device
+    # Pinned host copies of output's token ids and logprobs, complete once `done` has passed.
+    host_token_ids: torch.Tensor
+    host_logprobs: torch.Tensor
     done: torch.cuda.Event
 
 
@@ -131,6 +139,7 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self._lookahead: _Lookahead | None = None
         self.num_lookahead_rows_used = 0  # samples served from a started step (a statistic)
+        self.num_chained_steps = 0  # decode steps queued behind a started one (a statistic)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._lookahead = None
@@ -181,8 +190,6 @@ class ModelRunner:
         step (see the module's docstring)."""
         start = time.perf_counter_ns()
         started, self._lookahead = self._lookahead, None
-        if started is not None:
-            started.done.synchronize()  # its inputs are read: the graph buffers are free again
         for request_id in finished_ids:
             self.sequences.pop(request_id, None)
         for request in new:
@@ -200,11 +207,13 @@ class ModelRunner:
         reused = self._take_started(started, batch) if started is not None else []
         reused_ids = {request_id for request_id, _, _ in reused}
         rest = [item for item in batch if item[0] not in reused_ids]
+        if lookahead and continuing and reused and not rest:
+            self._lookahead = self._chain_lookahead(started, continuing)
         samples, prompt_logprobs = self._forward_and_sample(rest) if rest else ([], [])
         if reused:
             samples = self._collect_started(started, reused) + samples
             self.num_lookahead_rows_used += len(reused)
-        if lookahead and continuing:
+        if lookahead and continuing and self._lookahead is None:
             self._start_lookahead(continuing)
         return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
 
@@ -219,43 +228,85 @@ class ModelRunner:
         ]
 
     def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
+        started.done.synchronize()
+        token_ids, logprobs = started.host_token_ids.tolist(), started.host_logprobs.tolist()
         row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
-        rows = torch.tensor([row_of[id(seq)] for _, seq, _ in reused], device=self.device)
-        out = started.output
-        token_ids, logprobs = torch.stack([out.token_ids.double(), out.logprobs.double()])[:, rows].tolist()
         samples = []
-        for (request_id, seq, _), token_id, logprob in zip(reused, token_ids, logprobs):
+        for request_id, seq, _ in reused:
+            row = row_of[id(seq)]
             seq.num_computed_tokens += 1
-            seq.token_ids.append(int(token_id))
-            samples.append(Sample(request_id, int(token_id), logprob, []))
+            seq.token_ids.append(token_ids[row])
+            samples.append(Sample(request_id, token_ids[row], logprobs[row], []))
         return samples
 
     def _start_lookahead(self, sequences: list[Sequence]) -> None:
-        """Launches the decode step of `sequences` (all of them, or none) without waiting for it."""
-        block_size, graphs = self.block_size, self.decode_graphs
-        if graphs is None or graphs.padded_size(len(sequences)) is None:
-            return
+        """Launches the decode step of `sequences`' last tokens (all of them, or none) without waiting."""
+        if all(self._can_start(seq, seq.num_computed_tokens) for seq in sequences) and self._fits_graphs(sequences):
+            self._lookahead = self._launch_decode(
+                sequences, [seq.num_computed_tokens for seq in sequences], [seq.token_ids[-1] for seq in sequences]
+            )
+
+    def _chain_lookahead(self, started: _Lookahead, sequences: list[Sequence]) -> _Lookahead | None:
+        """Launches the decode step after `started` for `sequences` (all rows of it, or none), its
+        input tokens being the ones `started` samples, on the device."""
+        row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
+        rows = [row_of.get(id(seq)) for seq in sequences]
+        if None in rows or not self._fits_graphs(sequences):
+            return None
         for seq in sequences:
-            position = seq.num_computed_tokens
-            if (
-                position != len(seq.token_ids) - 1  # still prefilling
-                or seq.top_n_tokens  # top-n needs a host sync inside sampling
-                or position >= len(seq.block_table) * block_size  # no slot for the token
-                or len(seq.block_table) > graphs.max_blocks_per_seq
-            ):
-                return
-        positions = [seq.num_computed_tokens for seq in sequences]
-        logits = graphs.run(
-            [seq.token_ids[-1] for seq in sequences],
+            params = seq.sampling
+            if params.watermark or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0:
+                return None  # their sampling reads the previous token on the host
+            if not self._can_start(seq, seq.num_computed_tokens + 1):
+                return None
+        token_ids = started.output.token_ids
+        if rows != list(range(len(started.sequences))):
+            index = torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
+            token_ids = token_ids[index]
+        positions = [seq.num_computed_tokens + 1 for seq in sequences]
+        self.num_chained_steps += 1
+        return self._launch_decode(sequences, positions, [0] * len(sequences), device_input_ids=token_ids)
+
+    def _can_start(self, seq: Sequence, position: int) -> bool:
+        """Whether a started decode step can compute `seq`'s token at `position` (its last known
+        token, or for a chained step the one after)."""
+        return (
+            seq.num_computed_tokens == len(seq.token_ids) - 1  # decoding, not prefilling
+            and not seq.top_n_tokens  # top-n needs a host sync inside sampling
+            and position < len(seq.block_table) * self.block_size  # a slot for the token
+            and len(seq.block_table) <= self.decode_graphs.max_blocks_per_seq
+        )
+
+    def _fits_graphs(self, sequences: list[Sequence]) -> bool:
+        return self.decode_graphs is not None and self.decode_graphs.padded_size(len(sequences)) is not None
+
+    def _launch_decode(
+        self, sequences: list[Sequence], positions: list[int], input_ids: list[int], device_input_ids=None
+    ) -> _Lookahead:
+        block_size = self.block_size
+        logits = self.decode_graphs.run(
+            input_ids,
             positions,
             [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)],
             [seq.block_table for seq in sequences],
+            device_input_ids=device_input_ids,
         )
-        batch = SamplingBatch.build([seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device)
-        output = sample(logits, batch, [0] * len(sequences))
+        # Sampling reads the histories only for their lengths here (no penalties): pad to the position.
+        histories = [seq.token_ids + [0] * (p + 1 - len(seq.token_ids)) for seq, p in zip(sequences, positions)]
+        output = sample(logits, SamplingBatch.build([seq.sampling for seq in sequences], histories, self.device), [0] * len(sequences))
+        host_token_ids, host_logprobs = self._copy_to_host(output)
         done = torch.cuda.Event()
         done.record()
-        self._lookahead = _Lookahead(sequences, positions, output, done)
+        return _Lookahead(list(sequences), positions, output, host_token_ids, host_logprobs, done)
+
+    def _copy_to_host(self, output: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starts copying the sampled ids and logprobs to (pinned) host memory; read them after a sync."""
+        pin = self.device.type == "cuda"
+        token_ids = torch.empty(output.token_ids.shape, dtype=torch.int64, pin_memory=pin)
+        logprobs = torch.empty(output.logprobs.shape, dtype=torch.float32, pin_memory=pin)
+        token_ids.copy_(output.token_ids, non_blocking=True)
+        logprobs.copy_(output.logprobs, non_blocking=True)
+        return token_ids, logprobs
 
     def _forward_and_sample(self, batch: list[tuple[int, Sequence, int]]) -> tuple[list[Sample], list[PromptLogprobs]]:
         if self._is_graph_decode(batch):
@@ -372,8 +423,10 @@ class ModelRunner:
         batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device)
         top_n = [seq.top_n_tokens for _, seq in to_sample]
         out = sample(logits, batch, top_n)
-        # One device-to-host copy (float64 holds every token id exactly); top tokens only when asked.
-        token_ids, logprobs = torch.stack([out.token_ids.double(), out.logprobs.double()]).tolist()
+        host_token_ids, host_logprobs = self._copy_to_host(out)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        token_ids, logprobs = host_token_ids.tolist(), host_logprobs.tolist()
         tops: list[list[tuple[int, float]]] = [[] for _ in to_sample]
         if any(top_n):
             top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
@@ -381,7 +434,7 @@ class ModelRunner:
                 tops[row] = list(zip(top_ids[row][:n], top_logprobs[row][:n]))
         samples = []
         for row, (request_id, seq) in enumerate(to_sample):
-            token_id = int(token_ids[row])
+            token_id = token_ids[row]
             seq.token_ids.append(token_id)
             samples.append(Sample(request_id, token_id, logprobs[row], tops[row]))
         return samples

@@ -23,9 +23,10 @@ NEW_TOKENS = [24, 10, 24, 5, 24, 17]
 
 
 def generate_greedy(
-    runner: ModelRunner, prefill_chunk: int, lookahead: bool = False, late_join_step: int = 0
+    runner: ModelRunner, prefill_chunk: int, lookahead: bool = False, late_join_step: int = 0,
+    sampling: SamplingParams = SamplingParams(),
 ) -> list[list[int]]:
-    """Greedy continuations of PROMPTS, batched the way the router batches them: prompts prefilled
+    """Continuations of PROMPTS (greedy unless `sampling` says otherwise), batched the way the router batches them: prompts prefilled
     `prefill_chunk` tokens a step, the last prompt joining at `late_join_step`, requests finishing at
     their NEW_TOKENS; with `lookahead`, steps where nobody waits to join say so."""
     blocks_per_seq = -(-(max(map(len, PROMPTS)) + max(NEW_TOKENS) + 1) // BLOCK_SIZE)
@@ -37,7 +38,7 @@ def generate_greedy(
         for i, prompt in enumerate(PROMPTS):
             if i not in joined and (i < len(PROMPTS) - 1 or step >= late_join_step):
                 joined.add(i)
-                new.append(NewSequence(i, prompt, SamplingParams(), 0))
+                new.append(NewSequence(i, prompt, sampling, 0))
                 blocks = list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
             elif i in joined and len(outputs[i]) < NEW_TOKENS[i]:
                 blocks = []
@@ -85,6 +86,13 @@ def test_gpu_greedy_with_kernels_and_cuda_graphs_follows_transformers(variant, t
     assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))
 
 
+def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):
+    """Steps that a mixed graph would pad too much run op by op, through the same kernels."""
+    runner, hf_model = load_runner("llama", tmp_path)
+    runner.mixed_graphs = None
+    assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))
+
+
 def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
     """Requests finishing, a late joiner, chunked prefill: lookahead rows are reused or recomputed."""
     runner, hf_model = load_runner("llama", tmp_path)
@@ -92,8 +100,26 @@ def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
     runner.clear()
     with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6)
     assert runner.num_lookahead_rows_used > 50
+    assert runner.num_chained_steps > 10
     assert with_lookahead == plain
     assert_greedy_under_transformers(hf_model, with_lookahead)
+
+
+@pytest.mark.parametrize(
+    "sampling, chains",
+    [
+        (SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=7), True),
+        (SamplingParams(do_sample=True, repetition_penalty=1.3, seed=7), False),  # reads tokens on the host
+    ],
+)
+def test_lookahead_sampling_gives_the_same_tokens_as_plain_steps(sampling, chains, tmp_path):
+    runner, _ = load_runner("llama", tmp_path)
+    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6, sampling=sampling)
+    runner.clear()
+    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6, sampling=sampling)
+    assert with_lookahead == plain
+    assert runner.num_lookahead_rows_used > 50
+    assert (runner.num_chained_steps > 10) == chains
 
 
 def test_a_request_at_its_last_token_starts_no_lookahead_row(tmp_path):

@@ -45,3 +45,12 @@ def test_greedy_samples_follow_transformers_and_requests_without_logprobs_get_no
     assert out.prompt_logprobs == []
     assert sample.token_id == hf_logits(hf_model, prompt)[-1].argmax().item()
     assert [t for t, _ in sample.top_tokens][0] == sample.token_id and len(sample.top_tokens) == 2
+
+
+def test_mixed_step_buckets_are_powers_of_two_then_at_most_512_apart():
+    from tgi_server.cuda_graphs import token_buckets
+
+    assert token_buckets(100) == [64, 100]
+    assert token_buckets(4096) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
+    large = token_buckets(32768)
+    assert large[-1] == 32768 and len(large) <= 4 + 17
