@@ -41,7 +41,7 @@ if has tests; then
 fi
 
 if has skinny; then  # the few-token linear kernel against cuBLAS, then whole decode steps without it
-    $PY bench/skinny_linear.py --rows 1,2,4 > "$OUT/skinny_linear.json" 2> "$LOGS/skinny_linear.log"
+    $PY bench/skinny_linear.py --rows "${SKINNY_ROWS:-1}" > "$OUT/skinny_linear.json" 2> "$LOGS/skinny_linear.log"
     grep -v "^ *$" "$LOGS/skinny_linear.log" | tail -20
     $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1,2,4 --decode-steps 48 --prompt-len 128 \
         --prefill-lens "" --skinny-max-rows 0 > "$OUT/shard_step_cublas.json" 2> "$LOGS/shard_step_cublas.log"
@@ -52,6 +52,12 @@ if has timeline; then  # one stream's decode steps under the profiler: GPU busy 
     $PY bench/decode_timeline.py --steps 48 --profiled-steps 12 --trace "$OUT/decode_timeline.json.gz" \
         > "$OUT/decode_timeline.json" 2> "$LOGS/decode_timeline.log"
     grep -E "^step|^   gap" "$LOGS/decode_timeline.log" | cut -c1-400
+fi
+
+if has profile; then  # the GPU kernels of decode steps (batch 1 and 128, 1024-token contexts) and prefills
+    $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1 --decode-steps 16 --prompt-len 1024 \
+        --prefill-lens 1024,4096 --profile --profile-batch-sizes 1,128 > /dev/null 2> "$OUT/profile.log"
+    grep -E "^== |Self CUDA time total" "$OUT/profile.log"
 fi
 
 if has step; then

@@ -113,20 +113,24 @@ def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps
     }
 
 
-def profile(runner: ModelRunner, prompt_len: int, prefill_lens: list[int]) -> None:
-    """torch.profiler tables (to stderr) of 8 batch-1 decode steps and of lone prefills."""
+def profile(runner: ModelRunner, prompt_len: int, prefill_lens: list[int], batch_sizes: list[int]) -> None:
+    """torch.profiler tables (to stderr) of 8 decode steps at each of `batch_sizes` and of lone
+    prefills of each of `prefill_lens`."""
     import sys
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_decode(runner, 1, prompt_len, 8, first_id=30_000)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
-    for length in prefill_lens:
+    for i, batch_size in enumerate(batch_sizes):
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            time_prefill(runner, length, request_id=40_000, repeats=2)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
+            time_decode(runner, batch_size, prompt_len, 8, first_id=30_000 + 1000 * i)
+        print(f"== decode, batch {batch_size}, prompt {prompt_len}, 8 steps", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+    for i, length in enumerate(prefill_lens):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            time_prefill(runner, length, request_id=40_000 + 100 * i, repeats=2)
+        print(f"== prefill of {length} tokens, 2 repeats (plus one untimed)", file=sys.stderr)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), file=sys.stderr)
 
 
 def main() -> None:
@@ -139,7 +143,8 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--disable-custom-kernels", action="store_true", help="The portable PyTorch path.")
     parser.add_argument("--skinny-max-rows", type=int, help="Batches up to this many rows use the skinny linear kernel (default: the kernel's MAX_ROWS; 0: cuBLAS only).")
-    parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of batch-1 decode and of the first prefill to stderr.")
+    parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of decode steps and prefills to stderr.")
+    parser.add_argument("--profile-batch-sizes", default="1", help="Decode batch sizes to profile.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     disable_kernels(args.disable_custom_kernels)
@@ -150,9 +155,10 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
-    blocks_needed = max(batch_sizes) * -(-max_total_tokens // BLOCK_SIZE) + 1
+    profile_batch_sizes = [int(b) for b in args.profile_batch_sizes.split(",")] if args.profile else []
+    blocks_needed = max(batch_sizes + profile_batch_sizes) * -(-max_total_tokens // BLOCK_SIZE) + 1
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
-        size for size in DEFAULT_BATCH_SIZES if size <= max(batch_sizes)
+        size for size in DEFAULT_BATCH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )
     runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens)
     time_decode(runner, 1, 16, 4, first_id=10_000)  # warm-up: allocator, kernels
@@ -162,7 +168,7 @@ def main() -> None:
         for i, b in enumerate(batch_sizes)
     ]
     if args.profile:
-        profile(runner, args.prompt_len, prefill_lens[:1])
+        profile(runner, args.prompt_len, prefill_lens, profile_batch_sizes)
     print(json.dumps({
         "benchmark": "shard_step",
         "shape": args.shape,

@@ -2,7 +2,9 @@
 
 The largest step is `max_batch_prefill_tokens` prompt tokens spread over as few requests as the
 per-request limit allows, with every sampling feature on, so peak activation memory is known before the
-KV cache takes what is left.
+KV cache takes what is left. Two tiny steps follow (1 and 17 tokens): Triton compiles a kernel once
+per class of its integer arguments (one, a multiple of 16, any other), and a first request should not
+wait for that.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def warmup(
     """Runs the largest allowed step, then allocates the KV cache (within `memory_fraction` of the
     GPU) and captures the decode CUDA graphs; returns the cache's number of blocks."""
     lengths = _warmup_lengths(max_batch_prefill_tokens, max(max_total_tokens - 1, 1), max_batch_size)
-    _run_largest_step(runner, lengths)
+    for step_lengths in (lengths, [1], [17]):
+        _run_step(runner, step_lengths)
     if max_batch_total_tokens:
         num_blocks = 1 + -(-max_batch_total_tokens // runner.block_size)
     else:
@@ -49,7 +52,7 @@ def warmup(
     return num_blocks
 
 
-def _run_largest_step(runner: ModelRunner, lengths: list[int]) -> None:
+def _run_step(runner: ModelRunner, lengths: list[int]) -> None:
     """One step prefilling `lengths` prompts on a cache just big enough; leaves no cache behind."""
     block_size = runner.block_size
     runner.allocate_kv_cache(1 + sum(-(-n // block_size) for n in lengths))

@@ -118,7 +118,8 @@ class PagedBatchDriver:
 
 def mixed_schedule(vocab_size: int, seed: int = 0) -> list[list[tuple[str, list[int]]]]:
     """Steps of (seq_id, new tokens): a mixed-length prefill, then decodes mixed with a fresh prefill
-    and a prefill split in two chunks, then an all-decode step and a two-sequence decode step."""
+    and a prefill split in two chunks, then an all-decode step, a two-sequence and a one-sequence decode
+    step."""
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(n: int) -> list[int]:
@@ -131,6 +132,7 @@ def mixed_schedule(vocab_size: int, seed: int = 0) -> list[list[tuple[str, list[
         [("a", tokens(1)), ("f", f_prompt[6:]), ("e", tokens(1)), ("c", tokens(1))],
         [(seq_id, tokens(1)) for seq_id in "abcdef"],
         [("a", tokens(1)), ("d", tokens(1))],
+        [("a", tokens(1))],
     ]
 
 
