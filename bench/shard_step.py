@@ -156,7 +156,8 @@ def main() -> None:
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
     profile_batch_sizes = [int(b) for b in args.profile_batch_sizes.split(",")] if args.profile else []
-    blocks_needed = max(batch_sizes + profile_batch_sizes) * -(-max_total_tokens // BLOCK_SIZE) + 1
+    decode_blocks = -(-(args.prompt_len + args.decode_steps + 1) // BLOCK_SIZE)
+    blocks_needed = max(batch_sizes + profile_batch_sizes) * decode_blocks + -(-max_total_tokens // BLOCK_SIZE) + 1
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
         size for size in DEFAULT_BATCH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )

@@ -119,7 +119,7 @@ class PagedBatchDriver:
 def mixed_schedule(vocab_size: int, seed: int = 0) -> list[list[tuple[str, list[int]]]]:
     """Steps of (seq_id, new tokens): a mixed-length prefill, then decodes mixed with a fresh prefill
     and a prefill split in two chunks, then an all-decode step, a two-sequence and a one-sequence decode
-    step."""
+    step (the skinny linear kernel's size)."""
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(n: int) -> list[int]:

@@ -152,24 +152,6 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
     torch.testing.assert_close(skinny_linear(x, weight, bias, config=(8, 256, 4)), F.linear(x, weight, bias), **tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_skinny_linear_fuses_the_norm_before_and_the_residual_add_after(dtype):
-    from tgi_server.kernels.fused import rms_norm
-    from tgi_server.kernels.skinny import skinny_linear
-
-    generator = torch.Generator().manual_seed(3)
-    stream = torch.randn(1, 1000, generator=generator).to(DEVICE, dtype)
-    norm_weight = torch.randn(1000, generator=generator).to(DEVICE, dtype)
-    weight = torch.randn(37, 1000, generator=generator).to(DEVICE, dtype)
-    bias = torch.randn(37, generator=generator).to(DEVICE, dtype)
-    residual = torch.randn(1, 37, generator=generator).to(DEVICE, dtype)
-    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.2, "rtol": 2**-7}
-    normed = rms_norm(stream, norm_weight, 1e-5)[0]
-    fused = skinny_linear(stream, weight, bias, norm_weight=norm_weight, eps=1e-5, config=(8, 256, 4))
-    torch.testing.assert_close(fused, F.linear(normed, weight, bias), **tolerance)
-    torch.testing.assert_close(skinny_linear(normed, weight, residual=residual), F.linear(normed, weight) + residual, **tolerance)
-
-
 def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache():
     from tgi_server.kernels.fused import rotary_and_write_cache
     from tgi_server.layers.attention import write_kv_cache

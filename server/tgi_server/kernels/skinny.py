@@ -6,14 +6,13 @@ contiguous K axis) and multiplies every tile by all rows of x at once, accumulat
 that are summed over K only at the end; the output is rounded to the model dtype once, as cuBLAS
 rounds. No split-K: one launch, no workspace, so it sits in a CUDA graph as is.
 
-Two fusions spare a decoder layer its RMSNorm launches: with `norm_weight`, x is the residual stream
-and each program RMS-normalises it on the fly (computing the row's scale itself, from the L2-resident
-row); with `residual`, the rounded output plus `residual` is returned (the next residual stream).
-Both round where `kernels.fused.rms_norm` and the residual add round.
-
 `skinny_linear` takes the tile sizes from `_config`, tuned on an H100 (bench/skinny_linear.py): for
 one row it beats cuBLAS by 5-20% on the Llama-3.1-8B projections (2.5-3.2 TB/s against 2.0-2.8); for
 two rows it merely ties, for four it loses, hence MAX_ROWS.
+
+Fusing the RMSNorm before a projection into it does not pay: every program would recompute the row's
+scale, and with ~2 weight rows per program that re-reads x from L2 thousands of times (measured: one
+stream's decode step 6.03 ms fused against 5.73 ms unfused).
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ MAX_ROWS = 1
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, y_ptr,
-    M, N, K, stride_x, stride_w, stride_residual, stride_y, eps,
-    HAS_BIAS: tl.constexpr, NORM_INPUT: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_x, stride_w, stride_y,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
@@ -40,30 +38,17 @@ def _skinny_linear_kernel(
     mask_m = rows_m < M
     w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m[:, None] * stride_x + cols[None, :]  # [BLOCK_M, BLOCK_K]
-    if NORM_INPUT:
-        square_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            x = tl.load(x_ptrs + k, mask=mask_m[:, None] & ((k + cols) < K)[None, :], other=0.0).to(tl.float32)
-            square_sum += tl.sum(x * x, axis=1)
-        inv_rms = tl.math.rsqrt(square_sum / K + eps)  # [BLOCK_M]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         mask_k = (k + cols) < K
         w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if NORM_INPUT:
-            normed = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype)
-            norm_w = tl.load(norm_w_ptr + k + cols, mask=mask_k, other=0.0)
-            x = (normed.to(tl.float32) * norm_w.to(tl.float32)[None, :]).to(x.dtype)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if ADD_RESIDUAL:
-        residual = tl.load(residual_ptr + rows_m[:, None] * stride_residual + rows_n[None, :], mask=mask_y, other=0.0)
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
-    tl.store(y_ptr + rows_m[:, None] * stride_y + rows_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_y)
+    y_ptrs = y_ptr + rows_m[:, None] * stride_y + rows_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
@@ -75,31 +60,19 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 def skinny_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
-    *,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS or any M, slower), weight [N, K] (K contiguous) -> [M, N] in x's dtype.
-
-    With `norm_weight` [K]: computes rms_norm(x, norm_weight, eps) @ weight.T + bias. With `residual`
-    [M, N]: returns (x @ weight.T + bias) + residual, rounded after each of the two additions."""
+    """x [M, K] (M <= MAX_ROWS or any M, slower), weight [N, K] (K contiguous) -> [M, N] in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
-    assert residual is None or (residual.shape == (m, n) and residual.stride(1) == 1)
     block_n, block_k, num_warps = config or _config(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        residual if residual is not None else y, y,
-        m, n, k, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
-        HAS_BIAS=bias is not None, NORM_INPUT=norm_weight is not None, ADD_RESIDUAL=residual is not None,
-        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        x, weight, bias if bias is not None else weight, y,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return y

@@ -68,20 +68,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), attn, kv_cache))
-
-    def attend(
-        self, positions: torch.Tensor, qkv: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """The fused q/k/v projection [num_tokens, (heads + 2 kv_heads) * head_dim] -> the attention
-        output, o_proj's input [num_tokens, heads * head_dim]."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split(self.qkv_proj.output_sizes_per_rank, dim=-1)
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes_per_rank, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(positions, q, k, v, self.rotary, kv_cache, attn)  # [num_tokens, num_heads, head_dim]
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -101,27 +94,20 @@ class LlamaMLP(nn.Module):
         self.down_proj.load(weights, f"{prefix}.down_proj")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activate(self.gate_up_proj(hidden)))
-
-    @staticmethod
-    def activate(gate_up: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, 2 * intermediate_per_rank] -> silu(gate) * up [num_tokens, intermediate_per_rank]."""
+        gate_up = self.gate_up_proj(hidden)  # [num_tokens, 2 * intermediate_per_rank]
         if use_kernels(gate_up):
             from tgi_server.kernels.fused import silu_and_mul
 
-            return silu_and_mul(gate_up)
+            return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
 
     The residual stream travels beside the block's output, so each norm adds it in the same kernel
-    (vLLM's layout): a layer takes (output of the previous block, stream before it) and returns the same;
-    a residual of None means the first tensor is the whole stream. A one-token step on the kernel path
-    (unsharded, no row-parallel bias) instead fuses each norm into the projection after it and each
-    residual add into the projection before it (`kernels.skinny`), and returns (stream, None).
+    (vLLM's layout): a layer takes (output of the previous block, stream before it) and returns the same.
     """
 
     def __init__(
@@ -147,9 +133,7 @@ class LlamaDecoderLayer(nn.Module):
         attn: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden: the previous block's output (or the whole stream, with residual None)."""
-        if self._fuses_norms(hidden):
-            return self._forward_fused(positions, hidden if residual is None else hidden + residual, attn, kv_cache)
+        """hidden: the previous block's output (or the embeddings, with residual None)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -157,27 +141,6 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, attn, kv_cache)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def _fuses_norms(self, hidden: torch.Tensor) -> bool:
-        o_proj, down_proj = self.self_attn.o_proj, self.mlp.down_proj
-        if not use_kernels(hidden) or o_proj.tp.world_size > 1 or o_proj.bias is not None or down_proj.bias is not None:
-            return False
-        from tgi_server.kernels import skinny
-
-        return hidden.shape[0] <= skinny.MAX_ROWS
-
-    def _forward_fused(
-        self, positions: torch.Tensor, stream: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
-        from tgi_server.kernels.skinny import skinny_linear
-
-        self_attn, mlp = self.self_attn, self.mlp
-        norm = self.input_layernorm
-        qkv = skinny_linear(stream, self_attn.qkv_proj.weight, self_attn.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps)
-        stream = skinny_linear(self_attn.attend(positions, qkv, attn, kv_cache), self_attn.o_proj.weight, residual=stream)
-        norm = self.post_attention_layernorm
-        gate_up = skinny_linear(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight, eps=norm.eps)
-        return skinny_linear(mlp.activate(gate_up), mlp.down_proj.weight, residual=stream), None
 
 
 class LlamaModel(nn.Module):
@@ -208,7 +171,7 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, attn, kv_cache)
-        return self.norm(hidden) if residual is None else self.norm.add_and_norm(hidden, residual)[0]
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
