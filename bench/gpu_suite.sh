@@ -48,6 +48,11 @@ if has skinny; then  # the few-token linear kernel against cuBLAS, then whole de
     $PY -c "import json; d = json.load(open('$OUT/shard_step_cublas.json')); [print('cuBLAS only', r) for r in d['results']]"
 fi
 
+if has attention; then  # the attention kernel's prefill settings
+    $PY bench/attention_prefill.py > "$OUT/attention_prefill.json" 2> "$LOGS/attention_prefill.log"
+    grep -E "TFLOP" "$LOGS/attention_prefill.log"
+fi
+
 if has timeline; then  # one stream's decode steps under the profiler: GPU busy time and the gaps
     $PY bench/decode_timeline.py --steps 48 --profiled-steps 12 --trace "$OUT/decode_timeline.json.gz" \
         > "$OUT/decode_timeline.json" 2> "$LOGS/decode_timeline.log"

@@ -23,6 +23,10 @@ BLOCK_N = 64
 # Rows of the score tile (query tokens x heads of a group); tl.dot needs at least 16.
 PREFILL_ROWS = 64
 DECODE_ROWS = 16
+# Launch settings of the flat kernel for steps with prompt chunks: measured best of 64/128 rows,
+# 4/8 warps, 2/3 stages on the 8B's heads (bench/attention_prefill.py).
+PREFILL_WARPS = 4
+PREFILL_STAGES = 2
 # Split decode keys until sequences x KV heads x splits reaches this many programs.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
@@ -274,6 +278,7 @@ def paged_attention(
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_Q=block_q, BLOCK_N=BLOCK_N, PAGE=page, USE_WINDOW=sliding_window is not None,
         IEEE=q.dtype == torch.float32,
+        num_warps=PREFILL_WARPS if max_query_len > 1 else 4, num_stages=PREFILL_STAGES if max_query_len > 1 else 3,
     )
     return out
 

@@ -59,37 +59,45 @@ def _rotary_cache_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cache_slot, stride_cache_head,
-    num_heads, attention_scaling,
-    HALF: tl.constexpr, HALF_P: tl.constexpr,
+    num_heads, num_kv_heads, attention_scaling,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, HEADS_P: tl.constexpr, KV_HEADS_P: tl.constexpr,
 ):
-    """Program (token, h): query head h for h < num_heads, else KV head h - num_heads."""
+    """Program (token, 0): all query heads of the token; (token, 1): all its KV heads. The angles are
+    computed once per program and shared by its heads."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     half = tl.arange(0, HALF_P)
     mask = half < HALF
     angles = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + half, mask=mask, other=0.0)
-    cos = tl.cos(angles) * attention_scaling
-    sin = tl.sin(angles) * attention_scaling
-    if head < num_heads:  # q: rotated in place
-        x_ptr = q_ptr + token * stride_q_token + head * stride_q_head + half
-        x1 = tl.load(x_ptr, mask=mask, other=0.0)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(x_ptr, (a * cos - b * sin).to(x1.dtype), mask=mask)
-        tl.store(x_ptr + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    cos = (tl.cos(angles) * attention_scaling)[None, :]
+    sin = (tl.sin(angles) * attention_scaling)[None, :]
+    if tl.program_id(1) == 0:  # q: rotated in place
+        _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, q_ptr + token * stride_q_token,
+                      stride_q_head, cos, sin, half, mask, HALF, HEADS_P)
     else:  # k: rotated into the cache; v: copied into the cache
-        kv_head = head - num_heads
-        cache_offset = tl.load(slot_mapping_ptr + token) * stride_cache_slot + kv_head * stride_cache_head + half
-        x_ptr = k_ptr + token * stride_k_token + kv_head * stride_k_head + half
-        x1 = tl.load(x_ptr, mask=mask, other=0.0)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + cache_offset, (a * cos - b * sin).to(dtype), mask=mask)
-        tl.store(k_cache_ptr + cache_offset + HALF, (b * cos + a * sin).to(dtype), mask=mask)
-        v_offset = token * stride_v_token + kv_head * stride_v_head + half
-        tl.store(v_cache_ptr + cache_offset, tl.load(v_ptr + v_offset, mask=mask, other=0.0), mask=mask)
-        tl.store(v_cache_ptr + cache_offset + HALF, tl.load(v_ptr + v_offset + HALF, mask=mask, other=0.0), mask=mask)
+        heads = tl.arange(0, KV_HEADS_P)
+        tile_mask = (heads < num_kv_heads)[:, None] & mask[None, :]
+        cache_ptr = tl.load(slot_mapping_ptr + token) * stride_cache_slot
+        _rotate_heads(k_ptr + token * stride_k_token, stride_k_head, num_kv_heads, k_cache_ptr + cache_ptr,
+                      stride_cache_head, cos, sin, half, mask, HALF, KV_HEADS_P)
+        cache_offset = cache_ptr + heads[:, None] * stride_cache_head + half[None, :]
+        v_offset = token * stride_v_token + heads[:, None] * stride_v_head + half[None, :]
+        tl.store(v_cache_ptr + cache_offset, tl.load(v_ptr + v_offset, mask=tile_mask, other=0.0), mask=tile_mask)
+        tl.store(v_cache_ptr + cache_offset + HALF, tl.load(v_ptr + v_offset + HALF, mask=tile_mask, other=0.0), mask=tile_mask)
+
+
+@triton.jit
+def _rotate_heads(src_ptr, stride_src_head, num_heads, dst_ptr, stride_dst_head, cos, sin, half, mask,
+                  HALF: tl.constexpr, HEADS_P: tl.constexpr):
+    """Rotates the first num_heads heads at src (one token) into dst (may be src), rounding to dst's dtype."""
+    heads = tl.arange(0, HEADS_P)
+    tile_mask = (heads < num_heads)[:, None] & mask[None, :]
+    src = src_ptr + heads[:, None] * stride_src_head + half[None, :]
+    dst = dst_ptr + heads[:, None] * stride_dst_head + half[None, :]
+    x1 = tl.load(src, mask=tile_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    dtype = dst_ptr.dtype.element_ty
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=tile_mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=tile_mask)
 
 
 def rotary_and_write_cache(
@@ -112,12 +120,13 @@ def rotary_and_write_cache(
     num_kv_heads = k.shape[1]
     slots = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, num_slots, num_kv_heads, head_dim]
     half = head_dim // 2
-    _rotary_cache_kernel[(num_tokens, num_heads + num_kv_heads)](
+    _rotary_cache_kernel[(num_tokens, 2)](
         q, k, v, positions, inv_freq, slot_mapping, slots[0], slots[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         slots.stride(1), slots.stride(2),
-        num_heads, attention_scaling,
+        num_heads, num_kv_heads, attention_scaling,
         HALF=half, HALF_P=triton.next_power_of_2(half),
+        HEADS_P=triton.next_power_of_2(num_heads), KV_HEADS_P=triton.next_power_of_2(num_kv_heads),
     )
 
 

@@ -1,0 +1,85 @@
+"""The paged attention kernel on prefill-heavy steps, across tile and launch settings.
+
+Times `tgi_server.kernels.attention.paged_attention` (Llama-3.1-8B heads: 32 query, 8 KV, dim 128,
+bf16, 16-token pages) on: one 1024-token prompt, one 4096-token prompt, four 1024-token prompts, and
+128 decode rows at 1,100 tokens of context beside one 1024-token prompt (a mixed step), for each
+setting of PREFILL_ROWS x PREFILL_WARPS x PREFILL_STAGES; prints TFLOP/s (causal FLOPs only) and one
+JSON object.
+
+    python bench/attention_prefill.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import torch
+import triton
+
+from tgi_server.kernels import attention as kernels
+from tgi_server.layers.attention import AttentionMetadata
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+WORKLOADS = {  # name: [(query tokens, context before them)] per sequence
+    "prompt_1024": [(1024, 0)],
+    "prompt_4096": [(4096, 0)],
+    "4x_prompt_1024": [(1024, 0)] * 4,
+    "128_decodes_ctx1100_plus_prompt_1024": [(1, 1100)] * 128 + [(1024, 0)],
+}
+
+
+def build(workload, device):
+    q_lens = [q for q, _ in workload]
+    seq_lens = [q + c for q, c in workload]
+    num_blocks = sum(-(-n // PAGE) for n in seq_lens) + 1
+    tables, next_block = [], 1
+    for n in seq_lens:
+        count = -(-n // PAGE)
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
+    width = max(map(len, tables))
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    attn = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        max_query_len=max(q_lens),
+    )
+    kv_cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    q = torch.randn(starts[-1], HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    flops = sum(4 * HEADS * HEAD_DIM * qn * (c + (qn + 1) / 2) for qn, c in workload)
+    kv_bytes = sum(2 * (qn + c) * KV_HEADS * HEAD_DIM * 2 for qn, c in workload)
+    return q, kv_cache, attn, flops, kv_bytes
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    results = []
+    for name, workload in WORKLOADS.items():
+        q, kv_cache, attn, flops, kv_bytes = build(workload, device)
+        reference = None
+        for rows, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
+            kernels.PREFILL_ROWS, kernels.PREFILL_WARPS, kernels.PREFILL_STAGES = rows, warps, stages
+            out = kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None)
+            if reference is None:
+                reference = out.float()
+            error = ((out.float() - reference).norm() / reference.norm()).item()
+            ms = triton.testing.do_bench(lambda: kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None), return_mode="median")
+            row = {"workload": name, "rows": rows, "warps": warps, "stages": stages, "ms": round(ms, 4),
+                   "tflop_s": round(flops / ms / 1e9, 1), "kv_tb_s": round(kv_bytes / ms / 1e9, 2), "error_vs_first": error}
+            results.append(row)
+            print(f"{name:40s} rows {rows:3d} warps {warps} stages {stages}: {ms:.4f} ms {row['tflop_s']:7.1f} TFLOP/s "
+                  f"{row['kv_tb_s']:.2f} TB/s KV  err {error:.1e}", file=sys.stderr, flush=True)
+    print(json.dumps({"benchmark": "attention_prefill", "device": torch.cuda.get_device_name(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
