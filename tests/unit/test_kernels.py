@@ -152,22 +152,23 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
     torch.testing.assert_close(skinny_linear(x, weight, bias, config=(8, 256, 4)), F.linear(x, weight, bias), **tolerance)
 
 
-def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache():
+@pytest.mark.parametrize("num_tokens", [9, 70])  # a few tokens: heads in blocks of 4; many: all in one
+def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens):
     from tgi_server.kernels.fused import rotary_and_write_cache
     from tgi_server.layers.attention import write_kv_cache
 
     generator = torch.Generator().manual_seed(0)
-    num_tokens, head_dim = 9, 16
+    head_dim = 16
     rotary = RotaryEmbedding(tiny_config("llama"), head_dim, DEVICE)
     qkv = torch.randn(num_tokens, (6 + 2 + 2) * head_dim, generator=generator).to(DEVICE)  # one fused projection
     q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([6 * head_dim, 2 * head_dim, 2 * head_dim], -1))
     positions = torch.randint(0, 500, (num_tokens,), generator=generator).to(DEVICE)
-    slots = torch.randperm(40, generator=generator)[:num_tokens].to(DEVICE)
+    slots = torch.randperm(80, generator=generator)[:num_tokens].to(DEVICE)
     expected_q, expected_k = rotary(positions, q, k)
-    expected_cache = torch.zeros(2, 10, 4, 2, head_dim, device=DEVICE)
+    expected_cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE)
     write_kv_cache(expected_cache, expected_k, v, slots)
 
-    cache = torch.zeros(2, 10, 4, 2, head_dim, device=DEVICE)
+    cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE)
     rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots)
     torch.testing.assert_close(q, expected_q)
     torch.testing.assert_close(cache, expected_cache)
