@@ -43,15 +43,8 @@ def build(workload, device):
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
-    attn = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        max_query_len=max(q_lens),
-    )
+    block_tables = [t + [0] * (width - len(t)) for t in tables]
+    attn = AttentionMetadata.from_host([0] * starts[-1], starts, seq_lens, block_tables, device)
     kv_cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     q = torch.randn(starts[-1], HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     flops = sum(4 * HEADS * HEAD_DIM * qn * (c + (qn + 1) / 2) for qn, c in workload)

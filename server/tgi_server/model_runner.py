@@ -405,15 +405,7 @@ class ModelRunner:
 
     def _eager_inputs(self, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         device = self.device
-        attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(flat.slots).to(device),  # [num_tokens]
-            query_start_loc=torch.tensor(flat.query_start_loc, dtype=torch.int32, device=device),  # [B + 1]
-            seq_lens=torch.tensor(flat.seq_lens, dtype=torch.int32, device=device),  # [B]
-            block_tables=torch.from_numpy(flat.block_tables).to(device),  # [B, max_blocks]
-            query_start_loc_cpu=flat.query_start_loc,
-            seq_lens_cpu=flat.seq_lens,
-            max_query_len=max(b - a for a, b in zip(flat.query_start_loc, flat.query_start_loc[1:])),
-        )
+        attn = AttentionMetadata.from_host(flat.slots, flat.query_start_loc, flat.seq_lens, flat.block_tables, device)
         ids = torch.from_numpy(flat.input_ids).to(device)  # [num_tokens]
         positions = torch.from_numpy(flat.positions).to(device)  # [num_tokens]
         return ids, positions, attn

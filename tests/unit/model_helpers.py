@@ -105,15 +105,7 @@ class PagedBatchDriver:
         for i, seq_id in enumerate(seq_ids):
             blocks = self.seq_to_blocks[seq_id]
             block_tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
-        )
+        return AttentionMetadata.from_host(slots, starts, seq_lens, block_tables, torch.device("cpu"))
 
 
 def mixed_schedule(vocab_size: int, seed: int = 0) -> list[list[tuple[str, list[int]]]]:

@@ -69,15 +69,8 @@ def _metadata(q_lens: list[int], context_lens: list[int], block_size: int, num_b
     starts = [0]
     for q_len in q_lens:
         starts.append(starts[-1] + q_len)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=DEVICE),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        max_query_len=max(q_lens),
-    )
+    block_tables = [t + [0] * (width - len(t)) for t in tables]
+    return AttentionMetadata.from_host(slots, starts, seq_lens, block_tables, DEVICE)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ runs two Triton kernels (`tgi_server.kernels`); elsewhere, the portable PyTorch 
 over sequences with no device syncs, which is also the kernels' reference.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +43,20 @@ class AttentionMetadata:
     max_query_len: int
     # what kernels derive from the above once per step and share across layers
     derived: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_host(cls, slot_mapping, query_start_loc: list[int], seq_lens: list[int], block_tables, device) -> AttentionMetadata:
+        """A step's metadata on `device` from host values: slot_mapping [num_tokens] and
+        block_tables [num_seqs, max_blocks] as lists, numpy arrays or CPU tensors."""
+        return cls(
+            slot_mapping=torch.as_tensor(slot_mapping, dtype=torch.int64).to(device),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.as_tensor(block_tables, dtype=torch.int32).to(device),
+            query_start_loc_cpu=list(query_start_loc),
+            seq_lens_cpu=list(seq_lens),
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+        )
 
 
 def attention_head_dim(config: PretrainedConfig) -> int:
