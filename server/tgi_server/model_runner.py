@@ -291,9 +291,11 @@ class ModelRunner:
             [seq.block_table for seq in sequences],
             device_input_ids=device_input_ids,
         )
-        # Sampling reads the histories only for their lengths here (no penalties): pad to the position.
-        histories = [seq.token_ids + [0] * (p + 1 - len(seq.token_ids)) for seq, p in zip(sequences, positions)]
-        output = sample(logits, SamplingBatch.build([seq.sampling for seq in sequences], histories, self.device), [0] * len(sequences))
+        # A chained row's history lacks the token being sampled before it (it has no penalties).
+        batch = SamplingBatch.build(
+            [seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device, [p + 1 for p in positions]
+        )
+        output = sample(logits, batch, [0] * len(sequences))
         host_token_ids, host_logprobs = self._copy_to_host(output)
         done = torch.cuda.Event()
         done.record()

@@ -56,7 +56,10 @@ class SamplingBatch:
     watermark_rows: list[tuple[int, int]]
 
     @classmethod
-    def build(cls, params: list[SamplingParams], histories: list[list[int]], device) -> SamplingBatch:
+    def build(
+        cls, params: list[SamplingParams], histories: list[list[int]], device, positions: list[int] | None = None
+    ) -> SamplingBatch:
+        """`positions[i]`: the index row i's sampled token will have (default: len(histories[i]))."""
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
@@ -76,7 +79,7 @@ class SamplingBatch:
                 top_p=field("top_p", torch.float32),
                 typical_p=field("typical_p", torch.float32),
                 seed=column([p.seed - _U64 if p.seed >= _U64 // 2 else p.seed for p in params], torch.int64),
-                position=column([len(h) for h in histories], torch.int64),
+                position=column(positions or [len(h) for h in histories], torch.int64),
             )
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params):
             width = max(len(h) for h in histories)

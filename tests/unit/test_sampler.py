@@ -51,6 +51,17 @@ def test_seeded_sample_does_not_depend_on_the_rest_of_the_batch():
     assert alone == together
 
 
+def test_a_given_position_seeds_the_sample_as_a_history_of_that_length_would():
+    """A chained decode step samples before the previous token reaches the host."""
+    logits = logits_batch(1).repeat(16, 1) / 3  # a flat distribution, so the draws vary
+    params = [SamplingParams(do_sample=True, seed=seed) for seed in range(16)]
+    full = sample(logits, build(params, [[4, 5, 6]] * 16), [0]).token_ids
+    short = sample(logits, SamplingBatch.build(params, [[4, 5]] * 16, torch.device("cpu"), [3] * 16), [0]).token_ids
+    other = sample(logits, build(params, [[4, 5]] * 16), [0]).token_ids
+    assert torch.equal(full, short)
+    assert not torch.equal(full, other)  # the position does change the draw
+
+
 def test_sampling_frequencies_follow_the_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
     params = [SamplingParams(do_sample=True, seed=s) for s in range(4000)]
