@@ -241,7 +241,7 @@ class ModelRunner:
 
     def _start_lookahead(self, sequences: list[Sequence]) -> None:
         """Launches the decode step of `sequences`' last tokens (all of them, or none) without waiting."""
-        if all(self._can_start(seq, seq.num_computed_tokens) for seq in sequences) and self._fits_graphs(sequences):
+        if self._fits_graphs(sequences) and all(self._can_start(seq, seq.num_computed_tokens) for seq in sequences):
             self._lookahead = self._launch_decode(
                 sequences, [seq.num_computed_tokens for seq in sequences], [seq.token_ids[-1] for seq in sequences]
             )

@@ -47,6 +47,20 @@ def test_greedy_samples_follow_transformers_and_requests_without_logprobs_get_no
     assert [t for t, _ in sample.top_tokens][0] == sample.token_id and len(sample.top_tokens) == 2
 
 
+def test_lookahead_plans_without_cuda_graphs_run_as_plain_steps(tmp_path):
+    """Only CUDA graphs start steps early; elsewhere the hint changes nothing."""
+    runner, hf_model = make_runner(tmp_path)
+    prompt = [11, 12, 13, 14, 15]
+    tokens = [runner.step([], [NewSequence(4, prompt, SamplingParams(), 0)], [ScheduledSequence(4, 5, [1, 2])], lookahead=True)]
+    tokens.append(runner.step([], [], [ScheduledSequence(4, 1, [])], lookahead=True))
+    tokens.append(runner.step([], [], [ScheduledSequence(4, 1, [], last_token=True)], lookahead=True))
+    ids = [out.samples[0].token_id for out in tokens]
+    expected = []
+    for _ in range(3):
+        expected.append(hf_logits(hf_model, prompt + expected)[-1].argmax().item())
+    assert ids == expected
+
+
 def test_mixed_step_buckets_are_powers_of_two_then_at_most_512_apart():
     from tgi_server.cuda_graphs import token_buckets
 
