@@ -52,25 +52,39 @@ def build(workload, device):
     return q, kv_cache, attn, flops, kv_bytes
 
 
-def main() -> None:
-    device = torch.device("cuda")
+def sweep(workloads: dict, settings: dict[str, tuple], device) -> list[dict]:
+    """Times `paged_attention` on each workload at every combination of `settings` (module constant
+    of `tgi_server.kernels.attention` -> values); one result row per run, also printed to stderr."""
     torch.manual_seed(0)
     results = []
-    for name, workload in WORKLOADS.items():
+    for name, workload in workloads.items():
         q, kv_cache, attn, flops, kv_bytes = build(workload, device)
         reference = None
-        for rows, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
-            kernels.PREFILL_ROWS, kernels.PREFILL_WARPS, kernels.PREFILL_STAGES = rows, warps, stages
-            out = kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None)
+        for values in itertools.product(*settings.values()):
+            setting = dict(zip(settings, values))
+            for constant, value in setting.items():
+                setattr(kernels, constant, value)
+            label = " ".join(f"{constant.lower()} {value}" for constant, value in setting.items())
+            try:
+                out = kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None)
+            except triton.runtime.errors.OutOfResources as error:
+                print(f"{name:40s} {label}: {error}", file=sys.stderr)
+                continue
             if reference is None:
                 reference = out.float()
             error = ((out.float() - reference).norm() / reference.norm()).item()
             ms = triton.testing.do_bench(lambda: kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None), return_mode="median")
-            row = {"workload": name, "rows": rows, "warps": warps, "stages": stages, "ms": round(ms, 4),
+            row = {"workload": name, **{c.lower(): v for c, v in setting.items()}, "ms": round(ms, 4),
                    "tflop_s": round(flops / ms / 1e9, 1), "kv_tb_s": round(kv_bytes / ms / 1e9, 2), "error_vs_first": error}
             results.append(row)
-            print(f"{name:40s} rows {rows:3d} warps {warps} stages {stages}: {ms:.4f} ms {row['tflop_s']:7.1f} TFLOP/s "
-                  f"{row['kv_tb_s']:.2f} TB/s KV  err {error:.1e}", file=sys.stderr, flush=True)
+            print(f"{name:40s} {label}: {ms:.4f} ms {row['tflop_s']:7.1f} TFLOP/s {row['kv_tb_s']:.2f} TB/s KV  err {error:.1e}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def main() -> None:
+    settings = {"PREFILL_ROWS": (64, 128), "PREFILL_WARPS": (4, 8), "PREFILL_STAGES": (2, 3)}
+    results = sweep(WORKLOADS, settings, torch.device("cuda"))
     print(json.dumps({"benchmark": "attention_prefill", "device": torch.cuda.get_device_name(), "results": results}))
 
 

@@ -6,6 +6,7 @@
 #   OUT=/tmp/results bash bench/gpu_suite.sh            # the device tool sets OUT
 #   PARTS="tests step http" NUM_PROMPTS=512 HF=1 bash bench/gpu_suite.sh
 #   C128_SWEEP="1024 2048 8192" bash bench/gpu_suite.sh   # also 128 concurrent at these prefill budgets
+#   PARTS=mixed bash bench/gpu_suite.sh                     # prompt chunks riding along 128 decodes
 #
 # Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
 # from bench/assets (git-ignored: carry it to the GPU machine).
@@ -48,9 +49,17 @@ if has skinny; then  # the few-token linear kernel against cuBLAS, then whole de
     $PY -c "import json; d = json.load(open('$OUT/shard_step_cublas.json')); [print('cuBLAS only', r) for r in d['results']]"
 fi
 
-if has attention; then  # the attention kernel's prefill settings
+if has attention; then  # the attention kernel's prefill and decode settings
     $PY bench/attention_prefill.py > "$OUT/attention_prefill.json" 2> "$LOGS/attention_prefill.log"
     grep -E "TFLOP" "$LOGS/attention_prefill.log"
+    $PY bench/attention_decode.py > "$OUT/attention_decode.json" 2> "$LOGS/attention_decode.log"
+    $PY - "$OUT/attention_decode.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+for name in dict.fromkeys(r["workload"] for r in rows):
+    ranked = sorted((r for r in rows if r["workload"] == name), key=lambda r: r["ms"])
+    print(name, "best:", *(f'{r["decode_block_n"]}/{r["decode_warps"]}/{r["decode_stages"]} {r["ms"]} ms {r["kv_tb_s"]} TB/s;' for r in ranked[:3]))
+PY
 fi
 
 if has timeline; then  # one stream's decode steps under the profiler: GPU busy time and the gaps
@@ -63,6 +72,12 @@ if has profile; then  # the GPU kernels of decode steps (batch 1 and 128, 1024-t
     $PY bench/shard_step.py --shape llama-3.1-8b --batch-sizes 1 --decode-steps 16 --prompt-len 1024 \
         --prefill-lens 1024,4096 --profile --profile-batch-sizes 1,128 > /dev/null 2> "$OUT/profile.log"
     grep -E "^== |Self CUDA time total" "$OUT/profile.log"
+fi
+
+if has mixed; then  # a prompt chunk riding along 128 decodes at 1024-token contexts, against each alone
+    $PY bench/mixed_step.py --decode-rows 128 --context 1024 --chunks "${MIXED_CHUNKS:-128,512,896,2048,3968}" \
+        --profile-chunk "${MIXED_PROFILE_CHUNK:-896}" > "$OUT/mixed_step.json" 2> "$LOGS/mixed_step.log"
+    grep -E "^\{|^== |Self CUDA time total|Self CPU time total" "$LOGS/mixed_step.log"
 fi
 
 if has step; then
@@ -104,6 +119,7 @@ if has http; then
             | grep -iE "x-(total|validation|queue|inference)-time|x-prompt-tokens|curl total" | tr -d '\r' | tr '\n' ' '
         echo
     done
+    curl -s "localhost:$PORT/metrics" > "$LOGS/metrics_before_c128$TAG.txt"
     serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
         --result-json "$OUT/http_c128$TAG.json" > "$LOGS/http_c128$TAG.txt" 2>&1
     for f in http_single_stream$TAG http_ttft_1024$TAG http_c128$TAG; do
@@ -115,6 +131,7 @@ if has http; then
         start_router "$budget" "${TAG}_p$budget"
         serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
             --result-json "$LOGS/http_c128${TAG}_p$budget.json" > "$LOGS/http_c128${TAG}_p$budget.txt" 2>&1
+        curl -s "localhost:$PORT/metrics" > "$LOGS/metrics${TAG}_p$budget.txt"
         echo "== c128 at --max-batch-prefill-tokens $budget"
         grep -E "Output token throughput|TTFT|TPOT" "$LOGS/http_c128${TAG}_p$budget.txt"
     done

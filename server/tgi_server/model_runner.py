@@ -261,8 +261,7 @@ class ModelRunner:
                 return None
         token_ids = started.output.token_ids
         if rows != list(range(len(started.sequences))):
-            index = torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
-            token_ids = token_ids[index]
+            token_ids = token_ids[self._index_on_device(rows)]
         positions = [seq.num_computed_tokens + 1 for seq in sequences]
         self.num_chained_steps += 1
         return self._launch_decode(sequences, positions, [0] * len(sequences), device_input_ids=token_ids)
@@ -301,6 +300,12 @@ class ModelRunner:
         done.record()
         return _Lookahead(list(sequences), positions, output, host_token_ids, host_logprobs, done)
 
+    def _index_on_device(self, values: list[int]) -> torch.Tensor:
+        """An int64 tensor of `values` on the device, copied (from pinned memory on CUDA) without
+        waiting for the work queued before it."""
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
+
     def _copy_to_host(self, output: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Starts copying the sampled ids and logprobs to (pinned) host memory; read them after a sync."""
         pin = self.device.type == "cuda"
@@ -314,6 +319,8 @@ class ModelRunner:
         if self._is_graph_decode(batch):
             return self._decode_with_graph(batch), []
         flat = self._flatten(batch)
+        # Copied before the forward is queued, so the LM head's launch does not wait for it to finish.
+        sample_rows = self._index_on_device(flat.sample_rows)
         graphs = self.mixed_graphs
         if graphs is not None and graphs.fits(len(flat.input_ids), len(batch), flat.block_tables.shape[1]):
             hidden = graphs.run(flat)  # [num_tokens, hidden]
@@ -326,7 +333,6 @@ class ModelRunner:
             seq.num_computed_tokens += n
         if not to_sample:
             return [], prompt_logprobs
-        sample_rows = torch.tensor(flat.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[sample_rows])  # [num_samples, vocab]
         return self._sample(logits, to_sample), prompt_logprobs
 

@@ -1,13 +1,17 @@
-"""Paged attention for a flat batch that mixes prefill chunks and decode tokens, in one Triton kernel.
+"""Paged attention for a flat batch that mixes prefill chunks and decode tokens, in Triton kernels.
 
-One program computes BLOCK_Q query tokens of one sequence for all query heads that share one KV head
-(grouped-query attention reads each K/V tile once for the whole group), walking the sequence's block
-table BLOCK_N keys at a time with an online softmax. Same inputs and result as
-`tgi_server.layers.attention.PagedAttention`'s portable path.
+Decode tokens (sequences with one new token) go to `_decode_kernel`: one program per sequence and
+KV head computes all query heads that share the KV head (grouped-query attention reads each K/V tile
+once for the whole group), walking the sequence's block table BLOCK_N keys at a time with an online
+softmax. A decode batch too small to fill the GPU (sequences x KV heads below ~2 programs per SM)
+splits each sequence's keys over several programs instead and merges their partial softmaxes in a
+second kernel (flash-decoding), so one long context does not run on a handful of SMs.
 
-A decode batch too small to fill the GPU (sequences x KV heads below ~2 programs per SM) splits each
-sequence's keys over several programs instead and merges their partial softmaxes in a second kernel
-(flash-decoding), so one long context does not run on a handful of SMs.
+Prompt chunks go to `_paged_attention_kernel`: one program computes BLOCK_Q query tokens of one
+sequence for one KV group; the programs with the most keys to walk start first, so the short ones
+fill the tail. In a step with both, each kernel skips the other's sequences.
+
+Same inputs and result as `tgi_server.layers.attention.PagedAttention`'s portable path.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from tgi_server.layers.attention import AttentionMetadata
 
 # Keys per inner-loop iteration; each key's page is looked up in the block table on its own.
 BLOCK_N = 64
-# Rows of the score tile (query tokens x heads of a group); tl.dot needs at least 16.
+# Rows of the prompt kernel's score tile (query tokens x heads of a group); tl.dot needs at least 16.
 PREFILL_ROWS = 64
-DECODE_ROWS = 16
-# Launch settings of the flat kernel for steps with prompt chunks: measured best of 64/128 rows,
-# 4/8 warps, 2/3 stages on the 8B's heads (bench/attention_prefill.py).
+# Launch settings of the prompt kernel: measured best of 64/128 rows, 4/8 warps, 2/3 stages on the
+# 8B's heads (bench/attention_prefill.py).
 PREFILL_WARPS = 4
-PREFILL_STAGES = 2
+PREFILL_STAGES = 3
+# Launch settings of the decode kernel (bench/attention_decode.py).
+DECODE_BLOCK_N = 64
+DECODE_WARPS = 4
+DECODE_STAGES = 3
 # Split decode keys until sequences x KV heads x splits reaches this many programs.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
@@ -88,10 +95,11 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # Program (i, kv_head): query block i of the whole batch; sequence s owns blocks
+    # Program (kv_head, i): query block n - 1 - i of the whole batch (n blocks in all: a sequence's
+    # last blocks, which see the most keys, start first); sequence s owns blocks
     # q_block_starts[s] .. q_block_starts[s + 1] - 1. Extra programs (a padded grid) return at once.
-    block = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    block = tl.num_programs(1) - 1 - tl.program_id(1)
     if block >= tl.load(q_block_starts_ptr + num_seqs):
         return
     low = block * 0  # tensors, not constants: Triton specialises an int argument equal to 1
@@ -106,6 +114,8 @@ def _paged_attention_kernel(
     q_block = block - tl.load(q_block_starts_ptr + seq)
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    if q_len == 1:
+        return  # a decode token: the decode kernel's
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - q_len  # position of the sequence's first new token
 
@@ -152,23 +162,27 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, lse_ptr,
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     scale, sliding_window,
-    stride_q_token, stride_q_head,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One decode token's heads of one KV group over one slice of its keys: writes the slice's
-    normalised output to partial[token, head, split] and its log2-sum-exp to lse[token, head, split]."""
+    """One decode token's heads of one KV group over its keys, or with SPLITS > 1 over one slice of
+    them: writes out[token, head], or the slice's normalised output to partial[token, head, split]
+    and its log2-sum-exp to lse[token, head, split]. Sequences with more or fewer than one new token
+    (prompt chunks, padding) are left alone."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     q_pos = seq_len - 1
     rows = tl.arange(0, ROWS)  # the group's heads, padded to the 16 rows tl.dot needs
@@ -200,10 +214,17 @@ def _decode_split_kernel(
         )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-    row_offset = (token * (tl.num_programs(1) * GROUP) + head) * SPLITS + split  # [token, head, split]
-    tl.store(partial_ptr + row_offset[:, None] * HEAD_DIM_P + dims[None, :], out, mask=row_valid[:, None])
-    tl.store(lse_ptr + row_offset, lse, mask=row_valid)
+    if SPLITS == 1:
+        tl.store(
+            out_ptr + token * stride_o_token + head[:, None] * stride_o_head + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        row_offset = (token * (tl.num_programs(1) * GROUP) + head) * SPLITS + split  # [token, head, split]
+        tl.store(partial_ptr + row_offset[:, None] * HEAD_DIM_P + dims[None, :], out, mask=row_valid[:, None])
+        tl.store(lse_ptr + row_offset, lse, mask=row_valid)
 
 
 @triton.jit
@@ -243,44 +264,52 @@ def paged_attention(
     head_dim_p = max(triton.next_power_of_2(head_dim), 16)  # tl.dot: K >= 16
     out = torch.empty_like(q)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(TARGET_PROGRAMS, num_seqs * num_kv_heads)))
-    if max_query_len == 1 and splits > 1:
+    window = sliding_window or 0
+    strides = (
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        attn.block_tables.stride(0),
+    )
+    shape = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, PAGE=page,
+                 USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32)
+    # Split keys only in decode-only steps: a step with prompt chunks has programs enough.
+    splits = 1
+    if max_query_len == 1:
+        splits = min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(TARGET_PROGRAMS, num_seqs * num_kv_heads)))
+    partial = lse = out  # unused unless splits > 1
+    if splits > 1:
         partial = torch.empty(q.shape[0], num_heads, splits, head_dim_p, dtype=torch.float32, device=q.device)
         lse = torch.empty(q.shape[0], num_heads, splits, dtype=torch.float32, device=q.device)
-        _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
-            q, k_cache, v_cache, partial, lse,
-            attn.query_start_loc, attn.seq_lens, attn.block_tables,
-            scale, sliding_window or 0,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            attn.block_tables.stride(0),
-            GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-            ROWS=max(group_p, 16), BLOCK_N=BLOCK_N, PAGE=page, SPLITS=splits, USE_WINDOW=sliding_window is not None,
-            IEEE=q.dtype == torch.float32,
+    if max_query_len == 1 or _has_decodes(attn):
+        _decode_kernel[(num_seqs, num_kv_heads, splits)](
+            q, k_cache, v_cache, out, partial, lse, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+            scale, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
+            ROWS=max(group_p, 16), BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, **shape,
+            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
+    if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial, lse, out, attn.query_start_loc, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits,
         )
-        return out
-    rows = DECODE_ROWS if max_query_len == 1 else PREFILL_ROWS
-    block_q = max(rows // group_p, 1)
-    q_block_starts, num_q_blocks = _q_blocks(attn, block_q, q.shape[0])
-    _paged_attention_kernel[(num_q_blocks, num_kv_heads)](
-        q, k_cache, v_cache, out,
-        attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
-        scale, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        attn.block_tables.stride(0),
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, PAGE=page, USE_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32,
-        num_warps=PREFILL_WARPS if max_query_len > 1 else 4, num_stages=PREFILL_STAGES if max_query_len > 1 else 3,
-    )
+    if max_query_len > 1:
+        block_q = max(PREFILL_ROWS // group_p, 1)
+        q_block_starts, num_q_blocks = _q_blocks(attn, block_q, q.shape[0])
+        _paged_attention_kernel[(num_kv_heads, num_q_blocks)](
+            q, k_cache, v_cache, out,
+            attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
+            scale, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
+            BLOCK_Q=block_q, BLOCK_N=BLOCK_N, **shape, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+        )
     return out
+
+
+def _has_decodes(attn: AttentionMetadata) -> bool:
+    """Whether some sequence has exactly one new token; always assumed inside a CUDA graph (no host
+    copy of the layout)."""
+    if "has_decodes" not in attn.derived:
+        starts = attn.query_start_loc_cpu
+        attn.derived["has_decodes"] = not starts or any(b - a == 1 for a, b in zip(starts, starts[1:]))
+    return attn.derived["has_decodes"]
 
 
 def _q_blocks(attn: AttentionMetadata, block_q: int, num_tokens: int) -> tuple[torch.Tensor, int]:
