@@ -30,7 +30,7 @@ WORKLOADS = {  # name: [(query tokens, context before them)] per sequence
 }
 
 
-def build(workload, device):
+def build(workload, device, kv_dtype=torch.bfloat16):
     q_lens = [q for q, _ in workload]
     seq_lens = [q + c for q, c in workload]
     num_blocks = sum(-(-n // PAGE) for n in seq_lens) + 1
@@ -45,20 +45,21 @@ def build(workload, device):
         starts.append(starts[-1] + n)
     block_tables = [t + [0] * (width - len(t)) for t in tables]
     attn = AttentionMetadata.from_host([0] * starts[-1], starts, seq_lens, block_tables, device)
-    kv_cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    kv_cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16).to(kv_dtype)
     q = torch.randn(starts[-1], HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     flops = sum(4 * HEADS * HEAD_DIM * qn * (c + (qn + 1) / 2) for qn, c in workload)
-    kv_bytes = sum(2 * (qn + c) * KV_HEADS * HEAD_DIM * 2 for qn, c in workload)
+    kv_bytes = sum(2 * (qn + c) * KV_HEADS * HEAD_DIM * kv_dtype.itemsize for qn, c in workload)
     return q, kv_cache, attn, flops, kv_bytes
 
 
-def sweep(workloads: dict, settings: dict[str, tuple], device) -> list[dict]:
+def sweep(workloads: dict, settings: dict[str, tuple], device, kv_dtype=torch.bfloat16) -> list[dict]:
     """Times `paged_attention` on each workload at every combination of `settings` (module constant
-    of `tgi_server.kernels.attention` -> values); one result row per run, also printed to stderr."""
+    of `tgi_server.kernels.attention` -> values), over a KV cache of `kv_dtype`; one result row per
+    run, also printed to stderr."""
     torch.manual_seed(0)
     results = []
     for name, workload in workloads.items():
-        q, kv_cache, attn, flops, kv_bytes = build(workload, device)
+        q, kv_cache, attn, flops, kv_bytes = build(workload, device, kv_dtype)
         reference = None
         for values in itertools.product(*settings.values()):
             setting = dict(zip(settings, values))
@@ -74,10 +75,11 @@ def sweep(workloads: dict, settings: dict[str, tuple], device) -> list[dict]:
                 reference = out.float()
             error = ((out.float() - reference).norm() / reference.norm()).item()
             ms = triton.testing.do_bench(lambda: kernels.paged_attention(q, kv_cache, attn, HEAD_DIM**-0.5, None), return_mode="median")
-            row = {"workload": name, **{c.lower(): v for c, v in setting.items()}, "ms": round(ms, 4),
+            row = {"workload": name, "kv_dtype": str(kv_dtype).removeprefix("torch."),
+                   **{c.lower(): v for c, v in setting.items()}, "ms": round(ms, 4),
                    "tflop_s": round(flops / ms / 1e9, 1), "kv_tb_s": round(kv_bytes / ms / 1e9, 2), "error_vs_first": error}
             results.append(row)
-            print(f"{name:40s} {label}: {ms:.4f} ms {row['tflop_s']:7.1f} TFLOP/s {row['kv_tb_s']:.2f} TB/s KV  err {error:.1e}",
+            print(f"{name:40s} {row['kv_dtype']} {label}: {ms:.4f} ms {row['tflop_s']:7.1f} TFLOP/s {row['kv_tb_s']:.2f} TB/s KV  err {error:.1e}",
                   file=sys.stderr, flush=True)
     return results
 

@@ -7,6 +7,7 @@
 #   PARTS="tests step http" NUM_PROMPTS=512 HF=1 bash bench/gpu_suite.sh
 #   C128_SWEEP="1024 2048 8192" bash bench/gpu_suite.sh   # also 128 concurrent at these prefill budgets
 #   PARTS=mixed bash bench/gpu_suite.sh                     # prompt chunks riding along 128 decodes
+#   PARTS=http KV_CACHE_DTYPE=fp8_e4m3fn TAG=_fp8 bash bench/gpu_suite.sh   # the server with an fp8 KV cache
 #
 # Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
 # from bench/assets (git-ignored: carry it to the GPU machine).
@@ -20,6 +21,7 @@ PORT=${PORT:-3000}
 PREFILL_TOKENS=${PREFILL_TOKENS:-4096}  # the router's --max-batch-prefill-tokens
 TAG=${TAG:-}  # suffix of the result files
 C128_SWEEP=${C128_SWEEP:-}  # more --max-batch-prefill-tokens values to run the 128-concurrent workload at
+KV_CACHE_DTYPE=${KV_CACHE_DTYPE:-auto}  # the shard's --kv-cache-dtype
 SHAPE=${SHAPE:-llama-3.1-8b}
 MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
 PY=${PY:-python3}
@@ -52,13 +54,13 @@ fi
 if has attention; then  # the attention kernel's prefill and decode settings
     $PY bench/attention_prefill.py > "$OUT/attention_prefill.json" 2> "$LOGS/attention_prefill.log"
     grep -E "TFLOP" "$LOGS/attention_prefill.log"
-    $PY bench/attention_decode.py > "$OUT/attention_decode.json" 2> "$LOGS/attention_decode.log"
+    $PY bench/attention_decode.py ${DECODE_SWEEP:-} > "$OUT/attention_decode.json" 2> "$LOGS/attention_decode.log"
     $PY - "$OUT/attention_decode.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["results"]
-for name in dict.fromkeys(r["workload"] for r in rows):
-    ranked = sorted((r for r in rows if r["workload"] == name), key=lambda r: r["ms"])
-    print(name, "best:", *(f'{r["decode_block_n"]}/{r["decode_warps"]}/{r["decode_stages"]} {r["ms"]} ms {r["kv_tb_s"]} TB/s;' for r in ranked[:3]))
+for name, kv_dtype in dict.fromkeys((r["workload"], r["kv_dtype"]) for r in rows):
+    ranked = sorted((r for r in rows if (r["workload"], r["kv_dtype"]) == (name, kv_dtype)), key=lambda r: r["ms"])
+    print(name, kv_dtype, "best:", *(f'{r["decode_block_n"]}/{r["decode_warps"]}/{r["decode_stages"]} {r["ms"]} ms {r["kv_tb_s"]} TB/s;' for r in ranked[:3]))
 PY
 fi
 
@@ -89,7 +91,8 @@ fi
 if has http; then
     $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
     SOCKET=/tmp/tgi-bench-$$
-    $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy > "$LOGS/shard$TAG.log" 2>&1 &
+    $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy --kv-cache-dtype "$KV_CACHE_DTYPE" \
+        > "$LOGS/shard$TAG.log" 2>&1 &
     SHARD=$!
     until [ -S "$SOCKET-0" ]; do
         kill -0 "$SHARD" 2> /dev/null || { echo "the shard died:"; tail -20 "$LOGS/shard$TAG.log"; exit 1; }

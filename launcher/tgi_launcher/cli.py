@@ -41,7 +41,7 @@ def launch(
     quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=f"Not supported: any value is an error (TGI's values: {', '.join(TGI_QUANTIZE)})."),
     speculate: Optional[int] = typer.Option(None, envvar="SPECULATE", help="Not supported: only 0 (no speculative decoding) is accepted."),
     dtype: Optional[str] = typer.Option(None, envvar="DTYPE", help="float16, bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU)."),
-    kv_cache_dtype: Optional[str] = typer.Option(None, envvar="KV_CACHE_DTYPE", help="Only `auto` (the model's dtype) is supported; fp8_e4m3fn and fp8_e5m2 are errors."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, envvar="KV_CACHE_DTYPE", help="KV cache element type: auto (the model's dtype), fp8_e4m3fn or fp8_e5m2 (half the bytes per cached token, so twice the tokens fit; values stored unscaled)."),
     trust_remote_code: bool = typer.Option(False, envvar="TRUST_REMOTE_CODE", help="Accepted, no effect (a warning says so): only tgi-py's own model code runs, never code from the Hub."),
     max_concurrent_requests: int = typer.Option(128, envvar="MAX_CONCURRENT_REQUESTS", help="Requests in flight before new ones get 429."),
     max_best_of: int = typer.Option(2, envvar="MAX_BEST_OF", help="Largest `best_of` a request may ask for."),

@@ -25,6 +25,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SHARD_UDS_PATH = "/tmp/text-generation-server"
 DEFAULT_MASTER_PORT = 29500
 DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")  # what `tgi_server serve` accepts
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3fn", "fp8_e5m2")  # likewise, for --kv-cache-dtype
 LOAD_FORMATS = ("auto", "dummy")
 USAGE_STATS = ("on", "off", "no-stack")
 TGI_QUANTIZE = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
@@ -40,7 +41,6 @@ UNSUPPORTED = {
     "quantize": ((None,), f"no quantization is implemented (TGI's values: {', '.join(TGI_QUANTIZE)}); "
                  "serve an unquantized checkpoint or a GGUF file, which is dequantized at load"),
     "speculate": ((None, 0), "speculative decoding is not implemented"),
-    "kv_cache_dtype": ((None, "auto"), "the KV cache always has the model's dtype"),
     "lora_adapters": ((None, ""), "LoRA adapters are not implemented"),
     "rope_scaling": ((None,), "RoPE scaling comes from the model's config.json only"),
     "rope_factor": ((None,), "RoPE scaling comes from the model's config.json only"),
@@ -74,6 +74,8 @@ class LauncherConfig:
     num_shard: int = 1
     revision: str | None = None
     dtype: str | None = None
+    # The KV cache's element type: None (the model's dtype) or an fp8 type of KV_CACHE_DTYPES.
+    kv_cache_dtype: str | None = None
     max_concurrent_requests: int = 128
     max_best_of: int = 2
     max_stop_sequences: int = 4
@@ -141,6 +143,8 @@ class LauncherConfig:
                        "max_batch_total_tokens", self.max_batch_total_tokens)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` must be one of {', '.join(DTYPES[:3])}, got {self.dtype!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"`kv_cache_dtype` must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if not 0 <= self.port <= 65535 or not 0 <= self.master_port <= 65535:
             raise ConfigError(f"ports must be in 0..65535, got port {self.port} and master_port {self.master_port}")
         if len(self.socket_paths[-1].encode()) > MAX_SOCKET_PATH_BYTES:

@@ -71,6 +71,8 @@ def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
     ]
     if config.dtype is not None:
         argv += ["--dtype", config.dtype]
+    if config.kv_cache_dtype not in (None, "auto"):
+        argv += ["--kv-cache-dtype", config.kv_cache_dtype]
     if config.load_format != "auto":
         argv += ["--load-format", config.load_format]
     if config.cuda_graphs is not None:

@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, help="Shard process of the text-generati
 log = logging.getLogger("tgi_server")
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# TGI's --kv-cache-dtype values -> torch dtype names ("auto": the model's dtype).
+KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 @app.command()
@@ -45,6 +47,7 @@ def serve(
     master_addr: str = typer.Option("localhost", help="torch.distributed rendezvous address."),
     master_port: int = typer.Option(29500, help="torch.distributed rendezvous port."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto (the model's dtype), fp8_e4m3fn or fp8_e5m2: half the bytes per cached token, values stored unscaled."),
     block_size: int = typer.Option(16, help="Tokens per KV cache block."),
     load_format: str = typer.Option("auto", help="auto: read the checkpoint; dummy: random weights from config.json alone."),
     cuda_graphs: Optional[str] = typer.Option(
@@ -57,10 +60,12 @@ def serve(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {rank} %(levelname)s %(message)s")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise typer.BadParameter(f"unknown KV cache dtype {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
     if not 0 < cuda_memory_fraction <= 1:
         raise typer.BadParameter(f"--cuda-memory-fraction must be in (0, 1], got {cuda_memory_fraction}")
     options = ShardOptions(
-        dtype=dtype, block_size=block_size, load_format=load_format, cuda_graph_sizes=_graph_sizes(cuda_graphs),
+        dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size, load_format=load_format, cuda_graph_sizes=_graph_sizes(cuda_graphs),
         cuda_memory_fraction=cuda_memory_fraction, disable_custom_kernels=disable_custom_kernels,
     )
     server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
@@ -75,6 +80,7 @@ def serve(
 @dataclass(frozen=True)
 class ShardOptions:
     dtype: str | None
+    kv_cache_dtype: str  # a KV_CACHE_DTYPES key
     block_size: int
     load_format: str
     cuda_graph_sizes: tuple[int, ...]
@@ -118,7 +124,11 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
     disable_kernels(options.disable_custom_kernels)
     tp = init_distributed(rank, world_size, master_addr, master_port, device)
     model, config = load_model(model_path, tp, torch_dtype, device, options.load_format)
-    runner = ModelRunner(model, config, tp, device, torch_dtype, options.block_size, options.cuda_graph_sizes)
+    kv_dtype_name = KV_CACHE_DTYPES[options.kv_cache_dtype]
+    runner = ModelRunner(
+        model, config, tp, device, torch_dtype, options.block_size, options.cuda_graph_sizes,
+        kv_cache_dtype=getattr(torch, kv_dtype_name) if kv_dtype_name else None,
+    )
     info = pb.InfoResponse(
         architecture=model_architecture(config),
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -135,7 +145,7 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
         os.unlink(socket_path)
     server.add_insecure_port(f"unix://{socket_path}")
     server.start()
-    log.info("serving %s on %s (%s, %s)", model_path, socket_path, device, torch_dtype)
+    log.info("serving %s on %s (%s, %s, KV cache %s)", model_path, socket_path, device, torch_dtype, runner.kv_cache_dtype)
     return server
 
 

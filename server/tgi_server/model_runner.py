@@ -123,12 +123,15 @@ class ModelRunner:
         dtype: torch.dtype,
         block_size: int,
         cuda_graph_sizes: tuple[int, ...] = (),
+        kv_cache_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.config = config
         self.tp = tp
         self.device = device
         self.dtype = dtype
+        # The KV cache's element type: the model's, or an fp8 type (values stored as they are, unscaled).
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.block_size = block_size
         self.sequences: dict[int, Sequence] = {}
         self.kv_caches: list[torch.Tensor] = []
@@ -147,7 +150,7 @@ class ModelRunner:
         self.kv_caches = []  # free the old cache before allocating the new one
         shape = kv_cache_shape(self.config, self.tp, num_blocks, self.block_size)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)  # [2, blocks, block, kv_heads, head_dim]
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)  # [2, blocks, block, kv_heads, head_dim]
             for _ in range(self.config.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
@@ -171,7 +174,7 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         shape = kv_cache_shape(self.config, self.tp, 1, self.block_size)
-        return math.prod(shape) * self.dtype.itemsize * self.config.num_hidden_layers
+        return math.prod(shape) * self.kv_cache_dtype.itemsize * self.config.num_hidden_layers
 
     def clear(self) -> None:
         self.sequences.clear()

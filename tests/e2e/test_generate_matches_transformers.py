@@ -78,15 +78,14 @@ async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home
     assert_same_tokens(ours, expected)
 
 
+@pytest.fixture(scope="module")
+def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[int]]:
+    return transformers_greedy(smollm2_transformers, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_shard", [1, 2])
-async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_gguf, smollm2_tokenizer_dir, hf_home, num_shard):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    gguf = smollm2_gguf
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    expected = transformers_greedy(model, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
-    with running_server(str(gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
+async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_gguf, smollm2_expected, hf_home, num_shard):
+    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
         ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
-    assert_same_tokens(ours, expected)
+    assert_same_tokens(ours, smollm2_expected)

@@ -31,6 +31,17 @@ async def test_generate_answers_paris_for_the_capital_of_france(smollm2_server):
     assert "Paris" in payload["generated_text"]
 
 
+async def test_an_fp8_kv_cache_still_answers_paris(hf_home, smollm2_gguf, smollm2_tokenizer_dir):
+    """`--kv-cache-dtype fp8_e4m3fn` (TGI's flag) through launcher, shard and the portable attention."""
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
+    with running_server(str(smollm2_gguf), hf_home, "--kv-cache-dtype", "fp8_e4m3fn", "--max-batch-prefill-tokens", "512",
+                        "--max-total-tokens", "1024") as server:
+        async with aiohttp.ClientSession() as session:
+            status, payload = await post(session, server.url + "/generate", body)
+    assert status == 200
+    assert "Paris" in payload["generated_text"]
+
+
 async def test_generate_stream_sends_tgi_events_ending_with_the_full_text(smollm2_server):
     body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6, "details": True}}
     async with aiohttp.ClientSession() as session:

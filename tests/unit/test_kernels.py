@@ -20,7 +20,7 @@ from triton.runtime import interpreter  # noqa: E402
 
 from model_helpers import PagedBatchDriver, mixed_schedule, run_schedule, save_tiny_model, tiny_config  # noqa: E402
 from tgi_server.distributed import TPGroup  # noqa: E402
-from tgi_server.layers.attention import AttentionMetadata, PagedAttention  # noqa: E402
+from tgi_server.layers.attention import AttentionMetadata, PagedAttention, gather_context  # noqa: E402
 from tgi_server.layers.norm import RMSNorm  # noqa: E402
 from tgi_server.layers.rotary import RotaryEmbedding  # noqa: E402
 from tgi_server.models.registry import load_model  # noqa: E402
@@ -104,6 +104,30 @@ def test_paged_attention_kernel_matches_portable_attention(q_lens, context_lens,
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_paged_attention_kernel_reads_an_fp8_cache_as_the_portable_path_does(kv_dtype, q_dtype):
+    """Prefill, decode and a chunked-prefill continuation over fp8 K/V: both paths widen the same
+    fp8 values (the kernel's bfloat16 products run in float16)."""
+    from tgi_server.kernels.attention import paged_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q_lens, context_lens = [5, 1, 20], [0, 30, 17]
+    num_heads, num_kv_heads, head_dim, block_size = 6, 2, 64, 16
+    attn = _metadata(q_lens, context_lens, block_size, 40, generator)
+    kv_cache = torch.randn(2, 40, block_size, num_kv_heads, head_dim, generator=generator).to(kv_dtype).to(DEVICE)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(DEVICE)
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, None)
+    expected = torch.cat([
+        layer._attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]],
+                      gather_context(kv_cache, attn.block_tables[i], seq_len).float())
+        for i, seq_len in enumerate(attn.seq_lens_cpu)
+    ])
+    out = paged_attention(q.to(q_dtype), kv_cache, attn, layer.scale, None)
+    tolerance = 2e-6 if q_dtype == torch.float32 else 2e-2  # bfloat16 queries and output
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_matches_portable_norm(dtype):
     from tgi_server.kernels.fused import rms_norm
@@ -145,8 +169,13 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
     torch.testing.assert_close(skinny_linear(x, weight, bias, config=(8, 256, 4)), F.linear(x, weight, bias), **tolerance)
 
 
+@pytest.mark.parametrize("cache_dtype", [
+    torch.float32,
+    pytest.param(torch.float8_e4m3fn, marks=pytest.mark.skipif(
+        DEVICE.type != "cuda", reason="Triton 3.6's interpreter rounds float32 to fp8 wrongly below powers of two (-1.98 -> -1.0)")),
+])
 @pytest.mark.parametrize("num_tokens", [9, 70])  # a few tokens: heads in blocks of 4; many: all in one
-def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens):
+def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens, cache_dtype):
     from tgi_server.kernels.fused import rotary_and_write_cache
     from tgi_server.layers.attention import write_kv_cache
 
@@ -158,13 +187,15 @@ def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cach
     positions = torch.randint(0, 500, (num_tokens,), generator=generator).to(DEVICE)
     slots = torch.randperm(80, generator=generator)[:num_tokens].to(DEVICE)
     expected_q, expected_k = rotary(positions, q, k)
-    expected_cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE)
+    expected_cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
     write_kv_cache(expected_cache, expected_k, v, slots)
 
-    cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE)
+    cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
     rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots)
     torch.testing.assert_close(q, expected_q)
-    torch.testing.assert_close(cache, expected_cache)
+    # fp8 (3 mantissa bits): one rounding step apart at most.
+    tolerance = dict(rtol=0.13, atol=2**-9) if cache_dtype.itemsize == 1 else {}
+    torch.testing.assert_close(cache.float(), expected_cache.float(), **tolerance)
 
 
 @pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads"])

@@ -30,6 +30,7 @@ OPTIONS = [
     ("SHARDED", "--sharded", "num_shard", "false", 1),  # 1 although two GPUs are visible (OPTION_ENV)
     ("NUM_SHARD", "--num-shard", "num_shard", "3", 3),
     ("DTYPE", "--dtype", "dtype", "bfloat16", "bfloat16"),
+    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "kv_cache_dtype", "fp8_e4m3fn", "fp8_e4m3fn"),
     ("MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests", "max_concurrent_requests", "7", 7),
     ("MAX_BEST_OF", "--max-best-of", "max_best_of", "4", 4),
     ("MAX_STOP_SEQUENCES", "--max-stop-sequences", "max_stop_sequences", "9", 9),
@@ -79,14 +80,13 @@ NO_EFFECT_OPTIONS = [
     ("ENABLE_PREFILL_LOGPROBS", "--enable-prefill-logprobs", None, "`--enable-prefill-logprobs` has no effect"),
     ("USAGE_STATS", "--usage-stats", "off", None),  # nothing is ever sent
     ("SPECULATE", "--speculate", "0", None),  # the one supported value
-    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "auto", None),
 ]
 
 # Values that fail with one line, the same by flag and by env var. (env var, flag, raw value, message)
 REJECTED_OPTIONS = [
     ("QUANTIZE", "--quantize", "gptq", "`--quantize gptq` is not supported: no quantization is implemented"),
     ("SPECULATE", "--speculate", "2", "`--speculate 2` is not supported: speculative decoding is not implemented"),
-    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8_e5m2", "`--kv-cache-dtype fp8_e5m2` is not supported"),
+    ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8", "`kv_cache_dtype` must be one of auto, fp8_e4m3fn, fp8_e5m2"),
     ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
     ("ROPE_SCALING", "--rope-scaling", "dynamic", "`--rope-scaling dynamic` is not supported"),
     ("ROPE_FACTOR", "--rope-factor", "2.0", "`--rope-factor 2.0` is not supported"),
@@ -308,6 +308,12 @@ def test_shard_argv_names_rank_world_socket_and_rendezvous():
     ]
     with_dtype = LauncherConfig(model_id="m", dtype="bfloat16")
     assert shard_argv(with_dtype, "/weights", 0)[-2:] == ["--dtype", "bfloat16"]
+
+
+@pytest.mark.parametrize("kv_cache_dtype, expected", [(None, []), ("auto", []), ("fp8_e5m2", ["--kv-cache-dtype", "fp8_e5m2"])])
+def test_shard_argv_asks_for_an_fp8_kv_cache_only(kv_cache_dtype, expected):
+    argv = shard_argv(LauncherConfig(model_id="m", kv_cache_dtype=kv_cache_dtype), "/weights", 0)
+    assert argv[argv.index("--master-port") + 2 :] == expected
 
 
 def test_shard_argv_carries_the_gpu_options_that_differ_from_the_shard_defaults():

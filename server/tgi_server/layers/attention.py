@@ -71,7 +71,7 @@ def kv_cache_shape(
     (2, num_blocks, block_size, num_kv_heads_per_rank, head_dim).
 
     Index 0 of the first dim holds K, index 1 holds V. The runner allocates one such tensor per
-    layer (config.num_hidden_layers of them), in the model dtype.
+    layer (config.num_hidden_layers of them), in the model dtype or an fp8 type.
     """
     _, (kv_start, kv_stop) = tp.head_partition(config.num_attention_heads, config.num_key_value_heads)
     num_kv_heads = kv_stop - kv_start
@@ -121,7 +121,7 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         starts = attn.query_start_loc_cpu
         for i, seq_len in enumerate(attn.seq_lens_cpu):
-            context = gather_context(kv_cache, attn.block_tables[i], seq_len)
+            context = gather_context(kv_cache, attn.block_tables[i], seq_len).to(q.dtype)
             out[starts[i] : starts[i + 1]] = self._attend(q[starts[i] : starts[i + 1]], context)
         return out
 
@@ -142,11 +142,12 @@ class PagedAttention(nn.Module):
 def write_kv_cache(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store each new token's k and v at its flat slot (block_id * block_size + offset)."""
+    """Store each new token's k and v at its flat slot (block_id * block_size + offset), in the
+    cache's dtype."""
     # [2, num_blocks * block_size, num_kv_heads, head_dim], a view: writes land in the cache
     slots = kv_cache.view(2, -1, *kv_cache.shape[3:])
-    slots[0].index_copy_(0, slot_mapping, k)
-    slots[1].index_copy_(0, slot_mapping, v)
+    slots[0][slot_mapping] = k.to(kv_cache.dtype)  # (index_copy_ has no fp8 kernel on CPU)
+    slots[1][slot_mapping] = v.to(kv_cache.dtype)
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
