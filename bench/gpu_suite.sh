@@ -8,6 +8,8 @@
 #   C128_SWEEP="1024 2048 8192" bash bench/gpu_suite.sh   # also 128 concurrent at these prefill budgets
 #   PARTS=mixed bash bench/gpu_suite.sh                     # prompt chunks riding along 128 decodes
 #   PARTS=http KV_CACHE_DTYPE=fp8_e4m3fn TAG=_fp8 bash bench/gpu_suite.sh   # the server with an fp8 KV cache
+#   PARTS=http NUM_SHARD=2 TAG=_tp2 bash bench/gpu_suite.sh   # two tensor-parallel shards (SHARD_ARGS: more shard flags)
+#   PARTS=allreduce bash bench/gpu_suite.sh                   # NCCL against the peer-to-peer all-reduce (2+ GPUs)
 #
 # Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
 # from bench/assets (git-ignored: carry it to the GPU machine).
@@ -22,6 +24,9 @@ PREFILL_TOKENS=${PREFILL_TOKENS:-4096}  # the router's --max-batch-prefill-token
 TAG=${TAG:-}  # suffix of the result files
 C128_SWEEP=${C128_SWEEP:-}  # more --max-batch-prefill-tokens values to run the 128-concurrent workload at
 KV_CACHE_DTYPE=${KV_CACHE_DTYPE:-auto}  # the shard's --kv-cache-dtype
+NUM_SHARD=${NUM_SHARD:-1}  # tensor-parallel shards for the http part, one GPU each
+SHARD_ARGS=${SHARD_ARGS:-}  # more `tgi_server serve` flags for the http part, e.g. --disable-custom-all-reduce
+C128=${C128:-1}  # 0: the http part skips the 128-concurrent workload
 SHAPE=${SHAPE:-llama-3.1-8b}
 MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
 PY=${PY:-python3}
@@ -37,10 +42,16 @@ fi
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
-if has tests; then
-    $PY -m pytest -q -p no:cacheprovider tests/unit/test_gpu_path.py tests/unit/test_kernels.py > "$LOGS/tests.log" 2>&1
+if has tests; then  # with two GPUs or more, also two shards against one, and shards killed or hung under load
+    $PY -m pytest -q -p no:cacheprovider tests/unit/test_gpu_path.py tests/unit/test_kernels.py \
+        tests/e2e/test_shard_faults.py > "$LOGS/tests.log" 2>&1
     tail -1 "$LOGS/tests.log"
     grep -E "^(E  |FAILED)" "$LOGS/tests.log" | cut -c1-300 | head -20
+fi
+
+if has allreduce; then
+    $PY bench/all_reduce.py --world-size 2 > "$OUT/all_reduce.json" 2> "$LOGS/all_reduce.log"
+    grep -E "us " "$LOGS/all_reduce.log"
 fi
 
 if has skinny; then  # the few-token linear kernel against cuBLAS, then whole decode steps without it
@@ -91,20 +102,29 @@ fi
 if has http; then
     $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
     SOCKET=/tmp/tgi-bench-$$
-    $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy --kv-cache-dtype "$KV_CACHE_DTYPE" \
-        > "$LOGS/shard$TAG.log" 2>&1 &
-    SHARD=$!
-    until [ -S "$SOCKET-0" ]; do
-        kill -0 "$SHARD" 2> /dev/null || { echo "the shard died:"; tail -20 "$LOGS/shard$TAG.log"; exit 1; }
-        sleep 0.5
+    SHARDS=()
+    for ((rank = 0; rank < NUM_SHARD; rank++)); do
+        # shellcheck disable=SC2086
+        $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy --kv-cache-dtype "$KV_CACHE_DTYPE" \
+            --rank $rank --world-size "$NUM_SHARD" --master-port $((29500 + $$ % 1000)) $SHARD_ARGS \
+            > "$LOGS/shard$TAG-$rank.log" 2>&1 &
+        SHARDS+=($!)
+    done
+    SHARD="${SHARDS[*]}"
+    for ((rank = 0; rank < NUM_SHARD; rank++)); do
+        until [ -S "$SOCKET-$rank" ]; do
+            kill -0 "${SHARDS[$rank]}" 2> /dev/null || { echo "shard $rank died:"; tail -20 "$LOGS/shard$TAG-$rank.log"; exit 1; }
+            sleep 0.5
+        done
     done
     start_router() {  # start_router PREFILL_TOKENS LOG_TAG
-        $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" \
+        $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" --num-shard "$NUM_SHARD" \
             --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$1" \
             --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$2.log" 2>&1 &
         ROUTER=$!
         until curl -sf "localhost:$PORT/health" > /dev/null; do
-            kill -0 "$ROUTER" 2> /dev/null || { echo "the router died:"; tail -20 "$LOGS/router$2.log"; kill "$SHARD"; exit 1; }
+            # shellcheck disable=SC2086
+            kill -0 "$ROUTER" 2> /dev/null || { echo "the router died:"; tail -20 "$LOGS/router$2.log"; kill $SHARD; exit 1; }
             sleep 0.5
         done
     }
@@ -123,9 +143,13 @@ if has http; then
         echo
     done
     curl -s "localhost:$PORT/metrics" > "$LOGS/metrics_before_c128$TAG.txt"
-    serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
-        --result-json "$OUT/http_c128$TAG.json" > "$LOGS/http_c128$TAG.txt" 2>&1
-    for f in http_single_stream$TAG http_ttft_1024$TAG http_c128$TAG; do
+    runs="http_single_stream$TAG http_ttft_1024$TAG"
+    if [ "$C128" = 1 ]; then
+        serve --num-prompts "$NUM_PROMPTS" --input-len 1024 --output-len 256 --max-concurrency 128 --warmup 4 \
+            --result-json "$OUT/http_c128$TAG.json" > "$LOGS/http_c128$TAG.txt" 2>&1
+        runs="$runs http_c128$TAG"
+    fi
+    for f in $runs; do
         echo "== $f"; grep -E "Successful|Failed requests|Output token throughput|TTFT|TPOT" "$LOGS/$f.txt"
     done
     curl -s "localhost:$PORT/metrics" > "$LOGS/metrics$TAG.txt"
@@ -138,8 +162,9 @@ if has http; then
         echo "== c128 at --max-batch-prefill-tokens $budget"
         grep -E "Output token throughput|TTFT|TPOT" "$LOGS/http_c128${TAG}_p$budget.txt"
     done
-    kill "$ROUTER" "$SHARD"; wait
-    grep -iE "error|Traceback" "$LOGS/shard$TAG.log" | head -5
+    # shellcheck disable=SC2086
+    kill "$ROUTER" $SHARD; wait
+    grep -iE "error|Traceback" "$LOGS"/shard"$TAG"-*.log | head -5
 fi
 
 if [ "$HF" = 1 ]; then

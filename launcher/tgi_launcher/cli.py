@@ -64,6 +64,7 @@ def launch(
     huggingface_hub_cache: Optional[str] = typer.Option(None, envvar="HUGGINGFACE_HUB_CACHE", help="Hub cache directory for downloads and the shards (default: huggingface_hub's, HF_HOME/hub)."),
     weights_cache_override: Optional[str] = typer.Option(None, envvar="WEIGHTS_CACHE_OVERRIDE", help="Not supported (an error when set): point --model-id at the directory instead."),
     disable_custom_kernels: bool = typer.Option(False, envvar="DISABLE_CUSTOM_KERNELS", help="Shards use the portable PyTorch attention and layers instead of the custom kernels."),
+    disable_custom_all_reduce: bool = typer.Option(False, envvar="DISABLE_CUSTOM_ALL_REDUCE", help="Shards sum every all-reduce through NCCL (default: small ones, as in decode steps, through the GPUs' peer-to-peer memory where every GPU can reach the others)."),
     cuda_memory_fraction: float = typer.Option(1.0, envvar="CUDA_MEMORY_FRACTION", help="Share of each GPU's memory a shard may use, in (0, 1]."),
     rope_scaling: Optional[str] = typer.Option(None, envvar="ROPE_SCALING", help="Not supported (an error when set): RoPE scaling comes from the model's config.json."),
     rope_factor: Optional[float] = typer.Option(None, envvar="ROPE_FACTOR", help="Not supported (an error when set), like --rope-scaling."),
@@ -143,7 +144,7 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         return 0 if supervisor.is_stop_requested else 1
     model_path, tokenizer_path = prepared
     shards.remove_files(config.socket_paths)  # a stale socket would look like a ready shard
-    router = None
+    router = failed = None
     try:
         log.info("Starting %d shard(s)", config.num_shard)
         shard_children = [
@@ -155,18 +156,22 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
             return 0
         log.info("Starting the router on %s:%d", config.hostname, config.port)
         router = supervisor.start("router", router_argv(config, tokenizer_path), router_env(config))
-        dead = supervisor.wait()
-        if dead is not None:
-            log.error("%s terminated with exit code %s; shutting down", dead.name.capitalize(), shards.describe_exit(dead.exit_code))
+        failed = supervisor.wait()
+        if failed is not None:
+            log.error("%s %s; shutting down", failed.name.capitalize(), failed.failure())
             return 1
         log.info("Stop requested; shutting down")
         return 0
     except shards.StartupError as error:
+        failed = supervisor.first_failed()
         log.error("%s; shutting down", error)
         return 1
     finally:
-        # On a requested stop the router goes first; after a crash everything stops at once.
-        supervisor.shutdown(first=router if supervisor.is_stop_requested else None)
+        # On a requested stop the router goes first; after a failure everything stops at once, soon.
+        if failed is not None:
+            supervisor.abort(failed)
+        else:
+            supervisor.shutdown(first=router if supervisor.is_stop_requested else None)
         shards.remove_files(config.socket_paths)
 
 

@@ -110,6 +110,8 @@ class LauncherConfig:
     cuda_graphs: tuple[int, ...] | None = None
     cuda_memory_fraction: float = 1.0
     disable_custom_kernels: bool = False
+    # Every all-reduce through NCCL, none through the shards' peer-to-peer kernel.
+    disable_custom_all_reduce: bool = False
     # auto: read the checkpoint; dummy: random weights of the checkpoint's shapes (benchmarks).
     load_format: str = "auto"
     # The launcher's log lines, and the child output it forwards, as one JSON object per line.

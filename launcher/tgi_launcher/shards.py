@@ -2,8 +2,8 @@
 
 A `Child` is one process in its own session (so a signal reaches everything it started) whose output
 is copied to our stderr line by line, prefixed with its name (or as JSON records: `logs.child_line`).
-A `Supervisor` owns the children: it waits for shard sockets, blocks until any child exits or a stop
-is requested, and stops them all.
+A `Supervisor` owns the children: it waits for shard sockets, blocks until any child fails (exits, or
+stays stopped: SIGSTOP, a frozen cgroup) or a stop is requested, and stops them all.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ log = logging.getLogger("tgi_launcher")
 # Seconds a child gets to exit after SIGTERM before SIGKILL: the router drains in-flight requests
 # for up to 25 s first (tgi_router.app.DRAIN_TIMEOUT_SECONDS).
 STOP_GRACE_SECONDS = 30.0
+# After a child failed nothing is left to finish: the others get this long after SIGTERM. A shard
+# blocked in a collective with a dead peer exits on SIGTERM at once (tgi_server.cli), so this only
+# bounds the exit of something broken.
+FAILED_STOP_GRACE_SECONDS = 5.0
+# A child stopped this long (process state T) counts as hung: it answers nothing, and a shard
+# stopped in the middle of a step blocks every other shard in the step's next collective.
+HUNG_SECONDS = 3.0
 POLL_SECONDS = 0.1
 # How often a slow shard start is reported.
 WAITING_LOG_SECONDS = 10.0
@@ -81,6 +88,8 @@ def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
         argv += ["--cuda-memory-fraction", str(config.cuda_memory_fraction)]
     if config.disable_custom_kernels:
         argv.append("--disable-custom-kernels")
+    if config.disable_custom_all_reduce:
+        argv.append("--disable-custom-all-reduce")
     return argv
 
 
@@ -120,6 +129,7 @@ class Child:
     stdout_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=NUM_TAIL_LINES))
     _readers: list[threading.Thread] = field(default_factory=list, repr=False)
+    _stopped_since: float | None = field(default=None, repr=False)
 
     @classmethod
     def start(
@@ -160,6 +170,22 @@ class Child:
         """None while it runs; negative when a signal ended it."""
         return self.process.poll()
 
+    def failure(self) -> str | None:
+        """Why this child no longer serves ("terminated with exit code -9 (SIGKILL)", "is stopped ..."),
+        or None while it runs. Polled: a stop counts once it has lasted `HUNG_SECONDS`."""
+        code = self.exit_code
+        if code is not None:
+            return f"terminated with exit code {describe_exit(code)}"
+        if _process_state(self.process.pid) not in ("T", "t"):
+            self._stopped_since = None
+            return None
+        now = time.monotonic()
+        if self._stopped_since is None:
+            self._stopped_since = now
+        if now - self._stopped_since < HUNG_SECONDS:
+            return None
+        return f"is stopped (SIGSTOP or a debugger) and has not answered for {now - self._stopped_since:.0f} s"
+
     def signal(self, signum: int) -> None:
         """Sends `signum` to the child's whole process group, if the child still runs."""
         if self.process.poll() is None:
@@ -182,6 +208,16 @@ def describe_exit(code: int) -> str:
         except ValueError:
             pass
     return str(code)
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, D, T, Z, ...); None where there is no procfs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :][:1].decode()
 
 
 def stop(children: list[Child], grace: float = STOP_GRACE_SECONDS) -> None:
@@ -243,11 +279,12 @@ class Supervisor:
                 if os.path.exists(path):
                     log.info("%s ready in %.1f s", child.name.capitalize(), time.monotonic() - started)
                     del pending[child]
-            dead = self.first_exited()
+            dead = self.first_failed()
             if dead is not None:
-                raise StartupError(
-                    f"{dead.name.capitalize()} failed to start: exited with code {describe_exit(dead.exit_code)}"
-                )
+                reason = dead.failure()
+                if dead.exit_code is not None:
+                    reason = f"exited with code {describe_exit(dead.exit_code)}"
+                raise StartupError(f"{dead.name.capitalize()} failed to start: {reason}")
             now = time.monotonic()
             if pending and now - started > timeout:
                 names = ", ".join(child.name for child in pending)
@@ -257,15 +294,17 @@ class Supervisor:
                 next_report = now + WAITING_LOG_SECONDS
             self._stop_requested.wait(POLL_SECONDS)
 
-    def first_exited(self) -> Child | None:
-        return next((child for child in self.children if child.exit_code is not None), None)
+    def first_failed(self) -> Child | None:
+        """The first child that exited or hangs (see `Child.failure`), if any."""
+        return next((child for child in self.children if child.failure() is not None), None)
 
     def wait(self) -> Child | None:
-        """Blocks until a child exits (returns it) or a stop is requested (returns None)."""
+        """Blocks until a child fails (returns it; `failure()` says how) or a stop is requested
+        (returns None)."""
         while not self.is_stop_requested:
-            dead = self.first_exited()
-            if dead is not None:
-                return dead
+            failed = self.first_failed()
+            if failed is not None:
+                return failed
             self._stop_requested.wait(POLL_SECONDS)
         return None
 
@@ -275,6 +314,15 @@ class Supervisor:
         if first is not None:
             stop([first], self.grace)
         stop(self.children, self.grace)
+        for child in self.children:
+            child.join_output()
+
+    def abort(self, failed: Child) -> None:
+        """Stops everything after `failed` exited or hung: it gets SIGKILL if it is still there (a
+        stopped process acts on nothing else; its death fails the router's calls to it, so the
+        clients get their errors), the others SIGTERM and `FAILED_STOP_GRACE_SECONDS` at most."""
+        failed.signal(signal.SIGKILL)
+        stop(self.children, min(self.grace, FAILED_STOP_GRACE_SECONDS))
         for child in self.children:
             child.join_output()
 

@@ -23,6 +23,10 @@ log = logging.getLogger("tgi_server")
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # TGI's --kv-cache-dtype values -> torch dtype names ("auto": the model's dtype).
 KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+# Seconds a running call gets to finish after SIGTERM, before the shard exits regardless.
+STOP_GRACE_SECONDS = 2.0
+# gRPC worker threads: a step, and Health/Info answered beside it.
+NUM_GRPC_WORKERS = 4
 
 
 @app.command()
@@ -55,6 +59,9 @@ def serve(
     ),
     cuda_memory_fraction: float = typer.Option(1.0, help="Share of the GPU's memory this shard may use."),
     disable_custom_kernels: bool = typer.Option(False, help="Use the portable PyTorch attention and layers, not the Triton kernels."),
+    disable_custom_all_reduce: bool = typer.Option(
+        False, help="Every all-reduce through NCCL (default: small ones through GPU peer-to-peer memory where the GPUs allow it)."
+    ),
 ):
     """Load the model and serve the shard's gRPC API on a Unix socket."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {rank} %(levelname)s %(message)s")
@@ -67,6 +74,7 @@ def serve(
     options = ShardOptions(
         dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size, load_format=load_format, cuda_graph_sizes=_graph_sizes(cuda_graphs),
         cuda_memory_fraction=cuda_memory_fraction, disable_custom_kernels=disable_custom_kernels,
+        disable_custom_all_reduce=disable_custom_all_reduce,
     )
     server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
     stopped = threading.Event()
@@ -74,7 +82,11 @@ def serve(
         signal.signal(signum, lambda *_: stopped.set())
     stopped.wait()
     log.info("stopping")
-    server.stop(grace=2).wait()
+    server.stop(grace=STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
+    # Exit without joining the gRPC worker threads: one may be blocked for good in a collective whose
+    # peer is gone (NCCL never returns then), and the launcher wants this process gone either way.
+    logging.shutdown()
+    os._exit(0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class ShardOptions:
     cuda_graph_sizes: tuple[int, ...]
     cuda_memory_fraction: float
     disable_custom_kernels: bool
+    disable_custom_all_reduce: bool = False
 
 
 def _graph_sizes(text: str | None) -> tuple[int, ...]:
@@ -122,7 +135,9 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
     dtype = options.dtype
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     disable_kernels(options.disable_custom_kernels)
-    tp = init_distributed(rank, world_size, master_addr, master_port, device)
+    tp = init_distributed(
+        rank, world_size, master_addr, master_port, device, torch_dtype, custom_all_reduce=not options.disable_custom_all_reduce
+    )
     model, config = load_model(model_path, tp, torch_dtype, device, options.load_format)
     kv_dtype_name = KV_CACHE_DTYPES[options.kv_cache_dtype]
     runner = ModelRunner(
@@ -138,7 +153,7 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
         max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
         world_size=world_size,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(runner, info, rank, options.cuda_memory_fraction), server)
     socket_path = f"{uds_path}-{rank}"
     if os.path.exists(socket_path):
@@ -147,6 +162,21 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
     server.start()
     log.info("serving %s on %s (%s, %s, KV cache %s)", model_path, socket_path, device, torch_dtype, runner.kv_cache_dtype)
     return server
+
+
+def device_thread_pool(device, max_workers: int) -> futures.ThreadPoolExecutor:
+    """Threads for the gRPC server, each with `device` as its current CUDA device.
+
+    CUDA's current device belongs to a thread, and every thread starts on GPU 0. The gRPC handlers
+    run the model (Warmup captures CUDA graphs, Step launches kernels), so a pool thread left on
+    GPU 0 would make every shard but the first capture and launch on the wrong GPU. Every thread
+    that touches CUDA in a shard comes from here; `ModelRunner` refuses calls from any other.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return futures.ThreadPoolExecutor(max_workers=max_workers)
+    return futures.ThreadPoolExecutor(max_workers=max_workers, initializer=torch.cuda.set_device, initargs=(device,))
 
 
 def main() -> None:

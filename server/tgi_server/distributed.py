@@ -1,9 +1,23 @@
-"""Tensor-parallel process group: the only place that talks to torch.distributed."""
+"""Tensor-parallel process group: the only place that talks to torch.distributed.
 
+All-reduces of a decode step are small (one row of hidden states per sequence, a few KB) and there
+are two per layer, so their latency, not bandwidth, is what tensor parallelism costs one stream.
+NCCL's ring all-reduce takes tens of microseconds for such a message; `SymmetricAllReduce` sums it
+in one kernel that reads every peer's copy straight from its GPU's memory over NVLink (PyTorch's
+symmetric memory, one-shot: no multicast), a few microseconds, and is captured in CUDA graphs like
+any kernel. Larger messages (prompt chunks) go through NCCL, whose bandwidth wins there.
+"""
+
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("tgi_server")
+
+# Messages up to this size take the symmetric-memory path (bench/all_reduce.py measured the crossover).
+SYMMETRIC_ALL_REDUCE_MAX_BYTES = 1 << 20
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -29,6 +43,8 @@ class TPGroup:
     rank: int
     world_size: int
     group: object | None
+    # Sums small tensors over peer-to-peer memory; None: every all-reduce goes through `group`.
+    fast_all_reduce: "SymmetricAllReduce | None" = None
 
     def partition(self, size: int) -> tuple[int, int]:
         """[start, stop) of this rank's share of `size` items, balanced: shares differ by at most one,
@@ -50,9 +66,13 @@ class TPGroup:
         return (kv_start * group, kv_stop * group), (kv_start, kv_stop)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place; a no-op on a single rank."""
-        if self.world_size > 1:
-            dist.all_reduce(tensor, group=self.group)
+        """Sum `tensor` over the ranks: the sum is returned (`tensor` itself may or may not hold it);
+        `tensor` itself on a single rank."""
+        if self.world_size == 1:
+            return tensor
+        if self.fast_all_reduce is not None and self.fast_all_reduce.can_reduce(tensor):
+            return self.fast_all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -68,27 +88,78 @@ class TPGroup:
 SINGLE = TPGroup(rank=0, world_size=1, group=None)
 
 
+class SymmetricAllReduce:
+    """One-shot all-reduce through PyTorch's symmetric memory: each rank copies its tensor into a
+    buffer every peer can read over NVLink, then one kernel sums all ranks' copies (one kernel per
+    call: the copy in, the barrier with the peers and the sum).
+
+    Built collectively by `init_distributed` (every rank must, in the same order); holds
+    `max_bytes` of symmetric memory per rank.
+    """
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int):
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        self.dtype = dtype
+        self.max_numel = max_bytes // dtype.itemsize
+        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)  # [max_numel]
+        symm_mem.rendezvous(self.buffer, group)
+        self.group_name = group.group_name
+
+    def can_reduce(self, tensor: torch.Tensor) -> bool:
+        return tensor.dtype == self.dtype and tensor.numel() <= self.max_numel and tensor.is_contiguous()
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A new tensor holding the sum of every rank's `tensor`."""
+        out = torch.empty_like(tensor)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(self.buffer, tensor, "sum", self.group_name, out)
+        return out
+
+
 def init_distributed(
-    rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    custom_all_reduce: bool = True,
 ) -> TPGroup:
     """Join the tensor-parallel group: gloo on CPU, nccl on CUDA (rank r uses GPU r % device_count).
 
-    Everything comes in as arguments (no environment reads), and a single rank starts no
-    process group at all.
+    On CUDA, with `custom_all_reduce` and every GPU able to reach its peers' memory directly,
+    small all-reduces of `dtype` tensors take `SymmetricAllReduce`. Everything comes in as
+    arguments (no environment reads), and a single rank starts no process group at all.
     """
     if world_size == 1:
         return SINGLE
-    backend = "gloo"
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        backend = "nccl"
+    is_cuda = torch.device(device).type == "cuda"
+    if is_cuda:
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        backend,
+        "nccl" if is_cuda else "gloo",
         init_method=f"tcp://{master_addr}:{master_port}",
         rank=rank,
         world_size=world_size,
     )
-    return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)
+    group = dist.group.WORLD
+    fast = None
+    if is_cuda and custom_all_reduce:
+        fast = _symmetric_all_reduce(group, torch.device(device), dtype, world_size)
+    return TPGroup(rank=rank, world_size=world_size, group=group, fast_all_reduce=fast)
+
+
+def _symmetric_all_reduce(group, device: torch.device, dtype: torch.dtype, world_size: int):
+    """A `SymmetricAllReduce`, or None (with a log line saying why) where peer access is missing.
+
+    Every rank reaches the same answer: the peer-access check covers all pairs of local GPUs."""
+    num_gpus = torch.cuda.device_count()
+    gpus = [index % num_gpus for index in range(world_size)]
+    missing = [(a, b) for a in gpus for b in gpus if a != b and not torch.cuda.can_device_access_peer(a, b)]
+    if missing:
+        log.info("custom all-reduce off: GPUs %s cannot access each other's memory; NCCL does every all-reduce", missing[0])
+        return None
+    return SymmetricAllReduce(group, device, dtype, SYMMETRIC_ALL_REDUCE_MAX_BYTES)
 
 
 def shutdown_distributed(tp: TPGroup) -> None:

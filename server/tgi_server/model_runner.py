@@ -164,6 +164,7 @@ class ModelRunner:
             sizes.append(max_batch_size)
         if not sizes or not self.num_blocks:
             return
+        self._check_thread_device()
         max_blocks_per_seq = -(-(max_total_tokens + 1) // self.block_size)  # + the lookahead token
         self.mixed_graphs = MixedGraphs(
             self.model, self.kv_caches, token_buckets(max_batch_tokens), max_batch_size, max_blocks_per_seq, self.device
@@ -171,6 +172,17 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool
         )
+
+    def _check_thread_device(self) -> None:
+        """Refuses to run on a thread whose current CUDA device is another GPU: CUDA graphs would be
+        captured on the wrong stream and kernels launched on the wrong device (see
+        `tgi_server.cli.device_thread_pool`)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            current = torch.cuda.current_device()
+            if current != self.device.index:
+                raise RuntimeError(
+                    f"the model of {self.device} was called from a thread whose current device is cuda:{current}"
+                )
 
     def kv_cache_bytes_per_block(self) -> int:
         shape = kv_cache_shape(self.config, self.tp, 1, self.block_size)
@@ -191,6 +203,7 @@ class ModelRunner:
         """Applies one plan; returns the samples (one per request that sampled, in no set order),
         any prompt logprobs, and the step's time in ns. With `lookahead`, may start the next decode
         step (see the module's docstring)."""
+        self._check_thread_device()
         start = time.perf_counter_ns()
         started, self._lookahead = self._lookahead, None
         for request_id in finished_ids:

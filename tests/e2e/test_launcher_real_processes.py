@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
-import os
 import signal
 import subprocess
 import time
@@ -37,34 +36,6 @@ LONG = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 600, "igno
 
 def sse_events(text: str) -> list[dict]:
     return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
-
-
-async def test_killed_shard_fails_in_flight_requests_then_stops_everything_naming_it(tiny_llama, hf_home, tmp_path):
-    uds = str(tmp_path / "sock")
-    server = start(tiny_llama, hf_home, uds, num_shard=2)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            generate = asyncio.create_task(session.post(server.url + "/generate", json=LONG))
-            async with session.post(server.url + "/generate_stream", json=LONG) as stream:
-                await stream.content.readline()  # generation has started
-                victim = shard_pids(uds)[1]
-                killed_at = time.monotonic()
-                os.kill(victim, signal.SIGKILL)
-                events = sse_events((await stream.content.read()).decode())
-            generated = await generate
-            generated_payload = await generated.json()
-        code = await asyncio.to_thread(server.process.wait, 15)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        server.stop()
-    # In-flight clients get TGI's errors, not a hang: an error event, and a 424 error JSON.
-    assert events[-1]["error_type"] == "generation" and "shard 1" in events[-1]["error"]
-    assert generated.status == 424 and generated_payload["error_type"] == "generation"
-    assert code != 0
-    assert elapsed < 5
-    assert "Shard 1 terminated with exit code -9 (SIGKILL)" in server.log
-    assert glob.glob(uds + "-*") == []
-    assert shard_pids(uds) == []
 
 
 async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero(tiny_llama, hf_home, tmp_path):

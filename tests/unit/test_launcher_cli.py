@@ -47,6 +47,7 @@ OPTIONS = [
     ("CUDA_GRAPHS", "--cuda-graphs", "cuda_graphs", "1,2,4", (1, 2, 4)),
     ("CUDA_MEMORY_FRACTION", "--cuda-memory-fraction", "cuda_memory_fraction", "0.9", 0.9),
     ("DISABLE_CUSTOM_KERNELS", "--disable-custom-kernels", "disable_custom_kernels", None, True),
+    ("DISABLE_CUSTOM_ALL_REDUCE", "--disable-custom-all-reduce", "disable_custom_all_reduce", None, True),
     ("LOAD_FORMAT", "--load-format", "load_format", "dummy", "dummy"),
     ("HUGGINGFACE_HUB_CACHE", "--huggingface-hub-cache", "huggingface_hub_cache", "/data/hub", "/data/hub"),
     ("WATERMARK_GAMMA", "--watermark-gamma", "watermark_gamma", "0.25", 0.25),
@@ -318,9 +319,10 @@ def test_shard_argv_asks_for_an_fp8_kv_cache_only(kv_cache_dtype, expected):
 
 def test_shard_argv_carries_the_gpu_options_that_differ_from_the_shard_defaults():
     config = LauncherConfig(model_id="m", load_format="dummy", cuda_graphs=(1, 2, 4), cuda_memory_fraction=0.9,
-                            disable_custom_kernels=True)
-    assert shard_argv(config, "/weights", 0)[-7:] == [
+                            disable_custom_kernels=True, disable_custom_all_reduce=True)
+    assert shard_argv(config, "/weights", 0)[-8:] == [
         "--load-format", "dummy", "--cuda-graphs", "1,2,4", "--cuda-memory-fraction", "0.9", "--disable-custom-kernels",
+        "--disable-custom-all-reduce",
     ]
     assert shard_argv(LauncherConfig(model_id="m", cuda_graphs=()), "/weights", 0)[-2:] == ["--cuda-graphs", "0"]
     assert "--cuda-graphs" not in shard_argv(LauncherConfig(model_id="m"), "/weights", 0)  # the shard's default
