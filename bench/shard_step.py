@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig
 
 from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
-from tgi_server.distributed import SINGLE
+from tgi_server.distributed import SINGLE, TPGroup
 from tgi_server.kernels import disable_kernels
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.llama import LlamaForCausalLM
@@ -38,13 +38,14 @@ BLOCK_SIZE = 16
 
 
 def build_runner(
-    shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int
+    shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int,
+    tp: TPGroup = SINGLE,
 ) -> ModelRunner:
     config = LlamaConfig(**SHAPES[shape])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = LlamaForCausalLM(config, SINGLE, dtype, device).eval()
+    model = LlamaForCausalLM(config, tp, dtype, device).eval()
     fill_random_weights(model, seed=0)
-    runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE, graph_sizes)
+    runner = ModelRunner(model, config, tp, device, dtype, BLOCK_SIZE, graph_sizes)
     runner.allocate_kv_cache(num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(max_total_tokens, max(graph_sizes), max(max_total_tokens, 4096))

@@ -112,7 +112,8 @@ class SymmetricAllReduce:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         """A new tensor holding the sum of every rank's `tensor`."""
         out = torch.empty_like(tensor)
-        torch.ops.symm_mem.one_shot_all_reduce_copy_out(self.buffer, tensor, "sum", self.group_name, out)
+        staging = self.buffer[: tensor.numel()].view(tensor.shape)  # the op wants the input's shape
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, tensor, "sum", self.group_name, out)
         return out
 
 
