@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tgi_launcher.shards import StartupError, Supervisor
+from tgi_launcher.shards import HUNG_SECONDS, StartupError, Supervisor
 
 # ---------------------------------------------------------------- in-process Supervisor, `python -c` children
 
@@ -108,6 +108,31 @@ def test_wait_returns_the_child_that_died_and_shutdown_stops_the_others(supervis
     supervisor.shutdown()
     assert [child.exit_code for child in survivors] == [-signal.SIGTERM, -signal.SIGTERM]
     assert time.monotonic() - started < 5
+
+
+def test_a_stopped_child_fails_after_the_hung_delay_and_abort_kills_it(supervisor):
+    survivor = supervisor.start("shard 0", python("import time; time.sleep(60)"))
+    victim = supervisor.start("shard 1", python("import time; time.sleep(60)"))
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    assert supervisor.wait() is victim
+    assert HUNG_SECONDS <= time.monotonic() - started < HUNG_SECONDS + 2
+    assert victim.failure().startswith("is stopped")
+    supervisor.abort(victim)
+    assert victim.exit_code == -signal.SIGKILL and survivor.exit_code == -signal.SIGTERM
+    assert time.monotonic() - started < HUNG_SECONDS + 3
+
+
+def test_a_child_stopped_briefly_is_not_a_failure(supervisor):
+    child = supervisor.start("shard 0", python("import time; time.sleep(60)"))
+    os.kill(child.process.pid, signal.SIGSTOP)
+    time.sleep(HUNG_SECONDS / 2)
+    assert child.failure() is None
+    os.kill(child.process.pid, signal.SIGCONT)
+    assert wait_until(lambda: child.failure() is None and open(f"/proc/{child.process.pid}/stat").read().split(") ")[1][0] != "T")
+    os.kill(child.process.pid, signal.SIGSTOP)  # a second stop: its clock starts again
+    time.sleep(HUNG_SECONDS * 0.75)
+    assert child.failure() is None
 
 
 def test_request_stop_makes_every_wait_return(supervisor, short_dir):
