@@ -120,7 +120,7 @@ async def _start(args: RouterArgs) -> web.Application:
             limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),
         tokenizer=tokenizer,
         validation=validation,
-        info=_info(args, limits),
+        info=_info(args, limits, shard_info, blocks.capacity_tokens),
         max_concurrent_requests=args.max_concurrent_requests,
         compute_type="gpu+optimized" if shard_info.device_type == "cuda" else "cpu",
         api_key=args.api_key,
@@ -170,7 +170,8 @@ async def _warmup(args: RouterArgs, shards: ShardClient, shard_info: pb.InfoResp
     return Limits(warmed.num_blocks, max_input, max_total, prefill, batch_size)
 
 
-def _info(args: RouterArgs, limits: Limits) -> dict:
+def _info(args: RouterArgs, limits: Limits, shard_info: pb.InfoResponse, kv_capacity_tokens: int) -> dict:
+    """TGI's /info fields, and (as TGI 1.x had them, plus the cache's element type) what the shards run."""
     return {
         "model_id": args.model_id,
         "model_sha": None,
@@ -186,6 +187,11 @@ def _info(args: RouterArgs, limits: Limits) -> dict:
         "version": VERSION,
         "sha": None,
         "docker_label": None,
+        "model_dtype": shard_info.dtype,
+        "model_device_type": shard_info.device_type,
+        "kv_cache_dtype": shard_info.kv_cache_dtype,
+        "max_batch_total_tokens": kv_capacity_tokens,
+        "num_shard": shard_info.world_size,
     }
 
 

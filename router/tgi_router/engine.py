@@ -112,6 +112,7 @@ class Engine:
         self.shards = shards
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self._num_preemptions_seen = 0
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
@@ -231,6 +232,8 @@ class Engine:
         metrics.queue_size.set(len(scheduler.waiting))
         metrics.batch_size.set(len(scheduler.running))
         metrics.batch_max_tokens.set((blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size)
+        metrics.preemptions.inc(scheduler.num_preemptions - self._num_preemptions_seen)
+        self._num_preemptions_seen = scheduler.num_preemptions
 
     def _on_token(self, request: Request, sample: SampledToken, finish: FinishReason | None) -> None:
         """Emits the token's event. `finish` is the length or end-of-sequence stop found from the ids;

@@ -30,6 +30,9 @@ class Metrics:
         self.generated_tokens = histogram("tgi_request_generated_tokens", "Tokens generated", _linear(max_total_tokens))
         self.input_length = histogram("tgi_request_input_length", "Prompt tokens", _linear(max_input_tokens))
         self.max_new_tokens = histogram("tgi_request_max_new_tokens", "max_new_tokens", _linear(max_total_tokens))
+        self.preemptions = Counter(
+            "tgi_request_preemption", "Requests preempted: KV blocks freed, recomputed later", registry=registry
+        )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
         self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=registry)
         self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch", registry=registry)

@@ -40,6 +40,7 @@ class Scheduler:
         self._live: dict[int, Request] = {}
         self._finished_ids: list[int] = []
         self._next_step_id = 0
+        self.num_preemptions = 0  # since the start (a statistic)
 
     @property
     def has_work(self) -> bool:
@@ -171,6 +172,7 @@ class Scheduler:
         self._release(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:

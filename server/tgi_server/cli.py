@@ -152,6 +152,7 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
         vocab_size=config.vocab_size,
         max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
         world_size=world_size,
+        kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(runner, info, rank, options.cuda_memory_fraction), server)

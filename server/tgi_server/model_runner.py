@@ -99,10 +99,11 @@ class _Lookahead:
     # Valid while the sequence's num_computed_tokens equals this (the row's decode position).
     positions: list[int]
     output: SamplerOutput  # on the device
-    # Pinned host copies of output's token ids and logprobs, complete once `done` has passed.
+    # Pinned host copies of output's token ids and logprobs, complete once `done` has passed (None
+    # off CUDA, where the copies are complete when made).
     host_token_ids: torch.Tensor
     host_logprobs: torch.Tensor
-    done: torch.cuda.Event
+    done: torch.cuda.Event | None
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class ModelRunner:
         ]
 
     def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
-        started.done.synchronize()
+        if started.done is not None:
+            started.done.synchronize()
         token_ids, logprobs = started.host_token_ids.tolist(), started.host_logprobs.tolist()
         row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
         samples = []
@@ -312,8 +314,10 @@ class ModelRunner:
         )
         output = sample(logits, batch, [0] * len(sequences))
         host_token_ids, host_logprobs = self._copy_to_host(output)
-        done = torch.cuda.Event()
-        done.record()
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
         return _Lookahead(list(sequences), positions, output, host_token_ids, host_logprobs, done)
 
     def _index_on_device(self, values: list[int]) -> torch.Tensor:

@@ -22,6 +22,9 @@ def test_text_generation_client_generates_with_details_and_streams(server):
     assert response.details.generated_tokens == 5
     assert response.details.finish_reason == "length"
     assert len(response.details.top_tokens) == 5
+    for chosen, alternatives in zip(response.details.tokens, response.details.top_tokens):
+        assert len(alternatives) == 2 and alternatives[0].logprob >= alternatives[1].logprob
+        assert chosen.id == alternatives[0].id  # greedy: the chosen token is the most likely
     events = list(client.generate_stream("Hello", max_new_tokens=4))
     assert len(events) == 4 and events[-1].details.generated_tokens == 4
     assert events[-1].generated_text == "".join(e.token.text for e in events)

@@ -102,8 +102,9 @@ async def test_request_sent_mid_generation_gets_first_token_before_earlier_one_f
                 order.append((name, event.finish_reason is not None))
 
         first = asyncio.create_task(consume("a", engine.submit(fixed_length(PROMPTS[0], 40))))
-        while len(order) < 5:
-            await asyncio.sleep(0.001)
+        async with asyncio.timeout(30):
+            while len(order) < 5:
+                await asyncio.sleep(0.001)
         await asyncio.gather(first, consume("b", engine.submit(fixed_length(PROMPTS[1], 3))))
     first_b = order.index(("b", False))
     last_a = order.index(("a", True))
@@ -118,7 +119,25 @@ async def test_full_kv_cache_preempts_and_every_request_still_gets_its_greedy_ou
         streams = [engine.submit(fixed_length(p, 30)) for p in PROMPTS]
         together = await asyncio.gather(*(token_ids(s) for s in streams))
         assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_usable_blocks
+        assert engine.scheduler.num_preemptions >= 1
     assert together == alone
+
+
+async def test_cancel_frees_the_blocks_before_the_next_step_and_the_shard_forgets_the_request(shard, tiny_llama):
+    async with running_engine(shard, tiny_llama) as engine:
+        blocks = engine.scheduler.blocks
+        stream = engine.submit(fixed_length(PROMPTS[0], 100))
+        num_events = 0
+        async for _ in stream:
+            num_events += 1
+            if num_events == 3:
+                break
+        assert blocks.num_free_blocks < blocks.num_usable_blocks
+        stream.cancel()
+        assert blocks.num_free_blocks == blocks.num_usable_blocks and not engine.scheduler.has_work
+        # The next step tells the shard to forget it; the shard then serves a new request as usual.
+        assert len(await token_ids(engine.submit(fixed_length(PROMPTS[1], 5)))) == 5
+        assert blocks.num_free_blocks == blocks.num_usable_blocks
 
 
 async def test_kv_allocator_is_fully_free_after_mixed_workload_with_cancellations(shard, tiny_llama):

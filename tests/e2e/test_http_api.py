@@ -145,7 +145,9 @@ async def test_validation_error_in_a_stream_arrives_as_an_event(server):
 async def test_requests_beyond_max_concurrent_get_429_overloaded_and_health_stays_fast(server):
     long = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 500, "ignore_eos": True}}
     running = [asyncio.create_task(call(server, "POST", "/generate", json=long)) for _ in range(2)]
-    await asyncio.sleep(0.3)  # both admitted: the server is saturated (--max-concurrent-requests 2)
+    async with asyncio.timeout(30):  # both admitted and running: the server is saturated (--max-concurrent-requests 2)
+        while "tgi_batch_current_size 2.0" not in (await call(server, "GET", "/metrics"))[2]:
+            await asyncio.sleep(0.01)
     extra = await asyncio.gather(*(call(server, "POST", "/generate", json=long) for _ in range(8)))
     health_seconds = []
     for _ in range(5):

@@ -42,8 +42,10 @@ async def test_requests_beyond_the_kv_cache_are_preempted_and_each_matches_its_g
                enumerate(["cats", "dogs", "ships", "rain", "trains", "maps"] * 2)]
     async with aiohttp.ClientSession() as session:
         alone = [await generate(session, server, prompt) for prompt in prompts]
+        before = await metrics(session, server)
         together = await asyncio.gather(*(generate(session, server, prompt) for prompt in prompts))
         after = await metrics(session, server)
+    assert after["tgi_request_preemption_total"] - before.get("tgi_request_preemption_total", 0) >= 4
     assert [r["generated_text"] for r in together] == [r["generated_text"] for r in alone]
     assert [[t["id"] for t in r["details"]["tokens"]] for r in together] == \
            [[t["id"] for t in r["details"]["tokens"]] for r in alone]

@@ -38,8 +38,11 @@ async def test_an_fp8_kv_cache_still_answers_paris(hf_home, smollm2_gguf, smollm
                         "--max-total-tokens", "1024") as server:
         async with aiohttp.ClientSession() as session:
             status, payload = await post(session, server.url + "/generate", body)
+            async with session.get(server.url + "/info") as response:
+                info = await response.json()
     assert status == 200
     assert "Paris" in payload["generated_text"]
+    assert info["kv_cache_dtype"] == "float8_e4m3fn" and info["model_dtype"] == "float32"
 
 
 async def test_generate_stream_sends_tgi_events_ending_with_the_full_text(smollm2_server):
@@ -105,7 +108,9 @@ async def test_container_readme_chat_stream_curl_works_verbatim(smollm2_server):
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
-    assert "learning" in text.lower()
+    # Sampled without a seed (the README's request verbatim): the text is not fixed, its shape is.
+    assert text.strip() and len(chunks) > 2
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 

@@ -128,6 +128,38 @@ def test_paged_attention_kernel_reads_an_fp8_cache_as_the_portable_path_does(kv_
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "q_lens, context_lens",
+    [
+        ([5, 1, 20], [0, 30, 17]),  # prefill, decode and a chunked-prefill continuation
+        ([1, 1, 1], [50, 3, 700]),  # decode only: keys split over several programs
+        ([300], [0]),  # one long prefill: several query blocks
+        ([1] * 8 + [64], [100] * 8 + [40]),  # a prompt chunk riding along decodes (a mixed step)
+    ],
+)
+def test_bf16_paged_attention_kernel_matches_the_float32_reference(q_lens, context_lens):
+    """The GPU default: bfloat16 queries and cache. Needs a GPU (Triton's interpreter computes bf16
+    `tl.dot` wrongly). The reference attends in float32 over the same bfloat16 values."""
+    from tgi_server.kernels.attention import paged_attention
+
+    generator = torch.Generator().manual_seed(0)
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 120
+    attn = _metadata(q_lens, context_lens, block_size, num_blocks, generator)
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.randn(*shape, generator=generator).to(torch.bfloat16).to(DEVICE)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(torch.bfloat16).to(DEVICE)
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, None)
+    expected = torch.cat([
+        layer._attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]].float(),
+                      gather_context(kv_cache, attn.block_tables[i], seq_len).float())
+        for i, seq_len in enumerate(attn.seq_lens_cpu)
+    ])
+    out = paged_attention(q, kv_cache, attn, layer.scale, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_matches_portable_norm(dtype):
     from tgi_server.kernels.fused import rms_norm

@@ -84,8 +84,11 @@ def test_max_input_tokens_not_below_the_derived_total_stops_the_router():
 
 def test_info_reports_the_validation_workers_and_client_batch_size():
     limits, _ = warmup(router_args())
-    info = cli._info(router_args(validation_workers=5, max_client_batch_size=9), limits)
+    shard_info = pb.InfoResponse(dtype="bfloat16", device_type="cuda", kv_cache_dtype="float8_e4m3fn", world_size=2)
+    info = cli._info(router_args(validation_workers=5, max_client_batch_size=9), limits, shard_info, 4096)
     assert (info["validation_workers"], info["max_client_batch_size"]) == (5, 9)
+    assert (info["model_dtype"], info["model_device_type"], info["kv_cache_dtype"]) == ("bfloat16", "cuda", "float8_e4m3fn")
+    assert (info["max_batch_total_tokens"], info["num_shard"]) == (4096, 2)
 
 
 def test_launcher_flags_parse_into_router_args(monkeypatch):

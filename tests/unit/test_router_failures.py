@@ -234,3 +234,33 @@ async def test_non_finite_logprobs_are_sent_as_null_never_as_invalid_json(tokeni
     events = [strict_json(line[5:]) for line in stream.splitlines() if line.startswith("data:")]
     assert [event["token"]["logprob"] for event in events] == [None] * 3
     assert [token["logprob"] for token in generated["details"]["tokens"]] == [None] * 3
+
+
+class BrokenTokenizer:
+    """A tokenizer with a bug: every encode raises what no handler expects."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, *args, **kwargs):
+        raise ZeroDivisionError("a bug in the tokenizer")
+
+
+async def test_an_unexpected_error_is_a_logged_500_in_tgis_error_json_without_the_body(tokenizer, caplog):
+    async with serving(tokenizer, FakeShards(step_seconds=0.01)) as (router, client):
+        router.tokenizer = BrokenTokenizer(tokenizer)
+        secret = "my private prompt"
+        with caplog.at_level("ERROR", logger="tgi_router"):
+            response = await client.post("/generate", json={"inputs": secret, "parameters": {"max_new_tokens": 3}})
+            payload = await response.json()
+        health = await client.get("/health")
+    assert response.status == 500
+    assert payload == {"error": "Internal server error", "error_type": "internal"}
+    assert "unexpected error in POST /generate" in caplog.text and "ZeroDivisionError" in caplog.text
+    assert secret not in caplog.text
+    assert router.engine.metrics.request_failure.labels("internal")._value.get() == 1
+    assert health.status == 200  # the server carries on
+

@@ -106,6 +106,8 @@ SCHEMAS = {
         "max_concurrent_requests": INT, "max_best_of": INT, "max_stop_sequences": INT, "max_input_tokens": INT,
         "max_total_tokens": INT, "validation_workers": INT, "max_client_batch_size": INT, "router": STR,
         "version": STR, "sha": _nullable(STR), "docker_label": _nullable(STR),
+        "model_dtype": STR, "model_device_type": STR, "kv_cache_dtype": STR, "max_batch_total_tokens": INT,
+        "num_shard": INT,
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

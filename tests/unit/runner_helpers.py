@@ -1,0 +1,91 @@
+"""Drives a ModelRunner the way the router does, for the runner's tests on GPU and CPU: a batch of
+prompts prefilled in chunks, decoding until each has its number of tokens, a late joiner, optional
+lookahead; an HF reference check; and a stand-in for the decode CUDA graphs that runs on CPU."""
+
+import torch
+
+from tgi_server.layers.attention import AttentionMetadata
+from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from tgi_server.sampler import SamplingParams
+
+BLOCK_SIZE = 16
+PROMPTS = [[5, 9, 2], [17] * 40, list(range(3, 80)), [100, 4], [7, 7, 8, 9, 10, 11], list(range(60, 5, -1))]
+# Different lengths, so requests leave the batch at different steps.
+NEW_TOKENS = [24, 10, 24, 5, 24, 17]
+
+
+def generate_greedy(
+    runner: ModelRunner, prefill_chunk: int, lookahead: bool = False, late_join_step: int = 0,
+    sampling: SamplingParams = SamplingParams(),
+) -> list[list[int]]:
+    """Continuations of PROMPTS (greedy unless `sampling` says otherwise), batched the way the router batches them: prompts prefilled
+    `prefill_chunk` tokens a step, the last prompt joining at `late_join_step`, requests finishing at
+    their NEW_TOKENS; with `lookahead`, steps where nobody waits to join say so."""
+    blocks_per_seq = -(-(max(map(len, PROMPTS)) + max(NEW_TOKENS) + 1) // BLOCK_SIZE)
+    outputs: list[list[int]] = [[] for _ in PROMPTS]
+    computed = [0] * len(PROMPTS)
+    joined, finished, step = set(), [], 0
+    while len(joined) < len(PROMPTS) or any(len(outputs[i]) < NEW_TOKENS[i] for i in joined):
+        new, scheduled = [], []
+        for i, prompt in enumerate(PROMPTS):
+            if i not in joined and (i < len(PROMPTS) - 1 or step >= late_join_step):
+                joined.add(i)
+                new.append(NewSequence(i, prompt, sampling, 0))
+                blocks = list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
+            elif i in joined and len(outputs[i]) < NEW_TOKENS[i]:
+                blocks = []
+            else:
+                continue
+            n = min(prefill_chunk, len(prompt) - computed[i]) if computed[i] < len(prompt) else 1
+            samples = computed[i] + n >= len(prompt)
+            last_token = samples and len(outputs[i]) + 1 == NEW_TOKENS[i]
+            scheduled.append(ScheduledSequence(i, n, blocks, last_token))
+            computed[i] += n
+        out = runner.step(finished, new, scheduled, lookahead=lookahead and len(joined) == len(PROMPTS))
+        finished = []
+        for sample in out.samples:
+            outputs[sample.request_id].append(sample.token_id)
+            if len(outputs[sample.request_id]) == NEW_TOKENS[sample.request_id]:
+                finished.append(sample.request_id)
+        step += 1
+    return outputs
+
+
+def assert_greedy_under_transformers(hf_model, outputs: list[list[int]], slack: float = 1e-3, exact_share: float = 0.95) -> None:
+    """Each token's logit is within `slack` of HF's best; `exact_share` of them are HF's argmax."""
+    num_exact = 0
+    for prompt, tokens in zip(PROMPTS, outputs):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]  # [len(tokens), vocab]
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        assert torch.all(chosen >= logits.max(dim=1).values - slack), (prompt, tokens)
+        num_exact += sum(a == b for a, b in zip(tokens, logits.argmax(dim=1).tolist()))
+    assert num_exact >= exact_share * sum(NEW_TOKENS)  # near ties are rare
+
+
+class EagerDecodeSteps:
+    """`DecodeGraphs`' interface, run op by op on any device: with it in `runner.decode_graphs`, the
+    runner's graph-decode, lookahead and chaining paths run on CPU, where no graph can be captured."""
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], max_batch_size: int, max_blocks_per_seq: int, device):
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.max_batch_size, self.max_blocks_per_seq = max_batch_size, max_blocks_per_seq
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        return num_seqs if num_seqs <= self.max_batch_size else None
+
+    @torch.inference_mode()
+    def run(self, input_ids, positions, slots, block_tables, device_input_ids=None) -> torch.Tensor:
+        num_seqs = len(positions)
+        ids = device_input_ids if device_input_ids is not None else torch.tensor(input_ids, device=self.device)
+        tables = [table + [0] * (self.max_blocks_per_seq - len(table)) for table in block_tables]
+        attn = AttentionMetadata.from_host(slots, list(range(num_seqs + 1)), [p + 1 for p in positions], tables, self.device)
+        hidden = self.model(ids, torch.tensor(positions, device=self.device), attn, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+
+def with_eager_decode_steps(runner: ModelRunner, num_blocks: int, max_batch_size: int = 8) -> ModelRunner:
+    """Allocates `runner`'s cache and gives it `EagerDecodeSteps` in place of captured graphs."""
+    runner.allocate_kv_cache(num_blocks)
+    runner.decode_graphs = EagerDecodeSteps(runner.model, runner.kv_caches, max_batch_size, num_blocks, runner.device)
+    return runner
