@@ -31,16 +31,17 @@ def _rank_input(rank: int, numel: int, dtype: torch.dtype, device) -> torch.Tens
     return torch.randn(numel, generator=generator).to(dtype).to(device)
 
 
-def _time_graph(fn, x: torch.Tensor, num_replays: int) -> float:
-    """Microseconds per op: NUM_OPS_PER_GRAPH ops captured in one graph, replayed `num_replays` times."""
-    for _ in range(3):
-        fn(x)
-    torch.cuda.synchronize()
+def _chain_graph(fn, x: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """NUM_OPS_PER_GRAPH calls of `fn`, each on the last one's output (as layer after layer), captured."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = x
         for _ in range(NUM_OPS_PER_GRAPH):
-            y = fn(y) * 0.5  # a dependent chain, as layer after layer
+            y = fn(y)
+    return graph
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, num_replays: int) -> float:
     for _ in range(3):
         graph.replay()
     dist.barrier()
@@ -51,21 +52,18 @@ def _time_graph(fn, x: torch.Tensor, num_replays: int) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    # the `* 0.5` between ops: time it alone, so the figure is the all-reduce's
-    with torch.cuda.graph(scale_graph := torch.cuda.CUDAGraph()):
-        z = x
-        for _ in range(NUM_OPS_PER_GRAPH):
-            z = z * 0.5
-    scale_graph.replay()
+    return start.elapsed_time(end)
+
+
+def _time_graph(fn, x: torch.Tensor, num_replays: int) -> float:
+    """Microseconds per op: NUM_OPS_PER_GRAPH ops captured in one graph, replayed `num_replays` times,
+    less the `* 0.5` that keeps the chain's values bounded (timed alone)."""
+    for _ in range(3):
+        fn(x)
     torch.cuda.synchronize()
-    s2, e2 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s2.record()
-    for _ in range(num_replays):
-        scale_graph.replay()
-    e2.record()
-    torch.cuda.synchronize()
-    scale_ms = s2.elapsed_time(e2)
-    return (start.elapsed_time(end) - scale_ms) * 1000 / (num_replays * NUM_OPS_PER_GRAPH)
+    with_op = _replay_ms(_chain_graph(lambda y: fn(y) * 0.5, x), num_replays)
+    scale_only = _replay_ms(_chain_graph(lambda y: y * 0.5, x), num_replays)
+    return (with_op - scale_only) * 1000 / (num_replays * NUM_OPS_PER_GRAPH)
 
 
 def _worker(rank: int, world_size: int, port: int, rows: list[int], hidden: int, out_path: str) -> None:

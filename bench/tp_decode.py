@@ -18,39 +18,13 @@ import os
 import socket
 import statistics
 import sys
-import time
 
 import torch
 import torch.multiprocessing as mp
 
-from shard_step import BLOCK_SIZE, build_runner
+from decode_timeline import run_steps
+from shard_step import BLOCK_SIZE, build_runner, time_graph_replay
 from tgi_server.distributed import init_distributed
-from tgi_server.model_runner import NewSequence, ScheduledSequence
-from tgi_server.sampler import SamplingParams
-
-
-def _decode_steps(runner, request_id: int, prompt_len: int, steps: int) -> list[float]:
-    blocks = list(range(1, 2 + (prompt_len + steps + 2) // BLOCK_SIZE))
-    prompt = [(request_id * 7 + i) % 1000 + 1 for i in range(prompt_len)]
-    runner.step([], [NewSequence(request_id, prompt, SamplingParams(), 0)], [ScheduledSequence(request_id, prompt_len, blocks)], lookahead=True)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        runner.step([], [], [ScheduledSequence(request_id, 1, [])], lookahead=True)
-        times.append(time.perf_counter() - start)
-    runner.step([request_id], [], [])
-    return times
-
-
-def _replay_ms(graph, repeats: int = 100) -> float:
-    graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / repeats
 
 
 def _kernels(graph, replays: int = 5) -> tuple[list[dict], float]:
@@ -80,12 +54,12 @@ def _worker(rank: int, world_size: int, port: int, custom: bool, args, out_path:
     runner = build_runner(args.shape, device, 4 * (max_total // BLOCK_SIZE + 2), (), max_total, tp=tp)
     runner.cuda_graph_sizes = (1,)
     runner.capture_cuda_graphs(max_total, 1, 64)  # one decode graph; mixed steps only up to 64 tokens
-    _decode_steps(runner, 1, args.prompt_len, 16)
-    times = _decode_steps(runner, 2, args.prompt_len, args.steps)
+    run_steps(runner, 1, args.prompt_len, 16)
+    times = run_steps(runner, 2, args.prompt_len, args.steps)
     graph = runner.decode_graphs._graphs[1]
     if world_size > 1:
         torch.distributed.barrier()
-    replay = _replay_ms(graph)
+    replay = time_graph_replay(runner, 1, repeats=100)
     kernels, busy_us = _kernels(graph)
     if rank == 0:
         with open(out_path, "w") as f:

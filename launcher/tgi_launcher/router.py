@@ -35,7 +35,7 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
-    argv += ["--payload-limit", str(config.payload_limit)]
+    argv += ["--payload-limit", str(config.payload_limit), "--drain-timeout", str(drain_timeout(config))]
     if config.aip_predict_route:
         argv += ["--predict-route", config.aip_predict_route]
     if config.aip_health_route:
@@ -43,6 +43,16 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
     for origin in config.cors_allow_origin:
         argv += ["--cors-allow-origin", origin]
     return argv
+
+
+# Of --graceful-termination-timeout, what the router keeps back to fail the requests still running and exit.
+DRAIN_MARGIN_SECONDS = 5.0
+
+
+def drain_timeout(config: LauncherConfig) -> float:
+    """Seconds the router drains for after SIGTERM: within the launcher's grace before SIGKILL."""
+    grace = config.graceful_termination_timeout
+    return max(grace - DRAIN_MARGIN_SECONDS, grace / 2)
 
 
 def router_env(config: LauncherConfig) -> dict[str, str]:

@@ -25,8 +25,8 @@ from tgi_launcher.logs import child_line
 
 log = logging.getLogger("tgi_launcher")
 
-# Seconds a child gets to exit after SIGTERM before SIGKILL: the router drains in-flight requests
-# for up to 25 s first (tgi_router.app.DRAIN_TIMEOUT_SECONDS).
+# Seconds a child gets to exit after SIGTERM before SIGKILL (the launcher passes its own,
+# --graceful-termination-timeout); the router drains in-flight requests for a little less.
 STOP_GRACE_SECONDS = 30.0
 # After a child failed nothing is left to finish: the others get this long after SIGTERM. A shard
 # blocked in a collective with a dead peer exits on SIGTERM at once (tgi_server.cli), so this only
@@ -283,7 +283,9 @@ class Supervisor:
             if dead is not None:
                 reason = dead.failure()
                 if dead.exit_code is not None:
-                    reason = f"exited with code {describe_exit(dead.exit_code)}"
+                    dead.join_output()
+                    last_line = next((line for line in reversed(dead.stderr_tail) if line.strip()), "")
+                    reason = f"exited with code {describe_exit(dead.exit_code)}" + (f": {last_line}" if last_line else "")
                 raise StartupError(f"{dead.name.capitalize()} failed to start: {reason}")
             now = time.monotonic()
             if pending and now - started > timeout:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp_cors
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.metrics import Metrics
@@ -34,6 +35,8 @@ ROUTER_KEY = web.AppKey("router", object)
 # After SIGTERM, in-flight requests get this long to finish; any still running then fail with a 503.
 # Below the launcher's grace period (tgi_launcher.shards.STOP_GRACE_SECONDS), so the router exits by itself.
 DRAIN_TIMEOUT_SECONDS = 25.0
+# The status of a response nobody reads: its client disconnected (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 # Served while draining, so the drain can be watched; everything else answers 503.
 _SERVED_WHILE_DRAINING = frozenset({"/metrics"})
 
@@ -56,6 +59,8 @@ class Router:
     # Routes a platform chooses (Vertex AI's AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE).
     predict_route: str | None = None
     health_route: str | None = None
+    # SIGTERM: how long in-flight requests may take to finish (the launcher's --graceful-termination-timeout).
+    drain_timeout: float = DRAIN_TIMEOUT_SECONDS
     num_in_flight: int = 0
     # Set on SIGTERM: new requests get 503 while the in-flight ones finish.
     is_draining: bool = False
@@ -83,7 +88,7 @@ class Router:
         """TGI's checks, in its order: parameters, inputs, then lengths after tokenization."""
         validate_parameters(request.parameters, self.validation, is_stream=is_stream)
         validate_inputs(request, self.validation)
-        # HF tokenizers release the GIL, so a thread keeps the event loop responsive.
+        # The tokenizer lets go of the GIL while it works, so a thread keeps the event loop responsive.
         input_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs, add_special_tokens)
         return validate_input_ids(request, input_ids, self.validation, default_return_full_text)
 
@@ -168,7 +173,8 @@ async def auth_middleware(request: web.Request, handler):
     """401 with an empty body unless the bearer key matches (compared in constant time)."""
     key = request.app[ROUTER_KEY].api_key
     if key and request.method == "POST" and request.path != "/chat_tokenize":
-        supplied = request.headers.get("Authorization", "").lower().encode()
+        # Header bytes that are not UTF-8 arrive as surrogates: they must compare unequal, not raise.
+        supplied = request.headers.get("Authorization", "").lower().encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(supplied, f"bearer {key}".lower().encode()):
             return web.Response(status=401)
     return await handler(request)
@@ -199,6 +205,9 @@ async def errors_middleware(request: web.Request, handler):
         return error_response(error)
     except web.HTTPException:
         raise
+    except ConnectionResetError:  # the client went away: nothing to answer, nothing failed here
+        log.debug("client disconnected during %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         error = InferError("Internal server error", 500, "internal")
@@ -230,9 +239,24 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+class MalformedRequestLogFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse as an ERROR with a traceback quoting the client's bytes:
+    anyone could flood the log so. This turns it into one WARNING line naming the error type only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.exc_text = "malformed HTTP request: %s", (type(error).__name__,), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def build_app(router: Router) -> web.Application:
     from tgi_router.http import cloud, openai, openapi, tgi
 
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLogFilter())
     app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=router.payload_limit)
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
@@ -266,7 +290,7 @@ def _drain_on_sigterm(router: Router) -> None:
     tasks = []  # holds the drain task, which the loop only references weakly
 
     async def drain_then_exit():
-        await router.drain()
+        await router.drain(router.drain_timeout)
         loop.call_soon(_raise_graceful_exit)
 
     def on_sigterm():

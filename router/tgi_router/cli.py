@@ -13,7 +13,7 @@ import typer
 from aiohttp import web
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
-from tgi_router.app import Router, build_app
+from tgi_router.app import DRAIN_TIMEOUT_SECONDS, Router, build_app
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
 from tgi_router.metrics import Metrics
@@ -27,6 +27,9 @@ app = typer.Typer(add_completion=False, help="HTTP router of the text-generation
 
 VERSION = "0.1.0"
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
+# TGI's launcher defaults; both are ignored (chunked prefill is always on), as TGI v3 ignores them.
+DEFAULT_WAITING_SERVED_RATIO = 0.3
+DEFAULT_MAX_WAITING_TOKENS = 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class RouterArgs:
     payload_limit: int
     predict_route: Optional[str]
     health_route: Optional[str]
+    drain_timeout: float = DRAIN_TIMEOUT_SECONDS
 
 
 @app.command()
@@ -77,14 +81,17 @@ def serve(
     max_client_batch_size: int = typer.Option(4, help="Most prompts in one /v1/completions request."),
     validation_workers: int = typer.Option(2, min=1, help="Threads that tokenize requests."),
     waiting_served_ratio: float = typer.Option(
-        1.2, help="Ignored, as by TGI v3 with chunked prefill (always on here): waiting requests join every step."
+        DEFAULT_WAITING_SERVED_RATIO, help="Ignored, as by TGI v3 with chunked prefill (always on here): waiting requests join every step."
     ),
-    max_waiting_tokens: int = typer.Option(20, help="Ignored, like --waiting-served-ratio."),
+    max_waiting_tokens: int = typer.Option(DEFAULT_MAX_WAITING_TOKENS, help="Ignored, like --waiting-served-ratio."),
     api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Bearer key required on generation routes."),
     cors_allow_origin: list[str] = typer.Option([], help="Origins allowed by CORS (`*` for any)."),
     payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes."),
     predict_route: Optional[str] = typer.Option(None, help="Extra route answering like /vertex (Vertex AI)."),
     health_route: Optional[str] = typer.Option(None, help="Extra route answering like /health (Vertex AI)."),
+    drain_timeout: float = typer.Option(
+        DRAIN_TIMEOUT_SECONDS, min=0, help="Seconds in-flight requests get to finish after SIGTERM; later ones get 503."
+    ),
 ):
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
@@ -100,7 +107,8 @@ async def _start(args: RouterArgs) -> web.Application:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(args.validation_workers, thread_name_prefix="validation")
     )
-    log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
+    if (args.waiting_served_ratio, args.max_waiting_tokens) != (DEFAULT_WAITING_SERVED_RATIO, DEFAULT_MAX_WAITING_TOKENS):
+        log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
     tokenizer = Tokenizer.from_dir(args.tokenizer_path)
     shards = ShardClient(args.shard_uds_path, args.num_shard)
     shard_info = await shards.info()
@@ -128,6 +136,7 @@ async def _start(args: RouterArgs) -> web.Application:
         payload_limit=args.payload_limit,
         predict_route=args.predict_route,
         health_route=args.health_route,
+        drain_timeout=args.drain_timeout,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     log.info("serving on http://%s:%d", args.hostname, args.port)

@@ -75,21 +75,32 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.encode_with_offsets(text, add_special_tokens)[0]
+        ids = self._encoding(text, add_special_tokens).ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self.is_bos_prepended else ids
 
     def encode_with_offsets(
-        self, text: str, add_special_tokens: bool = True
+        self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None
     ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and, for each, the `(start, stop)` character span of `text` it covers.
+        """Ids and, for each, the `(start, stop)` character span of `text` it covers. Past `max_tokens`
+        tokens raises TooManyTokensError, before building lists of a million offsets.
 
         Special tokens the post-processor adds cover `(0, 0)`. (TGI's /tokenize reports byte offsets;
         convert with `len(text[:start].encode())`.)
         """
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self._encoding(text, add_special_tokens)
+        is_bos_added = add_special_tokens and self.is_bos_prepended
+        num_tokens = len(encoding) + is_bos_added
+        if max_tokens is not None and num_tokens > max_tokens:
+            raise TooManyTokensError(num_tokens)
         ids, offsets = encoding.ids, encoding.offsets
-        if add_special_tokens and self.is_bos_prepended:
+        if is_bos_added:
             ids, offsets = [self.bos_token_id, *ids], [(0, 0), *offsets]
         return ids, offsets
+
+    def _encoding(self, text: str, add_special_tokens: bool):
+        # encode_batch lets go of the GIL while it works (encode holds it): tokenizing a long text in a
+        # worker thread then leaves the event loop free.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -97,6 +108,12 @@ class Tokenizer:
             for old, new in _CLEAN_UP_PAIRS:
                 text = text.replace(old, new)
         return text
+
+
+class TooManyTokensError(ValueError):
+    def __init__(self, num_tokens: int):
+        super().__init__(f"{num_tokens} tokens")
+        self.num_tokens = num_tokens
 
 
 def _read_json(path: Path) -> dict:

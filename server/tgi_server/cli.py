@@ -76,7 +76,15 @@ def serve(
         cuda_memory_fraction=cuda_memory_fraction, disable_custom_kernels=disable_custom_kernels,
         disable_custom_all_reduce=disable_custom_all_reduce,
     )
-    server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
+    from tgi_server.models.registry import UnsupportedModelError
+    from tgi_server.weights import WeightShapeError
+
+    try:
+        server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
+    except (WeightShapeError, UnsupportedModelError, KeyError, FileNotFoundError) as error:
+        # A checkpoint that does not fit its config: one line that names the tensor or file.
+        log.error("cannot load %s: %s", model_path, error.args[0] if isinstance(error, KeyError) else error)
+        raise typer.Exit(1)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())

@@ -61,7 +61,22 @@ def prepare(model_id: str, revision: str | None = None, cache_dir: str | None = 
         directory = path
     else:
         directory = _download(model_id, revision, cache_dir)
+    _check_servable(directory)
     return PreparedModel(str(ensure_safetensors(directory, cache_dir)), str(directory))
+
+
+def _check_servable(directory: Path) -> None:
+    """What would otherwise fail only in the shards or the router, found before they start."""
+    if not (directory / "tokenizer.json").exists():
+        raise PrepareError(f"{directory} has no tokenizer.json (the router tokenizes with it)")
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if architectures:
+        from tgi_server.models.registry import UnsupportedModelError, check_architecture
+
+        try:
+            check_architecture(architectures[0])
+        except UnsupportedModelError as error:
+            raise PrepareError(f"{directory / 'config.json'}: {error}") from None
 
 
 def _gguf_file(path: Path) -> Path | None:

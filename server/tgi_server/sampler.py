@@ -8,12 +8,16 @@ preemption recomputes the sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
 _U64 = 1 << 64
+# Below this temperature a row is greedy (sampling's limit as the temperature falls to 0): dividing
+# logits by a smaller one overflows float32 (1e-40 would turn every logit into inf and pick id 0).
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class SamplingBatch:
         def field(name, dtype):
             return column([getattr(p, name) for p in params], dtype)
 
+        params = [_effective(p) for p in params]
+
         columns = dict.fromkeys(
             ["do_sample", "temperature", "top_k", "top_p", "typical_p", "seed", "position",
              "repetition_penalty", "frequency_penalty", "history", "history_len"]
@@ -96,6 +102,12 @@ class SamplingBatch:
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
             watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
         )
+
+
+def _effective(params: SamplingParams) -> SamplingParams:
+    if params.do_sample and params.temperature < MIN_SAMPLING_TEMPERATURE:
+        return dataclasses.replace(params, do_sample=False)
+    return params
 
 
 @dataclass

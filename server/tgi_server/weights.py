@@ -14,16 +14,27 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 
-class WeightSource(Protocol):
-    """Named checkpoint tensors, cast to the model dtype."""
+class WeightShapeError(ValueError):
+    """A checkpoint tensor whose shape is not the one the model's config implies."""
 
-    def get(self, name: str) -> torch.Tensor:
+
+class WeightSource(Protocol):
+    """Named checkpoint tensors, cast to the model dtype. `shape` is the whole tensor's shape as the
+    model's config implies it: a tensor of another shape raises WeightShapeError naming it (a config
+    that disagrees with its weights fails at load, not at the first request)."""
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The whole tensor `name`; KeyError if the checkpoint lacks it."""
         ...
 
-    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Elements [start, stop) of `name` along `dim`, read without the rest where the format allows."""
         ...
+
+
+def _check_shape(name: str, actual, expected: tuple[int, ...]) -> None:
+    if tuple(actual) != tuple(expected):
+        raise WeightShapeError(f"tensor {name!r} has shape {list(actual)}, but the model's config implies {list(expected)}")
 
 
 def load_config(model_path: str) -> PretrainedConfig:
@@ -54,11 +65,13 @@ class SafetensorsWeights:
         self.name_to_file = _route_tensor_names(directory)
         self._file_to_handle = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        _check_shape(name, self._handle(name).get_slice(name).get_shape(), shape)
         return _cast(self._handle(name).get_tensor(name), self.dtype)
 
-    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
         tensor_slice = self._handle(name).get_slice(name)
+        _check_shape(name, tensor_slice.get_shape(), shape)
         index = (slice(None),) * dim + (slice(start, stop),)
         return _cast(tensor_slice[index], self.dtype)
 
@@ -106,10 +119,11 @@ class GGUFWeights:
         self.path = path
         self.name_to_tensor = parsed["tensors"]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.name_to_tensor:
             raise KeyError(f"tensor {name!r} is not in GGUF file {self.path}")
+        _check_shape(name, self.name_to_tensor[name].shape, shape)
         return self.name_to_tensor[name]
 
-    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        return self.get(name).narrow(dim, start, stop - start)
+    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.get(name, shape).narrow(dim, start, stop - start)

@@ -162,3 +162,15 @@ async def test_an_fp8_kv_cache_shows_in_info_and_changes_the_logprobs(server, ti
     theirs = [t["logprob"] for t in plain["details"]["prefill"][1:]]
     differences = [abs(a - b) for a, b in zip(ours, theirs)]
     assert 0 < max(differences) < 0.5
+
+
+async def test_a_temperature_too_small_for_float32_samples_greedily_on_every_route(server):
+    greedy = (await generate(server, PROMPTS[0], ignore_eos=True))["generated_text"]
+    tiny = (await generate(server, PROMPTS[0], ignore_eos=True, do_sample=True, temperature=1e-40, seed=3))["generated_text"]
+    body = {"model": "tgi", "prompt": PROMPTS[0], "max_tokens": NUM_NEW_TOKENS, "temperature": 1e-40, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/v1/completions", json=body) as response:
+            completion = await response.json()
+            assert response.status == 200, completion
+    assert tiny == greedy
+    assert completion["choices"][0]["text"] == greedy

@@ -316,3 +316,31 @@ async def test_ignore_eos_generates_exactly_max_new_tokens_past_the_eos_token(eo
     status, _, completion = await call(eos_server, "POST", "/v1/completions", json=body)
     assert status == 200
     assert completion["choices"][0]["finish_reason"] == "length" and completion["usage"]["completion_tokens"] == 6
+
+
+async def test_megabyte_tokenize_requests_get_422_or_429_and_health_stays_fast(server):
+    """Tokenizing runs off the event loop, within --max-concurrent-requests (2 here), and a text over
+    the input limit is a 422 before megabytes of token JSON are built."""
+    big = "word " * 200_000  # 1 MB
+    bodies = [("/tokenize", {"inputs": big})] * 3 + [("/chat_tokenize", {"messages": [{"role": "user", "content": big}]})]
+    async with aiohttp.ClientSession() as session:
+
+        async def post(path, body):
+            async with session.post(server.url + path, json=body) as response:
+                return response.status, await response.json()
+
+        calls = [asyncio.create_task(post(path, body)) for path, body in bodies]
+        slowest = 0.0
+        while not all(call.done() for call in calls):
+            started = time.monotonic()
+            async with session.get(server.url + "/health") as response:
+                assert response.status == 200
+            slowest = max(slowest, time.monotonic() - started)
+        results = [await call for call in calls]
+        async with session.post(server.url + "/tokenize", json={"inputs": "Hello world"}) as response:
+            small = await response.json()
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {422, 429} and statuses.count(422) >= 2, results
+    assert all("must have less than 511 tokens" in payload["error"] for status, payload in results if status == 422)
+    assert slowest < 0.1, slowest
+    assert "".join(token["text"] for token in small) == "Hello world"

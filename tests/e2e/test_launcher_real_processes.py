@@ -79,3 +79,45 @@ def test_two_launchers_side_by_side_do_not_collide(tiny_llama, hf_home):
         first.stop()
         second.stop()
     assert first.process.returncode == 0 and second.process.returncode == 0
+
+
+def broken_copy(tiny_llama, tmp_path, **config_changes) -> str:
+    """A copy of the tiny model with `config_changes` in its config.json (None deletes a file)."""
+    import shutil
+
+    out = tmp_path / "broken"
+    shutil.copytree(tiny_llama, out)
+    config = json.loads((out / "config.json").read_text())
+    for key, value in config_changes.items():
+        if key.endswith("_file") and value is None:
+            (out / key.removesuffix("_file").replace("__", ".")).unlink()
+        else:
+            config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"vocab_size": 1000}, "tensor 'model.embed_tokens.weight' has shape [49152, 64], but the model's config implies [1000, 64]"),
+        ({"vocab_size": 50000}, "tensor 'model.embed_tokens.weight' has shape [49152, 64], but the model's config implies [50000, 64]"),
+        ({"intermediate_size": 96}, "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [128, 64], but the model's config implies [96, 64]"),
+        ({"tokenizer__json_file": None}, "has no tokenizer.json"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+    ],
+    ids=["vocab-smaller", "vocab-larger", "mlp-size", "no-tokenizer", "architecture"],
+)
+def test_a_checkpoint_that_disagrees_with_its_config_stops_the_launcher_naming_the_tensor_or_file(
+    tiny_llama, hf_home, tmp_path, changes, message
+):
+    server = Server(broken_copy(tiny_llama, tmp_path, **changes), hf_home, "--max-batch-total-tokens", "4096")
+    try:
+        code = server.process.wait(timeout=120)
+    finally:
+        server.stop()
+    assert code != 0
+    assert message in server.log
+    error_lines = [line for line in server.log.splitlines() if message in line]
+    assert any("failed to start" in line or "Could not prepare" in line for line in error_lines), server.log[-3000:]
+    assert "Traceback" not in server.log

@@ -342,7 +342,7 @@ def test_children_get_the_argv_and_env_contract(launch, short_dir):
         "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "128", "--max-best-of", "2",
         "--max-stop-sequences", "4", "--max-top-n-tokens", "5", "--max-client-batch-size", "4",
         "--validation-workers", "2", "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20",
-        "--max-total-tokens", "512", "--payload-limit", "2000000",
+        "--max-total-tokens", "512", "--payload-limit", "2000000", "--drain-timeout", "85.0",
     ]
 
 

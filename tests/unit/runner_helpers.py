@@ -63,6 +63,21 @@ def assert_greedy_under_transformers(hf_model, outputs: list[list[int]], slack: 
     assert num_exact >= exact_share * sum(NEW_TOKENS)  # near ties are rare
 
 
+def assert_lookahead_gives_the_plain_tokens(
+    runner: ModelRunner, sampling: SamplingParams = SamplingParams(), chains: bool = True
+) -> list[list[int]]:
+    """Generates with plain steps, then with lookahead (requests finishing, a late joiner, chunked
+    prefill): the same tokens, most rows served by started steps, chained steps only if `chains`."""
+    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6, sampling=sampling)
+    assert runner.num_lookahead_rows_used == 0
+    runner.clear()
+    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6, sampling=sampling)
+    assert with_lookahead == plain
+    assert runner.num_lookahead_rows_used > 50
+    assert (runner.num_chained_steps > 10) == chains
+    return with_lookahead
+
+
 class EagerDecodeSteps:
     """`DecodeGraphs`' interface, run op by op on any device: with it in `runner.decode_graphs`, the
     runner's graph-decode, lookahead and chaining paths run on CPU, where no graph can be captured."""

@@ -7,7 +7,7 @@ far, each token we picked is HF's argmax, or within float noise of it where two 
 import pytest
 import torch
 from model_helpers import save_tiny_model, tiny_config
-from runner_helpers import BLOCK_SIZE, PROMPTS, assert_greedy_under_transformers, generate_greedy
+from runner_helpers import BLOCK_SIZE, PROMPTS, assert_greedy_under_transformers, assert_lookahead_gives_the_plain_tokens, generate_greedy
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -68,13 +68,7 @@ def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):
 def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
     """Requests finishing, a late joiner, chunked prefill: lookahead rows are reused or recomputed."""
     runner, hf_model = load_runner("llama", tmp_path)
-    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6)
-    runner.clear()
-    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6)
-    assert runner.num_lookahead_rows_used > 50
-    assert runner.num_chained_steps > 10
-    assert with_lookahead == plain
-    assert_greedy_under_transformers(hf_model, with_lookahead)
+    assert_greedy_under_transformers(hf_model, assert_lookahead_gives_the_plain_tokens(runner))
 
 
 @pytest.mark.parametrize(
@@ -86,12 +80,7 @@ def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
 )
 def test_lookahead_sampling_gives_the_same_tokens_as_plain_steps(sampling, chains, tmp_path):
     runner, _ = load_runner("llama", tmp_path)
-    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6, sampling=sampling)
-    runner.clear()
-    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6, sampling=sampling)
-    assert with_lookahead == plain
-    assert runner.num_lookahead_rows_used > 50
-    assert (runner.num_chained_steps > 10) == chains
+    assert_lookahead_gives_the_plain_tokens(runner, sampling, chains)
 
 
 def test_a_request_at_its_last_token_starts_no_lookahead_row(tmp_path):

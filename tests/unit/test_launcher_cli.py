@@ -358,7 +358,14 @@ def test_router_argv_carries_the_request_limits():
         "--max-concurrent-requests", "128", "--max-best-of", "2", "--max-stop-sequences", "4",
         "--max-top-n-tokens", "5", "--max-client-batch-size", "4", "--validation-workers", "2",
         "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20", "--payload-limit", "2000000",
+        "--drain-timeout", "85.0",
     ]
+
+
+@pytest.mark.parametrize("grace, drain", [(90, 85.0), (30, 25.0), (6, 3.0)])
+def test_the_router_drains_within_the_graceful_termination_timeout(grace, drain):
+    argv = router_argv(LauncherConfig(model_id="m", graceful_termination_timeout=grace), "/tok")
+    assert float(argv[argv.index("--drain-timeout") + 1]) == drain
 
 
 def test_router_argv_passes_only_the_token_limits_that_were_set():

@@ -6,7 +6,7 @@ suite runs the same scenarios with real CUDA graphs (tests/unit/test_gpu_path.py
 import pytest
 import torch
 from model_helpers import save_tiny_model, tiny_config
-from runner_helpers import PROMPTS, assert_greedy_under_transformers, generate_greedy, with_eager_decode_steps
+from runner_helpers import PROMPTS, assert_greedy_under_transformers, assert_lookahead_gives_the_plain_tokens, with_eager_decode_steps
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -31,14 +31,7 @@ def cpu_runner(model_dir) -> ModelRunner:
 def test_lookahead_and_chained_steps_give_the_plain_steps_tokens(model_dir):
     """Requests finishing, a late joiner, chunked prefill: started rows are reused or recomputed."""
     path, hf_model = model_dir
-    runner = cpu_runner(path)
-    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6)
-    assert runner.num_lookahead_rows_used == 0
-    runner.clear()
-    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6)
-    assert runner.num_lookahead_rows_used > 50
-    assert runner.num_chained_steps > 10
-    assert with_lookahead == plain
+    with_lookahead = assert_lookahead_gives_the_plain_tokens(cpu_runner(path))
     assert_greedy_under_transformers(hf_model, with_lookahead, slack=1e-4, exact_share=1.0)
 
 
@@ -51,13 +44,7 @@ def test_lookahead_and_chained_steps_give_the_plain_steps_tokens(model_dir):
     ],
 )
 def test_lookahead_sampling_gives_the_plain_steps_tokens(model_dir, sampling, chains):
-    runner = cpu_runner(model_dir[0])
-    plain = generate_greedy(runner, prefill_chunk=32, late_join_step=6, sampling=sampling)
-    runner.clear()
-    with_lookahead = generate_greedy(runner, prefill_chunk=32, lookahead=True, late_join_step=6, sampling=sampling)
-    assert with_lookahead == plain
-    assert runner.num_lookahead_rows_used > 50
-    assert (runner.num_chained_steps > 10) == chains
+    assert_lookahead_gives_the_plain_tokens(cpu_runner(model_dir[0]), sampling, chains)
 
 
 def test_a_request_at_its_last_token_starts_no_lookahead_row(model_dir):

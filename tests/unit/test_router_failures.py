@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 
 import grpc
 import pytest
@@ -263,4 +264,84 @@ async def test_an_unexpected_error_is_a_logged_500_in_tgis_error_json_without_th
     assert secret not in caplog.text
     assert router.engine.metrics.request_failure.labels("internal")._value.get() == 1
     assert health.status == 200  # the server carries on
+
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(byte_level_dir, tmp_path_factory):  # noqa: F811
+    """The byte-level tokenizer with a chat template, for the chat route."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("chat_tokenizer")
+    shutil.copytree(byte_level_dir, root, dirs_exist_ok=True)
+    (root / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    return Tokenizer.from_dir(root)
+
+
+STREAMING_BODIES = {
+    "/generate_stream": generate_body(200),
+    "/v1/completions": {"prompt": "Hello world", "max_tokens": 200, "stream": True, "ignore_eos": True},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200, "stream": True,
+                             "ignore_eos": True},
+}
+
+
+@pytest.mark.parametrize("path", list(STREAMING_BODIES))
+async def test_a_stream_whose_client_left_before_the_headers_leaves_nothing_running(chat_tokenizer, path, caplog,
+                                                                                    monkeypatch):
+    """The client is gone when the response headers are written (the transport is closing): the
+    request is dropped at once, and nothing is logged or counted as an internal error."""
+    import aiohttp_sse
+
+    async def closing_transport(self, request):
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(aiohttp_sse.EventSourceResponse, "prepare", closing_transport)
+    async with serving(chat_tokenizer, FakeShards(step_seconds=0.005)) as (router, client):
+        with caplog.at_level("DEBUG", logger="tgi_router"):
+            response = await client.post(path, json=STREAMING_BODIES[path])
+            await wait_for(lambda: not router.engine.scheduler.has_work and router.num_in_flight == 0, timeout=1.0)
+        metrics = router.engine.metrics
+        internal = metrics.request_failure.labels("internal")._value.get()
+        dropped = metrics.request_failure.labels("dropped")._value.get()
+    assert response.status == 499  # nobody reads it
+    # /generate_stream writes its headers before it submits; the OpenAI routes submit first, then drop.
+    assert internal == 0 and dropped == (0 if path == "/generate_stream" else 1)
+    assert "unexpected error" not in caplog.text and "client disconnected" in caplog.text
+
+
+async def raw_request(client, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(data)
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    return response
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_a_401(tokenizer):
+    async with serving(tokenizer, FakeShards(), api_key="k3y") as (_, client):
+        body = json.dumps(generate_body(2)).encode()
+        response = await raw_request(client, b"POST /generate HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \xff\xfe\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert response.startswith(b"HTTP/1.1 401")
+
+
+async def test_docs_assets_serve_the_bundle_and_404_any_other_name(tokenizer):
+    async with serving(tokenizer, FakeShards()) as (_, client):
+        css = await client.get("/docs/assets/swagger-ui.css")
+        long_name = await client.get("/docs/assets/" + "a" * 300 + ".js")
+        missing = await client.get("/docs/assets/nothing.js")
+    assert css.status == 200 and "css" in css.headers["Content-Type"]
+    assert long_name.status == 404 and missing.status == 404
+
+
+async def test_a_malformed_request_logs_one_warning_without_the_clients_bytes(tokenizer, caplog):
+    async with serving(tokenizer, FakeShards()) as (_, client):
+        with caplog.at_level("DEBUG"):
+            response = await raw_request(client, b"GET /health HTTP/1.1\r\nHost: t\r\nBad\x01Header: SECRETBYTES\r\n\r\n")
+    assert response.startswith(b"HTTP/1.0 400") or response.startswith(b"HTTP/1.1 400")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelname, r.getMessage()) for r in records] == [("WARNING", "malformed HTTP request: BadHttpMessage")]
+    assert "SECRETBYTES" not in caplog.text and "Traceback" not in caplog.text
 

@@ -1,6 +1,7 @@
 """Weight sources: sharded safetensors reads, name routing and errors, and GGUF against transformers."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 from tgi_server.distributed import shard_range
-from tgi_server.weights import SafetensorsWeights
+from tgi_server.weights import SafetensorsWeights, WeightShapeError
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_sharded_reads_are_the_matching_slices_of_the_full_tensor(two_file_check
     for name, full in name_to_tensor.items():
         for dim in range(full.dim()):
             ranges = [shard_range(full.shape[dim], rank, world_size) for rank in range(world_size)]
-            shards = [weights.get_range(name, dim, start, stop) for start, stop in ranges]
+            shards = [weights.get_range(name, dim, start, stop, tuple(full.shape)) for start, stop in ranges]
             for (start, stop), shard in zip(ranges, shards):
                 assert torch.equal(shard, full.narrow(dim, start, stop - start))
             assert torch.equal(torch.cat(shards, dim=dim), full)
@@ -45,7 +46,7 @@ def test_tensors_are_found_in_whichever_file_holds_them_and_cast_to_the_model_dt
     directory, name_to_tensor = two_file_checkpoint
     weights = SafetensorsWeights(directory, torch.float32)
     for name, full in name_to_tensor.items():
-        tensor = weights.get(name)
+        tensor = weights.get(name, tuple(full.shape))
         assert tensor.dtype == torch.float32
         assert torch.equal(tensor, full)
 
@@ -58,9 +59,21 @@ def test_shard_ranges_split_unevenly_sized_dims_in_ceil_sized_pieces():
 def test_missing_tensor_raises_key_error_naming_it(two_file_checkpoint):
     weights = SafetensorsWeights(two_file_checkpoint[0], torch.float32)
     with pytest.raises(KeyError, match="lm_head.weight"):
-        weights.get("lm_head.weight")
+        weights.get("lm_head.weight", (4, 4))
     with pytest.raises(KeyError, match="lm_head.weight"):
-        weights.get_range("lm_head.weight", 0, 0, 2)
+        weights.get_range("lm_head.weight", 0, 0, 2, (4, 4))
+
+
+def test_a_tensor_of_another_shape_than_the_config_implies_raises_naming_it(two_file_checkpoint):
+    directory, name_to_tensor = two_file_checkpoint
+    weights = SafetensorsWeights(directory, torch.float32)
+    name, full = next(iter(name_to_tensor.items()))
+    wrong = (full.shape[0] + 1, *full.shape[1:])
+    message = f"tensor '{name}' has shape {list(full.shape)}, but the model's config implies {list(wrong)}"
+    with pytest.raises(WeightShapeError, match=re.escape(message)):
+        weights.get(name, wrong)
+    with pytest.raises(WeightShapeError, match=re.escape(message)):
+        weights.get_range(name, 0, 0, 1, wrong)
 
 
 def test_tensor_name_in_two_files_is_rejected(two_file_checkpoint):

@@ -18,7 +18,7 @@ from tgi_router.app import Router, get_router, read_json, stream_headers, timing
 from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
-from tgi_router.http.tgi import collect, collect_all, finite, tokens_json
+from tgi_router.http.tgi import collect, collect_all, finite, tokenize_response
 from tgi_router.request import FinishReason
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
@@ -57,8 +57,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             headers = timing_headers(router, valid, stream, started_at, validated_at)
             payload = {**head, "choices": [_chat_choice(body, events)], "usage": _usage(valid, events)}
             return web.json_response(payload, headers=headers)
-        async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
-            await _stream_chat(sse, head, body, valid, stream)
+        try:
+            async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
+                await _stream_chat(sse, head, body, valid, stream)
+        finally:
+            stream.cancel()  # also when the client left before the response headers went out
         return sse
 
 
@@ -68,8 +71,9 @@ async def chat_tokenize(request: web.Request) -> web.Response:
     chat = _chat_request(router, await read_json(request))
     validate_parameters(chat.parameters, router.validation)  # as /v1/chat/completions would
     prompt = chat.inputs
-    ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, prompt, False)
-    return web.json_response({"tokenize_response": tokens_json(prompt, ids, offsets), "templated_text": prompt})
+    return await tokenize_response(
+        router, prompt, lambda tokens: {"tokenize_response": tokens, "templated_text": prompt}, add_special_tokens=False
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -90,8 +94,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
             ]
             usage = [_usage(v, events) for v, events in zip(valids, results)]
             return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
-        async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
-            await _stream_completions(sse, head, valids, streams)
+        try:
+            async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
+                await _stream_completions(sse, head, valids, streams)
+        finally:
+            for stream in streams:  # also when the client left before the response headers went out
+                stream.cancel()
         return sse
 
 

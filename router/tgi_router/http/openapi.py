@@ -6,6 +6,8 @@ works without internet access.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from tgi_router.app import get_router
@@ -230,7 +232,17 @@ def add_routes(app: web.Application) -> None:
 
     app.router.add_get("/api-doc/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
-    app.router.add_static("/docs/assets", swagger_ui_path)
+    # Only the bundle's own files, by name: any other name is a 404 (a static route would try the
+    # file system with whatever name it gets).
+    name_to_file = {path.name: path for path in Path(swagger_ui_path).iterdir() if path.is_file()}
+
+    async def asset(request: web.Request) -> web.FileResponse:
+        path = name_to_file.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app.router.add_get("/docs/assets/{name}", asset)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from aiohttp_sse import sse_response
 from tgi_router.app import Router, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError, ValidationError
+from tgi_router.tokenizer import TooManyTokensError
 from tgi_router.validation import ValidRequest, parse_generate_request, validate_inputs, validate_parameters
 
 
@@ -101,9 +102,25 @@ async def tokenize(request: web.Request) -> web.Response:
     parsed = parse_generate_request(await read_json(request))
     validate_parameters(parsed.parameters, router.validation)
     validate_inputs(parsed, router.validation)
-    inputs = parsed.inputs
-    ids, offsets = await asyncio.to_thread(router.tokenizer.encode_with_offsets, inputs)
-    return web.json_response(tokens_json(inputs, ids, offsets))
+    return await tokenize_response(router, parsed.inputs, lambda tokens: tokens, add_special_tokens=True)
+
+
+async def tokenize_response(router: Router, text: str, shape, add_special_tokens: bool) -> web.Response:
+    """`shape(tokens_json(...))` as a JSON response. Counts against --max-concurrent-requests, and
+    tokenizes and serializes off the event loop (a megabyte of text makes tens of megabytes of JSON);
+    a text over the input token limit is a 422, as /generate answers it."""
+    limit = router.validation.max_input_tokens
+
+    def encode() -> bytes:
+        try:
+            ids, offsets = router.tokenizer.encode_with_offsets(text, add_special_tokens, max_tokens=limit)
+        except TooManyTokensError as error:
+            raise ValidationError(f"`inputs` must have less than {limit} tokens. Given: {error.num_tokens}") from None
+        return json.dumps(shape(tokens_json(text, ids, offsets))).encode()
+
+    with router.admit():
+        body = await asyncio.to_thread(encode)
+    return web.Response(body=body, content_type="application/json")
 
 
 def tokens_json(text: str, ids: list[int], char_offsets: list[tuple[int, int]]) -> list[dict]:

@@ -33,7 +33,7 @@ class VocabParallelEmbedding(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, name: str) -> None:
         """Read this rank's vocab rows of tensor `name`; padding rows stay zero."""
-        shard = weights.get_range(name, 0, self.vocab_start, self.vocab_stop)
+        shard = weights.get_range(name, 0, self.vocab_start, self.vocab_stop, (self.vocab_size, self.weight.shape[1]))
         self.weight[: shard.shape[0]].copy_(shard)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.tp = tp
+        self.in_features = in_features
+        self.output_sizes = output_sizes
         self.part_ranges = part_ranges or [tp.partition(size) for size in output_sizes]
         self.output_sizes_per_rank = [stop - start for start, stop in self.part_ranges]
         num_out = sum(self.output_sizes_per_rank)
@@ -61,12 +63,15 @@ class ColumnParallelLinear(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, prefixes: list[str]) -> None:
         """Read this rank's rows of each part `{prefix}.weight` (and `.bias`), in part order."""
-        self.weight.copy_(self._read_parts(weights, [f"{p}.weight" for p in prefixes]))
+        self.weight.copy_(self._read_parts(weights, [f"{p}.weight" for p in prefixes], (self.in_features,)))
         if self.bias is not None:
-            self.bias.copy_(self._read_parts(weights, [f"{p}.bias" for p in prefixes]))
+            self.bias.copy_(self._read_parts(weights, [f"{p}.bias" for p in prefixes], ()))
 
-    def _read_parts(self, weights: WeightSource, names: list[str]) -> torch.Tensor:
-        shards = [weights.get_range(name, 0, start, stop) for name, (start, stop) in zip(names, self.part_ranges)]
+    def _read_parts(self, weights: WeightSource, names: list[str], trailing: tuple[int, ...]) -> torch.Tensor:
+        shards = [
+            weights.get_range(name, 0, start, stop, (size, *trailing))
+            for name, (start, stop), size in zip(names, self.part_ranges, self.output_sizes)
+        ]
         return torch.cat(shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,7 @@ class RowParallelLinear(nn.Module):
     ):
         super().__init__()
         self.tp = tp
+        self.in_features = in_features
         self.input_range = input_range or tp.partition(in_features)
         num_in = self.input_range[1] - self.input_range[0]
         # [out_features, num_in_per_rank]
@@ -124,9 +130,10 @@ class RowParallelLinear(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, prefix: str) -> None:
         """Read this rank's columns of `{prefix}.weight` and the whole `{prefix}.bias`."""
-        self.weight.copy_(weights.get_range(f"{prefix}.weight", 1, *self.input_range))
+        out_features = self.weight.shape[0]
+        self.weight.copy_(weights.get_range(f"{prefix}.weight", 1, *self.input_range, (out_features, self.in_features)))
         if self.bias is not None:
-            self.bias.copy_(weights.get(f"{prefix}.bias"))
+            self.bias.copy_(weights.get(f"{prefix}.bias", (out_features,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""

@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
     @torch.no_grad()
     def load(self, weights: WeightSource, name: str) -> None:
         """Read the whole scale vector `name`."""
-        self.weight.copy_(weights.get(name))
+        self.weight.copy_(weights.get(name, tuple(self.weight.shape)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> same shape and dtype."""

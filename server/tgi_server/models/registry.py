@@ -26,6 +26,17 @@ def model_architecture(config: PretrainedConfig) -> str:
 LOAD_FORMATS = ("auto", "dummy")
 
 
+class UnsupportedModelError(ValueError):
+    """A model this server has no code for, or an unknown load format."""
+
+
+def check_architecture(architecture: str) -> None:
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+
+
 def load_model(
     model_path: str, tp: TPGroup, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
 ) -> tuple[nn.Module, PretrainedConfig]:
@@ -34,16 +45,14 @@ def load_model(
     `model_path` is a local directory with config.json and *.safetensors, or a `.gguf` file. With
     `load_format="dummy"` only the config is read and the weights are random (for sizing and
     benchmarking models whose weights are not at hand).
-    Raises ValueError for an architecture not in `ARCHITECTURES`.
+    Raises UnsupportedModelError for an architecture not in `ARCHITECTURES`, WeightShapeError for a
+    tensor whose shape disagrees with the config, KeyError for a missing one.
     """
     config = load_config(model_path)
     architecture = model_architecture(config)
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+    check_architecture(architecture)
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+        raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     model = ARCHITECTURES[architecture](config, tp, dtype, device)
     if load_format == "dummy":
         fill_random_weights(model, seed=tp.rank)
