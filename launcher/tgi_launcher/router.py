@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 from tgi_launcher.config import LauncherConfig
 
@@ -13,7 +15,7 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
     router derives them from the model and the KV cache its warmup finds."""
     argv = [
         sys.executable, "-m", "tgi_router",
-        "--model-id", config.model_id, "--tokenizer-path", tokenizer_path,
+        "--model-id", served_model_name(config.model_id), "--tokenizer-path", tokenizer_path,
         "--shard-uds-path", config.shard_uds_path, "--num-shard", str(config.num_shard),
         "--hostname", config.hostname, "--port", str(config.port),
         "--max-concurrent-requests", str(config.max_concurrent_requests),
@@ -43,6 +45,18 @@ def router_argv(config: LauncherConfig, tokenizer_path: str) -> list[str]:
     for origin in config.cors_allow_origin:
         argv += ["--cors-allow-origin", origin]
     return argv
+
+
+# A GGUF file name's quantization suffix: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf, x.BF16.gguf.
+_GGUF_QUANTIZATION = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def served_model_name(model_id: str) -> str:
+    """The name /info, /v1/models and OpenAI responses show: a GGUF file's model name (the file name
+    without its quantization), or the model id as given (a Hub id, a directory)."""
+    if model_id.endswith(".gguf"):
+        return _GGUF_QUANTIZATION.sub("", Path(model_id).stem)
+    return model_id
 
 
 # Of --graceful-termination-timeout, what the router keeps back to fail the requests still running and exit.

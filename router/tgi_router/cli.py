@@ -27,6 +27,8 @@ app = typer.Typer(add_completion=False, help="HTTP router of the text-generation
 
 VERSION = "0.1.0"
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
+# On CPU a 4,096-token step (what warmup runs first) takes minutes; 512 keeps the start near 20 s.
+DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU = 512
 # TGI's launcher defaults; both are ignored (chunked prefill is always on), as TGI v3 ignores them.
 DEFAULT_WAITING_SERVED_RATIO = 0.3
 DEFAULT_MAX_WAITING_TOKENS = 20
@@ -156,8 +158,11 @@ async def _warmup(args: RouterArgs, shards: ShardClient, shard_info: pb.InfoResp
     """Runs Warmup on the shards and derives the unset limits the way TGI does."""
     max_position = shard_info.max_position_embeddings or 1 << 20
     max_total = args.max_total_tokens or min(max_position, tokenizer.model_max_length or max_position)
-    prefill = args.max_batch_prefill_tokens or min(DEFAULT_MAX_BATCH_PREFILL_TOKENS, max_position)
+    default_prefill = DEFAULT_MAX_BATCH_PREFILL_TOKENS if shard_info.device_type == "cuda" else DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU
+    prefill = args.max_batch_prefill_tokens or min(default_prefill, max_position)
     batch_size = args.max_batch_size or args.max_concurrent_requests
+    log.info("warming up: a step of %d prompt tokens, then sizing the KV cache%s", prefill,
+             " and capturing CUDA graphs" if shard_info.device_type == "cuda" else "")
     started = time.monotonic()
     warmed = await shards.warmup(
         pb.WarmupRequest(

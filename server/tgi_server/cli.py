@@ -64,6 +64,8 @@ def serve(
     ),
 ):
     """Load the model and serve the shard's gRPC API on a Unix socket."""
+    # Progress bars (transformers' GGUF dequantizer draws one) become dozens of log lines through a pipe.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {rank} %(levelname)s %(message)s")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")

@@ -4,6 +4,7 @@ Layers load themselves from a `WeightSource`, so they never see file formats; a 
 directory is read lazily (each rank reads only its slice), a GGUF file is dequantized whole.
 """
 
+import logging
 import os
 from glob import glob
 from typing import Protocol
@@ -111,6 +112,7 @@ class GGUFWeights:
     """
 
     def __init__(self, path: str, config: PretrainedConfig, dtype: torch.dtype):
+        logging.getLogger("tgi_server").info("dequantizing the tensors of %s", path)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         parsed = load_gguf_checkpoint(

@@ -75,6 +75,47 @@ async def test_vertex_returns_one_prediction_per_instance(server):
     assert len(payload["predictions"]) == 2
 
 
+async def test_vertex_samples_each_instance_with_its_seed_and_takes_chat_instances(server):
+    """As TGI's handler: generate instances sample (the seed picks the text), chat instances work."""
+    instances = [{"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12, "seed": seed}} for seed in range(4)]
+    instances.append({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+    status, _, payload = await call(server, "POST", "/vertex", json={"instances": instances})
+    again = await call(server, "POST", "/vertex", json={"instances": instances[:1]})
+    assert status == 200 and len(payload["predictions"]) == 5
+    assert len(set(payload["predictions"][:4])) > 1  # seeds differ: texts differ
+    assert again[2]["predictions"][0] == payload["predictions"][0]  # the same seed: the same text
+    assert isinstance(payload["predictions"][4], str) and payload["predictions"][4]
+
+
+@pytest.mark.parametrize("count", [0, 3])
+async def test_completions_integer_logprobs_report_each_token_and_that_many_alternatives(server, count):
+    body = {"model": "tgi", "prompt": "Hello", "max_tokens": 6, "temperature": 0, "logprobs": count, "ignore_eos": True}
+    status, _, payload = await call(server, "POST", "/v1/completions", json=body)
+    assert status == 200, payload
+    choice = payload["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"]) == 6
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"][1] == len(logprobs["tokens"][0])
+    for token, logprob, alternatives in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert len(alternatives) == count and logprob <= 0
+        if count:
+            assert max(alternatives.values()) == pytest.approx(logprob)  # greedy: the chosen token is the best
+    stream_body = {**body, "stream": True}
+    _, _, text = await call(server, "POST", "/v1/completions", json=stream_body)
+    chunks = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and "[DONE]" not in line]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks]
+    assert [s["tokens"][0] for s in streamed] == logprobs["tokens"]
+    assert [s["text_offset"][0] for s in streamed] == logprobs["text_offset"]
+
+
+async def test_completions_logprobs_of_the_wrong_type_are_a_422(server):
+    for value in (True, -1, "2"):
+        body = {"prompt": "Hello", "max_tokens": 2, "logprobs": value}
+        status, _, payload = await call(server, "POST", "/v1/completions", json=body)
+        assert status == 422 and "`logprobs` must be a non-negative integer" in payload["error"], payload
+
+
 JSON = {"Content-Type": "application/json"}
 MALFORMED_BODIES = [
     ({"data": "{not json", "headers": JSON}, 400),

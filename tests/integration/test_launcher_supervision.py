@@ -403,6 +403,19 @@ def test_failed_prepare_exits_nonzero_with_its_error_output(launch):
     assert launcher.child_pids() == []
 
 
+def test_a_port_in_use_stops_the_launcher_before_anything_is_loaded(launch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        launcher = launch("--hostname", "127.0.0.1", "--port", str(port))
+        assert launcher.process.wait(timeout=15) != 0
+    assert f"Cannot serve on 127.0.0.1:{port}" in launcher.log and "in use" in launcher.log
+    assert "Preparing" not in launcher.log and launcher.child_pids() == []
+
+
 def test_json_output_makes_every_line_a_json_record_child_lines_included(launch, short_dir):
     launcher = launch("--num-shard", "2", "--shard-uds-path", str(short_dir / "sock"), "--json-output")
     launcher.wait_ready()

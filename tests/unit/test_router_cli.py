@@ -35,10 +35,11 @@ class FakeShards:
         return pb.WarmupResponse(num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
 
 
-def warmup(args: cli.RouterArgs, num_blocks: int = 1001, max_position: int = 4096, model_max_length=None):
+def warmup(args: cli.RouterArgs, num_blocks: int = 1001, max_position: int = 4096, model_max_length=None,
+           device_type: str = "cuda"):
     """(limits, the WarmupRequest sent) for a KV cache of `num_blocks` blocks (block 0 is reserved)."""
     shards = FakeShards(num_blocks)
-    info = pb.InfoResponse(block_size=BLOCK_SIZE, max_position_embeddings=max_position)
+    info = pb.InfoResponse(block_size=BLOCK_SIZE, max_position_embeddings=max_position, device_type=device_type)
     tokenizer = SimpleNamespace(model_max_length=model_max_length)
     return asyncio.run(cli._warmup(args, shards, info, tokenizer)), shards.requests[0]
 
@@ -58,6 +59,11 @@ def test_a_kv_cache_smaller_than_the_context_bounds_max_total_tokens():
 def test_the_tokenizer_model_max_length_bounds_max_total_tokens():
     limits, _ = warmup(router_args(), max_position=4096, model_max_length=2048)
     assert (limits.max_total_tokens, limits.max_input_tokens) == (2048, 2047)
+
+
+def test_default_prefill_budget_is_smaller_on_cpu():
+    limits, request = warmup(router_args(), max_position=4096, device_type="cpu")
+    assert limits.max_batch_prefill_tokens == request.max_batch_prefill_tokens == 512
 
 
 def test_default_prefill_budget_is_bounded_by_the_context():

@@ -11,7 +11,6 @@ from tgi_router.http import openai, tgi
 from tgi_router.validation import (
     GenerateParameters,
     GenerateRequest,
-    ValidationConfig,
     parse_generate_request,
     validate_parameters,
 )
@@ -35,28 +34,33 @@ async def invocations(request: web.Request) -> web.StreamResponse:
 
 
 async def vertex(request: web.Request) -> web.Response:
-    """Vertex AI: `{"instances": [{"inputs", "parameters"?}, ...]}` -> `{"predictions": [text, ...]}`.
+    """Vertex AI: `{"instances": [...]}` -> `{"predictions": [text, ...]}`. An instance is a generate
+    request (`inputs`, `parameters`?) or a chat request (`messages`, and the chat route's fields).
 
-    As in TGI, only `max_new_tokens` and `seed` are taken from each instance's parameters. A failed
-    generation is answered as on every other route (TGI answers a 500 here).
+    As in TGI, a generate instance samples, and only `max_new_tokens` and `seed` are taken from its
+    parameters. A failed generation is answered as on every other route (TGI answers a 500 here).
     """
     router = get_router(request)
     instances = (await read_json(request)).get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValidationError("`instances` must be a non-empty list")
-    requests = [_instance_request(instance, router.validation) for instance in instances]
+    requests = [_instance_request(router, instance) for instance in instances]
     with router.admit():
-        valids = [await router.validate(r) for r in requests]
+        valids = [await router.validate(r, add_special_tokens="messages" not in i) for r, i in zip(requests, instances)]
         results = await tgi.collect_all([router.submit(v) for v in valids])
     return web.json_response({"predictions": [events[-1].generated_text for events in results]})
 
 
-def _instance_request(instance, config: ValidationConfig) -> GenerateRequest:
-    """The instance as a request; every parameter is checked, though only two are used."""
+def _instance_request(router, instance) -> GenerateRequest:
+    """The instance as a request; every parameter is checked, though a generate instance uses two."""
     if not isinstance(instance, dict):
-        raise ValidationError("each instance must be an object with `inputs`")
+        raise ValidationError("each instance must be an object with `inputs` or `messages`")
+    if "messages" in instance:
+        chat = openai.chat_request(router, instance)
+        validate_parameters(chat.parameters, router.validation)
+        return chat
     parameters = instance.get("parameters")
     parsed = parse_generate_request({"inputs": instance.get("inputs"), "parameters": {} if parameters is None else parameters})
-    validate_parameters(parsed.parameters, config)
-    kept = GenerateParameters(max_new_tokens=parsed.parameters.max_new_tokens, seed=parsed.parameters.seed)
+    validate_parameters(parsed.parameters, router.validation)
+    kept = GenerateParameters(do_sample=True, max_new_tokens=parsed.parameters.max_new_tokens, seed=parsed.parameters.seed)
     return GenerateRequest(parsed.inputs, kept)

@@ -26,7 +26,9 @@ from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_
 _CHAT_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
 _UNSUPPORTED = ("tools", "tool_choice", "response_format")
 # Fields used as they are (the sampling fields go through TGI's parameter checks); null means not given.
-_TYPED_FIELDS = {"model": (str, "a string"), "logprobs": (bool, "a boolean"), "stream_options": (dict, "an object")}
+_TYPED_FIELDS = {"model": (str, "a string"), "stream_options": (dict, "an object")}
+# The chat route's `logprobs` is a switch; the completions route's a count of alternatives (OpenAI's).
+_CHAT_FIELDS = {**_TYPED_FIELDS, "logprobs": (bool, "a boolean")}
 
 
 def add_routes(app: web.Application) -> None:
@@ -48,7 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     is_stream = body.get("stream") is True
     with router.admit():
-        valid = await router.validate(_chat_request(router, body), is_stream, add_special_tokens=False)
+        valid = await router.validate(chat_request(router, body), is_stream, add_special_tokens=False)
         validated_at = time.monotonic()
         stream = router.submit(valid)
         head = _head(router, body, "chat.completion.chunk" if is_stream else "chat.completion")
@@ -68,7 +70,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def chat_tokenize(request: web.Request) -> web.Response:
     """The chat template's output for a chat request, and its tokens."""
     router = get_router(request)
-    chat = _chat_request(router, await read_json(request))
+    chat = chat_request(router, await read_json(request))
     validate_parameters(chat.parameters, router.validation)  # as /v1/chat/completions would
     prompt = chat.inputs
     return await tokenize_response(
@@ -87,8 +89,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         head = _head(router, body, "text_completion")
         if not is_stream:
             results = await collect_all(streams)
+            num_top = _completion_logprobs_count(body)
             choices = [
-                {"index": i, "text": events[-1].generated_text, "logprobs": None,
+                {"index": i, "text": events[-1].generated_text,
+                 "logprobs": None if num_top is None else _completion_logprobs(events),
                  "finish_reason": events[-1].finish_reason.value}
                 for i, events in enumerate(results)
             ]
@@ -96,14 +100,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
         try:
             async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
-                await _stream_completions(sse, head, valids, streams)
+                await _stream_completions(sse, head, streams, with_logprobs=_completion_logprobs_count(body) is not None)
         finally:
             for stream in streams:  # also when the client left before the response headers went out
                 stream.cancel()
         return sse
 
 
-def _chat_request(router: Router, body: dict) -> GenerateRequest:
+def chat_request(router: Router, body: dict) -> GenerateRequest:
+    """A chat body as a generate request: the chat template rendered, the OpenAI fields as parameters."""
     for name in _UNSUPPORTED:
         if body.get(name) is not None:
             raise ValidationError(f"`{name}` is not supported yet by this server")
@@ -112,6 +117,7 @@ def _chat_request(router: Router, body: dict) -> GenerateRequest:
         raise ValidationError("`messages` must be a non-empty list of {role, content} objects")
     tokenizer = router.tokenizer
     prompt = render_chat(tokenizer.chat_template, [_message(m) for m in messages], tokenizer.bos_token, tokenizer.eos_token)
+    _check_types(body, _CHAT_FIELDS)
     parameters = _sampling_parameters(body)
     parameters["top_n_tokens"] = body.get("top_logprobs")
     if body.get("presence_penalty") is not None:
@@ -123,14 +129,24 @@ def _completion_request(body: dict, prompt: str) -> GenerateRequest:
     if body.get("suffix") is not None:
         raise InferError("Suffix is not supported and can be achieved by preprocessing the prompt.", 422,
                          "suffix not supported")
+    _check_types(body, _TYPED_FIELDS)
     parameters = _sampling_parameters(body)
     parameters["repetition_penalty"] = body.get("repetition_penalty")
+    parameters["top_n_tokens"] = _completion_logprobs_count(body) or None
     return parse_generate_request({"inputs": prompt, "parameters": parameters})
+
+
+def _completion_logprobs_count(body: dict) -> int | None:
+    """OpenAI's completions `logprobs`: how many most likely alternatives to report per token (0: only
+    the chosen token's logprob); None: no logprobs."""
+    count = body.get("logprobs")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ValidationError(f"`logprobs` must be a non-negative integer, got {count!r}")
+    return count
 
 
 def _sampling_parameters(body: dict) -> dict:
     """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
-    _check_types(body)
     temperature = body.get("temperature")
     is_greedy = temperature == 0 and not isinstance(temperature, bool)
     stop = body.get("stop")
@@ -147,11 +163,11 @@ def _sampling_parameters(body: dict) -> dict:
     }
 
 
-def _check_types(body: dict) -> None:
+def _check_types(body: dict, fields: dict) -> None:
     """422 for OpenAI fields of the wrong type, which would otherwise be ignored or misread."""
     if "stream" in body and not isinstance(body["stream"], bool):
         raise ValidationError(f"`stream` must be a boolean, got {body['stream']!r}")
-    for name, (expected, description) in _TYPED_FIELDS.items():
+    for name, (expected, description) in fields.items():
         value = body.get(name)
         if value is not None and not isinstance(value, expected):
             raise ValidationError(f"`{name}` must be {description}, got {value!r}")
@@ -261,7 +277,7 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream:
     await sse.send("[DONE]")
 
 
-async def _stream_completions(sse, head: dict, valids: list[ValidRequest], streams: list[RequestStream]) -> None:
+async def _stream_completions(sse, head: dict, streams: list[RequestStream], with_logprobs: bool) -> None:
     """Interleaves the prompts' tokens as they arrive; each prompt's last chunk has its finish reason."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -276,6 +292,7 @@ async def _stream_completions(sse, head: dict, valids: list[ValidRequest], strea
             await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    text_offsets = [0] * len(streams)  # characters each prompt has generated so far
     try:
         num_open = len(streams)
         while num_open:
@@ -285,13 +302,36 @@ async def _stream_completions(sse, head: dict, valids: list[ValidRequest], strea
             elif isinstance(event, InferError):
                 await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
             else:
-                await sse.send(json.dumps({**head, "choices": [_completion_chunk(index, event)]}, ensure_ascii=False))
+                chunk = _completion_chunk(index, event, text_offsets if with_logprobs else None)
+                await sse.send(json.dumps({**head, "choices": [chunk]}, ensure_ascii=False))
         await sse.send("[DONE]")
     finally:
         for task in tasks:
             task.cancel()
 
 
-def _completion_chunk(index: int, event: TokenEvent) -> dict:
+def _completion_chunk(index: int, event: TokenEvent, text_offsets: list[int] | None) -> dict:
+    """One token of prompt `index`; with `text_offsets` (characters generated so far, per prompt,
+    advanced here) its logprobs too."""
     reason = event.finish_reason.value if event.finish_reason else ""
-    return {"index": index, "text": "" if event.token.special else event.token.text, "logprobs": None, "finish_reason": reason}
+    text = "" if event.token.special else event.token.text
+    logprobs = None
+    if text_offsets is not None:
+        logprobs = _completion_logprobs([event], text_offsets[index])
+        text_offsets[index] += len(text)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _completion_logprobs(events: list[TokenEvent], first_offset: int = 0) -> dict:
+    """OpenAI's completions logprobs: each token, its logprob, its alternatives as {text: logprob}
+    (empty with `logprobs: 0`), and where it starts in the generated text."""
+    offsets, offset = [], first_offset
+    for event in events:
+        offsets.append(offset)
+        offset += 0 if event.token.special else len(event.token.text)
+    return {
+        "tokens": [event.token.text for event in events],
+        "token_logprobs": [finite(event.token.logprob) for event in events],
+        "top_logprobs": [{t.text: finite(t.logprob) for t in event.top_tokens} for event in events],
+        "text_offset": offsets,
+    }

@@ -72,6 +72,10 @@ USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": IN
 HEAD = {"object": STR, "id": STR, "created": INT, "model": STR, "system_fingerprint": STR}
 OPENAI_LOGPROBS = _nullable(_obj({"content": _array(_obj({
     "token": STR, "logprob": _nullable(NUM), "top_logprobs": _array(_obj({"token": STR, "logprob": _nullable(NUM)}))}))}))
+# OpenAI's completions logprobs (`logprobs: n`): per token, its text, logprob, n alternatives, offset.
+COMPLETION_LOGPROBS = _nullable(_obj({
+    "tokens": _array(STR), "token_logprobs": _array(_nullable(NUM)),
+    "top_logprobs": _array({"type": "object", "additionalProperties": _nullable(NUM)}), "text_offset": _array(INT)}))
 # An error after an OpenAI stream started: TGI sends it as an event of its own.
 OPENAI_STREAM_ERROR = _obj({"error": _obj({"message": STR, "http_status_code": INT}, ("message",))}, ("error",))
 
@@ -125,16 +129,18 @@ SCHEMAS = {
         "finish_reason": _nullable(STR)})), "usage": _nullable(USAGE)}, ("choices",)),
     "CompletionRequest": _obj({"prompt": {"anyOf": [NON_EMPTY_STR, _array(NON_EMPTY_STR, minItems=1)]},
                                **OPENAI_SAMPLING, "repetition_penalty": _nullable(POSITIVE),
+                               "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
                                "suffix": {"type": "null"}}, ("prompt",)),
     "Completion": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": STR})), "usage": USAGE}),
+        "index": INT, "text": STR, "logprobs": COMPLETION_LOGPROBS, "finish_reason": STR})), "usage": USAGE}),
     "CompletionChunk": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "text": STR, "logprobs": {"type": "null"}, "finish_reason": STR}))}, ("choices",)),
+        "index": INT, "text": STR, "logprobs": COMPLETION_LOGPROBS, "finish_reason": STR}))}, ("choices",)),
     "ModelList": _obj({"object": STR, "data": _array(_obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}))}),
     "ChatTokenizeResponse": _obj({"tokenize_response": _array(_ref("SimpleToken")), "templated_text": STR}),
     "VertexInstance": _obj({"inputs": NON_EMPTY_STR, "parameters": _nullable(_ref("GenerateParameters"))},
                            ("inputs",)),
-    "VertexRequest": _obj({"instances": _array(_ref("VertexInstance"), minItems=1)}, ("instances",)),
+    "VertexRequest": _obj({"instances": _array({"anyOf": [_ref("VertexInstance"), _ref("ChatRequest")]}, minItems=1)},
+                          ("instances",)),
     "VertexResponse": _obj({"predictions": _array(STR)}),
 }
 
