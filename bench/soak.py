@@ -2,8 +2,9 @@
 
 Starts `text-generation-launcher` (tiny random Llama on CPU, a KV cache small enough for preemptions)
 and keeps `--concurrency` clients busy for `--duration` seconds with a mix of requests: /generate,
-/generate_stream, OpenAI chat (plain and streamed), streams the client abandons midway, and invalid
-requests, which must get their 4xx error JSON. Every request must end as expected: a request that
+/generate_stream, OpenAI chat (plain and streamed), streams the client abandons midway, clients that
+close the connection at a random moment (before the response headers, often) on every streaming route,
+and invalid requests, which must get their 4xx error JSON. Every request must end as expected: a request that
 ends otherwise is failed, one that never ends is lost. Samples the resident memory (and open file
 descriptors) of the router and the shards every `--sample-seconds`; growth compares the median RSS
 of the first `--window` seconds after `--warmup` with that of the last `--window` seconds of load
@@ -40,7 +41,7 @@ from server_helpers import build_tiny_llama, running_server  # noqa: E402
 
 SERVER_ARGS = ("--max-batch-total-tokens", "4096", "--max-total-tokens", "256", "--max-input-tokens", "128")
 WORDS = "the a cat dog ship rain train map story tells of river light stone city night song green old".split()
-KINDS = {"generate": 3, "stream": 3, "chat": 2, "chat_stream": 2, "cancelled": 2, "invalid": 2}
+KINDS = {"generate": 3, "stream": 3, "chat": 2, "chat_stream": 2, "cancelled": 2, "dropped": 2, "invalid": 2}
 # (request arguments, expected status) of the invalid requests.
 INVALID = [
     ({"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400),
@@ -70,6 +71,9 @@ async def run_one(session: aiohttp.ClientSession, url: str, kind: str, rng: rand
     num_tokens = rng.randint(1, 64)
     generate = {"inputs": prompt(rng), "parameters": {"max_new_tokens": num_tokens}}
     chat = {"messages": [{"role": "user", "content": prompt(rng)}], "max_tokens": num_tokens}
+    if kind == "dropped":
+        await drop_connection(url, rng, generate, chat, num_tokens)
+        return
     if kind == "invalid":
         arguments, expected = rng.choice(INVALID)
         async with session.post(url + "/generate", **arguments) as response:
@@ -101,6 +105,23 @@ async def run_one(session: aiohttp.ClientSession, url: str, kind: str, rng: rand
                 raise Outcome("chat stream without [DONE]")
             if kind == "stream" and (not last or json.loads(last).get("generated_text") is None):
                 raise Outcome("stream without its final event")
+
+
+async def drop_connection(url: str, rng: random.Random, generate: dict, chat: dict, num_tokens: int) -> None:
+    """A streaming request whose client closes the connection 0-50 ms after sending it, often before
+    the response headers: the server must drop it (the gauges after the load say whether it did)."""
+    path, body = rng.choice([
+        ("/generate_stream", generate), ("/v1/chat/completions", {**chat, "stream": True}),
+        ("/v1/completions", {"prompt": generate["inputs"], "max_tokens": num_tokens, "stream": True}),
+    ])
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    await asyncio.sleep(rng.uniform(0, 0.05))
+    writer.close()
 
 
 class Load:
