@@ -35,6 +35,7 @@ ROUTER_KEY = web.AppKey("router", object)
 # After SIGTERM, in-flight requests get this long to finish; any still running then fail with a 503.
 # Below the launcher's grace period (tgi_launcher.shards.STOP_GRACE_SECONDS), so the router exits by itself.
 DRAIN_TIMEOUT_SECONDS = 25.0
+BODY_TIMEOUT_SECONDS = 30.0
 # The status of a response nobody reads: its client disconnected (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
 # Served while draining, so the drain can be watched; everything else answers 503.
@@ -59,6 +60,8 @@ class Router:
     # Routes a platform chooses (Vertex AI's AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE).
     predict_route: str | None = None
     health_route: str | None = None
+    # Seconds a client has to send its whole request body (408 after).
+    body_timeout: float = BODY_TIMEOUT_SECONDS
     # SIGTERM: how long in-flight requests may take to finish (the launcher's --graceful-termination-timeout).
     drain_timeout: float = DRAIN_TIMEOUT_SECONDS
     num_in_flight: int = 0
@@ -171,13 +174,37 @@ def error_response(error: InferError) -> web.Response:
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     """401 with an empty body unless the bearer key matches (compared in constant time)."""
-    key = request.app[ROUTER_KEY].api_key
-    if key and request.method == "POST" and request.path != "/chat_tokenize":
-        # Header bytes that are not UTF-8 arrive as surrogates: they must compare unequal, not raise.
-        supplied = request.headers.get("Authorization", "").lower().encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(supplied, f"bearer {key}".lower().encode()):
-            return web.Response(status=401)
+    if not _is_authorized(request):
+        return web.Response(status=401)
     return await handler(request)
+
+
+def _is_authorized(request: web.Request) -> bool:
+    key = request.app[ROUTER_KEY].api_key
+    if not key or request.method != "POST" or request.path == "/chat_tokenize":
+        return True
+    # Header bytes that are not UTF-8 arrive as surrogates: they must compare unequal, not raise.
+    supplied = request.headers.get("Authorization", "").lower().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(supplied, f"bearer {key}".lower().encode())
+
+
+def add_post(app: web.Application, path: str, handler) -> None:
+    """A POST route whose `Expect: 100-continue` is answered only after the checks that need no body."""
+    app.router.add_post(path, handler, expect_handler=_expect_continue)
+
+
+async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The client waits for a go-ahead before it sends its body: refuse first what needs no body, a
+    wrong API key (401) or a declared size over --payload-limit (413); else say 100 Continue."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return web.Response(status=417)
+    if not _is_authorized(request):
+        return web.Response(status=401)
+    limit = request.app[ROUTER_KEY].payload_limit
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(InferError(f"Payload too large: the body is over {limit} bytes", 413, "validation"))
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
 
 
 # TGI's `err` label of tgi_request_failure for each error type.
@@ -223,11 +250,17 @@ async def read_json(request: web.Request) -> dict:
     """
     if request.content_type != "application/json":
         raise InferError("Expected request with `Content-Type: application/json`", 415, "validation")
+    timeout = request.app[ROUTER_KEY].body_timeout
     try:
-        body = json.loads((await request.read()).decode("utf-8"), parse_constant=_reject_constant)
-        json.dumps(body, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates
+        async with asyncio.timeout(timeout):  # a body that never ends must not hold a connection forever
+            raw = await request.read()
+    except TimeoutError:
+        raise InferError(f"Request body not received within {timeout:g} s", 408, "validation") from None
     except web.HTTPRequestEntityTooLarge as error:
         raise InferError(f"Payload too large: {error.text}", 413, "validation") from error
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates
     except (ValueError, RecursionError) as error:  # JSONDecodeError, Unicode errors, too many digits
         raise InferError(f"Failed to parse the request body as JSON: {error}", 400, "validation") from None
     if not isinstance(body, dict):
@@ -264,7 +297,7 @@ def build_app(router: Router) -> web.Application:
     cloud.add_routes(app)
     openapi.add_routes(app)
     if router.predict_route:
-        app.router.add_post(router.predict_route, cloud.vertex)
+        add_post(app, router.predict_route, cloud.vertex)
     if router.health_route:
         app.router.add_get(router.health_route, tgi.health)
     _allow_cors(app, router.cors_allow_origins)

@@ -345,3 +345,37 @@ async def test_a_malformed_request_logs_one_warning_without_the_clients_bytes(to
     assert [(r.levelname, r.getMessage()) for r in records] == [("WARNING", "malformed HTTP request: BadHttpMessage")]
     assert "SECRETBYTES" not in caplog.text and "Traceback" not in caplog.text
 
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_that_never_arrives_gets_a_408(tokenizer, framing):
+    async with serving(tokenizer, FakeShards(), body_timeout=0.5) as (router, client):
+        head = b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        head += b"Content-Length: 100\r\n\r\n{\"inputs\"" if framing == "content-length" else \
+            b"Transfer-Encoding: chunked\r\n\r\n9\r\n{\"inputs\"\r\n"
+        started = time.monotonic()
+        response = await raw_request(client, head)  # and nothing more
+        elapsed = time.monotonic() - started
+    assert response.startswith(b"HTTP/1.1 408") and b"not received within 0.5 s" in response
+    assert elapsed < 3 and router.num_in_flight == 0
+
+
+async def test_expect_100_continue_is_answered_after_the_key_and_size_checks(tokenizer):
+    async with serving(tokenizer, FakeShards(), api_key="k3y", payload_limit=1000) as (_, client):
+        body = json.dumps(generate_body(2)).encode()
+
+        def head(key: str, length: int) -> bytes:
+            return (f"POST /generate HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode()
+
+        wrong_key = await raw_request(client, head("nope", len(body)))
+        too_large = await raw_request(client, head("k3y", 5000))
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(head("k3y", len(body)))
+        go_ahead = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+    assert wrong_key.startswith(b"HTTP/1.1 401")
+    assert too_large.startswith(b"HTTP/1.1 413") and b"Payload too large" in too_large
+    assert go_ahead == b"HTTP/1.1 100 Continue\r\n\r\n" and answer.startswith(b"HTTP/1.1 200")

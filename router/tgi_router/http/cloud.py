@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tgi_router.app import get_router, read_json
+from tgi_router.app import add_post, get_router, read_json
 from tgi_router.errors import ValidationError
 from tgi_router.http import openai, tgi
 from tgi_router.validation import (
@@ -17,8 +17,8 @@ from tgi_router.validation import (
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/invocations", invocations)
-    app.router.add_post("/vertex", vertex)
+    add_post(app, "/invocations", invocations)
+    add_post(app, "/vertex", vertex)
 
 
 async def invocations(request: web.Request) -> web.StreamResponse:

@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from tgi_router.app import Router, get_router, read_json, stream_headers, timing_headers
+from tgi_router.app import Router, add_post, get_router, read_json, stream_headers, timing_headers
 from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
@@ -32,10 +32,10 @@ _CHAT_FIELDS = {**_TYPED_FIELDS, "logprobs": (bool, "a boolean")}
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    add_post(app, "/v1/chat/completions", chat_completions)
+    add_post(app, "/v1/completions", completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/chat_tokenize", chat_tokenize)
+    add_post(app, "/chat_tokenize", chat_tokenize)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from tgi_router.app import Router, count_failure, get_router, read_json, stream_headers, timing_headers
+from tgi_router.app import Router, add_post, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError, ValidationError
 from tgi_router.tokenizer import TooManyTokensError
@@ -20,14 +20,14 @@ from tgi_router.validation import ValidRequest, parse_generate_request, validate
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/generate_stream", generate_stream)
-    app.router.add_post("/", compat_generate)
+    add_post(app, "/generate", generate)
+    add_post(app, "/generate_stream", generate_stream)
+    add_post(app, "/", compat_generate)
     app.router.add_get("/", health)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
-    app.router.add_post("/tokenize", tokenize)
+    add_post(app, "/tokenize", tokenize)
     app.router.add_get("/metrics", metrics)
 
 
