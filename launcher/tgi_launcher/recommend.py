@@ -98,6 +98,31 @@ def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int)
     )
 
 
+def _gguf_config(path: Path) -> dict:
+    """The config.json fields `ModelShape` reads, from a GGUF file's metadata (llama.cpp's names)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = reader.fields
+    arch = fields["general.architecture"].contents()
+
+    def value(name: str, default=None):
+        field = fields.get(f"{arch}.{name}")
+        return field.contents() if field is not None else default
+
+    heads = value("attention.head_count")
+    return {
+        "vocab_size": len(fields["tokenizer.ggml.tokens"].data),
+        "hidden_size": value("embedding_length"),
+        "intermediate_size": value("feed_forward_length"),
+        "num_hidden_layers": value("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": value("attention.head_count_kv", heads),
+        "max_position_embeddings": value("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in {tensor.name for tensor in reader.tensors},
+    }
+
+
 def _shard_counts(num_gpus: int) -> list[int]:
     """1, 2, 4, ... up to num_gpus, then num_gpus itself: the tensor-parallel degrees worth trying."""
     counts = [1]
@@ -107,10 +132,15 @@ def _shard_counts(num_gpus: int) -> list[int]:
 
 
 def load_config(model_id: str, revision: str | None = None) -> dict:
-    """config.json of a local directory, or of a hub model (fetched with huggingface_hub)."""
+    """config.json of a local directory, the metadata of a `.gguf` file, or config.json of a hub
+    model (fetched with huggingface_hub). A local path that does not exist is an OSError naming it."""
     path = Path(model_id).expanduser()
     if path.is_dir():
         return json.loads((path / "config.json").read_text())
+    if path.suffix == ".gguf" or model_id.startswith(("/", "./", "../", "~")):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        return _gguf_config(path)
     from huggingface_hub import hf_hub_download
 
     return json.loads(Path(hf_hub_download(model_id, "config.json", revision=revision)).read_text())

@@ -59,3 +59,19 @@ def test_cli_prints_tgi_recommender_json(tmp_path):
     assert set(answer) == {"model_id", "instance", "configuration"}
     assert set(answer["configuration"]) == {"max_batch_prefill_tokens", "max_input_length", "max_total_tokens",
                                             "num_shard", "quantize", "estimated_memory_in_gigabytes"}
+
+
+def test_cli_defaults_to_the_launchers_model_and_reads_a_gguf_files_metadata(smollm2_gguf):
+    result = CliRunner().invoke(cli.app, ["recommend", "--gpu-memory", "24"], env={"MODEL_ID": ""})
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["model_id"] == str(smollm2_gguf)
+    assert answer["configuration"]["num_shard"] == 1 and answer["configuration"]["max_total_tokens"] == 8192
+    from tgi_launcher.recommend import ModelShape, load_config
+
+    assert 134e6 < ModelShape.from_config(load_config(str(smollm2_gguf))).num_parameters < 135e6  # SmolLM2-135M
+
+
+def test_cli_names_a_local_path_that_does_not_exist(tmp_path):
+    result = CliRunner().invoke(cli.app, ["recommend", "--model-id", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 2 and "no such file or directory" in result.output
