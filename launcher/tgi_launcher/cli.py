@@ -56,7 +56,7 @@ def launch(
     max_batch_total_tokens: Optional[int] = typer.Option(None, envvar="MAX_BATCH_TOTAL_TOKENS", help="KV cache size in tokens (default: what fits after warmup)."),
     max_waiting_tokens: int = typer.Option(20, envvar="MAX_WAITING_TOKENS", help="Passed to the router, which ignores it as TGI v3 does with chunked prefill (always on here)."),
     max_batch_size: Optional[int] = typer.Option(None, envvar="MAX_BATCH_SIZE", help="Most requests in one step (default: derived by the router)."),
-    cuda_graphs: Optional[str] = typer.Option(None, envvar="CUDA_GRAPHS", help="Decode batch sizes captured as CUDA graphs, comma-separated; 0 disables them (default: the shard's, powers of 2 up to the batch size)."),
+    cuda_graphs: Optional[str] = typer.Option(None, envvar="CUDA_GRAPHS", help="Decode batch sizes captured as CUDA graphs, comma-separated; 0 disables them (default: the shard's, 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ... 256 up to the batch size)."),
     hostname: str = typer.Option("0.0.0.0", envvar="HOSTNAME", help="Address the HTTP server binds."),
     port: int = typer.Option(3000, "--port", "-p", envvar="PORT", help="HTTP port."),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),

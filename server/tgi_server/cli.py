@@ -55,7 +55,7 @@ def serve(
     block_size: int = typer.Option(16, help="Tokens per KV cache block."),
     load_format: str = typer.Option("auto", help="auto: read the checkpoint; dummy: random weights from config.json alone."),
     cuda_graphs: Optional[str] = typer.Option(
-        None, help="Decode batch sizes to capture as CUDA graphs, comma-separated; 0 disables (default: 1,2,4,...,256 up to the max batch size)."
+        None, help="Decode batch sizes to capture as CUDA graphs, comma-separated; 0 disables (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ... 256 up to the max batch size; cuda_graphs.DEFAULT_BATCH_SIZES)."
     ),
     cuda_memory_fraction: float = typer.Option(1.0, help="Share of the GPU's memory this shard may use."),
     disable_custom_kernels: bool = typer.Option(False, help="Use the portable PyTorch attention and layers, not the Triton kernels."),
