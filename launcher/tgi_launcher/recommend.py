@@ -138,8 +138,8 @@ def load_config(model_id: str, revision: str | None = None) -> dict:
     if path.is_dir():
         return json.loads((path / "config.json").read_text())
     if path.suffix == ".gguf" or model_id.startswith(("/", "./", "../", "~")):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file or directory: {path}")
+        if path.suffix != ".gguf" or not path.is_file():
+            raise FileNotFoundError(f"no such file or directory: {path} (a directory with config.json or a .gguf file)")
         return _gguf_config(path)
     from huggingface_hub import hf_hub_download
 

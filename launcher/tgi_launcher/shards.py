@@ -281,8 +281,9 @@ class Supervisor:
                     del pending[child]
             dead = self.first_failed()
             if dead is not None:
-                reason = dead.failure()
-                if dead.exit_code is not None:
+                if dead.exit_code is None:  # hung
+                    reason = dead.failure()
+                else:  # its last error line usually says why (tgi_server logs one for a bad checkpoint)
                     dead.join_output()
                     last_line = next((line for line in reversed(dead.stderr_tail) if line.strip()), "")
                     reason = f"exited with code {describe_exit(dead.exit_code)}" + (f": {last_line}" if last_line else "")

@@ -64,13 +64,13 @@ class SamplingBatch:
         cls, params: list[SamplingParams], histories: list[list[int]], device, positions: list[int] | None = None
     ) -> SamplingBatch:
         """`positions[i]`: the index row i's sampled token will have (default: len(histories[i]))."""
+        params = [_effective(p) for p in params]
+
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
         def field(name, dtype):
             return column([getattr(p, name) for p in params], dtype)
-
-        params = [_effective(p) for p in params]
 
         columns = dict.fromkeys(
             ["do_sample", "temperature", "top_k", "top_p", "typical_p", "seed", "position",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from tgi_router.app import add_post, get_router, read_json

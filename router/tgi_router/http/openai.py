@@ -87,12 +87,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         valids = [await router.validate(_completion_request(body, prompt), is_stream) for prompt in prompts]
         streams = [router.submit(valid) for valid in valids]
         head = _head(router, body, "text_completion")
+        with_logprobs = _completion_logprobs_count(body) is not None  # checked by _completion_request
         if not is_stream:
             results = await collect_all(streams)
-            num_top = _completion_logprobs_count(body)
             choices = [
                 {"index": i, "text": events[-1].generated_text,
-                 "logprobs": None if num_top is None else _completion_logprobs(events),
+                 "logprobs": _completion_logprobs(events) if with_logprobs else None,
                  "finish_reason": events[-1].finish_reason.value}
                 for i, events in enumerate(results)
             ]
@@ -100,7 +100,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
         try:
             async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
-                await _stream_completions(sse, head, streams, with_logprobs=_completion_logprobs_count(body) is not None)
+                await _stream_completions(sse, head, streams, with_logprobs)
         finally:
             for stream in streams:  # also when the client left before the response headers went out
                 stream.cancel()
