@@ -105,8 +105,8 @@ if has http; then
     SHARDS=()
     for ((rank = 0; rank < NUM_SHARD; rank++)); do
         # shellcheck disable=SC2086
-        $PY -m tgi_server serve "$MODEL_DIR" --uds-path "$SOCKET" --load-format dummy --kv-cache-dtype "$KV_CACHE_DTYPE" \
-            --rank $rank --world-size "$NUM_SHARD" --master-port $((29500 + $$ % 1000)) $SHARD_ARGS \
+        $PY -m tgi_server serve "$MODEL_DIR" --shard-uds-path "$SOCKET" --load-format dummy --kv-cache-dtype "$KV_CACHE_DTYPE" \
+            --rank $rank --num-shard "$NUM_SHARD" --master-port $((29500 + $$ % 1000)) $SHARD_ARGS \
             > "$LOGS/shard$TAG-$rank.log" 2>&1 &
         SHARDS+=($!)
     done

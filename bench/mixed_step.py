@@ -20,7 +20,7 @@ import time
 import torch
 
 from shard_step import BLOCK_SIZE, build_runner
-from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 
@@ -82,7 +82,7 @@ def main() -> None:
     blocks_per_row = -(-max_total_tokens // BLOCK_SIZE)
     num_blocks = 1 + args.decode_rows * blocks_per_row + -(-max(chunks) // BLOCK_SIZE) + 1
     # As the server captures them: decode batches up to 256, mixed steps up to 4096 tokens.
-    runner = build_runner(args.shape, device, num_blocks, DEFAULT_BATCH_SIZES if device.type == "cuda" else (), max_total_tokens)
+    runner = build_runner(args.shape, device, num_blocks, DEFAULT_CUDA_GRAPH_SIZES if device.type == "cuda" else (), max_total_tokens)
     workload = Workload(runner, args.decode_rows, args.context, max_steps, max(chunks))
     decode_ms = median_ms(workload, 0, True, args.repeats)
     results = []

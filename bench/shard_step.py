@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig
 
-from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.distributed import SINGLE, TPGroup
 from tgi_server.kernels import disable_kernels
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -160,7 +160,7 @@ def main() -> None:
     decode_blocks = -(-(args.prompt_len + args.decode_steps + 1) // BLOCK_SIZE)
     blocks_needed = max(batch_sizes + profile_batch_sizes) * decode_blocks + -(-max_total_tokens // BLOCK_SIZE) + 1
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
-        size for size in DEFAULT_BATCH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
+        size for size in DEFAULT_CUDA_GRAPH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )
     runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens)
     time_decode(runner, 1, 16, 4, first_id=10_000)  # warm-up: allocator, kernels

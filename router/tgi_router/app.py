@@ -15,6 +15,7 @@ import aiohttp_cors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from tgi_proto.settings import DEFAULT_DRAIN_TIMEOUT_SECONDS
 from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.metrics import Metrics
 from tgi_router.errors import InferError, OverloadedError, ShuttingDownError, ValidationError
@@ -32,9 +33,7 @@ log = logging.getLogger(__name__)
 
 ROUTER_KEY = web.AppKey("router", object)
 
-# After SIGTERM, in-flight requests get this long to finish; any still running then fail with a 503.
-# Below the launcher's grace period (tgi_launcher.shards.STOP_GRACE_SECONDS), so the router exits by itself.
-DRAIN_TIMEOUT_SECONDS = 25.0
+# A request body that has not fully arrived after this long gets 408.
 BODY_TIMEOUT_SECONDS = 30.0
 # The status of a response nobody reads: its client disconnected (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
@@ -63,7 +62,7 @@ class Router:
     # Seconds a client has to send its whole request body (408 after).
     body_timeout: float = BODY_TIMEOUT_SECONDS
     # SIGTERM: how long in-flight requests may take to finish (the launcher's --graceful-termination-timeout).
-    drain_timeout: float = DRAIN_TIMEOUT_SECONDS
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
     num_in_flight: int = 0
     # Set on SIGTERM: new requests get 503 while the in-flight ones finish.
     is_draining: bool = False
@@ -95,7 +94,7 @@ class Router:
         input_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs, add_special_tokens)
         return validate_input_ids(request, input_ids, self.validation, default_return_full_text)
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
+    async def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_SECONDS) -> None:
         """Refuses new requests (503) and waits until the in-flight ones are done; those still running
         after `timeout` seconds fail with a 503 (an error JSON, or an error event in a stream)."""
         self.is_draining = True

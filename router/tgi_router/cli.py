@@ -7,13 +7,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
-import typer
 from aiohttp import web
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
-from tgi_router.app import DRAIN_TIMEOUT_SECONDS, Router, build_app
+from tgi_proto.settings import RouterSettings, parse_argv
+from tgi_router.app import Router, build_app
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
 from tgi_router.metrics import Metrics
@@ -23,105 +22,41 @@ from tgi_router.tokenizer import Tokenizer
 from tgi_router.validation import ValidationConfig
 
 log = logging.getLogger("tgi_router")
-app = typer.Typer(add_completion=False, help="HTTP router of the text-generation server.")
 
 VERSION = "0.1.0"
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
 # On CPU a 4,096-token step (what warmup runs first) takes minutes; 512 keeps the start near 20 s.
 DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU = 512
-# TGI's launcher defaults; both are ignored (chunked prefill is always on), as TGI v3 ignores them.
-DEFAULT_WAITING_SERVED_RATIO = 0.3
-DEFAULT_MAX_WAITING_TOKENS = 20
 
 
-@dataclass(frozen=True)
-class RouterArgs:
-    model_id: str
-    tokenizer_path: str
-    shard_uds_path: str
-    num_shard: int
-    hostname: str
-    port: int
-    max_concurrent_requests: int
-    max_best_of: int
-    max_stop_sequences: int
-    max_top_n_tokens: int
-    max_input_tokens: Optional[int]
-    max_total_tokens: Optional[int]
-    max_batch_prefill_tokens: Optional[int]
-    max_batch_total_tokens: Optional[int]
-    max_batch_size: Optional[int]
-    max_client_batch_size: int
-    validation_workers: int
-    waiting_served_ratio: float
-    max_waiting_tokens: int
-    api_key: Optional[str]
-    cors_allow_origin: list[str]
-    payload_limit: int
-    predict_route: Optional[str]
-    health_route: Optional[str]
-    drain_timeout: float = DRAIN_TIMEOUT_SECONDS
-
-
-@app.command()
-def serve(
-    tokenizer_path: str = typer.Option(..., help="Directory with tokenizer.json (from `text-generation-server prepare`)."),
-    model_id: str = typer.Option("", help="Model id reported by /info."),
-    shard_uds_path: str = typer.Option("/tmp/text-generation-server", help="Shard sockets are {path}-{rank}."),
-    num_shard: int = typer.Option(1, help="Number of shards."),
-    hostname: str = typer.Option("0.0.0.0"),
-    port: int = typer.Option(3000),
-    max_concurrent_requests: int = typer.Option(128),
-    max_best_of: int = typer.Option(2),
-    max_stop_sequences: int = typer.Option(4),
-    max_top_n_tokens: int = typer.Option(5),
-    max_input_tokens: Optional[int] = typer.Option(None),
-    max_total_tokens: Optional[int] = typer.Option(None),
-    max_batch_prefill_tokens: Optional[int] = typer.Option(None),
-    max_batch_total_tokens: Optional[int] = typer.Option(None),
-    max_batch_size: Optional[int] = typer.Option(None),
-    max_client_batch_size: int = typer.Option(4, help="Most prompts in one /v1/completions request."),
-    validation_workers: int = typer.Option(2, min=1, help="Threads that tokenize requests."),
-    waiting_served_ratio: float = typer.Option(
-        DEFAULT_WAITING_SERVED_RATIO, help="Ignored, as by TGI v3 with chunked prefill (always on here): waiting requests join every step."
-    ),
-    max_waiting_tokens: int = typer.Option(DEFAULT_MAX_WAITING_TOKENS, help="Ignored, like --waiting-served-ratio."),
-    api_key: Optional[str] = typer.Option(None, envvar="API_KEY", help="Bearer key required on generation routes."),
-    cors_allow_origin: list[str] = typer.Option([], help="Origins allowed by CORS (`*` for any)."),
-    payload_limit: int = typer.Option(2_000_000, help="Largest request body in bytes."),
-    predict_route: Optional[str] = typer.Option(None, help="Extra route answering like /vertex (Vertex AI)."),
-    health_route: Optional[str] = typer.Option(None, help="Extra route answering like /health (Vertex AI)."),
-    drain_timeout: float = typer.Option(
-        DRAIN_TIMEOUT_SECONDS, min=0, help="Seconds in-flight requests get to finish after SIGTERM; later ones get 503."
-    ),
-):
+def serve(settings: RouterSettings) -> None:
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
-    args = RouterArgs(**{k: v for k, v in locals().items()})
     # handler_cancellation: a client that disconnects cancels its handler, which frees its request.
     web.run_app(
-        _start(args), host=args.hostname, port=args.port, print=None, access_log=None, handler_cancellation=True
+        _start(settings), host=settings.hostname, port=settings.port, print=None, access_log=None,
+        handler_cancellation=True,
     )
 
 
-async def _start(args: RouterArgs) -> web.Application:
+async def _start(settings: RouterSettings) -> web.Application:
     # Tokenization runs in asyncio's default executor (asyncio.to_thread).
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(args.validation_workers, thread_name_prefix="validation")
+        ThreadPoolExecutor(settings.validation_workers, thread_name_prefix="validation")
     )
-    if (args.waiting_served_ratio, args.max_waiting_tokens) != (DEFAULT_WAITING_SERVED_RATIO, DEFAULT_MAX_WAITING_TOKENS):
+    if settings.is_waiting_tuned:
         log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
-    tokenizer = Tokenizer.from_dir(args.tokenizer_path)
-    shards = ShardClient(args.shard_uds_path, args.num_shard)
+    tokenizer = Tokenizer.from_dir(settings.tokenizer_path)
+    shards = ShardClient(settings.shard_uds_path, settings.num_shard)
     shard_info = await shards.info()
     await shards.clear_cache()
-    limits = await _warmup(args, shards, shard_info, tokenizer)
+    limits = await _warmup(settings, shards, shard_info, tokenizer)
     blocks = BlockManager(limits.num_blocks, shard_info.block_size)
     scheduler = Scheduler(SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size), blocks)
     validation = ValidationConfig(
-        max_best_of=args.max_best_of,
-        max_stop_sequences=args.max_stop_sequences,
-        max_top_n_tokens=args.max_top_n_tokens,
+        max_best_of=settings.max_best_of,
+        max_stop_sequences=settings.max_stop_sequences,
+        max_top_n_tokens=settings.max_top_n_tokens,
         max_input_tokens=limits.max_input_tokens,
         max_total_tokens=limits.max_total_tokens,
     )
@@ -130,18 +65,18 @@ async def _start(args: RouterArgs) -> web.Application:
             limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),
         tokenizer=tokenizer,
         validation=validation,
-        info=_info(args, limits, shard_info, blocks.capacity_tokens),
-        max_concurrent_requests=args.max_concurrent_requests,
+        info=_info(settings, limits, shard_info, blocks.capacity_tokens),
+        max_concurrent_requests=settings.max_concurrent_requests,
         compute_type="gpu+optimized" if shard_info.device_type == "cuda" else "cpu",
-        api_key=args.api_key,
-        cors_allow_origins=tuple(args.cors_allow_origin),
-        payload_limit=args.payload_limit,
-        predict_route=args.predict_route,
-        health_route=args.health_route,
-        drain_timeout=args.drain_timeout,
+        api_key=settings.api_key,
+        cors_allow_origins=tuple(settings.cors_allow_origin),
+        payload_limit=settings.payload_limit,
+        predict_route=settings.aip_predict_route,
+        health_route=settings.aip_health_route,
+        drain_timeout=settings.drain_timeout,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
-    log.info("serving on http://%s:%d", args.hostname, args.port)
+    log.info("serving on http://%s:%d", settings.hostname, settings.port)
     return build_app(router)
 
 
@@ -154,13 +89,13 @@ class Limits:
     max_batch_size: int
 
 
-async def _warmup(args: RouterArgs, shards: ShardClient, shard_info: pb.InfoResponse, tokenizer: Tokenizer) -> Limits:
+async def _warmup(settings: RouterSettings, shards: ShardClient, shard_info: pb.InfoResponse, tokenizer: Tokenizer) -> Limits:
     """Runs Warmup on the shards and derives the unset limits the way TGI does."""
     max_position = shard_info.max_position_embeddings or 1 << 20
-    max_total = args.max_total_tokens or min(max_position, tokenizer.model_max_length or max_position)
+    max_total = settings.max_total_tokens or min(max_position, tokenizer.model_max_length or max_position)
     default_prefill = DEFAULT_MAX_BATCH_PREFILL_TOKENS if shard_info.device_type == "cuda" else DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU
-    prefill = args.max_batch_prefill_tokens or min(default_prefill, max_position)
-    batch_size = args.max_batch_size or args.max_concurrent_requests
+    prefill = settings.max_batch_prefill_tokens or min(default_prefill, max_position)
+    batch_size = settings.max_batch_size or settings.max_concurrent_requests
     log.info("warming up: a step of %d prompt tokens, then sizing the KV cache%s", prefill,
              " and capturing CUDA graphs" if shard_info.device_type == "cuda" else "")
     started = time.monotonic()
@@ -169,34 +104,34 @@ async def _warmup(args: RouterArgs, shards: ShardClient, shard_info: pb.InfoResp
             max_batch_prefill_tokens=prefill,
             max_total_tokens=max_total,
             max_batch_size=batch_size,
-            max_batch_total_tokens=args.max_batch_total_tokens or 0,
+            max_batch_total_tokens=settings.max_batch_total_tokens or 0,
         )
     )
     log.info("warmup took %.1f s", time.monotonic() - started)
     capacity = (warmed.num_blocks - 1) * warmed.block_size
-    if args.max_total_tokens is None:
+    if settings.max_total_tokens is None:
         max_total = min(max_total, capacity)
-    elif args.max_total_tokens > capacity:
-        raise SystemExit(f"Not enough memory to handle `max_total_tokens={args.max_total_tokens}` (KV cache holds {capacity} tokens)")
-    max_input = args.max_input_tokens or max_total - 1
+    elif settings.max_total_tokens > capacity:
+        raise SystemExit(f"Not enough memory to handle `max_total_tokens={settings.max_total_tokens}` (KV cache holds {capacity} tokens)")
+    max_input = settings.max_input_tokens or max_total - 1
     if max_input >= max_total:
         raise SystemExit(f"`max_input_tokens` ({max_input}) must be < `max_total_tokens` ({max_total})")
     return Limits(warmed.num_blocks, max_input, max_total, prefill, batch_size)
 
 
-def _info(args: RouterArgs, limits: Limits, shard_info: pb.InfoResponse, kv_capacity_tokens: int) -> dict:
+def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse, kv_capacity_tokens: int) -> dict:
     """TGI's /info fields, and (as TGI 1.x had them, plus the cache's element type) what the shards run."""
     return {
-        "model_id": args.model_id,
+        "model_id": settings.model_id,
         "model_sha": None,
         "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": args.max_concurrent_requests,
-        "max_best_of": args.max_best_of,
-        "max_stop_sequences": args.max_stop_sequences,
+        "max_concurrent_requests": settings.max_concurrent_requests,
+        "max_best_of": settings.max_best_of,
+        "max_stop_sequences": settings.max_stop_sequences,
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,
-        "validation_workers": args.validation_workers,
-        "max_client_batch_size": args.max_client_batch_size,
+        "validation_workers": settings.validation_workers,
+        "max_client_batch_size": settings.max_client_batch_size,
         "router": "text-generation-router",
         "version": VERSION,
         "sha": None,
@@ -209,5 +144,6 @@ def _info(args: RouterArgs, limits: Limits, shard_info: pb.InfoResponse, kv_capa
     }
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tgi_router ...`: the flags are RouterSettings' fields."""
+    serve(parse_argv(RouterSettings, argv, prog="tgi_router"))

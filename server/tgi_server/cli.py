@@ -1,6 +1,6 @@
 """`text-generation-server`: `prepare` resolves a model to local files; `serve` runs one shard.
 
-A shard binds its Unix socket `{uds_path}-{rank}` only after its model is loaded: the launcher reads
+A shard binds its Unix socket `{shard_uds_path}-{rank}` only after its model is loaded: the launcher reads
 the socket's existence as readiness.
 """
 
@@ -10,83 +10,50 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Optional
 
-import typer
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, PrepareSettings, ShardSettings, parse_argv
 
-app = typer.Typer(add_completion=False, help="Shard process of the text-generation server.")
 log = logging.getLogger("tgi_server")
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# TGI's --kv-cache-dtype values -> torch dtype names ("auto": the model's dtype).
-KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+# TGI's short dtype names (ShardSettings.dtype) -> torch's.
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Seconds a running call gets to finish after SIGTERM, before the shard exits regardless.
 STOP_GRACE_SECONDS = 2.0
 # gRPC worker threads: a step, and Health/Info answered beside it.
 NUM_GRPC_WORKERS = 4
+USAGE = "usage: tgi_server {prepare,serve} ... (`tgi_server serve --help` lists the flags of each)"
 
 
-@app.command()
-def prepare(
-    model_id: str,
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    cache_dir: Optional[str] = typer.Option(None, envvar="HUGGINGFACE_HUB_CACHE", help="Hub cache directory."),
-):
-    """Resolve MODEL_ID to local files; prints one JSON line {model_path, tokenizer_path}."""
-    from tgi_server.prepare import prepare as resolve
+def prepare(settings: PrepareSettings) -> None:
+    """Resolve the model to local files; prints one JSON line {model_path, tokenizer_path}. A model
+    that cannot be prepared for a reason the user can fix ends with one line, `PrepareError: ...`."""
+    from tgi_server.prepare import PrepareError, prepare as resolve
 
-    prepared = resolve(model_id, revision, cache_dir)
+    try:
+        prepared = resolve(settings.model_id, settings.revision, settings.cache_dir)
+    except PrepareError as error:
+        print(f"PrepareError: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(json.dumps({"model_path": prepared.model_path, "tokenizer_path": prepared.tokenizer_path}), flush=True)
 
 
-@app.command()
-def serve(
-    model_path: str,
-    rank: int = typer.Option(0, help="This shard's rank in the tensor-parallel group."),
-    world_size: int = typer.Option(1, help="Number of shards."),
-    uds_path: str = typer.Option("/tmp/text-generation-server", help="Socket path prefix; binds {uds_path}-{rank}."),
-    master_addr: str = typer.Option("localhost", help="torch.distributed rendezvous address."),
-    master_port: int = typer.Option(29500, help="torch.distributed rendezvous port."),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto (the model's dtype), fp8_e4m3fn or fp8_e5m2: half the bytes per cached token, values stored unscaled."),
-    block_size: int = typer.Option(16, help="Tokens per KV cache block."),
-    load_format: str = typer.Option("auto", help="auto: read the checkpoint; dummy: random weights from config.json alone."),
-    cuda_graphs: Optional[str] = typer.Option(
-        None, help="Decode batch sizes to capture as CUDA graphs, comma-separated; 0 disables (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ... 256 up to the max batch size; cuda_graphs.DEFAULT_BATCH_SIZES)."
-    ),
-    cuda_memory_fraction: float = typer.Option(1.0, help="Share of the GPU's memory this shard may use."),
-    disable_custom_kernels: bool = typer.Option(False, help="Use the portable PyTorch attention and layers, not the Triton kernels."),
-    disable_custom_all_reduce: bool = typer.Option(
-        False, help="Every all-reduce through NCCL (default: small ones through GPU peer-to-peer memory where the GPUs allow it)."
-    ),
-):
-    """Load the model and serve the shard's gRPC API on a Unix socket."""
+def serve(settings: ShardSettings) -> None:
+    """Load the model and serve the shard's gRPC API on a Unix socket, until SIGTERM or SIGINT."""
     # Progress bars (transformers' GGUF dequantizer draws one) become dozens of log lines through a pipe.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {rank} %(levelname)s %(message)s")
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise typer.BadParameter(f"unknown KV cache dtype {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
-    if not 0 < cuda_memory_fraction <= 1:
-        raise typer.BadParameter(f"--cuda-memory-fraction must be in (0, 1], got {cuda_memory_fraction}")
-    options = ShardOptions(
-        dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size, load_format=load_format, cuda_graph_sizes=_graph_sizes(cuda_graphs),
-        cuda_memory_fraction=cuda_memory_fraction, disable_custom_kernels=disable_custom_kernels,
-        disable_custom_all_reduce=disable_custom_all_reduce,
-    )
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {settings.rank} %(levelname)s %(message)s")
     from tgi_server.models.registry import UnsupportedModelError
     from tgi_server.weights import WeightShapeError
 
     try:
-        server = _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options)
+        server = _build_server(settings)
     except (WeightShapeError, UnsupportedModelError, KeyError, FileNotFoundError) as error:
         # A checkpoint that does not fit its config: one line that names the tensor or file.
-        log.error("cannot load %s: %s", model_path, error.args[0] if isinstance(error, KeyError) else error)
-        raise typer.Exit(1)
+        log.error("cannot load %s: %s", settings.model_path, error.args[0] if isinstance(error, KeyError) else error)
+        sys.exit(1)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
@@ -99,33 +66,7 @@ def serve(
     os._exit(0)
 
 
-@dataclass(frozen=True)
-class ShardOptions:
-    dtype: str | None
-    kv_cache_dtype: str  # a KV_CACHE_DTYPES key
-    block_size: int
-    load_format: str
-    cuda_graph_sizes: tuple[int, ...]
-    cuda_memory_fraction: float
-    disable_custom_kernels: bool
-    disable_custom_all_reduce: bool = False
-
-
-def _graph_sizes(text: str | None) -> tuple[int, ...]:
-    from tgi_server.cuda_graphs import DEFAULT_BATCH_SIZES
-
-    if text is None:
-        return DEFAULT_BATCH_SIZES
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise typer.BadParameter(f"--cuda-graphs takes comma-separated batch sizes, got {text!r}")
-    if any(size < 0 for size in sizes):
-        raise typer.BadParameter(f"--cuda-graphs sizes must be >= 0, got {text!r}")
-    return tuple(size for size in sizes if size > 0)
-
-
-def _build_server(model_path, rank, world_size, uds_path, master_addr, master_port, options: ShardOptions):
+def _build_server(settings: ShardSettings):
     import grpc
     import torch
 
@@ -135,44 +76,59 @@ def _build_server(model_path, rank, world_size, uds_path, master_addr, master_po
     from tgi_server.kernels import disable_kernels
     from tgi_server.model_runner import ModelRunner
     from tgi_server.models.registry import load_model, model_architecture
+    from tgi_server.sampler import Watermark
     from tgi_server.service import TextGenerationService
 
+    rank, world_size = settings.rank, settings.num_shard
     if torch.cuda.is_available():
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dtype = options.dtype
-    torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    disable_kernels(options.disable_custom_kernels)
+    if settings.dtype is not None:
+        torch_dtype = getattr(torch, DTYPE_ALIASES.get(settings.dtype, settings.dtype))
+    else:
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    disable_kernels(settings.disable_custom_kernels)
     tp = init_distributed(
-        rank, world_size, master_addr, master_port, device, torch_dtype, custom_all_reduce=not options.disable_custom_all_reduce
+        rank, world_size, settings.master_addr, settings.master_port, device, torch_dtype,
+        custom_all_reduce=not settings.disable_custom_all_reduce,
     )
-    model, config = load_model(model_path, tp, torch_dtype, device, options.load_format)
-    kv_dtype_name = KV_CACHE_DTYPES[options.kv_cache_dtype]
+    model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format)
     runner = ModelRunner(
-        model, config, tp, device, torch_dtype, options.block_size, options.cuda_graph_sizes,
-        kv_cache_dtype=getattr(torch, kv_dtype_name) if kv_dtype_name else None,
+        model, config, tp, device, torch_dtype, settings.block_size,
+        DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs,
+        kv_cache_dtype=_kv_cache_dtype(settings.kv_cache_dtype),
+        watermark=Watermark(settings.watermark_gamma, settings.watermark_delta),
     )
     info = pb.InfoResponse(
         architecture=model_architecture(config),
         dtype=str(torch_dtype).removeprefix("torch."),
         device_type=device.type,
-        block_size=options.block_size,
+        block_size=settings.block_size,
         vocab_size=config.vocab_size,
         max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
         world_size=world_size,
         kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
-    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(runner, info, rank, options.cuda_memory_fraction), server)
-    socket_path = f"{uds_path}-{rank}"
+    service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
+    socket_path = settings.socket_paths[rank]
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     server.add_insecure_port(f"unix://{socket_path}")
     server.start()
-    log.info("serving %s on %s (%s, %s, KV cache %s)", model_path, socket_path, device, torch_dtype, runner.kv_cache_dtype)
+    log.info("serving %s on %s (%s, %s, KV cache %s)", settings.model_path, socket_path, device, torch_dtype,
+             runner.kv_cache_dtype)
     return server
+
+
+def _kv_cache_dtype(name: str):
+    """TGI's --kv-cache-dtype value as a torch dtype: None for "auto" (the model's), fp8_e4m3fn -> float8_e4m3fn."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, "float8_" + name.removeprefix("fp8_"))
 
 
 def device_thread_pool(device, max_workers: int) -> futures.ThreadPoolExecutor:
@@ -190,5 +146,12 @@ def device_thread_pool(device, max_workers: int) -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(max_workers=max_workers, initializer=torch.cuda.set_device, initargs=(device,))
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tgi_server prepare|serve ...`: the flags of each command come from its settings type."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"prepare": (PrepareSettings, prepare), "serve": (ShardSettings, serve)}
+    if not argv or argv[0] not in commands:
+        print(USAGE, file=sys.stderr)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    settings_type, command = commands[argv[0]]
+    command(parse_argv(settings_type, argv[1:], prog=f"tgi_server {argv[0]}"))

@@ -20,8 +20,6 @@ import torch
 
 from tgi_server.layers.attention import AttentionMetadata
 
-# Batch sizes captured when none are given (TGI captures 1..32; a GPU serves 128+ at once).
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # Mixed-step buckets up to this many tokens are powers of two, and always replayed (see `fits`).
 _SMALL_BUCKET = 512
 # Rows of the packed input buffer: input id, position, KV slot, sequence length.

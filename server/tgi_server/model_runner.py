@@ -28,7 +28,7 @@ import torch
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.attention import AttentionMetadata, kv_cache_shape
-from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, sample
+from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 
 @dataclass
@@ -125,6 +125,7 @@ class ModelRunner:
         block_size: int,
         cuda_graph_sizes: tuple[int, ...] = (),
         kv_cache_dtype: torch.dtype | None = None,
+        watermark: Watermark = Watermark(),
     ):
         self.model = model
         self.config = config
@@ -134,6 +135,7 @@ class ModelRunner:
         # The KV cache's element type: the model's, or an fp8 type (values stored as they are, unscaled).
         self.kv_cache_dtype = kv_cache_dtype or dtype
         self.block_size = block_size
+        self.watermark = watermark
         self.sequences: dict[int, Sequence] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -310,7 +312,8 @@ class ModelRunner:
         )
         # A chained row's history lacks the token being sampled before it (it has no penalties).
         batch = SamplingBatch.build(
-            [seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device, [p + 1 for p in positions]
+            [seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device, [p + 1 for p in positions],
+            self.watermark,
         )
         output = sample(logits, batch, [0] * len(sequences))
         host_token_ids, host_logprobs = self._copy_to_host(output)
@@ -440,7 +443,7 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
         params = [seq.sampling for _, seq in to_sample]
-        batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device)
+        batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device, watermark=self.watermark)
         top_n = [seq.top_n_tokens for _, seq in to_sample]
         out = sample(logits, batch, top_n)
         host_token_ids, host_logprobs = self._copy_to_host(out)

@@ -9,7 +9,6 @@ preemption recomputes the sequence.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int = 0
     watermark: bool = False
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """The green list of `watermark` requests (the shard's --watermark-gamma/-delta, as in TGI)."""
+
+    gamma: float = 0.5  # share of the vocabulary on the green list
+    delta: float = 2.0  # logit boost of green tokens
 
 
 @dataclass
@@ -58,10 +65,12 @@ class SamplingBatch:
     use_typical: bool
     # (row, previous token id) of the rows to watermark.
     watermark_rows: list[tuple[int, int]]
+    watermark: Watermark
 
     @classmethod
     def build(
-        cls, params: list[SamplingParams], histories: list[list[int]], device, positions: list[int] | None = None
+        cls, params: list[SamplingParams], histories: list[list[int]], device, positions: list[int] | None = None,
+        watermark: Watermark = Watermark(),
     ) -> SamplingBatch:
         """`positions[i]`: the index row i's sampled token will have (default: len(histories[i]))."""
         params = [_effective(p) for p in params]
@@ -101,6 +110,7 @@ class SamplingBatch:
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
             watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
+            watermark=watermark,
         )
 
 
@@ -123,7 +133,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> Samp
     """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
     processed distribution (after penalties and warpers), as TGI reports them. Row i also gets its
     `top_n[i]` most likely tokens, plus any tied with the last of them (as TGI returns them)."""
-    scores = _apply_watermark(logits.float(), batch.watermark_rows)
+    scores = _apply_watermark(logits.float(), batch.watermark_rows, batch.watermark)
     scores = _apply_penalties(scores, batch)
     scores = _apply_warpers(scores, batch)
     logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
@@ -151,13 +161,10 @@ def _top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> tuple[torch.Tensor,
     return top_ids, top_logprobs, counts
 
 
-# TGI's server reads these two from the environment (the launcher's --watermark-gamma/-delta).
-WATERMARK_GAMMA = float(os.environ.get("WATERMARK_GAMMA", 0.5))
-WATERMARK_DELTA = float(os.environ.get("WATERMARK_DELTA", 2.0))
 _WATERMARK_HASH_KEY = 15485863
 
 
-def _apply_watermark(scores: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
+def _apply_watermark(scores: torch.Tensor, rows: list[tuple[int, int]], watermark: Watermark) -> torch.Tensor:
     """Kirchenbauer et al.'s green list, drawn as TGI draws it, so TGI's detectors recognise it.
 
     One randperm per watermarked row: a rare option, kept out of the common path.
@@ -166,11 +173,11 @@ def _apply_watermark(scores: torch.Tensor, rows: list[tuple[int, int]]) -> torch
         return scores
     scores = scores.clone()
     vocab_size = scores.shape[1]
-    num_green = int(WATERMARK_GAMMA * vocab_size)
+    num_green = int(watermark.gamma * vocab_size)
     for row, previous_token in rows:
         generator = torch.Generator(device=scores.device).manual_seed(_WATERMARK_HASH_KEY * previous_token)
         green = torch.randperm(vocab_size, generator=generator, device=scores.device)[:num_green]
-        scores[row, green] += WATERMARK_DELTA
+        scores[row, green] += watermark.delta
     return scores
 
 

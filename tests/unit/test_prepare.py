@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tgi_launcher.cli import PREPARE_ENV
 from tgi_server import prepare as prepare_module
 from tgi_server.prepare import PrepareError, ensure_safetensors, prepare
 from tgi_server.weights import SafetensorsWeights
@@ -241,7 +240,7 @@ def hub_env(tmp_path: Path, endpoint: str, **extra: str) -> dict:
 def run_prepare(env: dict, model_id: str, *args: str) -> subprocess.CompletedProcess:
     """`tgi_server prepare` as the launcher runs it (a process of its own, so HF_* env vars apply)."""
     return subprocess.run([sys.executable, "-m", "tgi_server", "prepare", model_id, *args],
-                          env={**env, **PREPARE_ENV}, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def prepared_paths(result: subprocess.CompletedProcess) -> dict:
@@ -319,9 +318,9 @@ def test_hf_hub_offline_uses_the_cache_without_any_request(tmp_path, hub):
 def test_unpreparable_model_is_one_prepare_error_line(tmp_path, hub, model_id, args, extra_env, message):
     hub.add("org/tiny", {"config.json": b"{}"})
     result = run_prepare(hub_env(tmp_path, hub.url, **extra_env), model_id, *args)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("tgi_server.prepare.PrepareError: ")
-    assert message in result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith("PrepareError: ") and message in result.stderr
 
 
 def test_launcher_reports_a_missing_model_in_one_line_without_traceback(tmp_path, hub):

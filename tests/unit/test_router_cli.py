@@ -5,24 +5,15 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
-
 from tgi_proto.generate.v1 import generate_pb2 as pb
+from tgi_proto.settings import RouterSettings
 from tgi_router import cli
 
 BLOCK_SIZE = 16
 
 
-def router_args(**overrides) -> cli.RouterArgs:
-    defaults = dict(
-        model_id="m", tokenizer_path="/tok", shard_uds_path="/tmp/s", num_shard=1, hostname="0.0.0.0", port=3000,
-        max_concurrent_requests=128, max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
-        max_input_tokens=None, max_total_tokens=None, max_batch_prefill_tokens=None, max_batch_total_tokens=None,
-        max_batch_size=None, max_client_batch_size=4, validation_workers=2, waiting_served_ratio=1.2,
-        max_waiting_tokens=20, api_key=None, cors_allow_origin=[], payload_limit=2_000_000, predict_route=None,
-        health_route=None,
-    )
-    return cli.RouterArgs(**{**defaults, **overrides})
+def router_args(**overrides) -> RouterSettings:
+    return RouterSettings(**{"tokenizer_path": "/tok", "model_id": "m", **overrides})
 
 
 class FakeShards:
@@ -35,7 +26,7 @@ class FakeShards:
         return pb.WarmupResponse(num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
 
 
-def warmup(args: cli.RouterArgs, num_blocks: int = 1001, max_position: int = 4096, model_max_length=None,
+def warmup(args: RouterSettings, num_blocks: int = 1001, max_position: int = 4096, model_max_length=None,
            device_type: str = "cuda"):
     """(limits, the WarmupRequest sent) for a KV cache of `num_blocks` blocks (block 0 is reserved)."""
     shards = FakeShards(num_blocks)
@@ -97,15 +88,29 @@ def test_info_reports_the_validation_workers_and_client_batch_size():
     assert (info["max_batch_total_tokens"], info["num_shard"]) == (4096, 2)
 
 
-def test_launcher_flags_parse_into_router_args(monkeypatch):
-    parsed = []
-    monkeypatch.setattr(cli, "_start", parsed.append)
-    monkeypatch.setattr(cli.web, "run_app", lambda *args, **kwargs: None)
-    result = CliRunner().invoke(cli.app, [
+def test_router_flags_parse_into_its_settings(monkeypatch):
+    served = []
+    monkeypatch.setattr(cli, "serve", served.append)
+    monkeypatch.setenv("API_KEY", "k3y")
+    cli.main([
         "--tokenizer-path", "/tok", "--max-client-batch-size", "8", "--validation-workers", "3",
-        "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "7",
+        "--waiting-served-ratio", "0.3", "--max-waiting-tokens", "7", "--cors-allow-origin", "https://a.example,*",
     ])
-    assert result.exit_code == 0, result.output
-    args = parsed[0]
-    assert (args.max_client_batch_size, args.validation_workers) == (8, 3)
-    assert (args.waiting_served_ratio, args.max_waiting_tokens) == (0.3, 7)
+    settings = served[0]
+    assert (settings.max_client_batch_size, settings.validation_workers) == (8, 3)
+    assert (settings.waiting_served_ratio, settings.max_waiting_tokens) == (0.3, 7)
+    assert settings.cors_allow_origin == ("https://a.example", "*") and settings.api_key == "k3y"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --tokenizer-path"),
+    (["--tokenizer-path", "/tok", "--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["--tokenizer-path", "/tok", "--validation-workers", "0"], "`validation_workers` must be >= 1, got 0"),
+    (["--tokenizer-path", "/tok", "--max-input-tokens", "9", "--max-total-tokens", "9"],
+     "`max_input_tokens` must be < `max_total_tokens`, got 9 and 9"),
+])
+def test_bad_router_flags_exit_2_with_one_line_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

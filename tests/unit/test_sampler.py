@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from tgi_server.sampler import SamplingBatch, SamplingParams, _apply_penalties, _apply_warpers, sample
+from tgi_server.sampler import SamplingBatch, SamplingParams, Watermark, _apply_penalties, _apply_warpers, sample
 
 VOCAB = 50
 
@@ -124,17 +124,19 @@ def test_u64_seeds_above_the_int64_range_are_accepted():
     assert 0 <= out.token_ids.item() < VOCAB
 
 
-def test_watermark_adds_delta_to_tgis_green_list_seeded_by_the_previous_token():
-    from tgi_server.sampler import WATERMARK_DELTA, _apply_watermark
-
+@pytest.mark.parametrize("watermark", [Watermark(), Watermark(gamma=0.25, delta=3.0)])
+def test_watermark_adds_delta_to_tgis_green_list_of_gamma_seeded_by_the_previous_token(watermark):
     logits = logits_batch(2)
-    scores = _apply_watermark(logits, [(1, 77)])
+    batch = SamplingBatch.build([SamplingParams(), SamplingParams(watermark=True)], [[3], [77]], torch.device("cpu"),
+                                watermark=watermark)
+    out = sample(logits, batch, [0, 0])
     generator = torch.Generator().manual_seed(15485863 * 77)
-    green = torch.randperm(VOCAB, generator=generator)[: VOCAB // 2]
+    green = torch.randperm(VOCAB, generator=generator)[: int(VOCAB * watermark.gamma)]
     expected = logits[1].clone()
-    expected[green] += WATERMARK_DELTA
-    assert torch.equal(scores[1], expected)
-    assert torch.equal(scores[0], logits[0])
+    expected[green] += watermark.delta
+    assert out.token_ids.tolist() == [logits[0].argmax().item(), expected.argmax().item()]
+    assert out.logprobs[1].item() == pytest.approx(torch.log_softmax(expected, -1).max().item(), abs=1e-5)
+    assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1).max().item(), abs=1e-5)
 
 
 def test_watermarked_greedy_row_prefers_green_tokens():

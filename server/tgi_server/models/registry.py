@@ -5,6 +5,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from tgi_proto.settings import LOAD_FORMATS
 from tgi_server.distributed import TPGroup
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.weights import load_config, open_weights
@@ -21,9 +22,6 @@ def model_architecture(config: PretrainedConfig) -> str:
     if config.architectures:
         return config.architectures[0]
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)
-
-
-LOAD_FORMATS = ("auto", "dummy")
 
 
 class UnsupportedModelError(ValueError):
@@ -51,7 +49,7 @@ def load_model(
     config = load_config(model_path)
     architecture = model_architecture(config)
     check_architecture(architecture)
-    if load_format not in LOAD_FORMATS:
+    if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     model = ARCHITECTURES[architecture](config, tp, dtype, device)
     if load_format == "dummy":
