@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
+from tgi_proto.settings import ShardSettings, parse_argv
 from server_helpers import Server, save_tiny_model, tiny_config
 
 NUM_GPUS = torch.cuda.device_count()
@@ -51,8 +52,8 @@ def shard_pids(uds: str) -> list[int]:
     pids = {}
     for pid in subprocess.run(["pgrep", "-f", f"tgi_server serve .* --shard-uds-path {uds}"], capture_output=True,
                               text=True).stdout.split():
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        pids[int(argv[argv.index(b"--rank") + 1])] = int(pid)
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        pids[parse_argv(ShardSettings, argv[argv.index("serve") + 1 : -1]).rank] = int(pid)
     return [pids[rank] for rank in sorted(pids)]
 
 
