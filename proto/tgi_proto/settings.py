@@ -171,6 +171,8 @@ class RouterSettings:
     payload_limit: int = setting(2_000_000, "Largest request body in bytes (413 beyond).", minimum=1)
     aip_predict_route: str | None = setting(None, "Vertex AI: extra route answering like /vertex.")
     aip_health_route: str | None = setting(None, "Vertex AI: extra route answering like /health.")
+    docker_label: str | None = setting(None, "/info's docker_label: the label the image was built with.",
+                                       env="DOCKER_LABEL")
     drain_timeout: float = setting(DEFAULT_DRAIN_TIMEOUT_SECONDS,
                                    "Seconds in-flight requests get to finish after SIGTERM; later ones get 503.", minimum=0)
 
