@@ -19,7 +19,7 @@ import torch
 import triton
 
 from tgi_server.kernels import attention as kernels
-from tgi_server.layers.attention import AttentionMetadata
+from tgi_server.attention_metadata import AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 WORKLOADS = {  # name: [(query tokens, context before them)] per sequence

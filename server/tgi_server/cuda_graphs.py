@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tgi_server.layers.attention import AttentionMetadata
+from tgi_server.attention_metadata import AttentionMetadata
 
 # Mixed-step buckets up to this many tokens are powers of two, and always replayed (see `fits`).
 _SMALL_BUCKET = 512

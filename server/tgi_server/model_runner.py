@@ -27,7 +27,8 @@ import torch
 
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
-from tgi_server.layers.attention import AttentionMetadata, kv_cache_shape
+from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.layers.attention import kv_cache_shape
 from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 

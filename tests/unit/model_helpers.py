@@ -4,7 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from tgi_server.distributed import TPGroup, init_distributed, shutdown_distributed
-from tgi_server.layers.attention import AttentionMetadata, kv_cache_shape
+from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.layers.attention import kv_cache_shape
 from tgi_server.models.registry import load_model
 
 TINY = dict(

@@ -4,7 +4,7 @@ lookahead; an HF reference check; and a stand-in for the decode CUDA graphs that
 
 import torch
 
-from tgi_server.layers.attention import AttentionMetadata
+from tgi_server.attention_metadata import AttentionMetadata
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 

@@ -20,7 +20,8 @@ from triton.runtime import interpreter  # noqa: E402
 
 from model_helpers import PagedBatchDriver, mixed_schedule, run_schedule, save_tiny_model, tiny_config  # noqa: E402
 from tgi_server.distributed import TPGroup  # noqa: E402
-from tgi_server.layers.attention import AttentionMetadata, PagedAttention, gather_context  # noqa: E402
+from tgi_server.attention_metadata import AttentionMetadata  # noqa: E402
+from tgi_server.layers.attention import PagedAttention, gather_context  # noqa: E402
 from tgi_server.layers.norm import RMSNorm  # noqa: E402
 from tgi_server.layers.rotary import RotaryEmbedding  # noqa: E402
 from tgi_server.models.registry import load_model  # noqa: E402
@@ -241,7 +242,8 @@ def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path, m
     schedule = mixed_schedule(config.vocab_size)
     _, expected = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
-    for module in ("tgi_server.layers.attention", "tgi_server.layers.linear", "tgi_server.layers.norm", "tgi_server.models.llama"):
+    for module in ("tgi_server.layers.attention", "tgi_server.layers.linear", "tgi_server.layers.norm",
+                   "tgi_server.layers.activation"):
         monkeypatch.setattr(f"{module}.use_kernels", lambda x: True)
     _, actual = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
     for seq_id, logits in expected.items():

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tgi_server.layers.attention import AttentionMetadata
+from tgi_server.attention_metadata import AttentionMetadata
 
 # Keys per inner-loop iteration; each key's page is looked up in the block table on its own.
 BLOCK_N = 64

@@ -4,13 +4,13 @@ Tensor parallelism lives in the layers; this file only wires them as the archite
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from tgi_server.attention_metadata import AttentionMetadata
 from tgi_server.distributed import TPGroup
-from tgi_server.kernels import use_kernels
-from tgi_server.layers.attention import AttentionMetadata, PagedAttention, attention_head_dim
+from tgi_server.layers.activation import silu_and_mul
+from tgi_server.layers.attention import PagedAttention, attention_head_dim
 from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
@@ -95,12 +95,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(hidden)  # [num_tokens, 2 * intermediate_per_rank]
-        if use_kernels(gate_up):
-            from tgi_server.kernels.fused import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
