@@ -1,5 +1,6 @@
-"""The per-step description of where new tokens go in the paged KV cache, shared by the portable
-layers, the Triton kernels, CUDA graphs and the runner (its own module so kernels stay leaves)."""
+"""The paged KV cache's layout per layer (`KVCacheSpec`) and the per-step description of where new
+tokens go in it (`AttentionMetadata`), shared by the portable layers, the Triton kernels, CUDA graphs
+and the runner (their own module, so kernels stay leaves)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,18 @@ class AttentionMetadata:
             seq_lens_cpu=list(seq_lens),
             max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
         )
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """One attention layer's cache on this rank, and how its queries attend to it."""
+
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    sliding_window: int | None  # keys further back than this are not attended; None: all of them
+    scale: float  # softmax scale of q·k
+    logit_softcap: float | None = None  # tanh soft-capping of attention scores (Gemma 2); None: off
+
+    def shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """(2, num_blocks, block_size, num_kv_heads, head_dim): index 0 of the first dim holds K, 1 holds V."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)

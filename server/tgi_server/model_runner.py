@@ -28,7 +28,6 @@ import torch
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.attention_metadata import AttentionMetadata
-from tgi_server.layers.attention import kv_cache_shape
 from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 
@@ -152,10 +151,10 @@ class ModelRunner:
         self._lookahead = None
         self.decode_graphs = self.mixed_graphs = None  # graphs address the old cache
         self.kv_caches = []  # free the old cache before allocating the new one
-        shape = kv_cache_shape(self.config, self.tp, num_blocks, self.block_size)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)  # [2, blocks, block, kv_heads, head_dim]
-            for _ in range(self.config.num_hidden_layers)
+            # [2, num_blocks, block_size, num_kv_heads, head_dim]
+            torch.zeros(spec.shape(num_blocks, self.block_size), dtype=self.kv_cache_dtype, device=self.device)
+            for spec in self.model.kv_cache_specs
         ]
         self.num_blocks = num_blocks
 
@@ -189,8 +188,8 @@ class ModelRunner:
                 )
 
     def kv_cache_bytes_per_block(self) -> int:
-        shape = kv_cache_shape(self.config, self.tp, 1, self.block_size)
-        return math.prod(shape) * self.kv_cache_dtype.itemsize * self.config.num_hidden_layers
+        elements = sum(math.prod(spec.shape(1, self.block_size)) for spec in self.model.kv_cache_specs)
+        return elements * self.kv_cache_dtype.itemsize
 
     def clear(self) -> None:
         self.sequences.clear()

@@ -3,9 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-from tgi_server.distributed import TPGroup, init_distributed, shutdown_distributed
 from tgi_server.attention_metadata import AttentionMetadata
-from tgi_server.layers.attention import kv_cache_shape
+from tgi_server.distributed import TPGroup, init_distributed, shutdown_distributed
 from tgi_server.models.registry import load_model
 
 TINY = dict(
@@ -68,11 +67,10 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
 class PagedBatchDriver:
     """Feeds a model flat batches the way the runner does, with blocks handed out in shuffled order."""
 
-    def __init__(self, model, config, tp: TPGroup, num_blocks: int = 64, block_size: int = 4):
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 4):
         self.model = model
         self.block_size = block_size
-        shape = kv_cache_shape(config, tp, num_blocks, block_size)
-        self.kv_caches = [torch.zeros(shape) for _ in range(config.num_hidden_layers)]
+        self.kv_caches = [torch.zeros(spec.shape(num_blocks, block_size)) for spec in model.kv_cache_specs]
         self.free_blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         self.seq_to_blocks: dict[str, list[int]] = {}
         self.seq_to_len: dict[str, int] = {}
@@ -147,7 +145,7 @@ def tp_rank_worker(rank: int, world_size: int, port: int, model_dirs: dict, out_
     try:
         for name, model_dir in model_dirs.items():
             model, config = load_model(model_dir, tp, torch.float32, torch.device("cpu"))
-            driver = PagedBatchDriver(model, config, tp)
+            driver = PagedBatchDriver(model)
             _, seq_to_logits = run_schedule(driver, mixed_schedule(config.vocab_size))
             torch.save(seq_to_logits, f"{out_dir}/{name}_rank{rank}.pt")
     finally:

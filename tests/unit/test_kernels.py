@@ -240,12 +240,12 @@ def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path, m
     save_tiny_model(tiny_config(variant), tmp_path)
     model, config = load_model(str(tmp_path), TPGroup(0, 1, None), torch.float32, CPU)
     schedule = mixed_schedule(config.vocab_size)
-    _, expected = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
+    _, expected = run_schedule(PagedBatchDriver(model), schedule)
     monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
     for module in ("tgi_server.layers.attention", "tgi_server.layers.linear", "tgi_server.layers.norm",
                    "tgi_server.layers.activation"):
         monkeypatch.setattr(f"{module}.use_kernels", lambda x: True)
-    _, actual = run_schedule(PagedBatchDriver(model, config, TPGroup(0, 1, None)), schedule)
+    _, actual = run_schedule(PagedBatchDriver(model), schedule)
     for seq_id, logits in expected.items():
         torch.testing.assert_close(actual[seq_id], logits, atol=1e-4, rtol=1e-4)
 

@@ -30,7 +30,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _driver(model_dir: str) -> PagedBatchDriver:
     model, config = load_model(model_dir, SINGLE, torch.float32, torch.device("cpu"))
-    return PagedBatchDriver(model, config, SINGLE)
+    return PagedBatchDriver(model)
 
 
 def test_mixed_length_prefill_batch_matches_hf_last_token_logits(checkpoint):
@@ -60,3 +60,19 @@ def test_unknown_architecture_is_rejected_naming_supported_ones(tmp_path):
     config_path.write_text(json.dumps(config_json))
     with pytest.raises(ValueError, match="FancyNewForCausalLM.*LlamaForCausalLM"):
         load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1)])
+def test_kv_cache_specs_give_each_layer_its_window_and_this_ranks_kv_heads(world_size, rank):
+    from transformers import Qwen2Config
+
+    from tgi_server.distributed import TPGroup
+    from tgi_server.models.llama import LlamaForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model = LlamaForCausalLM(config, TPGroup(rank, world_size, None), torch.float32, torch.device("cpu"))
+    specs = model.kv_cache_specs
+    assert [spec.sliding_window for spec in specs] == [None if kind == "full_attention" else 8 for kind in config.layer_types]
+    assert {(spec.num_kv_heads, spec.head_dim, spec.scale) for spec in specs} == {(2 // world_size, 8, 8 ** -0.5)}
+    assert specs[0].shape(num_blocks=5, block_size=4) == (2, 5, 4, 2 // world_size, 8)

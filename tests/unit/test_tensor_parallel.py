@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _single_rank_logits(model_dir: str) -> dict[str, torch.Tensor]:
     model, config = load_model(model_dir, SINGLE, torch.float32, torch.device("cpu"))
-    driver = PagedBatchDriver(model, config, SINGLE)
+    driver = PagedBatchDriver(model)
     return run_schedule(driver, mixed_schedule(config.vocab_size))[1]
 
 

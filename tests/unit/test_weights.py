@@ -94,7 +94,7 @@ def test_smollm2_gguf_logits_match_transformers_gguf_loading(our_smollm2, smollm
     model, config = our_smollm2
     hf_model = smollm2_transformers
     token_ids = [1, 9690, 314, 253, 5356, 28, 9, 1559, 4599, 2]
-    driver = PagedBatchDriver(model, config, SINGLE, num_blocks=16, block_size=4)
+    driver = PagedBatchDriver(model, num_blocks=16, block_size=4)
     prefill_logits = driver.step([("s", token_ids[:7])])["s"]
     continuation_logits = driver.step([("s", token_ids[7:])])["s"]
     logits = torch.cat([prefill_logits, continuation_logits])
@@ -106,6 +106,6 @@ def test_smollm2_gguf_completes_the_capital_of_france_with_paris(our_smollm2):
     """transformers' GGUF model goes through the same q/k un-permutation as ours; this check does not."""
     model, config = our_smollm2
     the_capital_of_france_is, paris = [504, 3575, 282, 4649, 314], 7042
-    driver = PagedBatchDriver(model, config, SINGLE, num_blocks=16, block_size=4)
+    driver = PagedBatchDriver(model, num_blocks=16, block_size=4)
     logits = driver.step([("s", the_capital_of_france_is)])["s"]
     assert logits[-1].argmax().item() == paris

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from tgi_server.attention_metadata import AttentionMetadata
-from tgi_server.distributed import TPGroup
+from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
 from tgi_server.kernels import use_kernels
 from tgi_server.layers.rotary import RotaryEmbedding
 
@@ -21,20 +20,6 @@ from tgi_server.layers.rotary import RotaryEmbedding
 def attention_head_dim(config: PretrainedConfig) -> int:
     """The config's `head_dim`, or hidden_size // num_attention_heads when it has none."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_cache_shape(
-    config: PretrainedConfig, tp: TPGroup, num_blocks: int, block_size: int
-) -> tuple[int, ...]:
-    """Shape of one layer's KV cache on this rank:
-    (2, num_blocks, block_size, num_kv_heads_per_rank, head_dim).
-
-    Index 0 of the first dim holds K, index 1 holds V. The runner allocates one such tensor per
-    layer (config.num_hidden_layers of them), in the model dtype or an fp8 type.
-    """
-    _, (kv_start, kv_stop) = tp.head_partition(config.num_attention_heads, config.num_key_value_heads)
-    num_kv_heads = kv_stop - kv_start
-    return (2, num_blocks, block_size, num_kv_heads, attention_head_dim(config))
 
 
 class PagedAttention(nn.Module):
@@ -52,6 +37,10 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.scale = head_dim**-0.5
 
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_kv_heads, self.head_dim, self.sliding_window, self.scale)
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -65,7 +54,7 @@ class PagedAttention(nn.Module):
         """Rotate q and k by `positions`, write k, v into `kv_cache` at `attn.slot_mapping`, then attend.
 
         q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim] (q may be
-        overwritten); kv_cache as `kv_cache_shape`. Returns [num_tokens, num_heads, head_dim].
+        overwritten); kv_cache shaped by `kv_cache_spec`. Returns [num_tokens, num_heads, head_dim].
         """
         if use_kernels(q):
             from tgi_server.kernels.attention import paged_attention

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.activation import silu_and_mul
 from tgi_server.layers.attention import PagedAttention, attention_head_dim
@@ -170,7 +170,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder plus a vocab-parallel LM head (sharing the embedding when `tie_word_embeddings`)."""
+    """The decoder plus a vocab-parallel LM head (sharing the embedding when `tie_word_embeddings`);
+    a `models.interface.CausalLM`."""
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -179,6 +180,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        return [layer.self_attn.attn.kv_cache_spec for layer in self.model.layers]
 
     def load_weights(self, weights: WeightSource) -> None:
         """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
@@ -193,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         attn: AttentionMetadata,
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
-        """input_ids, positions [num_tokens] int64; one KV cache per layer (`kv_cache_shape`).
+        """input_ids, positions [num_tokens] int64; one KV cache per layer (`kv_cache_specs`).
 
         Writes this step's K/V into the caches; returns hidden states [num_tokens, hidden_size].
         """

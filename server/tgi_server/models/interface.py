@@ -1,0 +1,40 @@
+"""What the runner, warmup and CUDA graphs rely on from a model: the `CausalLM` contract.
+
+A model file builds its layers from the HF config, this rank's `TPGroup`, a dtype and a device, and
+then offers exactly this. Everything a layer's KV cache needs (heads on this rank, head size, window,
+softmax scale, logit soft-capping) is in its `KVCacheSpec`, so the runner sizes and allocates caches
+for layers that differ from each other (Gemma's alternating windows) without reading the config.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.weights import WeightSource
+
+
+class CausalLM(Protocol):
+    """A decoder-only language model over the paged KV cache, sharded over a tensor-parallel group."""
+
+    config: PretrainedConfig
+
+    @property
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """One per attention layer, in the order `forward` takes the caches."""
+
+    def load_weights(self, weights: WeightSource) -> None:
+        """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """input_ids, positions [num_tokens] int64; caches shaped by `kv_cache_specs`. Writes this step's
+        K/V into the caches and returns hidden states [num_tokens, hidden_size]. No host syncs: it is
+        captured in CUDA graphs."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> logits [n, vocab_size] float32, the full vocab on every rank."""
