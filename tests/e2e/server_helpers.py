@@ -71,11 +71,11 @@ def free_port() -> int:
 class Server:
     """A `text-generation-launcher` subprocess serving on a free port."""
 
-    def __init__(self, model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1):
+    def __init__(self, model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1, env: dict | None = None):
         self.model_id = model_id
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         args = [
             sys.executable, "-m", "tgi_launcher", "--model-id", model_id, "--num-shard", str(num_shard),
             "--port", str(self.port), "--hostname", "127.0.0.1", *extra_args,

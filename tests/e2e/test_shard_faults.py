@@ -71,7 +71,8 @@ def start(model: Path, hf_home: Path, uds: str, mode: str, *extra: str, num_shar
         args += ["--cuda-graphs", "0"]
     elif mode == "graphs":
         args += ["--cuda-graphs", "1,2,4,8"]
-    server = Server(str(model), hf_home, *args, num_shard=num_shard)
+    # "cpu": gloo on the CPU even where one GPU is visible (two shards cannot share it)
+    server = Server(str(model), hf_home, *args, num_shard=num_shard, env={"CUDA_VISIBLE_DEVICES": ""} if mode == "cpu" else None)
     server.wait_ready(timeout=300)
     return server
 

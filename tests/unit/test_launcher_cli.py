@@ -119,6 +119,12 @@ def flag_args(flag: str, raw: str | None) -> list[str]:
     return [flag] if raw is None else [flag, raw]
 
 
+@pytest.fixture(autouse=True)
+def no_visible_gpus(monkeypatch):
+    """Configs are resolved as on a machine without GPUs, unless a test says otherwise."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def captured(monkeypatch):
     """Runs the CLI up to the point where it would start processes; returns (result, config built)."""
@@ -275,6 +281,14 @@ def test_contradictory_settings_fail_fast_with_one_line(captured, args, message)
     assert result.exit_code == 2 and config is None
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_more_shards_than_visible_gpus_fail_fast_but_any_number_shares_a_cpu(captured):
+    result, config = captured(["--model-id", "m", "--num-shard", "3"], env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.exit_code == 2 and config is None
+    assert "`num_shard` is 3 but only 2 CUDA device(s) are visible" in result.output
+    result, config = captured(["--model-id", "m", "--num-shard", "3"], env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.exit_code == 0 and config.num_shard == 3
 
 
 def test_env_alias_and_name_together_are_rejected(captured):
