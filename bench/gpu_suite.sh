@@ -118,7 +118,7 @@ if has http; then
         done
     done
     start_router() {  # start_router PREFILL_TOKENS LOG_TAG
-        $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id llama-3.1-8b-dummy --shard-uds-path "$SOCKET" --num-shard "$NUM_SHARD" \
+        $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id "$SHAPE-dummy" --shard-uds-path "$SOCKET" --num-shard "$NUM_SHARD" \
             --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$1" \
             --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$2.log" 2>&1 &
         ROUTER=$!

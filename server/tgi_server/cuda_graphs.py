@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.forward_context import forward_context
 
 # Mixed-step buckets up to this many tokens are powers of two, and always replayed (see `fits`).
 _SMALL_BUCKET = 512
@@ -70,8 +71,8 @@ class DecodeGraphs:
 
             def forward(size=size):
                 # Fresh metadata each call: what kernels derive from it must be computed in the graph.
-                attn = self._metadata(size)
-                hidden = model(self._inputs[_IDS, :size], self._inputs[_POSITIONS, :size], attn, kv_caches)
+                with forward_context(self._metadata(size), kv_caches):
+                    hidden = model(self._inputs[_IDS, :size], self._inputs[_POSITIONS, :size])
                 return model.compute_logits(hidden)
 
             self._graphs[size], self._logits[size], self.pool = capture(forward, self.pool)
@@ -170,7 +171,8 @@ class MixedGraphs:
                         seq_lens_cpu=[],
                         max_query_len=bucket,
                     )
-                    return model(self._tokens[_IDS, :bucket], self._tokens[_POSITIONS, :bucket], attn, kv_caches)
+                    with forward_context(attn, kv_caches):
+                        return model(self._tokens[_IDS, :bucket], self._tokens[_POSITIONS, :bucket])
 
                 self._graphs[bucket], self._hidden[bucket], self.pool = capture(forward, self.pool)
 

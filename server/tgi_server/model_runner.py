@@ -28,6 +28,7 @@ import torch
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.forward_context import forward_context
 from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 
@@ -349,7 +350,8 @@ class ModelRunner:
             hidden = graphs.run(flat)  # [num_tokens, hidden]
         else:
             input_ids, positions, attn = self._eager_inputs(flat)
-            hidden = self.model(input_ids, positions, attn, self.kv_caches)  # [num_tokens, hidden]
+            with forward_context(attn, self.kv_caches):
+                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
         prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc)
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:

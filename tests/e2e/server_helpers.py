@@ -51,15 +51,31 @@ def build_tiny_llama(out: Path, hf_home: Path) -> Path:
 
 
 def tiny_config(architecture: str, **extra):
-    from transformers import LlamaConfig, Qwen2Config
+    """A 2-layer config of one family with SmolLM2's vocab size, the family's own switches set where
+    its defaults would leave them idle at this size (windows, soft-caps, per-layer RoPE)."""
+    import transformers
 
     common = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture]
-    return config_class(**{**common, **extra})
+    gemma2 = dict(head_dim=32, sliding_window=6, query_pre_attn_scalar=20, attn_logit_softcapping=0.5,
+                  final_logit_softcapping=0.5)
+    families = {
+        "llama": ("LlamaConfig", {}),
+        "qwen2": ("Qwen2Config", {}),
+        "qwen3": ("Qwen3Config", dict(head_dim=24)),
+        "gemma": ("GemmaConfig", dict(head_dim=32, tie_word_embeddings=True)),
+        "gemma2": ("Gemma2Config", gemma2),
+        "gemma3": ("Gemma3TextConfig", dict(
+            head_dim=32, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
+        )),
+    }
+    class_name, family_extra = families[architecture]
+    return getattr(transformers, class_name)(**{**common, **family_extra, **extra})
 
 
 def free_port() -> int:

@@ -54,17 +54,17 @@ def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
         assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
 
 
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("tiny")
-    return {
-        "llama": save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, root / "llama"),
-        "qwen2": save_tiny_model(tiny_config("qwen2"), smollm2_tokenizer_dir, root / "qwen2"),
-    }
+    return {family: save_tiny_model(tiny_config(family), smollm2_tokenizer_dir, root / family) for family in FAMILIES}
 
 
 @pytest.mark.parametrize("num_shard", [1, 2])
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("architecture", FAMILIES)
 async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home, architecture, num_shard):
     import torch
     from transformers import AutoModelForCausalLM

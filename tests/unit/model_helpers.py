@@ -1,9 +1,20 @@
 """Shared by the model tests: tiny HF checkpoints, a paged-KV batch driver, and a TP rank worker."""
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.forward_context import forward_context
 from tgi_server.distributed import TPGroup, init_distributed, shutdown_distributed
 from tgi_server.models.registry import load_model
 
@@ -41,6 +52,24 @@ def tiny_config(variant: str) -> PretrainedConfig:
         return LlamaConfig(**{**TINY, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3})
     if variant == "mistral_windowed":
         return MistralConfig(**TINY, sliding_window=6, head_dim=16, tie_word_embeddings=False)
+    if variant == "qwen3":
+        return Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=False)
+    if variant == "gemma":  # q width (4 x 32) differs from hidden_size
+        return GemmaConfig(**TINY, head_dim=32)
+    if variant == "gemma2":  # layers alternate sliding (window 6) and global; both soft-caps bite
+        return Gemma2Config(
+            **TINY, head_dim=32, sliding_window=6, query_pre_attn_scalar=20,
+            attn_logit_softcapping=1.5, final_logit_softcapping=2.0, tie_word_embeddings=False,
+        )
+    if variant == "gemma3":  # QK-norm; local layers rotate with base 10k, global ones with linear scaling
+        return Gemma3TextConfig(
+            **TINY, head_dim=32, sliding_window=6, query_pre_attn_scalar=20,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+        )
     raise ValueError(variant)
 
 
@@ -87,7 +116,8 @@ class PagedBatchDriver:
             slots += [self._slot(seq_id, pos) for pos in range(first, first + len(token_ids))]
             starts.append(len(input_ids))
         attn = self._metadata([seq_id for seq_id, _ in batch], slots, starts)
-        hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), attn, self.kv_caches)
+        with forward_context(attn, self.kv_caches):
+            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions))
         logits = self.model.compute_logits(hidden)  # [num_tokens, vocab_size]
         return {seq_id: logits[starts[i] : starts[i + 1]] for i, (seq_id, _) in enumerate(batch)}
 

@@ -5,6 +5,7 @@ lookahead; an HF reference check; and a stand-in for the decode CUDA graphs that
 import torch
 
 from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.forward_context import forward_context
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 
@@ -95,7 +96,8 @@ class EagerDecodeSteps:
         ids = device_input_ids if device_input_ids is not None else torch.tensor(input_ids, device=self.device)
         tables = [table + [0] * (self.max_blocks_per_seq - len(table)) for table in block_tables]
         attn = AttentionMetadata.from_host(slots, list(range(num_seqs + 1)), [p + 1 for p in positions], tables, self.device)
-        hidden = self.model(ids, torch.tensor(positions, device=self.device), attn, self.kv_caches)
+        with forward_context(attn, self.kv_caches):
+            hidden = self.model(ids, torch.tensor(positions, device=self.device))
         return self.model.compute_logits(hidden)
 
 

@@ -5,7 +5,6 @@ On a GPU the kernels run natively; without one, on CPU through Triton's interpre
 rounding steps (the interpreter truncates where GPUs round).
 """
 
-import contextlib
 import os
 
 import pytest
@@ -20,26 +19,13 @@ from triton.runtime import interpreter  # noqa: E402
 
 from model_helpers import PagedBatchDriver, mixed_schedule, run_schedule, save_tiny_model, tiny_config  # noqa: E402
 from tgi_server.distributed import TPGroup  # noqa: E402
-from tgi_server.attention_metadata import AttentionMetadata  # noqa: E402
-from tgi_server.layers.attention import PagedAttention, gather_context  # noqa: E402
-from tgi_server.layers.norm import RMSNorm  # noqa: E402
+from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec  # noqa: E402
 from tgi_server.layers.rotary import RotaryEmbedding  # noqa: E402
+from tgi_server.ops import portable  # noqa: E402
 from tgi_server.models.registry import load_model  # noqa: E402
 
 CPU = torch.device("cpu")
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else CPU
-
-
-@contextlib.contextmanager
-def portable_layers():
-    """The layers' PyTorch path, even for CUDA tensors: the reference the kernels must match."""
-    from tgi_server import kernels
-
-    kernels.disable_kernels(True)
-    try:
-        yield
-    finally:
-        kernels.disable_kernels(False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,16 +61,18 @@ def _metadata(q_lens: list[int], context_lens: list[int], block_size: int, num_b
 
 
 @pytest.mark.parametrize(
-    "q_lens, context_lens, window",
+    "q_lens, context_lens, window, softcap",
     [
-        ([5, 1, 20], [0, 30, 17], None),  # prefill, decode and a chunked-prefill continuation
-        ([1, 1, 1], [50, 3, 0], None),  # decode only: keys split over several programs
-        ([1, 1], [300, 90], 40),  # split decode with a sliding window
-        ([33], [0], 8),  # sliding window inside one prefill
-        ([3, 1], [40, 70], 20),  # sliding window over cached context
+        ([5, 1, 20], [0, 30, 17], None, None),  # prefill, decode and a chunked-prefill continuation
+        ([1, 1, 1], [50, 3, 0], None, None),  # decode only: keys split over several programs
+        ([1, 1], [300, 90], 40, None),  # split decode with a sliding window
+        ([33], [0], 8, None),  # sliding window inside one prefill
+        ([3, 1], [40, 70], 20, None),  # sliding window over cached context
+        ([5, 1, 20], [0, 30, 17], None, 2.0),  # soft-capped scores (Gemma 2), prefill and decode
+        ([1, 1], [300, 90], 40, 3.0),  # soft-capped split decode with a window
     ],
 )
-def test_paged_attention_kernel_matches_portable_attention(q_lens, context_lens, window):
+def test_paged_attention_kernel_matches_portable_attention(q_lens, context_lens, window, softcap):
     from tgi_server.kernels.attention import paged_attention
 
     generator = torch.Generator().manual_seed(0)
@@ -97,12 +85,11 @@ def test_paged_attention_kernel_matches_portable_attention(q_lens, context_lens,
     v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(DEVICE)
     rotary = RotaryEmbedding(tiny_config("llama"), head_dim, DEVICE)
     positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, q_lens)]).to(DEVICE)
-    layer = PagedAttention(num_heads, num_kv_heads, head_dim, window)
-    with portable_layers():
-        expected = layer(positions, q.clone(), k, v, rotary, kv_cache, attn)  # writes the new K/V
+    spec = KVCacheSpec(num_kv_heads, head_dim, window, 0.3, softcap)
+    expected = portable.attention(q.clone(), k, v, positions, rotary, kv_cache, attn, spec)  # writes the new K/V
 
-    out = paged_attention(rotary(positions, q, k)[0], kv_cache, attn, layer.scale, window)
-    torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
+    out = paged_attention(rotary(positions, q, k)[0], kv_cache, attn, spec.scale, window, softcap)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
@@ -118,13 +105,13 @@ def test_paged_attention_kernel_reads_an_fp8_cache_as_the_portable_path_does(kv_
     attn = _metadata(q_lens, context_lens, block_size, 40, generator)
     kv_cache = torch.randn(2, 40, block_size, num_kv_heads, head_dim, generator=generator).to(kv_dtype).to(DEVICE)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(DEVICE)
-    layer = PagedAttention(num_heads, num_kv_heads, head_dim, None)
+    spec = KVCacheSpec(num_kv_heads, head_dim, None, head_dim**-0.5)
     expected = torch.cat([
-        layer._attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]],
-                      gather_context(kv_cache, attn.block_tables[i], seq_len).float())
+        portable.attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]],
+                        portable.gather_context(kv_cache, attn.block_tables[i], seq_len).float(), spec)
         for i, seq_len in enumerate(attn.seq_lens_cpu)
     ])
-    out = paged_attention(q.to(q_dtype), kv_cache, attn, layer.scale, None)
+    out = paged_attention(q.to(q_dtype), kv_cache, attn, spec.scale, None)
     tolerance = 2e-6 if q_dtype == torch.float32 else 2e-2  # bfloat16 queries and output
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
@@ -150,41 +137,45 @@ def test_bf16_paged_attention_kernel_matches_the_float32_reference(q_lens, conte
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
     kv_cache = torch.randn(*shape, generator=generator).to(torch.bfloat16).to(DEVICE)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(torch.bfloat16).to(DEVICE)
-    layer = PagedAttention(num_heads, num_kv_heads, head_dim, None)
+    spec = KVCacheSpec(num_kv_heads, head_dim, None, head_dim**-0.5)
     expected = torch.cat([
-        layer._attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]].float(),
-                      gather_context(kv_cache, attn.block_tables[i], seq_len).float())
+        portable.attend(q[attn.query_start_loc_cpu[i] : attn.query_start_loc_cpu[i + 1]].float(),
+                        portable.gather_context(kv_cache, attn.block_tables[i], seq_len).float(), spec)
         for i, seq_len in enumerate(attn.seq_lens_cpu)
     ])
-    out = paged_attention(q, kv_cache, attn, layer.scale, None)
+    out = paged_attention(q, kv_cache, attn, spec.scale, None)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])  # Llama's w, Gemma's 1 + w
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_matches_portable_norm(dtype):
+def test_fused_rms_norm_matches_portable_norm(dtype, weight_offset):
     from tgi_server.kernels.fused import rms_norm
 
     generator = torch.Generator().manual_seed(0)
     x, residual = torch.randn(2, 5, 96, generator=generator).to(DEVICE, dtype)
-    norm = RMSNorm(96, 1e-5, dtype, DEVICE)
-    norm.weight.data = torch.randn(96, generator=generator).to(DEVICE, dtype)
-    out, total = rms_norm(x, norm.weight, 1e-5, residual)
+    weight = torch.randn(96, generator=generator).to(DEVICE, dtype)
+    out, total = rms_norm(x, weight, 1e-5, residual, weight_offset)
+    expected, expected_total = portable.rms_norm(x, weight, 1e-5, residual, weight_offset)
     tolerance = {} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 2**-6}
-    with portable_layers():
-        torch.testing.assert_close(total, x + residual, **tolerance)
-        torch.testing.assert_close(out, norm(x + residual), **tolerance)
-        torch.testing.assert_close(rms_norm(x, norm.weight, 1e-5)[0], norm(x), **tolerance)
+    torch.testing.assert_close(total, expected_total, **tolerance)
+    torch.testing.assert_close(out, expected, **tolerance)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5, None, weight_offset)[0],
+                               portable.rms_norm(x, weight, 1e-5, None, weight_offset)[0], **tolerance)
 
 
+@pytest.mark.parametrize("activation, reference", [
+    ("silu", F.silu), ("gelu_tanh", lambda gate: F.gelu(gate, approximate="tanh")),
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul_kernel_matches_swiglu(dtype):
-    from tgi_server.kernels.fused import silu_and_mul
+def test_gated_activation_kernel_matches_swiglu_and_geglu(dtype, activation, reference):
+    from tgi_server.kernels.fused import gated_activation
 
-    x = torch.randn(7, 2 * 1100, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    x = 3 * torch.randn(7, 2 * 1100, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
     gate, up = x.chunk(2, dim=-1)
-    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 2**-6}
-    torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, **tolerance)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2**-6}
+    torch.testing.assert_close(gated_activation(x, activation), reference(gate) * up, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -210,7 +201,6 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
 @pytest.mark.parametrize("num_tokens", [9, 70])  # a few tokens: heads in blocks of 4; many: all in one
 def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens, cache_dtype):
     from tgi_server.kernels.fused import rotary_and_write_cache
-    from tgi_server.layers.attention import write_kv_cache
 
     generator = torch.Generator().manual_seed(0)
     head_dim = 16
@@ -221,7 +211,7 @@ def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cach
     slots = torch.randperm(80, generator=generator)[:num_tokens].to(DEVICE)
     expected_q, expected_k = rotary(positions, q, k)
     expected_cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
-    write_kv_cache(expected_cache, expected_k, v, slots)
+    portable.write_kv_cache(expected_cache, expected_k, v, slots)
 
     cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
     rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots)
@@ -231,21 +221,18 @@ def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cach
     torch.testing.assert_close(cache.float(), expected_cache.float(), **tolerance)
 
 
-@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads"])
+@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "gemma2"])
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's check; on a GPU test_gpu_path.py covers it")
-def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path, monkeypatch):
-    """A whole tiny model over a mixed schedule (prefill, chunked prefill, decode) through the kernels."""
-    from tgi_server import kernels
-
+def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path):
+    """A whole tiny model over a mixed schedule (prefill, chunked prefill, decode), built once with
+    the portable backend and once with the Triton backend."""
     save_tiny_model(tiny_config(variant), tmp_path)
-    model, config = load_model(str(tmp_path), TPGroup(0, 1, None), torch.float32, CPU)
+    tp = TPGroup(0, 1, None)
+    model, config = load_model(str(tmp_path), tp, torch.float32, CPU, backend="portable")
     schedule = mixed_schedule(config.vocab_size)
     _, expected = run_schedule(PagedBatchDriver(model), schedule)
-    monkeypatch.setattr(kernels, "use_kernels", lambda x: True)
-    for module in ("tgi_server.layers.attention", "tgi_server.layers.linear", "tgi_server.layers.norm",
-                   "tgi_server.layers.activation"):
-        monkeypatch.setattr(f"{module}.use_kernels", lambda x: True)
-    _, actual = run_schedule(PagedBatchDriver(model), schedule)
+    kernel_model, _ = load_model(str(tmp_path), tp, torch.float32, CPU, backend="triton")
+    _, actual = run_schedule(PagedBatchDriver(kernel_model), schedule)
     for seq_id, logits in expected.items():
         torch.testing.assert_close(actual[seq_id], logits, atol=1e-4, rtol=1e-4)
 

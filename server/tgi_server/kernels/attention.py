@@ -41,14 +41,16 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _attend_key_tile(
-    q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+    q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale, softcap,
     k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step: the query rows `q` over keys start .. start + BLOCK_N - 1 (those below
     key_stop) of sequence `seq`, each key's page looked up in its block table. Returns the updated
-    (running max, running sum, unnormalised output); softmax in base 2 (`qk_scale` includes log2 e)."""
+    (running max, running sum, unnormalised output); softmax in base 2 (`qk_scale` and `softcap`
+    include log2 e). With USE_SOFTCAP, scores become softcap * tanh(scores / softcap) (Gemma 2)."""
     keys = start + tl.arange(0, BLOCK_N)
     key_valid = keys < key_stop
     page = tl.load(block_tables_ptr + seq * stride_table + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
@@ -67,7 +69,10 @@ def _attend_key_tile(
         allowed = allowed & (keys[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (keys[None, :] > q_pos[:, None] - sliding_window)
-    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+    scores = scores * qk_scale
+    if USE_SOFTCAP:  # tanh(y) = 1 - 2 / (exp(2y) + 1)
+        scores = softcap - 2.0 * softcap / (tl.exp(tl.minimum(2.0 * scores / softcap, 80.0)) + 1.0)
+    scores = tl.where(allowed, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
     p = tl.exp2(scores - m_safe[:, None])
@@ -87,13 +92,13 @@ def _attend_key_tile(
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, q_block_starts_ptr, num_seqs,
-    scale, sliding_window,
+    scale, sliding_window, softcap,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr, DOT_FP16: tl.constexpr,
+    IEEE: tl.constexpr, DOT_FP16: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     # Program (kv_head, i): query block n - 1 - i of the whole batch (n blocks in all: a sequence's
     # last blocks, which see the most keys, start first); sequence s owns blocks
@@ -149,10 +154,11 @@ def _paged_attention_kernel(
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     for start in range(key_start, key_stop, BLOCK_N):
         m_i, l_i, acc = _attend_key_tile(
-            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale, softcap * 1.4426950408889634,
             k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
             stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
             BLOCK_N=BLOCK_N, PAGE=PAGE, CAUSAL=True, USE_WINDOW=USE_WINDOW, IEEE=IEEE,
+            USE_SOFTCAP=USE_SOFTCAP,
         )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -167,13 +173,13 @@ def _paged_attention_kernel(
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    scale, sliding_window,
+    scale, sliding_window, softcap,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, DOT_FP16: tl.constexpr,
+    USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, DOT_FP16: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """One decode token's heads of one KV group over its keys, or with SPLITS > 1 over one slice of
     them: writes out[token, head], or the slice's normalised output to partial[token, head, split]
@@ -211,10 +217,11 @@ def _decode_kernel(
     qk_scale = scale * 1.4426950408889634
     for start in range(key_start, key_stop, BLOCK_N):  # the window is in the key range already
         m_i, l_i, acc = _attend_key_tile(
-            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale,
+            q, m_i, l_i, acc, start, key_stop, q_pos, sliding_window, qk_scale, softcap * 1.4426950408889634,
             k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, dims, dim_valid,
             stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_table,
             BLOCK_N=BLOCK_N, PAGE=PAGE, CAUSAL=False, USE_WINDOW=False, IEEE=IEEE,
+            USE_SOFTCAP=USE_SOFTCAP,
         )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -255,9 +262,11 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] over kv_cache [2, num_blocks, block_size, num_kv_heads,
-    head_dim] (this step's K/V already written), laid out by `attn`.
+    head_dim] (this step's K/V already written), laid out by `attn`; scores scaled by `scale`, then
+    soft-capped to (-softcap, softcap) when given.
     Returns [num_tokens, num_heads, head_dim]."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
@@ -274,7 +283,7 @@ def paged_attention(
         attn.block_tables.stride(0),
     )
     shape = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, PAGE=page,
-                 USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+                 USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32,
                  # bfloat16 queries over an fp8 cache: products in float16, which fp8 widens to in
                  # one instruction (to bfloat16 in several)
                  DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1)
@@ -289,7 +298,7 @@ def paged_attention(
     if max_query_len == 1 or _has_decodes(attn):
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
             q, k_cache, v_cache, out, partial, lse, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-            scale, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
+            scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             ROWS=max(group_p, 16), BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, **shape,
             num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
@@ -304,7 +313,7 @@ def paged_attention(
         _paged_attention_kernel[(num_kv_heads, num_q_blocks)](
             q, k_cache, v_cache, out,
             attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
-            scale, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
+            scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             BLOCK_Q=block_q, BLOCK_N=BLOCK_N, **shape, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
         )
     return out

@@ -16,8 +16,8 @@ import triton.language as tl
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_residual, stride_out, stride_residual_out,
-    hidden_size, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    hidden_size, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, OFFSET_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -29,15 +29,19 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     mean_square = tl.sum(x32 * x32, 0) / hidden_size
-    normed = (x32 * tl.math.rsqrt(mean_square + eps)).to(x.dtype)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_out + cols, (normed.to(tl.float32) * weight.to(tl.float32)).to(x.dtype), mask=mask)
+    normed = x32 * tl.math.rsqrt(mean_square + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if OFFSET_WEIGHT:  # Gemma: scaled by (offset + w) in float32, rounded once
+        out = normed * (weight + weight_offset)
+    else:  # Llama: normalised values round to the model dtype before the scale
+        out = normed.to(x.dtype).to(tl.float32) * weight
+    tl.store(out_ptr + row * stride_out + cols, out.to(x.dtype), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, weight_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RMSNorm of x (or of x + residual): x [num_tokens, hidden_size].
+    """RMSNorm of x (or of x + residual): x [num_tokens, hidden_size], scaled by weight_offset + weight.
 
     Returns (normed, x + residual) with a residual, (normed, None) without one.
     """
@@ -48,8 +52,8 @@ def rms_norm(
         x, residual if residual is not None else x, weight, out, residual_out if residual is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         residual_out.stride(0) if residual_out is not None else 0,
-        hidden_size, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size),
+        hidden_size, eps, weight_offset,
+        HAS_RESIDUAL=residual is not None, OFFSET_WEIGHT=weight_offset != 0.0, BLOCK=triton.next_power_of_2(hidden_size),
     )
     return out, residual_out
 
@@ -141,22 +145,35 @@ def rotary_and_write_cache(
     )
 
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.constexpr):
+def _gated_activation_kernel(x_ptr, out_ptr, stride_x, stride_out, width, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    activated = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    if GELU_TANH:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        activated = 0.5 * g * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * inner, 80.0)) + 1.0))
+    else:
+        activated = g / (1.0 + tl.exp(-g))
+    activated = activated.to(gate.dtype)
     tl.store(out_ptr + row * stride_out + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, 2 * width] = [gate | up] -> silu(gate) * up, [num_tokens, width]."""
+def gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """x [num_tokens, 2 * width] = [gate | up] -> act(gate) * up, [num_tokens, width]; act is "silu"
+    (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     num_tokens, width = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_tokens, width, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(width, block))](x, out, x.stride(0), out.stride(0), width, BLOCK=block)
+    _gated_activation_kernel[(num_tokens, triton.cdiv(width, block))](
+        x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block
+    )
     return out

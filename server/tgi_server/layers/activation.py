@@ -1,19 +1,32 @@
-"""Activations of gated MLPs, with the backend chosen here rather than in each model file."""
+"""The gated activation of an MLP (SwiGLU, GeGLU), with its backend chosen when the model is built."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
 
-from tgi_server.kernels import use_kernels
+from tgi_server.ops import select_ops
+
+# HF `hidden_act` / `hidden_activation` names -> the backends' activation
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's silu(gate) * up of [num_tokens, 2 * width] (gate first) -> [num_tokens, width]; one
-    Triton kernel on CUDA."""
-    if use_kernels(gate_up):
-        from tgi_server.kernels.fused import silu_and_mul as fused_silu_and_mul
+def config_activation(config: PretrainedConfig) -> str:
+    """The backends' name for the config's MLP activation; ValueError naming the field otherwise."""
+    name = getattr(config, "hidden_activation", None) or config.hidden_act
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
 
-        return fused_silu_and_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+
+class GatedActivation(nn.Module):
+    """act(gate) * up of the fused [gate | up] projection: [num_tokens, 2 * width] -> [num_tokens, width]."""
+
+    def __init__(self, activation: str, device: torch.device):
+        super().__init__()
+        self.activation = activation
+        self.ops = select_ops(device)
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.ops.gated_activation(gate_up, self.activation)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgi_server.distributed import TPGroup, shard_range
-from tgi_server.layers.linear import linear
+from tgi_server.ops import select_ops
 from tgi_server.weights import WeightSource
 
 
@@ -49,7 +49,13 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocab: each rank scores its vocab range, then the ranges are gathered."""
 
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__(vocab_size, hidden_size, tp, dtype, device)
+        self.ops = select_ops(device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] logits, the full vocab on every rank."""
-        local_logits = linear(hidden, self.weight)  # [num_tokens, num_rows]
+        local_logits = self.ops.linear(hidden, self.weight)  # [num_tokens, num_rows]
         return self.tp.all_gather_last_dim(local_logits)[:, : self.vocab_size]

@@ -6,23 +6,11 @@ exactly that slice and all-reduces the partial sums.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tgi_server.distributed import TPGroup
-from tgi_server.kernels import use_kernels
+from tgi_server.ops import select_ops
 from tgi_server.weights import WeightSource
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on the GPU path, a few rows go through the skinny kernel, which reads the weight
-    faster than cuBLAS does at that size (see `tgi_server.kernels.skinny`)."""
-    if use_kernels(x) and x.stride(-1) == 1:
-        from tgi_server.kernels import skinny
-
-        if x.dim() == 2 and x.shape[0] <= skinny.MAX_ROWS:
-            return skinny.skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:
@@ -52,6 +40,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.in_features = in_features
         self.output_sizes = output_sizes
+        self.ops = select_ops(device)
         self.part_ranges = part_ranges or [tp.partition(size) for size in output_sizes]
         self.output_sizes_per_rank = [stop - start for start, stop in self.part_ranges]
         num_out = sum(self.output_sizes_per_rank)
@@ -76,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
-        return linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -120,6 +109,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.in_features = in_features
+        self.ops = select_ops(device)
         self.input_range = input_range or tp.partition(in_features)
         num_in = self.input_range[1] - self.input_range[0]
         # [out_features, num_in_per_rank]
@@ -137,7 +127,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""
-        out = self.tp.all_reduce(linear(x, self.weight))
+        out = self.tp.all_reduce(self.ops.linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias
         return out

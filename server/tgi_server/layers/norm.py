@@ -1,18 +1,26 @@
-"""RMSNorm, computed in float32 like the reference implementation."""
+"""RMSNorm, computed in float32 like the reference implementations."""
 
 import torch
 from torch import nn
 
-from tgi_server.kernels import use_kernels
+from tgi_server.ops import select_ops
 from tgi_server.weights import WeightSource
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim; the weight is replicated on every rank."""
+    """x / rms(x) * (weight_offset + weight) over the last dim; the weight is replicated on every rank.
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    weight_offset is 0 for Llama-style norms and 1 for Gemma's, whose checkpoints store w for a
+    scale of 1 + w.
+    """
+
+    def __init__(
+        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device, weight_offset: float = 0.0
+    ):
         super().__init__()
         self.eps = eps
+        self.weight_offset = weight_offset
+        self.ops = select_ops(device)
         # [hidden_size]
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
@@ -23,19 +31,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> same shape and dtype."""
-        if use_kernels(x):
-            from tgi_server.kernels.fused import rms_norm
-
-            return rms_norm(x, self.weight, self.eps)[0]
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps, None, self.weight_offset)[0]
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual stream of a pre-norm block, in one kernel on GPU."""
-        if use_kernels(x):
-            from tgi_server.kernels.fused import rms_norm
+        return self.ops.rms_norm(x, self.weight, self.eps, residual, self.weight_offset)
 
-            return rms_norm(x, self.weight, self.eps, residual)
-        total = x + residual
-        return self(total), total
+    def per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm of each head of x [num_tokens, num_heads, head_dim] over head_dim (QK-norm)."""
+        num_tokens, num_heads, head_dim = x.shape
+        return self(x.reshape(num_tokens * num_heads, head_dim)).view(num_tokens, num_heads, head_dim)

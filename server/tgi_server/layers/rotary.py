@@ -7,18 +7,22 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 def rope_frequencies(
-    config: PretrainedConfig, head_dim: int, device: torch.device
+    config: PretrainedConfig, head_dim: int, device: torch.device, layer_type: str | None = None
 ) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim // 2] float32, attention_scaling) for the config's `rope_parameters`.
+    """(inv_freq [head_dim // 2] float32, attention_scaling) for the config's `rope_parameters`, or
+    for `rope_parameters[layer_type]` in configs whose layer types rotate differently (Gemma 3's
+    local and global layers).
 
     Scaled variants (llama3, linear, yarn, ...) come from transformers' own table; the plain
     "default" type is not in that table and is computed here. Types that rescale with the running
     sequence length ("dynamic", "longrope") get their initial frequencies only.
     """
-    rope_parameters = config.rope_parameters
+    rope_parameters = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
     rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type not in ROPE_INIT_FUNCTIONS and rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     if rope_type != "default":
-        return ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device, **({} if layer_type is None else {"layer_type": layer_type}))
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim  # [head_dim // 2]
     return 1.0 / rope_parameters["rope_theta"] ** exponents, 1.0
 
@@ -26,9 +30,9 @@ def rope_frequencies(
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by their token positions; positions are explicit, so any batch layout works."""
 
-    def __init__(self, config: PretrainedConfig, head_dim: int, device: torch.device):
+    def __init__(self, config: PretrainedConfig, head_dim: int, device: torch.device, layer_type: str | None = None):
         super().__init__()
-        inv_freq, self.attention_scaling = rope_frequencies(config, head_dim, device)
+        inv_freq, self.attention_scaling = rope_frequencies(config, head_dim, device, layer_type)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim // 2]
 
     def forward(

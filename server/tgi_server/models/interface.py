@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
-from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.weights import WeightSource
 
 
@@ -24,17 +24,15 @@ class CausalLM(Protocol):
 
     @property
     def kv_cache_specs(self) -> list[KVCacheSpec]:
-        """One per attention layer, in the order `forward` takes the caches."""
+        """One per attention layer, indexed like the forward context's caches."""
 
     def load_weights(self, weights: WeightSource) -> None:
         """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_caches: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """input_ids, positions [num_tokens] int64; caches shaped by `kv_cache_specs`. Writes this step's
-        K/V into the caches and returns hidden states [num_tokens, hidden_size]. No host syncs: it is
-        captured in CUDA graphs."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens] int64, run inside `forward_context(attn, kv_caches)` with
+        caches shaped by `kv_cache_specs`. Writes this step's K/V into the caches and returns hidden
+        states [num_tokens, hidden_size]. No host syncs: it is captured in CUDA graphs."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden_size] -> logits [n, vocab_size] float32, the full vocab on every rank."""

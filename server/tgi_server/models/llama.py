@@ -1,4 +1,5 @@
-"""Llama decoder (also Mistral, Qwen2/2.5, SmolLM2): pre-norm blocks of GQA attention and a SwiGLU MLP.
+"""Llama decoder (also Mistral, Qwen2/2.5, Qwen3, SmolLM2): pre-norm blocks of GQA attention and a
+SwiGLU MLP; Qwen3 norms each query and key head before the rotation (QK-norm).
 
 Tensor parallelism lives in the layers; this file only wires them as the architecture does.
 """
@@ -7,15 +8,19 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.distributed import TPGroup
-from tgi_server.layers.activation import silu_and_mul
+from tgi_server.layers.activation import GatedActivation
 from tgi_server.layers.attention import PagedAttention, attention_head_dim
 from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.layers.rotary import RotaryEmbedding
 from tgi_server.weights import WeightSource
+
+
+# families that RMSNorm each query and key head over head_dim before rotating them
+QK_NORM_TYPES = ("qwen3",)
 
 
 def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
@@ -57,23 +62,30 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device, input_range=o_inputs
         )
+        self.has_qk_norm = config.model_type in QK_NORM_TYPES
+        if self.has_qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(config, head_dim, device)
         window = layer_sliding_window(config, layer_idx)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, layer_idx, device, window)
 
     def load(self, weights: WeightSource, prefix: str) -> None:
         self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj.load(weights, f"{prefix}.o_proj")
+        if self.has_qk_norm:
+            self.q_norm.load(weights, f"{prefix}.q_norm.weight")
+            self.k_norm.load(weights, f"{prefix}.k_norm.weight")
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes_per_rank, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(positions, q, k, v, self.rotary, kv_cache, attn)  # [num_tokens, num_heads, head_dim]
+        if self.has_qk_norm:
+            q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
+        out = self.attn(positions, q, k, v, self.rotary)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -88,6 +100,7 @@ class LlamaMLP(nn.Module):
             hidden_size, [intermediate_size, intermediate_size], has_bias, tp, dtype, device
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, has_bias, tp, dtype, device)
+        self.act = GatedActivation("silu", device)
 
     def load(self, weights: WeightSource, prefix: str) -> None:
         self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
@@ -95,7 +108,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(hidden)  # [num_tokens, 2 * intermediate_per_rank]
-        return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(self.act(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -125,15 +138,13 @@ class LlamaDecoderLayer(nn.Module):
         positions: torch.Tensor,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        attn: AttentionMetadata,
-        kv_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: the previous block's output (or the embeddings, with residual None)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn, kv_cache)
+        hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -156,16 +167,10 @@ class LlamaModel(nn.Module):
             layer.load(weights, f"{prefix}.layers.{i}")
         self.norm.load(weights, f"{prefix}.norm.weight")
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionMetadata,
-        kv_caches: list[torch.Tensor],
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, attn, kv_cache)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
         return self.norm.add_and_norm(hidden, residual)[0]
 
 
@@ -191,18 +196,10 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head.load(weights, "lm_head.weight")
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionMetadata,
-        kv_caches: list[torch.Tensor],
-    ) -> torch.Tensor:
-        """input_ids, positions [num_tokens] int64; one KV cache per layer (`kv_cache_specs`).
-
-        Writes this step's K/V into the caches; returns hidden states [num_tokens, hidden_size].
-        """
-        return self.model(input_ids, positions, attn, kv_caches)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens] int64, inside a `forward_context` -> hidden states
+        [num_tokens, hidden_size]; writes this step's K/V into the context's caches."""
+        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden_size] -> logits [n, vocab_size] float32, the full vocab on every rank."""

@@ -7,13 +7,20 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from tgi_proto.settings import LOAD_FORMATS
 from tgi_server.distributed import TPGroup
+from tgi_server.layers.norm import RMSNorm
+from tgi_server.models.gemma import GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
+from tgi_server.ops import building_with
 from tgi_server.weights import load_config, open_weights
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
 }
 
 
@@ -36,13 +43,19 @@ def check_architecture(architecture: str) -> None:
 
 
 def load_model(
-    model_path: str, tp: TPGroup, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+    model_path: str,
+    tp: TPGroup,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    backend: str | None = None,
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Build this rank's shard of the model at `model_path` and load its weights.
 
     `model_path` is a local directory with config.json and *.safetensors, or a `.gguf` file. With
     `load_format="dummy"` only the config is read and the weights are random (for sizing and
-    benchmarking models whose weights are not at hand).
+    benchmarking models whose weights are not at hand). `backend` forces the layers' compute backend
+    ("portable" or "triton", see `tgi_server.ops`); None picks the device's default.
     Raises UnsupportedModelError for an architecture not in `ARCHITECTURES`, WeightShapeError for a
     tensor whose shape disagrees with the config, KeyError for a missing one.
     """
@@ -51,7 +64,8 @@ def load_model(
     check_architecture(architecture)
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
-    model = ARCHITECTURES[architecture](config, tp, dtype, device)
+    with building_with(backend):
+        model = ARCHITECTURES[architecture](config, tp, dtype, device)
     if load_format == "dummy":
         fill_random_weights(model, seed=tp.rank)
     else:
@@ -61,13 +75,14 @@ def load_model(
 
 @torch.no_grad()
 def fill_random_weights(model: nn.Module, seed: int) -> None:
-    """Norm scales 1, every other parameter uniform in [-1e-3, 1e-3] (small, so activations stay finite
-    through any depth), drawn on the parameter's device."""
+    """Norm scales 1 (a stored 0 where the norm scales by 1 + w), every other parameter uniform in
+    [-1e-3, 1e-3] (small, so activations stay finite through any depth), drawn on the parameter's device."""
     generator = None
-    for name, parameter in model.named_parameters():
+    norm_weights = {id(m.weight): 1.0 - m.weight_offset for m in model.modules() if isinstance(m, RMSNorm)}
+    for parameter in model.parameters():
         if generator is None:
             generator = torch.Generator(device=parameter.device).manual_seed(seed)
-        if "norm" in name:
-            parameter.fill_(1.0)
+        if id(parameter) in norm_weights:
+            parameter.fill_(norm_weights[id(parameter)])
         else:
             parameter.uniform_(-1e-3, 1e-3, generator=generator)

@@ -1,4 +1,4 @@
-"""Our paged Llama-family model against transformers' own implementation, on tiny random checkpoints."""
+"""Our paged models (Llama, Qwen, Mistral, Gemma families) against transformers' own implementations, on tiny random checkpoints."""
 
 import json
 
@@ -16,7 +16,7 @@ from model_helpers import (
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed"]
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "gemma", "gemma2", "gemma3"]
 ATOL = 1e-4
 
 
@@ -76,3 +76,18 @@ def test_kv_cache_specs_give_each_layer_its_window_and_this_ranks_kv_heads(world
     assert [spec.sliding_window for spec in specs] == [None if kind == "full_attention" else 8 for kind in config.layer_types]
     assert {(spec.num_kv_heads, spec.head_dim, spec.scale) for spec in specs} == {(2 // world_size, 8, 8 ** -0.5)}
     assert specs[0].shape(num_blocks=5, block_size=4) == (2, 5, 4, 2 // world_size, 8)
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2"])
+def test_dummy_weights_scale_every_norm_by_one(variant, tmp_path):
+    """`--load-format dummy`: a Llama norm stores 1, a Gemma norm (1 + w) stores 0; both scale by 1."""
+    from tgi_server.layers.norm import RMSNorm
+
+    save_tiny_model(tiny_config(variant), tmp_path)
+    model, _ = load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"), load_format="dummy")
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) >= 2 * model.config.num_hidden_layers
+    for norm in norms:
+        width = norm.weight.shape[0]
+        x = torch.randn(3, width)
+        torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))

@@ -1,0 +1,45 @@
+"""The Triton backend: the kernels of `tgi_server.kernels` for CUDA tensors (and, in tests, CPU
+tensors under TRITON_INTERPRET=1). Same functions and results as `ops.portable`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.kernels import fused, skinny
+from tgi_server.kernels.attention import paged_attention
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a few rows go through the skinny kernel, which reads the weight faster
+    than cuBLAS does at that size."""
+    if x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= skinny.MAX_ROWS:
+        return skinny.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return fused.rms_norm(x, weight, eps, residual, weight_offset)
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    return fused.gated_activation(gate_up, activation)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rotary,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    spec: KVCacheSpec,
+) -> torch.Tensor:
+    """One kernel rotates q in place and writes rotated k and v into the cache; the paged attention
+    kernels attend."""
+    fused.rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, kv_cache, attn.slot_mapping)
+    return paged_attention(q, kv_cache, attn, spec.scale, spec.sliding_window, spec.logit_softcap)
