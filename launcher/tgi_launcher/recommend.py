@@ -19,6 +19,10 @@ USABLE_FRACTION = 0.9  # of each GPU's memory (the rest: CUDA context, allocator
 MAX_PREFILL_TOKENS = 4096
 
 
+# model types whose transformers config ties the LM head to the embedding when config.json is silent
+TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     vocab_size: int
@@ -43,7 +47,7 @@ class ModelShape:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            tie_word_embeddings=config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT),
         )
 
     @property

@@ -23,6 +23,11 @@ def test_parameter_counts_match_the_published_ones():
     assert ModelShape.from_config(GEMMA_7B).num_parameters == 8_537_680_896
 
 
+def test_a_gemma_config_without_tie_word_embeddings_ties_as_transformers_does():
+    silent = {key: value for key, value in GEMMA_7B.items() if key != "tie_word_embeddings"}
+    assert ModelShape.from_config({**silent, "model_type": "gemma"}).num_parameters == 8_537_680_896
+
+
 def test_kv_bytes_per_token():
     assert ModelShape.from_config(LLAMA_31_8B).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
     assert ModelShape.from_config(GEMMA_7B).kv_bytes_per_token == 2 * 28 * 16 * 256 * 2  # 448 KiB
