@@ -66,6 +66,7 @@ def tiny_config(architecture: str, **extra):
         "llama": ("LlamaConfig", {}),
         "qwen2": ("Qwen2Config", {}),
         "qwen3": ("Qwen3Config", dict(head_dim=24)),
+        "phi3": ("Phi3Config", dict(partial_rotary_factor=0.75, pad_token_id=0)),
         "gemma": ("GemmaConfig", dict(head_dim=32, tie_word_embeddings=True)),
         "gemma2": ("Gemma2Config", gemma2),
         "gemma3": ("Gemma3TextConfig", dict(

@@ -8,6 +8,7 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
@@ -54,6 +55,12 @@ def tiny_config(variant: str) -> PretrainedConfig:
         return MistralConfig(**TINY, sliding_window=6, head_dim=16, tie_word_embeddings=False)
     if variant == "qwen3":
         return Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=False)
+    if variant == "phi3":  # fused qkv / gate_up tensors; Phi-4-mini's partial rotary (12 of 16 dims)
+        return Phi3Config(**TINY, partial_rotary_factor=0.75, sliding_window=7, tie_word_embeddings=False, pad_token_id=0)
+    if variant == "phi3_longrope":  # LongRoPE, context 4x the original 64
+        return Phi3Config(**{**TINY, "max_position_embeddings": 256}, original_max_position_embeddings=64, pad_token_id=0,
+                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                                        "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]})
     if variant == "gemma":  # q width (4 x 32) differs from hidden_size
         return GemmaConfig(**TINY, head_dim=32)
     if variant == "gemma2":  # layers alternate sliding (window 6) and global; both soft-caps bite

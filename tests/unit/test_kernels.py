@@ -199,12 +199,16 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
         DEVICE.type != "cuda", reason="Triton 3.6's interpreter rounds float32 to fp8 wrongly below powers of two (-1.98 -> -1.0)")),
 ])
 @pytest.mark.parametrize("num_tokens", [9, 70])  # a few tokens: heads in blocks of 4; many: all in one
-def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens, cache_dtype):
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.75])  # 0.75: Phi-4-mini's partial rotary
+def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens, cache_dtype, rotary_fraction):
     from tgi_server.kernels.fused import rotary_and_write_cache
 
     generator = torch.Generator().manual_seed(0)
     head_dim = 16
-    rotary = RotaryEmbedding(tiny_config("llama"), head_dim, DEVICE)
+    config = tiny_config("llama")
+    config.rope_parameters["partial_rotary_factor"] = rotary_fraction
+    rotary = RotaryEmbedding(config, head_dim, DEVICE)
+    assert rotary.inv_freq.shape[0] == int(head_dim * rotary_fraction) // 2
     qkv = torch.randn(num_tokens, (6 + 2 + 2) * head_dim, generator=generator).to(DEVICE)  # one fused projection
     q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([6 * head_dim, 2 * head_dim, 2 * head_dim], -1))
     positions = torch.randint(0, 500, (num_tokens,), generator=generator).to(DEVICE)

@@ -1,4 +1,4 @@
-"""Our paged models (Llama, Qwen, Mistral, Gemma families) against transformers' own implementations, on tiny random checkpoints."""
+"""Our paged models (Llama, Qwen, Mistral, Phi, Gemma families) against transformers' own implementations, on tiny random checkpoints."""
 
 import json
 
@@ -16,7 +16,7 @@ from model_helpers import (
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "gemma", "gemma2", "gemma3"]
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
 ATOL = 1e-4
 
 
@@ -91,3 +91,13 @@ def test_dummy_weights_scale_every_norm_by_one(variant, tmp_path):
         width = norm.weight.shape[0]
         x = torch.randn(3, width)
         torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
+def test_longrope_rotates_with_the_long_factors_as_transformers_does_past_the_original_context(tmp_path):
+    """A Phi-3 128k-style model uses LongRoPE's long factors for every token (its context exceeds the
+    original one); transformers does too once a sequence is longer than the original context."""
+    hf_model = save_tiny_model(tiny_config("phi3_longrope"), tmp_path)
+    token_ids = torch.randint(hf_model.config.vocab_size, (90,), generator=torch.Generator().manual_seed(0)).tolist()
+    driver = _driver(str(tmp_path))
+    logits = torch.cat([driver.step([("long", token_ids[:50])])["long"], driver.step([("long", token_ids[50:])])["long"]])
+    torch.testing.assert_close(logits, hf_logits(hf_model, token_ids), atol=ATOL, rtol=0)

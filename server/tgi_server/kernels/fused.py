@@ -64,10 +64,12 @@ def _rotary_cache_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cache_slot, stride_cache_head,
     num_heads, num_kv_heads, num_q_programs, attention_scaling,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr,
 ):
     """Program (token, j): query heads j * HEAD_BLOCK ... of the token for j < num_q_programs, else KV
-    heads (j - num_q_programs) * HEAD_BLOCK ...; the angles are computed once per program."""
+    heads (j - num_q_programs) * HEAD_BLOCK ...; the angles are computed once per program. The first
+    2 * HALF dims of a head rotate; the rest (partial rotary) pass through."""
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     half = tl.arange(0, HALF_P)
@@ -86,13 +88,26 @@ def _rotary_cache_kernel(
         cache_ptr = tl.load(slot_mapping_ptr + token) * stride_cache_slot + first * stride_cache_head
         _rotate_heads(k_ptr + token * stride_k_token + first * stride_k_head, stride_k_head, num_kv_heads - first,
                       k_cache_ptr + cache_ptr, stride_cache_head, cos, sin, half, mask, HALF, HEAD_BLOCK)
-        cache_offset = cache_ptr + heads[:, None] * stride_cache_head + half[None, :]
-        v_offset = token * stride_v_token + (first + heads[:, None]) * stride_v_head + half[None, :]
         cache_dtype = v_cache_ptr.dtype.element_ty
-        v1 = tl.load(v_ptr + v_offset, mask=tile_mask, other=0.0)
-        v2 = tl.load(v_ptr + v_offset + HALF, mask=tile_mask, other=0.0)
-        tl.store(v_cache_ptr + cache_offset, v1.to(cache_dtype), mask=tile_mask)
-        tl.store(v_cache_ptr + cache_offset + HALF, v2.to(cache_dtype), mask=tile_mask)
+        if 2 * HALF == HEAD_DIM:
+            cache_offset = cache_ptr + heads[:, None] * stride_cache_head + half[None, :]
+            v_offset = token * stride_v_token + (first + heads[:, None]) * stride_v_head + half[None, :]
+            v1 = tl.load(v_ptr + v_offset, mask=tile_mask, other=0.0)
+            v2 = tl.load(v_ptr + v_offset + HALF, mask=tile_mask, other=0.0)
+            tl.store(v_cache_ptr + cache_offset, v1.to(cache_dtype), mask=tile_mask)
+            tl.store(v_cache_ptr + cache_offset + HALF, v2.to(cache_dtype), mask=tile_mask)
+        else:  # partial rotary: all of v, and k's unrotated tail
+            dims = tl.arange(0, HEAD_DIM_P)
+            head_valid = (heads < num_kv_heads - first)[:, None]
+            cache_offset = cache_ptr + heads[:, None] * stride_cache_head + dims[None, :]
+            v_mask = head_valid & (dims < HEAD_DIM)[None, :]
+            v = tl.load(v_ptr + token * stride_v_token + (first + heads[:, None]) * stride_v_head + dims[None, :],
+                        mask=v_mask, other=0.0)
+            tl.store(v_cache_ptr + cache_offset, v.to(cache_dtype), mask=v_mask)
+            tail_mask = v_mask & (dims >= 2 * HALF)[None, :]
+            k_tail = tl.load(k_ptr + token * stride_k_token + (first + heads[:, None]) * stride_k_head + dims[None, :],
+                             mask=tail_mask, other=0.0)
+            tl.store(k_cache_ptr + cache_offset, k_tail.to(cache_dtype), mask=tail_mask)
 
 
 @triton.jit
@@ -133,7 +148,7 @@ def rotary_and_write_cache(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     slots = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, num_slots, num_kv_heads, head_dim]
-    half = head_dim // 2
+    half = inv_freq.shape[0]  # rotary_dim // 2: head_dim // 2 unless the rotary is partial
     head_block = 4 if num_tokens < 64 else triton.next_power_of_2(max(num_heads, num_kv_heads))
     num_q_programs = triton.cdiv(num_heads, head_block)
     _rotary_cache_kernel[(num_tokens, num_q_programs + triton.cdiv(num_kv_heads, head_block))](
@@ -141,7 +156,8 @@ def rotary_and_write_cache(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         slots.stride(1), slots.stride(2),
         num_heads, num_kv_heads, num_q_programs, attention_scaling,
-        HALF=half, HALF_P=triton.next_power_of_2(half), HEAD_BLOCK=head_block,
+        HALF=half, HALF_P=triton.next_power_of_2(half), HEAD_DIM=head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim),
+        HEAD_BLOCK=head_block,
     )
 
 

@@ -63,6 +63,20 @@ class ColumnParallelLinear(nn.Module):
         ]
         return torch.cat(shards)
 
+    @torch.no_grad()
+    def load_fused(self, weights: WeightSource, prefix: str) -> None:
+        """Read this rank's rows of each part from one checkpoint tensor `{prefix}.weight` that holds
+        the parts stacked in order (Phi-3's qkv_proj and gate_up_proj)."""
+        name, total = f"{prefix}.weight", sum(self.output_sizes)
+        offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        shards = [
+            weights.get_range(name, 0, offset + start, offset + stop, (total, self.in_features))
+            for offset, (start, stop) in zip(offsets, self.part_ranges)
+        ]
+        self.weight.copy_(torch.cat(shards))
+        if self.bias is not None:
+            raise ValueError(f"{prefix}: fused checkpoint projections with a bias are not supported")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
         return self.ops.linear(x, self.weight, self.bias)

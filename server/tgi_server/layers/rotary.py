@@ -14,16 +14,24 @@ def rope_frequencies(
     local and global layers).
 
     Scaled variants (llama3, linear, yarn, ...) come from transformers' own table; the plain
-    "default" type is not in that table and is computed here. Types that rescale with the running
-    sequence length ("dynamic", "longrope") get their initial frequencies only.
+    "default" type is not in that table and is computed here. With a `partial_rotary_factor` below 1
+    only the first head_dim * factor dims rotate (inv_freq is that long / 2). "dynamic" gets its
+    initial frequencies only. "longrope" (Phi-3) takes its long factors whenever the model's context
+    exceeds the original one, as vLLM does: every token of a sequence rotates the same way whatever
+    the sequence's length (transformers switches factors at the original length and recomputes the
+    cache).
     """
     rope_parameters = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
     rope_type = rope_parameters.get("rope_type", "default")
     if rope_type not in ROPE_INIT_FUNCTIONS and rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    if rope_type == "longrope":
+        kwargs["seq_len"] = config.max_position_embeddings
     if rope_type != "default":
-        return ROPE_INIT_FUNCTIONS[rope_type](config, device, **({} if layer_type is None else {"layer_type": layer_type}))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim  # [head_dim // 2]
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
+    rotary_dim = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim  # [rotary_dim // 2]
     return 1.0 / rope_parameters["rope_theta"] ** exponents, 1.0
 
 
@@ -40,14 +48,16 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [num_tokens] int64; q [num_tokens, num_heads, head_dim];
         k [num_tokens, num_kv_heads, head_dim]. Returns the rotated (q, k), same shapes and dtypes."""
-        angles = positions.unsqueeze(-1).float() * self.inv_freq  # [num_tokens, head_dim // 2]
-        cos = (angles.cos() * self.attention_scaling).unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
-        sin = (angles.sin() * self.attention_scaling).unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # [num_tokens, rotary_dim // 2]
+        cos = (angles.cos() * self.attention_scaling).unsqueeze(1)  # [num_tokens, 1, rotary_dim // 2]
+        sin = (angles.sin() * self.attention_scaling).unsqueeze(1)  # [num_tokens, 1, rotary_dim // 2]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with the first and second halves of head_dim as the pairs."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [num_tokens, heads, head_dim]
-    return rotated.to(x.dtype)
+    """x * cos + rotate_half(x) * sin over the first rotary_dim dims of each head (the first and
+    second halves of those as the pairs); the rest pass through."""
+    rotary_dim = 2 * cos.shape[-1]
+    x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)  # [num_tokens, heads, rotary_dim]
+    return rotated if rotary_dim == x.shape[-1] else torch.cat((rotated, x[..., rotary_dim:]), dim=-1)

@@ -1,5 +1,6 @@
-"""Llama decoder (also Mistral, Qwen2/2.5, Qwen3, SmolLM2): pre-norm blocks of GQA attention and a
-SwiGLU MLP; Qwen3 norms each query and key head before the rotation (QK-norm).
+"""Llama decoder (also Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, SmolLM2): pre-norm blocks of GQA
+attention and a SwiGLU MLP. Qwen3 norms each query and key head before the rotation (QK-norm);
+Phi-3 checkpoints store q/k/v and gate/up as one tensor each, and may rotate part of each head.
 
 Tensor parallelism lives in the layers; this file only wires them as the architecture does.
 """
@@ -21,6 +22,8 @@ from tgi_server.weights import WeightSource
 
 # families that RMSNorm each query and key head over head_dim before rotating them
 QK_NORM_TYPES = ("qwen3",)
+# families whose checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`
+FUSED_CHECKPOINT_TYPES = ("phi3",)
 
 
 def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
@@ -62,6 +65,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device, input_range=o_inputs
         )
+        self.is_fused_checkpoint = config.model_type in FUSED_CHECKPOINT_TYPES
         self.has_qk_norm = config.model_type in QK_NORM_TYPES
         if self.has_qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
@@ -71,7 +75,10 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, layer_idx, device, window)
 
     def load(self, weights: WeightSource, prefix: str) -> None:
-        self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        if self.is_fused_checkpoint:
+            self.qkv_proj.load_fused(weights, f"{prefix}.qkv_proj")
+        else:
+            self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj.load(weights, f"{prefix}.o_proj")
         if self.has_qk_norm:
             self.q_norm.load(weights, f"{prefix}.q_norm.weight")
@@ -101,9 +108,13 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, has_bias, tp, dtype, device)
         self.act = GatedActivation("silu", device)
+        self.is_fused_checkpoint = config.model_type in FUSED_CHECKPOINT_TYPES
 
     def load(self, weights: WeightSource, prefix: str) -> None:
-        self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        if self.is_fused_checkpoint:
+            self.gate_up_proj.load_fused(weights, f"{prefix}.gate_up_proj")
+        else:
+            self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj.load(weights, f"{prefix}.down_proj")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
