@@ -104,7 +104,7 @@ class LauncherConfig:
 
     @property
     def prepare(self) -> PrepareSettings:
-        return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache)
+        return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache, self.num_shard)
 
 
 def resolve_config(

@@ -73,6 +73,7 @@ class PrepareSettings:
     revision: str | None = setting(None, "Hub revision: branch, tag or commit.")
     cache_dir: str | None = setting(None, "Hub cache directory (default: huggingface_hub's, HF_HOME/hub).",
                                     env="HUGGINGFACE_HUB_CACHE")
+    num_shard: int = setting(1, "Shards the model will be split over (checked against its KV heads).", minimum=1)
 
     def __post_init__(self):
         check_fields(self)

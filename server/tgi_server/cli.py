@@ -33,7 +33,7 @@ def prepare(settings: PrepareSettings) -> None:
     from tgi_server.prepare import PrepareError, prepare as resolve
 
     try:
-        prepared = resolve(settings.model_id, settings.revision, settings.cache_dir)
+        prepared = resolve(settings.model_id, settings.revision, settings.cache_dir, settings.num_shard)
     except PrepareError as error:
         print(f"PrepareError: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

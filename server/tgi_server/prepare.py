@@ -48,9 +48,12 @@ class PreparedModel:
     tokenizer_path: str
 
 
-def prepare(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> PreparedModel:
+def prepare(
+    model_id: str, revision: str | None = None, cache_dir: str | None = None, num_shard: int = 1
+) -> PreparedModel:
     """Local files for `model_id`; `cache_dir` is the hub cache (None: huggingface_hub's default), also
-    the root for GGUF exports and conversions that cannot be written next to the model."""
+    the root for GGUF exports and conversions that cannot be written next to the model. `num_shard`
+    is checked against the model's KV heads, which tensor parallelism splits whole."""
     path = Path(model_id).expanduser()
     gguf = _gguf_file(path)
     if gguf is not None:
@@ -61,15 +64,22 @@ def prepare(model_id: str, revision: str | None = None, cache_dir: str | None = 
         directory = path
     else:
         directory = _download(model_id, revision, cache_dir)
-    _check_servable(directory)
+    _check_servable(directory, num_shard)
     return PreparedModel(str(ensure_safetensors(directory, cache_dir)), str(directory))
 
 
-def _check_servable(directory: Path) -> None:
+def _check_servable(directory: Path, num_shard: int) -> None:
     """What would otherwise fail only in the shards or the router, found before they start."""
     if not (directory / "tokenizer.json").exists():
         raise PrepareError(f"{directory} has no tokenizer.json (the router tokenizes with it)")
-    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    config = json.loads((directory / "config.json").read_text())
+    num_kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    if isinstance(num_kv_heads, int) and num_kv_heads < num_shard:
+        raise PrepareError(
+            f"{directory / 'config.json'}: num_key_value_heads is {num_kv_heads}, fewer than the {num_shard} "
+            f"shards asked for (each shard holds whole KV heads); use --num-shard {num_kv_heads} or fewer"
+        )
+    architectures = config.get("architectures") or []
     if architectures:
         from tgi_server.models.registry import UnsupportedModelError, check_architecture
 

@@ -67,6 +67,10 @@ def tiny_config(architecture: str, **extra):
         "qwen2": ("Qwen2Config", {}),
         "qwen3": ("Qwen3Config", dict(head_dim=24)),
         "phi3": ("Phi3Config", dict(partial_rotary_factor=0.75, pad_token_id=0)),
+        # router logits far enough apart that float rounding never changes an expert choice
+        "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, initializer_range=0.15)),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                             mlp_only_layers=[1], initializer_range=0.15)),
         "gemma": ("GemmaConfig", dict(head_dim=32, tie_word_embeddings=True)),
         "gemma2": ("Gemma2Config", gemma2),
         "gemma3": ("Gemma3TextConfig", dict(

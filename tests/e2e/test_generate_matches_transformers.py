@@ -54,7 +54,7 @@ def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
         assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from tgi_server.attention_metadata import AttentionMetadata
@@ -61,6 +63,13 @@ def tiny_config(variant: str) -> PretrainedConfig:
         return Phi3Config(**{**TINY, "max_position_embeddings": 256}, original_max_position_embeddings=64, pad_token_id=0,
                           rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
                                         "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]})
+    if variant == "mixtral":  # 4 experts, top 2, renormalised
+        return MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    if variant == "qwen3_moe":  # 6 experts of width 40, top 3 not renormalised; layer 0 dense
+        return Qwen3MoeConfig(
+            **TINY, head_dim=24, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+            norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=False,
+        )
     if variant == "gemma":  # q width (4 x 32) differs from hidden_size
         return GemmaConfig(**TINY, head_dim=32)
     if variant == "gemma2":  # layers alternate sliding (window 6) and global; both soft-caps bite

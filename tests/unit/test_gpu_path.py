@@ -28,7 +28,7 @@ def load_runner(variant: str, tmp_path, kv_cache_dtype: torch.dtype | None = Non
     return runner, hf_model
 
 
-@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "qwen3", "phi3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"])
 def test_gpu_greedy_with_kernels_and_cuda_graphs_follows_transformers(variant, tmp_path):
     runner, hf_model = load_runner(variant, tmp_path)
     assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))

@@ -225,7 +225,7 @@ def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cach
     torch.testing.assert_close(cache.float(), expected_cache.float(), **tolerance)
 
 
-@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "gemma2"])
+@pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "gemma2", "qwen3_moe"])
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's check; on a GPU test_gpu_path.py covers it")
 def test_model_on_the_kernel_path_gives_the_portable_logits(variant, tmp_path):
     """A whole tiny model over a mixed schedule (prefill, chunked prefill, decode), built once with
@@ -263,3 +263,25 @@ def test_attention_in_graph_layout_matches_the_exact_grid():
         max_query_len=32,
     )
     torch.testing.assert_close(paged_attention(q, kv_cache, padded, head_dim**-0.5, None)[:27], expected)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [
+    (1, 8, 2),  # one decode token: two experts, each a block of one real row
+    (13, 6, 2),  # a few tokens, some experts unused
+    (150, 4, 2),  # 300 pairs: 64-row blocks, several per expert
+])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_experts, top_k, activation):
+    from tgi_server.kernels.moe import fused_moe
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    hidden_size, width = 96, 40  # neither a multiple of the tiles
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(DEVICE)
+    w13 = (torch.randn(num_experts, 2 * width, hidden_size, generator=generator) / 10).to(DEVICE)
+    w2 = (torch.randn(num_experts, hidden_size, width, generator=generator) / 10).to(DEVICE)
+    logits = torch.randn(num_tokens, num_experts - 1, generator=generator)  # the last expert is never picked
+    topk_weights, topk_ids = logits.softmax(-1).topk(top_k, dim=-1)
+    topk_weights, topk_ids = topk_weights.to(DEVICE), topk_ids.to(DEVICE)
+    expected = portable.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+    actual = fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Our paged models (Llama, Qwen, Mistral, Phi, Gemma families) against transformers' own implementations, on tiny random checkpoints."""
+"""Our paged models (Llama, Qwen, Mistral, Phi, Mixtral, Qwen3-MoE, Gemma families) against transformers' own implementations, on tiny random checkpoints."""
 
 import json
 
@@ -16,7 +16,7 @@ from model_helpers import (
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
 ATOL = 1e-4
 
 

@@ -20,7 +20,7 @@ from tgi_server.models.registry import load_model
 
 # tied embeddings; biases on q/k/v, o_proj and the MLP (row-parallel bias added once); q/k/v bias only;
 # 3 kv heads over 2 ranks (uneven split)
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "odd_heads", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "odd_heads", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
 WORLD_SIZE = 2
 
 

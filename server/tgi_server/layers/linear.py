@@ -145,3 +145,21 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out
+
+
+class ReplicatedLinear(nn.Module):
+    """A small linear held whole on every rank (a mixture-of-experts router), no bias."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.ops = select_ops(device)
+        # [out_features, in_features]
+        self.weight = _parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def load(self, weights: WeightSource, name: str) -> None:
+        self.weight.copy_(weights.get(name, tuple(self.weight.shape)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, in_features] -> [num_tokens, out_features]."""
+        return self.ops.linear(x, self.weight)

@@ -21,7 +21,7 @@ from tgi_server.weights import WeightSource
 
 
 # families that RMSNorm each query and key head over head_dim before rotating them
-QK_NORM_TYPES = ("qwen3",)
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 # families whose checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`
 FUSED_CHECKPOINT_TYPES = ("phi3",)
 
@@ -136,13 +136,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(config, layer_idx, tp, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(config, tp, dtype, device)
+        self.mlp, self.mlp_name = self.build_mlp(config, layer_idx, tp, dtype, device)
+
+    def build_mlp(
+        self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+    ) -> tuple[nn.Module, str]:
+        """(the block's feed-forward module, its checkpoint name); mixture-of-experts models override it."""
+        return LlamaMLP(config, tp, dtype, device), "mlp"
 
     def load(self, weights: WeightSource, prefix: str) -> None:
         self.input_layernorm.load(weights, f"{prefix}.input_layernorm.weight")
         self.self_attn.load(weights, f"{prefix}.self_attn")
         self.post_attention_layernorm.load(weights, f"{prefix}.post_attention_layernorm.weight")
-        self.mlp.load(weights, f"{prefix}.mlp")
+        self.mlp.load(weights, f"{prefix}.{self.mlp_name}")
 
     def forward(
         self,
@@ -163,13 +169,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Token embedding, the decoder layers and the final norm."""
 
-    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device, layer_class: type
+    ):
         super().__init__()
         vocab_size, hidden_size = config.vocab_size, config.hidden_size
         self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, tp, dtype, device) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def load(self, weights: WeightSource, prefix: str) -> None:
@@ -187,12 +193,14 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """The decoder plus a vocab-parallel LM head (sharing the embedding when `tie_word_embeddings`);
-    a `models.interface.CausalLM`."""
+    a `models.interface.CausalLM`. Subclasses change the decoder block through `layer_class`."""
+
+    layer_class: type = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, tp, dtype, device)
+        self.model = LlamaModel(config, tp, dtype, device, self.layer_class)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -10,6 +10,7 @@ from tgi_server.distributed import TPGroup
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.models.gemma import GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
+from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.ops import building_with
 from tgi_server.weights import load_config, open_weights
 
@@ -19,6 +20,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": MixtralForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,

@@ -45,6 +45,29 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]): hidden [num_tokens, hidden_size],
+    w13 [num_experts, 2 * width, hidden_size] ([gate | up] rows), w2 [num_experts, hidden_size, width],
+    topk_weights float32 and topk_ids [num_tokens, top_k] -> [num_tokens, hidden_size].
+
+    A loop over the experts that were picked (each runs on its tokens only), as transformers does.
+    """
+    out = torch.zeros_like(hidden)
+    for expert in topk_ids.unique().tolist():
+        tokens, slots = torch.where(topk_ids == expert)
+        expert_out = linear(gated_activation(linear(hidden[tokens], w13[expert]), activation), w2[expert])
+        weighted = expert_out * topk_weights[tokens, slots, None]
+        out.index_add_(0, tokens, weighted.to(out.dtype))
+    return out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
