@@ -1,4 +1,4 @@
-"""Writes a model directory for benchmarks: a Llama-3.1-8B-shaped (or `--shape gemma-7b`, `qwen3-8b`)
+"""Writes a model directory for benchmarks: a Llama-3.1-8B-shaped (or `--shape gemma-7b`, `qwen3-8b`, `qwen3-30b-a3b`)
 config.json and the real Llama-3.1 tokenizer, without weights (serve it with `--load-format dummy`: random weights from the config).
 
 The tokenizer files come from `bench/assets/llama-3.1-tokenizer/` (git-ignored; they are the npm
@@ -90,12 +90,38 @@ QWEN3_8B = {
     "torch_dtype": "bfloat16",
     "vocab_size": 151936,
 }
+# Qwen/Qwen3-30B-A3B's config.json: 128 experts of width 768, 8 per token
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "attention_bias": False,
+    "decoder_sparse_step": 1,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+}
 # The benchmark tokenizer is Llama 3.1's, so every shape takes its special token ids.
 LLAMA_TOKEN_IDS = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
 SHAPES = {
     "llama-3.1-8b": LLAMA_3_1_8B,
     "gemma-7b": {**GEMMA_7B, **LLAMA_TOKEN_IDS},
     "qwen3-8b": {**QWEN3_8B, **LLAMA_TOKEN_IDS},
+    "qwen3-30b-a3b": {**QWEN3_30B_A3B, **LLAMA_TOKEN_IDS},
     "tiny": {**LLAMA_3_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2},
 }

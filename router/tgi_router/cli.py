@@ -139,6 +139,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "model_dtype": shard_info.dtype,
         "model_device_type": shard_info.device_type,
         "kv_cache_dtype": shard_info.kv_cache_dtype,
+        "model_implementation": shard_info.model_implementation,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
     }

@@ -74,7 +74,7 @@ def _build_server(settings: ShardSettings):
     from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
     from tgi_server.distributed import init_distributed
     from tgi_server.model_runner import ModelRunner
-    from tgi_server.models.registry import load_model, model_architecture
+    from tgi_server.models.registry import implementation, load_model, model_architecture
     from tgi_server.sampler import Watermark
     from tgi_server.service import TextGenerationService
 
@@ -94,9 +94,13 @@ def _build_server(settings: ShardSettings):
     )
     backend = "portable" if settings.disable_custom_kernels else None
     model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend)
+    log.info("model %s runs on the %s implementation", model_architecture(config), implementation(model_architecture(config)))
+    graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
+    if not model.supports_cuda_graphs:
+        log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
+        graph_sizes = ()
     runner = ModelRunner(
-        model, config, tp, device, torch_dtype, settings.block_size,
-        DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs,
+        model, config, tp, device, torch_dtype, settings.block_size, graph_sizes,
         kv_cache_dtype=_kv_cache_dtype(settings.kv_cache_dtype),
         watermark=Watermark(settings.watermark_gamma, settings.watermark_delta),
     )
@@ -109,6 +113,7 @@ def _build_server(settings: ShardSettings):
         max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
         world_size=world_size,
         kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
+        model_implementation=implementation(model_architecture(config)),
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)

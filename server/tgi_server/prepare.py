@@ -84,7 +84,7 @@ def _check_servable(directory: Path, num_shard: int) -> None:
         from tgi_server.models.registry import UnsupportedModelError, check_architecture
 
         try:
-            check_architecture(architectures[0])
+            check_architecture(architectures[0], num_shard)
         except UnsupportedModelError as error:
             raise PrepareError(f"{directory / 'config.json'}: {error}") from None
 

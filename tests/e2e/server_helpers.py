@@ -79,6 +79,14 @@ def tiny_config(architecture: str, **extra):
                              "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
         )),
     }
+    fallbacks = {  # run on the transformers fallback; multi-head attention (no num_key_value_heads)
+        "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
+        "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1)),
+    }
+    if architecture in fallbacks:
+        common.pop("num_key_value_heads")
+        common.pop("intermediate_size")
+        families[architecture] = fallbacks[architecture]
     class_name, family_extra = families[architecture]
     return getattr(transformers, class_name)(**{**common, **family_extra, **extra})
 

@@ -55,12 +55,14 @@ def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
 
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
+FALLBACKS = ["gpt_neox", "opt"]  # transformers' own classes over our paged KV cache
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny_model(tiny_config(family), smollm2_tokenizer_dir, root / family) for family in FAMILIES}
+    return {family: save_tiny_model(tiny_config(family), smollm2_tokenizer_dir, root / family)
+            for family in FAMILIES + FALLBACKS}
 
 
 @pytest.mark.parametrize("num_shard", [1, 2])
@@ -75,7 +77,27 @@ async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home
     small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
     with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
         ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+        async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
+            info = await response.json()
     assert_same_tokens(ours, expected)
+    assert info["model_implementation"] == "in-project"
+
+
+@pytest.mark.parametrize("architecture", FALLBACKS)
+async def test_fallback_model_greedy_output_equals_transformers_and_info_names_the_fallback(tiny_models, hf_home, architecture):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_models[architecture]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
+    small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
+    with running_server(str(model_dir), hf_home, *small_cache) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+        async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
+            info = await response.json()
+    assert_same_tokens(ours, expected)
+    assert info["model_implementation"] == "transformers"
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def broken_copy(tiny_llama, tmp_path, **config_changes) -> str:
         ({"vocab_size": 50000}, "tensor 'model.embed_tokens.weight' has shape [49152, 64], but the model's config implies [50000, 64]"),
         ({"intermediate_size": 96}, "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [128, 64], but the model's config implies [96, 64]"),
         ({"tokenizer__json_file": None}, "has no tokenizer.json"),
-        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+        ({"architectures": ["FancyNewForCausalLM"]}, "unsupported architecture 'FancyNewForCausalLM'"),
     ],
     ids=["vocab-smaller", "vocab-larger", "mlp-size", "no-tokenizer", "architecture"],
 )

@@ -6,9 +6,11 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OPTConfig,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
@@ -70,6 +72,12 @@ def tiny_config(variant: str) -> PretrainedConfig:
             **TINY, head_dim=24, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
             norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=False,
         )
+    if variant == "gpt_neox":  # transformers fallback: partial rotary, parallel residual
+        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=251, max_position_embeddings=256, rotary_pct=0.5, tie_word_embeddings=False)
+    if variant == "opt":  # transformers fallback: learned positions, pre-scaled queries, biases
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=251,
+                         max_position_embeddings=256, word_embed_proj_dim=64)
     if variant == "gemma":  # q width (4 x 32) differs from hidden_size
         return GemmaConfig(**TINY, head_dim=32)
     if variant == "gemma2":  # layers alternate sliding (window 6) and global; both soft-caps bite

@@ -16,7 +16,8 @@ from model_helpers import (
 from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3",
+            "gpt_neox", "opt"]
 ATOL = 1e-4
 
 

@@ -113,7 +113,7 @@ SCHEMAS = {
         "max_total_tokens": INT, "validation_workers": INT, "max_client_batch_size": INT, "router": STR,
         "version": STR, "sha": _nullable(STR), "docker_label": _nullable(STR),
         "model_dtype": STR, "model_device_type": STR, "kv_cache_dtype": STR, "max_batch_total_tokens": INT,
-        "num_shard": INT,
+        "num_shard": INT, "model_implementation": STR,
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

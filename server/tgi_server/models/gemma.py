@@ -195,6 +195,8 @@ class GemmaForCausalLM(nn.Module):
     """The decoder plus a vocab-parallel LM head (the embedding's, unless the checkpoint unties
     them), with Gemma 2's final logit soft-capping; a `models.interface.CausalLM`."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.config = config

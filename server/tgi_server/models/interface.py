@@ -21,13 +21,16 @@ class CausalLM(Protocol):
     """A decoder-only language model over the paged KV cache, sharded over a tensor-parallel group."""
 
     config: PretrainedConfig
+    # False where the forward is not capture-safe (the transformers fallback): the runner runs eagerly
+    supports_cuda_graphs: bool
 
     @property
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """One per attention layer, indexed like the forward context's caches."""
 
     def load_weights(self, weights: WeightSource) -> None:
-        """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
+        """Fill every parameter with this rank's part of the HF-named checkpoint tensors (the
+        transformers fallback has none: transformers loads its checkpoint when it is built)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [num_tokens] int64, run inside `forward_context(attn, kv_caches)` with

@@ -196,6 +196,7 @@ class LlamaForCausalLM(nn.Module):
     a `models.interface.CausalLM`. Subclasses change the decoder block through `layer_class`."""
 
     layer_class: type = LlamaDecoderLayer
+    supports_cuda_graphs = True
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()

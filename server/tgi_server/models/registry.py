@@ -11,6 +11,7 @@ from tgi_server.layers.norm import RMSNorm
 from tgi_server.models.gemma import GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
+from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class
 from tgi_server.ops import building_with
 from tgi_server.weights import load_config, open_weights
 
@@ -39,11 +40,31 @@ class UnsupportedModelError(ValueError):
     """A model this server has no code for, or an unknown load format."""
 
 
-def check_architecture(architecture: str) -> None:
-    if architecture not in ARCHITECTURES:
+def model_class(architecture: str, num_shard: int = 1) -> type:
+    """The in-project class for `architecture`, else transformers' own through the fallback (one
+    shard only); UnsupportedModelError naming what is supported otherwise."""
+    if architecture in ARCHITECTURES:
+        return ARCHITECTURES[architecture]
+    if fallback_class(architecture) is None:
         raise UnsupportedModelError(
-            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}, "
+            "and transformers causal LMs that accept a registered attention function"
         )
+    if num_shard > 1:
+        raise UnsupportedModelError(
+            f"{architecture} runs on the transformers fallback, which has no tensor parallelism here; "
+            "use --num-shard 1"
+        )
+    return TransformersCausalLM
+
+
+def implementation(architecture: str) -> str:
+    """"in-project" or "transformers": which code runs the model (shown in /info and the log)."""
+    return "in-project" if architecture in ARCHITECTURES else "transformers"
+
+
+def check_architecture(architecture: str, num_shard: int = 1) -> None:
+    model_class(architecture, num_shard)
 
 
 def load_model(
@@ -60,19 +81,24 @@ def load_model(
     `load_format="dummy"` only the config is read and the weights are random (for sizing and
     benchmarking models whose weights are not at hand). `backend` forces the layers' compute backend
     ("portable" or "triton", see `tgi_server.ops`); None picks the device's default.
-    Raises UnsupportedModelError for an architecture not in `ARCHITECTURES`, WeightShapeError for a
+    An architecture not in `ARCHITECTURES` runs on transformers' own class (`transformers_fallback`).
+    Raises UnsupportedModelError for an architecture neither supports, WeightShapeError for a
     tensor whose shape disagrees with the config, KeyError for a missing one.
     """
     config = load_config(model_path)
     architecture = model_architecture(config)
-    check_architecture(architecture)
+    model_cls = model_class(architecture, tp.world_size)
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    is_dummy = load_format == "dummy"
     with building_with(backend):
-        model = ARCHITECTURES[architecture](config, tp, dtype, device)
-    if load_format == "dummy":
+        if model_cls is TransformersCausalLM:  # transformers reads its own checkpoints
+            model = TransformersCausalLM(config, tp, dtype, device, None if is_dummy else model_path)
+        else:
+            model = model_cls(config, tp, dtype, device)
+    if is_dummy:
         fill_random_weights(model, seed=tp.rank)
-    else:
+    elif model_cls is not TransformersCausalLM:
         model.load_weights(open_weights(model_path, config, dtype))
     return model.eval(), config
 
