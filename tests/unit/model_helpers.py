@@ -20,7 +20,7 @@ from transformers import (
 
 from tgi_server.attention_metadata import AttentionMetadata
 from tgi_server.forward_context import forward_context
-from tgi_server.distributed import TPGroup, init_distributed, shutdown_distributed
+from tgi_server.distributed import init_distributed, shutdown_distributed
 from tgi_server.models.registry import load_model
 
 TINY = dict(

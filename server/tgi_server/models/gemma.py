@@ -18,11 +18,12 @@ from transformers import PretrainedConfig
 from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.activation import GatedActivation, config_activation
-from tgi_server.layers.attention import PagedAttention, attention_head_dim
+from tgi_server.layers.attention import attention_head_dim
 from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tgi_server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.layers.rotary import RotaryEmbedding
+from tgi_server.layers.self_attention import SelfAttention
 from tgi_server.weights import WeightSource
 
 # Gemma 2 and 3 norm the attention and MLP outputs too ("sandwich" norms)
@@ -46,54 +47,24 @@ def rotary_for(config: PretrainedConfig, head_dim: int, kind: str | None, device
     return RotaryEmbedding(config, head_dim, device, kind if keyed_by_type else None)
 
 
-class GemmaAttention(nn.Module):
-    """Rotary GQA self-attention over the paged KV cache; this rank's share of the heads."""
-
-    def __init__(
-        self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
-    ):
-        super().__init__()
-        self.head_dim = head_dim = attention_head_dim(config)
-        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        (q_start, q_stop), (kv_start, kv_stop) = tp.head_partition(num_heads, num_kv_heads)
-        self.num_heads, self.num_kv_heads = q_stop - q_start, kv_stop - kv_start
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, num_heads, num_kv_heads, bias, tp, dtype, device)
-        o_inputs = (q_start * head_dim, q_stop * head_dim)  # this rank's heads
-        self.o_proj = RowParallelLinear(
-            num_heads * head_dim, config.hidden_size, bias, tp, dtype, device, input_range=o_inputs
-        )
-        self.has_qk_norm = config.model_type == "gemma3_text"
-        if self.has_qk_norm:
-            self.q_norm = gemma_norm(config, head_dim, dtype, device)
-            self.k_norm = gemma_norm(config, head_dim, dtype, device)
-        kind = layer_type(config, layer_idx)
-        self.rotary = rotary_for(config, head_dim, kind, device)
-        scalar = getattr(config, "query_pre_attn_scalar", None) or head_dim
-        self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, head_dim, layer_idx, device,
-            sliding_window=config.sliding_window if kind == "sliding_attention" else None,
-            scale=scalar**-0.5,
-            logit_softcap=getattr(config, "attn_logit_softcapping", None),
-        )
-
-    def load(self, weights: WeightSource, prefix: str) -> None:
-        self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
-        self.o_proj.load(weights, f"{prefix}.o_proj")
-        if self.has_qk_norm:
-            self.q_norm.load(weights, f"{prefix}.q_norm.weight")
-            self.k_norm.load(weights, f"{prefix}.k_norm.weight")
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes_per_rank, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
-        out = self.attn(positions, q, k, v, self.rotary)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+def gemma_attention(
+    config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+) -> SelfAttention:
+    """GQA self-attention; Gemma 2/3's softmax scale, soft-cap and windowed layers, Gemma 3's QK-norm
+    (1 + w) and per-layer-type rotation."""
+    head_dim = attention_head_dim(config)
+    kind = layer_type(config, layer_idx)
+    scalar = getattr(config, "query_pre_attn_scalar", None) or head_dim
+    return SelfAttention(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim, layer_idx,
+        rotary_for(config, head_dim, kind, device), tp, dtype, device,
+        qkv_bias=getattr(config, "attention_bias", False), o_bias=getattr(config, "attention_bias", False),
+        sliding_window=config.sliding_window if kind == "sliding_attention" else None,
+        scale=scalar**-0.5,
+        logit_softcap=getattr(config, "attn_logit_softcapping", None),
+        qk_norm_eps=config.rms_norm_eps if config.model_type == "gemma3_text" else None,
+        qk_norm_offset=1.0,
+    )
 
 
 class GemmaMLP(nn.Module):
@@ -132,7 +103,7 @@ class GemmaDecoderLayer(nn.Module):
         hidden_size = config.hidden_size
         self.has_sandwich_norms = config.model_type in SANDWICH_NORM_TYPES
         self.input_layernorm = gemma_norm(config, hidden_size, dtype, device)
-        self.self_attn = GemmaAttention(config, layer_idx, tp, dtype, device)
+        self.self_attn = gemma_attention(config, layer_idx, tp, dtype, device)
         self.post_attention_layernorm = gemma_norm(config, hidden_size, dtype, device)
         if self.has_sandwich_norms:
             self.pre_feedforward_layernorm = gemma_norm(config, hidden_size, dtype, device)

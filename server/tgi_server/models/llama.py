@@ -12,11 +12,12 @@ from transformers import PretrainedConfig
 from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.activation import GatedActivation
-from tgi_server.layers.attention import PagedAttention, attention_head_dim
+from tgi_server.layers.attention import attention_head_dim
 from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tgi_server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tgi_server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.layers.rotary import RotaryEmbedding
+from tgi_server.layers.self_attention import SelfAttention
 from tgi_server.weights import WeightSource
 
 
@@ -46,54 +47,19 @@ def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None
     return getattr(config, "sliding_window", None)
 
 
-class LlamaAttention(nn.Module):
-    """Rotary GQA self-attention over the paged KV cache; this rank's share of the heads."""
-
-    def __init__(
-        self, config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
-    ):
-        super().__init__()
-        self.head_dim = head_dim = attention_head_dim(config)
-        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        (q_start, q_stop), (kv_start, kv_stop) = tp.head_partition(num_heads, num_kv_heads)
-        self.num_heads, self.num_kv_heads = q_stop - q_start, kv_stop - kv_start
-        qkv_bias, o_bias = attention_biases(config)
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, tp, dtype, device
-        )
-        o_inputs = (q_start * head_dim, q_stop * head_dim)  # this rank's heads
-        self.o_proj = RowParallelLinear(
-            num_heads * head_dim, config.hidden_size, o_bias, tp, dtype, device, input_range=o_inputs
-        )
-        self.is_fused_checkpoint = config.model_type in FUSED_CHECKPOINT_TYPES
-        self.has_qk_norm = config.model_type in QK_NORM_TYPES
-        if self.has_qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
-        self.rotary = RotaryEmbedding(config, head_dim, device)
-        window = layer_sliding_window(config, layer_idx)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, layer_idx, device, window)
-
-    def load(self, weights: WeightSource, prefix: str) -> None:
-        if self.is_fused_checkpoint:
-            self.qkv_proj.load_fused(weights, f"{prefix}.qkv_proj")
-        else:
-            self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
-        self.o_proj.load(weights, f"{prefix}.o_proj")
-        if self.has_qk_norm:
-            self.q_norm.load(weights, f"{prefix}.q_norm.weight")
-            self.k_norm.load(weights, f"{prefix}.k_norm.weight")
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes_per_rank, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
-        out = self.attn(positions, q, k, v, self.rotary)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+def llama_attention(
+    config: PretrainedConfig, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device
+) -> SelfAttention:
+    """Rotary GQA self-attention with the family's biases, window, QK-norm and checkpoint layout."""
+    head_dim = attention_head_dim(config)
+    qkv_bias, o_bias = attention_biases(config)
+    return SelfAttention(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim, layer_idx,
+        RotaryEmbedding(config, head_dim, device), tp, dtype, device,
+        qkv_bias=qkv_bias, o_bias=o_bias, sliding_window=layer_sliding_window(config, layer_idx),
+        qk_norm_eps=config.rms_norm_eps if config.model_type in QK_NORM_TYPES else None,
+        fused_checkpoint=config.model_type in FUSED_CHECKPOINT_TYPES,
+    )
 
 
 class LlamaMLP(nn.Module):
@@ -134,7 +100,7 @@ class LlamaDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(config, layer_idx, tp, dtype, device)
+        self.self_attn = llama_attention(config, layer_idx, tp, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp, self.mlp_name = self.build_mlp(config, layer_idx, tp, dtype, device)
 
