@@ -28,6 +28,7 @@ NUM_SHARD=${NUM_SHARD:-1}  # tensor-parallel shards for the http part, one GPU e
 SHARD_ARGS=${SHARD_ARGS:-}  # more `tgi_server serve` flags for the http part, e.g. --disable-custom-all-reduce
 C128=${C128:-1}  # 0: the http part skips the 128-concurrent workload
 SHAPE=${SHAPE:-llama-3.1-8b}
+GPU_TESTS=${GPU_TESTS:-"tests/unit/test_gpu_path.py tests/unit/test_kernels.py tests/e2e/test_shard_faults.py"}
 MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
 PY=${PY:-python3}
 LOGS=${LOGS:-/tmp/gpu-suite-logs}  # $OUT brings back at most 8 files: the JSON, and logs.tar.gz
@@ -43,8 +44,8 @@ fi
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has tests; then  # with two GPUs or more, also two shards against one, and shards killed or hung under load
-    $PY -m pytest -q -p no:cacheprovider tests/unit/test_gpu_path.py tests/unit/test_kernels.py \
-        tests/e2e/test_shard_faults.py > "$LOGS/tests.log" 2>&1
+    # shellcheck disable=SC2086
+    $PY -m pytest -q -p no:cacheprovider $GPU_TESTS > "$LOGS/tests.log" 2>&1
     tail -1 "$LOGS/tests.log"
     grep -E "^(E  |FAILED)" "$LOGS/tests.log" | cut -c1-300 | head -20
 fi
