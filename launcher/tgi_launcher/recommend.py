@@ -34,6 +34,9 @@ class ModelShape:
     head_dim: int
     max_position_embeddings: int
     tie_word_embeddings: bool
+    # mixture of experts: experts per layer (0: a dense MLP) and each expert's intermediate size
+    num_experts: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
@@ -48,15 +51,20 @@ class ModelShape:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT),
+            num_experts=config.get("num_local_experts") or config.get("num_experts") or 0,
+            expert_intermediate_size=config.get("moe_intermediate_size") or config["intermediate_size"],
         )
 
     @property
     def num_parameters(self) -> int:
-        """Embedding, LM head (unless tied), attention and gated-MLP weights, norms."""
+        """Embedding, LM head (unless tied), attention and gated-MLP weights (every expert's and the
+        router's in a mixture of experts), norms."""
         hidden, attention_width = self.hidden_size, self.num_heads * self.head_dim
         kv_width = self.num_kv_heads * self.head_dim
         attention = hidden * attention_width * 2 + hidden * kv_width * 2
         mlp = 3 * hidden * self.intermediate_size
+        if self.num_experts:
+            mlp = self.num_experts * (3 * hidden * self.expert_intermediate_size + hidden)
         embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
         return embeddings + self.num_layers * (attention + mlp + 2 * hidden) + hidden
 

@@ -28,6 +28,26 @@ def test_a_gemma_config_without_tie_word_embeddings_ties_as_transformers_does():
     assert ModelShape.from_config({**silent, "model_type": "gemma"}).num_parameters == 8_537_680_896
 
 
+MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                   num_experts_per_tok=2, max_position_embeddings=32768, tie_word_embeddings=False)
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                     moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, num_experts=128, num_experts_per_tok=8, max_position_embeddings=40960,
+                     tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [MIXTRAL_8X7B, QWEN3_30B_A3B], ids=["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_mixture_of_experts_parameters_count_every_expert_as_transformers_does(config):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    expected = sum(p.numel() for p in model.parameters())
+    assert ModelShape.from_config(config).num_parameters == pytest.approx(expected, rel=1e-5)
+
+
 def test_kv_bytes_per_token():
     assert ModelShape.from_config(LLAMA_31_8B).kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
     assert ModelShape.from_config(GEMMA_7B).kv_bytes_per_token == 2 * 28 * 16 * 256 * 2  # 448 KiB
