@@ -73,7 +73,8 @@ def _check_servable(directory: Path, num_shard: int) -> None:
     if not (directory / "tokenizer.json").exists():
         raise PrepareError(f"{directory} has no tokenizer.json (the router tokenizes with it)")
     config = json.loads((directory / "config.json").read_text())
-    num_kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    text_config = config.get("text_config") or config  # multimodal checkpoints nest the language model's
+    num_kv_heads = text_config.get("num_key_value_heads") or text_config.get("num_attention_heads")
     if isinstance(num_kv_heads, int) and num_kv_heads < num_shard:
         raise PrepareError(
             f"{directory / 'config.json'}: num_key_value_heads is {num_kv_heads}, fewer than the {num_shard} "

@@ -4,6 +4,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPTNeoXConfig,
@@ -16,6 +17,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
 )
 
 from tgi_server.attention_metadata import AttentionMetadata
@@ -72,6 +74,11 @@ def tiny_config(variant: str) -> PretrainedConfig:
             **TINY, head_dim=24, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
             norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=False,
         )
+    if variant == "gemma3_multimodal":  # Gemma3ForConditionalGeneration: we serve its language model
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        return Gemma3Config(text_config=tiny_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                            mm_tokens_per_image=4, boi_token_index=248, eoi_token_index=249, image_token_index=250)
     if variant == "gpt_neox":  # transformers fallback: partial rotary, parallel residual
         return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              vocab_size=251, max_position_embeddings=256, rotary_pct=0.5, tie_word_embeddings=False)

@@ -17,7 +17,7 @@ from tgi_server.distributed import SINGLE
 from tgi_server.models.registry import load_model
 
 VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3",
-            "gpt_neox", "opt"]
+            "gemma3_multimodal", "gpt_neox", "opt"]
 ATOL = 1e-4
 
 
@@ -37,7 +37,7 @@ def _driver(model_dir: str) -> PagedBatchDriver:
 def test_mixed_length_prefill_batch_matches_hf_last_token_logits(checkpoint):
     model_dir, hf_model = checkpoint
     driver = _driver(model_dir)
-    prefill = mixed_schedule(hf_model.config.vocab_size)[0]
+    prefill = mixed_schedule(hf_model.config.get_text_config().vocab_size)[0]
     seq_to_logits = driver.step(prefill)
     for seq_id, token_ids in prefill:
         expected = hf_logits(hf_model, token_ids)[-1]
@@ -46,7 +46,7 @@ def test_mixed_length_prefill_batch_matches_hf_last_token_logits(checkpoint):
 
 def test_decode_mixed_with_new_prefill_and_chunked_prefill_matches_hf_at_every_position(checkpoint):
     model_dir, hf_model = checkpoint
-    schedule = mixed_schedule(hf_model.config.vocab_size)
+    schedule = mixed_schedule(hf_model.config.get_text_config().vocab_size)
     seq_to_tokens, seq_to_logits = run_schedule(_driver(model_dir), schedule)
     for seq_id, token_ids in seq_to_tokens.items():
         expected = hf_logits(hf_model, token_ids)
@@ -98,7 +98,7 @@ def test_longrope_rotates_with_the_long_factors_as_transformers_does_past_the_or
     """A Phi-3 128k-style model uses LongRoPE's long factors for every token (its context exceeds the
     original one); transformers does too once a sequence is longer than the original context."""
     hf_model = save_tiny_model(tiny_config("phi3_longrope"), tmp_path)
-    token_ids = torch.randint(hf_model.config.vocab_size, (90,), generator=torch.Generator().manual_seed(0)).tolist()
+    token_ids = torch.randint(hf_model.config.get_text_config().vocab_size, (90,), generator=torch.Generator().manual_seed(0)).tolist()
     driver = _driver(str(tmp_path))
     logits = torch.cat([driver.step([("long", token_ids[:50])])["long"], driver.step([("long", token_ids[50:])])["long"]])
     torch.testing.assert_close(logits, hf_logits(hf_model, token_ids), atol=ATOL, rtol=0)

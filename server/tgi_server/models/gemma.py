@@ -194,3 +194,17 @@ class GemmaForCausalLM(nn.Module):
         if self.final_logit_softcap is not None:
             logits = self.final_logit_softcap * torch.tanh(logits / self.final_logit_softcap)
         return logits
+
+
+class Gemma3TextOnlyForCausalLM(GemmaForCausalLM):
+    """Gemma 3's multimodal checkpoints (`Gemma3ForConditionalGeneration`: 4B, 12B, 27B) served as
+    the text-only language model inside them: its `text_config` and its `language_model.*` tensors;
+    the vision tower is not loaded."""
+
+    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__(config.text_config, tp, dtype, device)
+
+    def load_weights(self, weights: WeightSource) -> None:
+        self.model.load(weights, "language_model.model")
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load(weights, "language_model.lm_head.weight")

@@ -8,7 +8,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from tgi_proto.settings import LOAD_FORMATS
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.norm import RMSNorm
-from tgi_server.models.gemma import GemmaForCausalLM
+from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class
@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3TextOnlyForCausalLM,  # text only
 }
 
 
@@ -100,7 +101,7 @@ def load_model(
         fill_random_weights(model, seed=tp.rank)
     elif model_cls is not TransformersCausalLM:
         model.load_weights(open_weights(model_path, config, dtype))
-    return model.eval(), config
+    return model.eval(), model.config  # a multimodal checkpoint's text config where only its text model runs
 
 
 @torch.no_grad()
