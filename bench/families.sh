@@ -18,7 +18,7 @@ for shape in $SHAPES; do
     echo "== $shape"
     HF=0
     [[ " $HF_SHAPES " == *" $shape "* ]] && HF=1
-    OUT=$RESULTS/$shape LOGS=$RESULTS/$shape/logs SHAPE=$shape PARTS=http HF=$HF HF_PROMPTS=${HF_PROMPTS:-64} \
+    OUT=$RESULTS/$shape LOGS=$RESULTS/$shape/logs SHAPE=$shape PARTS=http HF=$HF HF_PROMPTS=${HF_PROMPTS:-64} C128=${C128:-1} \
         bash bench/gpu_suite.sh 2>&1 | tail -14
 done
 PYTHONPATH=server:proto:bench $PY bench/families_summary.py "$RESULTS" ${HBM_GBPS:+--hbm-gbps "$HBM_GBPS"} \

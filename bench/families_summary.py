@@ -49,8 +49,9 @@ def measured_hbm_gbps() -> float:
     return 2 * src.numel() * 10 / (start.elapsed_time(stop) / 1000) / 1e9
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read(path: Path) -> dict:
+    """A result file's "results" (bench/serving.py and hf_generate_batch.py write them there)."""
+    return json.loads(path.read_text()).get("results", {}) if path.exists() else {}
 
 
 def main() -> None:
@@ -63,10 +64,10 @@ def main() -> None:
     for shape_dir in sorted(p for p in args.results.iterdir() if p.is_dir()):
         config = SHAPES[shape_dir.name]
         floor_ms = decode_bytes_per_token(config) / (hbm * 1e9) * 1e3
-        single = _read(shape_dir / "http_single_stream.json") or {}
-        ttft = _read(shape_dir / "http_ttft_1024.json") or {}
-        c128 = _read(shape_dir / "http_c128.json") or {}
-        hf = (_read(shape_dir / "hf_generate_batch.json") or {}).get("results", {})
+        single = _read(shape_dir / "http_single_stream.json")
+        ttft = _read(shape_dir / "http_ttft_1024.json")
+        c128 = _read(shape_dir / "http_c128.json")
+        hf = _read(shape_dir / "hf_generate_batch.json")
         tpot = single.get("median_tpot_ms")
         summary["shapes"][shape_dir.name] = {
             "decode_weight_gb_per_token": round(decode_bytes_per_token(config) / 1e9, 3),
