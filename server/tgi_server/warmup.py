@@ -48,6 +48,10 @@ def warmup(
         num_useful = 1 + -(-max_batch_size * max_total_tokens // runner.block_size)
         num_blocks = min(_num_kv_blocks_that_fit(runner, memory_fraction), num_useful)
     runner.allocate_kv_cache(num_blocks)
+    if runner.device.type == "cuda":
+        # CUDA graphs allocate from a private pool, which cannot use blocks the caching allocator
+        # holds for the warmup steps' tensors: hand those back first (a 30B MoE on 80 GB ran out).
+        torch.cuda.empty_cache()
     runner.capture_cuda_graphs(max_total_tokens, max_batch_size, max_batch_prefill_tokens)
     return num_blocks
 
