@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.activation import GatedActivation, config_activation
 from tgi_server.layers.attention import attention_head_dim
-from tgi_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgi_server.layers.embedding import VocabParallelEmbedding
 from tgi_server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.layers.rotary import RotaryEmbedding
 from tgi_server.layers.self_attention import SelfAttention
+from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.weights import WeightSource
 
 # Gemma 2 and 3 norm the attention and MLP outputs too ("sandwich" norms)
@@ -139,14 +139,14 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     """Token embedding scaled by sqrt(hidden_size), the decoder layers and the final norm."""
 
-    def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device, layer_class: type
+    ):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, dtype, device)
         # rounded to the model dtype first, as the reference multiplies by a tensor of that dtype
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, tp, dtype, device) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) for i in range(config.num_hidden_layers))
         self.norm = gemma_norm(config, config.hidden_size, dtype, device)
 
     def load(self, weights: WeightSource, prefix: str) -> None:
@@ -162,35 +162,19 @@ class GemmaModel(nn.Module):
         return self.norm.add_and_norm(hidden, residual)[0]
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(LlamaForCausalLM):
     """The decoder plus a vocab-parallel LM head (the embedding's, unless the checkpoint unties
     them), with Gemma 2's final logit soft-capping; a `models.interface.CausalLM`."""
 
-    supports_cuda_graphs = True
+    model_class = GemmaModel
+    layer_class = GemmaDecoderLayer
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.config = config
-        self.model = GemmaModel(config, tp, dtype, device)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, tp, dtype, device)
         self.final_logit_softcap = getattr(config, "final_logit_softcapping", None)
 
-    @property
-    def kv_cache_specs(self) -> list[KVCacheSpec]:
-        return [layer.self_attn.attn.kv_cache_spec for layer in self.model.layers]
-
-    def load_weights(self, weights: WeightSource) -> None:
-        self.model.load(weights, "model")
-        if not self.config.tie_word_embeddings:
-            self.lm_head.load(weights, "lm_head.weight")
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()  # [n, vocab_size]
+        logits = super().compute_logits(hidden)  # [n, vocab_size] float32
         if self.final_logit_softcap is not None:
             logits = self.final_logit_softcap * torch.tanh(logits / self.final_logit_softcap)
         return logits

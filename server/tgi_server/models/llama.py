@@ -159,15 +159,17 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """The decoder plus a vocab-parallel LM head (sharing the embedding when `tie_word_embeddings`);
-    a `models.interface.CausalLM`. Subclasses change the decoder block through `layer_class`."""
+    a `models.interface.CausalLM`. Subclasses change the decoder block through `layer_class` and the
+    decoder stack through `model_class`."""
 
+    model_class: type = LlamaModel
     layer_class: type = LlamaDecoderLayer
     supports_cuda_graphs = True
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, tp, dtype, device, self.layer_class)
+        self.model = self.model_class(config, tp, dtype, device, self.layer_class)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
