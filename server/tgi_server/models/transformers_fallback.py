@@ -24,6 +24,7 @@ from tgi_server import forward_context
 from tgi_server.attention_metadata import KVCacheSpec
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.attention import attention_head_dim
+from tgi_server.models.llama import layer_sliding_window
 from tgi_server.ops import select_ops
 
 ATTENTION = "tgi_paged"
@@ -77,13 +78,6 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, _no_mask)
 
 
-def layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
-        return None
-    return getattr(config, "sliding_window", None)
-
-
 class TransformersCausalLM(nn.Module):
     """A transformers causal LM over the paged KV cache; a `models.interface.CausalLM` whose weights
     transformers loads when it is built (it has no `load_weights`)."""
@@ -110,7 +104,7 @@ class TransformersCausalLM(nn.Module):
         head_dim = attention_head_dim(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self._specs = [
-            KVCacheSpec(num_kv_heads, head_dim, layer_window(config, i), head_dim**-0.5)
+            KVCacheSpec(num_kv_heads, head_dim, layer_sliding_window(config, i), head_dim**-0.5)
             for i in range(config.num_hidden_layers)
         ]
         ops, rotary = select_ops(device), IdentityRotary(head_dim, device)

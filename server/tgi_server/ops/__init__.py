@@ -18,9 +18,9 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("portable", "triton")
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _MODULES = {"portable": "tgi_server.ops.portable", "triton": "tgi_server.ops.triton_backend"}
+BACKENDS = tuple(_MODULES)
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _forced: str | None = None
 
 
