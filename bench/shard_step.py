@@ -1,6 +1,6 @@
 """Step time of one shard's ModelRunner, without router or gRPC.
 
-Builds a model of a given shape with random bf16 weights (no checkpoint needed), times a lone
+Builds a model of one of `make_model_dir.SHAPES` with random bf16 weights (no checkpoint needed), times a lone
 prefill of each `--prefill-lens`, then prefills requests and times decode steps at several batch
 sizes; with CUDA graphs it also times the bare graph replay (GPU time of the forward + LM head), so
 step time = replay + host work + sampling. Prints one JSON object.
@@ -17,23 +17,16 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig
+from transformers import AutoConfig
 
 from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.distributed import SINGLE, TPGroup
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
-from tgi_server.models.llama import LlamaForCausalLM
-from tgi_server.models.registry import fill_random_weights
+from make_model_dir import SHAPES
+from tgi_server.models.registry import fill_random_weights, model_architecture, model_class
 from tgi_server.ops import building_with
 from tgi_server.sampler import SamplingParams
 
-SHAPES = {
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                         rope_theta=500000.0, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-}
 BLOCK_SIZE = 16
 
 
@@ -41,10 +34,11 @@ def build_runner(
     shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int,
     tp: TPGroup = SINGLE, backend: str | None = None,
 ) -> ModelRunner:
-    config = LlamaConfig(**SHAPES[shape])
+    fields = dict(SHAPES[shape])
+    config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with building_with(backend):
-        model = LlamaForCausalLM(config, tp, dtype, device).eval()
+        model = model_class(model_architecture(config), tp.world_size)(config, tp, dtype, device).eval()
     fill_random_weights(model, seed=0)
     runner = ModelRunner(model, config, tp, device, dtype, BLOCK_SIZE, graph_sizes)
     runner.allocate_kv_cache(num_blocks)

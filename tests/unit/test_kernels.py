@@ -266,14 +266,16 @@ def test_attention_in_graph_layout_matches_the_exact_grid():
 
 
 @pytest.mark.parametrize("num_tokens, num_experts, top_k", [
-    (1, 8, 2),  # one decode token: two experts, each a block of one real row
-    (13, 6, 2),  # a few tokens, some experts unused
+    (1, 8, 2),  # one decode token: the per-pair matrix-vector path
+    (5, 6, 3),  # a few decode tokens, some sharing an expert
+    (13, 6, 2),  # past the matrix-vector path: grouped GEMMs, some experts unused
     (150, 4, 2),  # 300 pairs: 64-row blocks, several per expert
 ])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_experts, top_k, activation):
-    from tgi_server.kernels.moe import fused_moe
+    from tgi_server.kernels import moe
 
+    assert (num_tokens <= moe.MAX_GEMV_TOKENS) == (num_tokens < 10), "the cases no longer straddle the two paths"
     generator = torch.Generator().manual_seed(num_tokens)
     hidden_size, width = 96, 40  # neither a multiple of the tiles
     hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(DEVICE)
@@ -283,5 +285,20 @@ def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_exper
     topk_weights, topk_ids = logits.softmax(-1).topk(top_k, dim=-1)
     topk_weights, topk_ids = topk_weights.to(DEVICE), topk_ids.to(DEVICE)
     expected = portable.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
-    actual = fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+    actual = moe.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k, renormalize", [
+    (1, 128, 8, True),  # Qwen3-MoE
+    (7, 8, 2, True),  # Mixtral
+    (3, 60, 4, False),  # Qwen2-MoE: not renormalised; not a power of two
+])
+def test_router_kernel_picks_the_portable_top_k(num_tokens, num_experts, top_k, renormalize):
+    from tgi_server.kernels.moe import route_experts
+
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(num_experts)).to(DEVICE)
+    expected_weights, expected_ids = portable.route_experts(logits, top_k, renormalize)
+    weights, ids = route_experts(logits, top_k, renormalize)
+    assert ids.tolist() == expected_ids.tolist()
+    torch.testing.assert_close(weights, expected_weights)

@@ -171,6 +171,13 @@ def _gated_activation_kernel(x_ptr, out_ptr, stride_x, stride_out, width, GELU_T
     mask = cols < width
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, gate_times_up(gate, up, GELU_TANH), mask=mask)
+
+
+@triton.jit
+def gate_times_up(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up for gate and up in the model dtype: the activation rounds to that dtype before
+    the product, as PyTorch's two ops do. act is tanh-approximated GELU or SiLU."""
     g = gate.to(tl.float32)
     if GELU_TANH:  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
@@ -178,7 +185,7 @@ def _gated_activation_kernel(x_ptr, out_ptr, stride_x, stride_out, width, GELU_T
     else:
         activated = g / (1.0 + tl.exp(-g))
     activated = activated.to(gate.dtype)
-    tl.store(out_ptr + row * stride_out + cols, (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    return (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 def gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:

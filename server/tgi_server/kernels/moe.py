@@ -1,6 +1,14 @@
-"""Fused mixture-of-experts MLP: token-sorted grouped GEMMs in Triton, with no host sync.
+"""Fused mixture-of-experts MLP in Triton, with no host sync: the router's top-k in one kernel, then
+either one matrix-vector product per (token, expert) pair (a few tokens: decode) or token-sorted
+grouped GEMMs (many tokens: prefill and large batches).
 
-Each (token, k) pair routed to an expert is a row of work. `align_pairs` sorts the pairs by expert
+Few tokens: `_route_kernel` takes each token's softmax top-k. `_gate_up_gemv_kernel` streams the
+gate and up rows of each pair's expert (as `kernels.skinny` streams a dense weight) and applies the
+gated activation before it stores; `_down_gemv_kernel` sums, per token, its experts' down
+projections scaled by their routing weights. Three launches per layer, each reading only the chosen
+experts' weights; nothing is sorted.
+
+Many tokens: each (token, k) pair routed to an expert is a row of work. `align_pairs` sorts the pairs by expert
 (on the device) and pads each expert's run to a multiple of BLOCK_M rows, so every BLOCK_M-row block
 belongs to one expert; blocks past the last real one are marked with expert id `num_experts` and
 return at once (the grid is an upper bound, so CUDA graphs can capture it). `_moe_gemm_kernel`
@@ -17,10 +25,135 @@ import torch
 import triton
 import triton.language as tl
 
-from tgi_server.kernels.fused import gated_activation
+from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activation
 
 BLOCK_N = 64
 BLOCK_K = 64
+# Tokens up to which `fused_moe` takes the per-pair matrix-vector path instead of grouped GEMMs.
+MAX_GEMV_TOKENS = 8
+# (BLOCK_N, BLOCK_K, num_warps) of the two matrix-vector kernels, tuned on an H100 (bench/moe_decode.py).
+GATE_UP_GEMV = (4, 512, 4)
+DOWN_GEMV = (4, 512, 4)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Token program_id(0): softmax over its router logits in float32, the TOP_K largest in
+    descending order (ties to the lower expert id), rescaled to sum to 1 when RENORMALIZE."""
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=-float("inf")).to(tl.float32)
+    exps = tl.exp(logits - tl.max(logits, 0))
+    probs = exps / tl.sum(exps, 0)
+    remaining = tl.where(valid, probs, -1.0)
+    rank = tl.full([BLOCK_E], -1, tl.int32)  # each expert's place among the chosen, -1 if not chosen
+    total = 0.0
+    for k in tl.static_range(TOP_K):
+        best = tl.max(remaining, 0)
+        chosen = experts == tl.argmax(remaining, 0)
+        rank = tl.where(chosen, k, rank)
+        remaining = tl.where(chosen, -1.0, remaining)
+        total += best
+    weights = probs / total if RENORMALIZE else probs
+    picked = rank >= 0
+    tl.store(weights_ptr + token * TOP_K + rank, weights, mask=picked)
+    tl.store(ids_ptr + token * TOP_K + rank, experts, mask=picked)
+
+
+def route_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [num_tokens, num_experts] -> (weights [num_tokens, top_k] float32, expert ids
+    [num_tokens, top_k] int32), as `ops.portable.route_experts`."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens:
+        _route_kernel[(num_tokens,)](
+            router_logits, weights, ids, num_experts, router_logits.stride(0),
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
+        )
+    return weights, ids
+
+
+@triton.jit
+def _gate_up_gemv_kernel(
+    x_ptr, w_ptr, ids_ptr, out_ptr, width, K, stride_x, stride_we, stride_wn, stride_out,
+    TOP_K: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pair, n] = act(gate_n . x) * (up_n . x) for BLOCK_N columns n of pair program_id(0),
+    x its token's row and gate_n, up_n rows n and width + n of its expert's w13."""
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < width
+    cols = tl.arange(0, BLOCK_K)
+    gate_ptrs = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]  # [BLOCK_N, BLOCK_K]
+    up_ptrs = gate_ptrs + width * stride_wn
+    x_ptrs = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x + cols
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_valid = (k + cols) < K
+        mask = row_valid[:, None] & k_valid[None, :]
+        x = tl.load(x_ptrs + k, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+        acc_gate += tl.load(gate_ptrs + k, mask=mask, other=0.0).to(tl.float32) * x
+        acc_up += tl.load(up_ptrs + k, mask=mask, other=0.0).to(tl.float32) * x
+    dtype = out_ptr.dtype.element_ty
+    out = gate_times_up(tl.sum(acc_gate, 1).to(dtype), tl.sum(acc_up, 1).to(dtype), GELU_TANH)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_out + rows, out, mask=row_valid)
+
+
+@triton.jit
+def _down_gemv_kernel(
+    a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, stride_a, stride_we, stride_wn, stride_out,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[token, n] = sum_k routing[pair] * (down_n . a[pair]) over token program_id(0)'s TOP_K
+    pairs, for BLOCK_N columns n; each expert's output rounds to the model dtype, and so does its
+    weighted value, before the float32 sum (as the reference's)."""
+    token = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = token * TOP_K + k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_ptrs = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        a_ptrs = a_ptr + pair.to(tl.int64) * stride_a + cols
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_valid = (k0 + cols) < K
+            a = tl.load(a_ptrs + k0, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_ptrs + k0, mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32) * a
+        expert_out = tl.sum(acc, 1).to(dtype).to(tl.float32)
+        total += (expert_out * tl.load(routing_ptr + pair)).to(dtype).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + rows, total.to(dtype), mask=row_valid)
+
+
+def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config=None, down_config=None):
+    """fused_moe for a few tokens: one program row per (token, k) pair, then per token."""
+    num_tokens, top_k = topk_ids.shape
+    width, hidden_size = w13.shape[1] // 2, w13.shape[2]
+    ids = topk_ids.to(torch.int32).contiguous().view(-1)
+    block_n, block_k, warps = gate_up_config or GATE_UP_GEMV
+    activated = torch.empty(num_tokens * top_k, width, dtype=hidden.dtype, device=hidden.device)
+    _gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(width, block_n))](
+        hidden, w13, ids, activated, width, hidden_size, hidden.stride(0), w13.stride(0), w13.stride(1),
+        activated.stride(0), TOP_K=top_k, GELU_TANH=activation == "gelu_tanh", BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    block_n, block_k, warps = down_config or DOWN_GEMV
+    out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _down_gemv_kernel[(num_tokens, triton.cdiv(hidden_size, block_n))](
+        activated, w2, ids, routing, out, hidden_size, width, activated.stride(0), w2.stride(0), w2.stride(1),
+        out.stride(0), TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )
+    return out
 
 
 def _block_m(num_pairs: int) -> int:
@@ -118,7 +251,12 @@ def fused_moe(
     [num_tokens, top_k] int. Returns [num_tokens, hidden_size] in hidden's dtype (this rank's partial
     sum when the experts' width is split across ranks).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
+    routing = topk_weights.to(torch.float32).contiguous().view(-1)
+    if num_tokens <= MAX_GEMV_TOKENS:
+        return _gemv_experts(hidden, w13, w2, routing, topk_ids, activation)
     num_pairs = num_tokens * top_k
     block_m = _block_m(num_pairs)
     sorted_pairs, block_experts = align_pairs(topk_ids, w13.shape[0], block_m)
@@ -126,6 +264,5 @@ def fused_moe(
     _grouped_gemm(hidden, w13, gate_up, None, sorted_pairs, block_experts, num_pairs, top_k, block_m)
     activated = gated_activation(gate_up, activation)  # [num_pairs, width]
     out = torch.empty(num_pairs, w2.shape[1], dtype=hidden.dtype, device=hidden.device)  # [num_pairs, hidden_size]
-    routing = topk_weights.to(torch.float32).contiguous().view(-1)
     _grouped_gemm(activated, w2, out, routing, sorted_pairs, block_experts, num_pairs, 1, block_m)
     return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -15,16 +15,6 @@ from tgi_server.ops import select_ops
 from tgi_server.weights import WeightSource
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [num_tokens, top_k] float32, expert ids [num_tokens, top_k]): the top_k experts of a
-    softmax over all of them, their weights rescaled to sum to 1 when `renormalize`."""
-    probs = router_logits.float().softmax(dim=-1)  # [num_tokens, num_experts]
-    weights, ids = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 class FusedMoE(nn.Module):
     """All experts of one layer: w13 [num_experts, 2 * width_per_rank, hidden] ([gate | up] rows) and
     w2 [num_experts, hidden, width_per_rank]."""
@@ -71,6 +61,6 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden [num_tokens, hidden_size], router_logits [num_tokens, num_experts] -> the weighted sum
         of the chosen experts' outputs, [num_tokens, hidden_size], the same on every rank."""
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.renormalize)
+        topk_weights, topk_ids = self.ops.route_experts(router_logits, self.top_k, self.renormalize)
         out = self.ops.fused_moe(hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation)
         return self.tp.all_reduce(out)

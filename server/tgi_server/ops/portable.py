@@ -45,6 +45,17 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+def route_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [num_tokens, num_experts] -> (weights [num_tokens, top_k] float32, expert ids
+    [num_tokens, top_k]): the top_k experts of a softmax over all of them, in descending order, their
+    weights rescaled to sum to 1 when `renormalize`."""
+    probs = router_logits.float().softmax(dim=-1)  # [num_tokens, num_experts]
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor,

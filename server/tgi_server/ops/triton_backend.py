@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
 from tgi_server.kernels import fused, skinny
 from tgi_server.kernels.attention import paged_attention
-from tgi_server.kernels.moe import fused_moe  # noqa: F401  (this backend's fused_moe)
+from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
