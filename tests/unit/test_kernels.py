@@ -199,9 +199,17 @@ def test_skinny_linear_kernel_matches_linear(num_rows, dtype):
         DEVICE.type != "cuda", reason="Triton 3.6's interpreter rounds float32 to fp8 wrongly below powers of two (-1.98 -> -1.0)")),
 ])
 @pytest.mark.parametrize("num_tokens", [9, 70])  # a few tokens: heads in blocks of 4; many: all in one
-@pytest.mark.parametrize("rotary_fraction", [1.0, 0.75])  # 0.75: Phi-4-mini's partial rotary
-def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(num_tokens, cache_dtype, rotary_fraction):
+@pytest.mark.parametrize("rotary_fraction, qk_norm_offset", [
+    (1.0, None),
+    (0.75, None),  # Phi-4-mini's partial rotary
+    (1.0, 0.0),  # Qwen3's QK-norm, fused before the rotation
+    (1.0, 1.0),  # Gemma 3's, scaled by 1 + w
+])
+def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cache(
+    num_tokens, cache_dtype, rotary_fraction, qk_norm_offset
+):
     from tgi_server.kernels.fused import rotary_and_write_cache
+    from tgi_server.layers.norm import RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     head_dim = 16
@@ -213,12 +221,22 @@ def test_rotary_kernel_rotates_q_in_place_and_writes_rotated_k_and_v_to_the_cach
     q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([6 * head_dim, 2 * head_dim, 2 * head_dim], -1))
     positions = torch.randint(0, 500, (num_tokens,), generator=generator).to(DEVICE)
     slots = torch.randperm(80, generator=generator)[:num_tokens].to(DEVICE)
-    expected_q, expected_k = rotary(positions, q, k)
+    qk_norm = None
+    expected_q, expected_k = q, k
+    if qk_norm_offset is not None:
+        qk_norm = tuple(RMSNorm(head_dim, 1e-6, torch.float32, DEVICE, qk_norm_offset) for _ in range(2))
+        for norm in qk_norm:
+            norm.weight.copy_(torch.rand(head_dim, generator=generator) + 0.5)
+        expected_q, expected_k = (  # the portable norm, row by row
+            portable.rms_norm(x.reshape(-1, head_dim), norm.weight, norm.eps, None, norm.weight_offset)[0].view(x.shape)
+            for x, norm in zip((q, k), qk_norm)
+        )
+    expected_q, expected_k = rotary(positions, expected_q, expected_k)
     expected_cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
     portable.write_kv_cache(expected_cache, expected_k, v, slots)
 
     cache = torch.zeros(2, 20, 4, 2, head_dim, device=DEVICE, dtype=cache_dtype)
-    rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots)
+    rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, cache, slots, qk_norm)
     torch.testing.assert_close(q, expected_q)
     # fp8 (3 mantissa bits): one rounding step apart at most.
     tolerance = dict(rtol=0.13, atol=2**-9) if cache_dtype.itemsize == 1 else {}

@@ -61,15 +61,17 @@ def rms_norm(
 @triton.jit
 def _rotary_cache_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
+    q_norm_ptr, k_norm_ptr,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cache_slot, stride_cache_head,
-    num_heads, num_kv_heads, num_q_programs, attention_scaling,
+    num_heads, num_kv_heads, num_q_programs, attention_scaling, norm_eps, norm_offset,
     HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, QK_NORM: tl.constexpr, OFFSET_WEIGHT: tl.constexpr,
 ):
     """Program (token, j): query heads j * HEAD_BLOCK ... of the token for j < num_q_programs, else KV
     heads (j - num_q_programs) * HEAD_BLOCK ...; the angles are computed once per program. The first
-    2 * HALF dims of a head rotate; the rest (partial rotary) pass through."""
+    2 * HALF dims of a head rotate; the rest (partial rotary) pass through. With QK_NORM each q and
+    k head is RMS-normed over its dims before it rotates (full rotary only)."""
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     half = tl.arange(0, HALF_P)
@@ -80,14 +82,16 @@ def _rotary_cache_kernel(
     if block < num_q_programs:  # q: rotated in place
         first = block * HEAD_BLOCK
         x_ptr = q_ptr + token * stride_q_token + first * stride_q_head
-        _rotate_heads(x_ptr, stride_q_head, num_heads - first, x_ptr, stride_q_head, cos, sin, half, mask, HALF, HEAD_BLOCK)
+        _rotate_heads(x_ptr, stride_q_head, num_heads - first, x_ptr, stride_q_head, cos, sin, half, mask,
+                      q_norm_ptr, norm_eps, norm_offset, HALF, HEAD_BLOCK, QK_NORM, OFFSET_WEIGHT)
     else:  # k: rotated into the cache; v: copied into the cache
         first = (block - num_q_programs) * HEAD_BLOCK
         heads = tl.arange(0, HEAD_BLOCK)
         tile_mask = (heads < num_kv_heads - first)[:, None] & mask[None, :]
         cache_ptr = tl.load(slot_mapping_ptr + token) * stride_cache_slot + first * stride_cache_head
         _rotate_heads(k_ptr + token * stride_k_token + first * stride_k_head, stride_k_head, num_kv_heads - first,
-                      k_cache_ptr + cache_ptr, stride_cache_head, cos, sin, half, mask, HALF, HEAD_BLOCK)
+                      k_cache_ptr + cache_ptr, stride_cache_head, cos, sin, half, mask,
+                      k_norm_ptr, norm_eps, norm_offset, HALF, HEAD_BLOCK, QK_NORM, OFFSET_WEIGHT)
         cache_dtype = v_cache_ptr.dtype.element_ty
         if 2 * HALF == HEAD_DIM:
             cache_offset = cache_ptr + heads[:, None] * stride_cache_head + half[None, :]
@@ -112,15 +116,29 @@ def _rotary_cache_kernel(
 
 @triton.jit
 def _rotate_heads(src_ptr, stride_src_head, num_heads, dst_ptr, stride_dst_head, cos, sin, half, mask,
-                  HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr):
+                  norm_ptr, norm_eps, norm_offset,
+                  HALF: tl.constexpr, HEAD_BLOCK: tl.constexpr, NORM: tl.constexpr, OFFSET_WEIGHT: tl.constexpr):
     """Rotates the first min(num_heads, HEAD_BLOCK) heads at src (one token) into dst (may be src),
-    rounding to dst's dtype."""
+    rounding to dst's dtype; with NORM each head is first RMS-normed over its 2 * HALF dims and
+    scaled by the norm's weight, rounding where `ops.portable.rms_norm` rounds."""
     heads = tl.arange(0, HEAD_BLOCK)
     tile_mask = (heads < num_heads)[:, None] & mask[None, :]
     src = src_ptr + heads[:, None] * stride_src_head + half[None, :]
     dst = dst_ptr + heads[:, None] * stride_dst_head + half[None, :]
     x1 = tl.load(src, mask=tile_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    if NORM:
+        src_dtype = src_ptr.dtype.element_ty
+        mean_square = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF)
+        inv_rms = tl.math.rsqrt(mean_square + norm_eps)[:, None]
+        w1 = tl.load(norm_ptr + half, mask=mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_ptr + HALF + half, mask=mask, other=0.0).to(tl.float32)[None, :]
+        if OFFSET_WEIGHT:  # Gemma: scaled by (offset + w) in float32, rounded once
+            x1 = (x1 * inv_rms * (w1 + norm_offset)).to(src_dtype).to(tl.float32)
+            x2 = (x2 * inv_rms * (w2 + norm_offset)).to(src_dtype).to(tl.float32)
+        else:  # the normalised values round before the scale
+            x1 = ((x1 * inv_rms).to(src_dtype).to(tl.float32) * w1).to(src_dtype).to(tl.float32)
+            x2 = ((x2 * inv_rms).to(src_dtype).to(tl.float32) * w2).to(src_dtype).to(tl.float32)
     dtype = dst_ptr.dtype.element_ty
     tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=tile_mask)
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=tile_mask)
@@ -135,8 +153,10 @@ def rotary_and_write_cache(
     attention_scaling: float,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    qk_norm=None,
 ) -> None:
-    """Rotates q in place and writes rotated k and v into kv_cache at slot_mapping.
+    """Rotates q in place and writes rotated k and v into kv_cache at slot_mapping; with `qk_norm`
+    (the q and k RMSNorm layers) each q and k head is normed first.
 
     q [num_tokens, num_heads, head_dim], k and v [num_tokens, num_kv_heads, head_dim] (views into
     the fused QKV output are fine), positions and slot_mapping [num_tokens] int64,
@@ -151,13 +171,19 @@ def rotary_and_write_cache(
     half = inv_freq.shape[0]  # rotary_dim // 2: head_dim // 2 unless the rotary is partial
     head_block = 4 if num_tokens < 64 else triton.next_power_of_2(max(num_heads, num_kv_heads))
     num_q_programs = triton.cdiv(num_heads, head_block)
+    if qk_norm is not None:
+        assert 2 * half == head_dim, "QK-norm is fused with full rotary only"
+        q_norm, k_norm = qk_norm
+        assert (q_norm.eps, q_norm.weight_offset) == (k_norm.eps, k_norm.weight_offset)
     _rotary_cache_kernel[(num_tokens, num_q_programs + triton.cdiv(num_kv_heads, head_block))](
         q, k, v, positions, inv_freq, slot_mapping, slots[0], slots[1],
+        q_norm.weight if qk_norm else q, k_norm.weight if qk_norm else k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         slots.stride(1), slots.stride(2),
         num_heads, num_kv_heads, num_q_programs, attention_scaling,
+        q_norm.eps if qk_norm else 0.0, q_norm.weight_offset if qk_norm else 0.0,
         HALF=half, HALF_P=triton.next_power_of_2(half), HEAD_DIM=head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim),
-        HEAD_BLOCK=head_block,
+        HEAD_BLOCK=head_block, QK_NORM=qk_norm is not None, OFFSET_WEIGHT=bool(qk_norm and q_norm.weight_offset),
     )
 
 

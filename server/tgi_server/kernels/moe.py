@@ -27,8 +27,6 @@ import triton.language as tl
 
 from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activation
 
-BLOCK_N = 64
-BLOCK_K = 64
 # Tokens up to which `fused_moe` takes the per-pair matrix-vector path instead of grouped GEMMs.
 MAX_GEMV_TOKENS = 8
 # (BLOCK_N, BLOCK_K, num_warps) of the two matrix-vector kernels, tuned on an H100 (bench/moe_decode.py).
@@ -156,9 +154,10 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     return out
 
 
-def _block_m(num_pairs: int) -> int:
-    """Rows per block: few pairs (decode) waste less padding in small blocks; many fill big ones."""
-    return 16 if num_pairs <= 256 else 64
+def _grouped_config(num_pairs: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the grouped GEMMs: few pairs waste less
+    padding in 16-row blocks; many fill 64-row ones."""
+    return (16 if num_pairs <= 256 else 64), 64, 64, 4, 3
 
 
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,14 +224,15 @@ def _moe_gemm_kernel(
              mask=row_valid[:, None] & col_valid[None, :])
 
 
-def _grouped_gemm(a, weight, out, routing, sorted_pairs, block_experts, num_pairs, pairs_per_a_row, block_m):
+def _grouped_gemm(a, weight, out, routing, sorted_pairs, block_experts, num_pairs, pairs_per_a_row, config):
+    block_m, block_n, block_k, num_warps, num_stages = config
     num_experts, n, k = weight.shape
-    grid = (block_experts.shape[0], triton.cdiv(n, BLOCK_N))
+    grid = (block_experts.shape[0], triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         a, weight, out, routing, sorted_pairs, block_experts, num_pairs, num_experts, n, k,
         a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         PAIRS_PER_A_ROW=pairs_per_a_row, SCALE_BY_ROUTING=routing is not None, IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -257,12 +257,18 @@ def fused_moe(
     routing = topk_weights.to(torch.float32).contiguous().view(-1)
     if num_tokens <= MAX_GEMV_TOKENS:
         return _gemv_experts(hidden, w13, w2, routing, topk_ids, activation)
+    return _grouped_path(hidden, w13, w2, routing, topk_ids, activation)
+
+
+def _grouped_path(hidden, w13, w2, routing, topk_ids, activation, config=None):
+    """fused_moe for many tokens: pairs sorted by expert, two grouped GEMMs, the sum over k."""
+    num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
-    block_m = _block_m(num_pairs)
-    sorted_pairs, block_experts = align_pairs(topk_ids, w13.shape[0], block_m)
+    config = config or _grouped_config(num_pairs)
+    sorted_pairs, block_experts = align_pairs(topk_ids, w13.shape[0], config[0])
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=hidden.dtype, device=hidden.device)  # [num_pairs, 2 * width]
-    _grouped_gemm(hidden, w13, gate_up, None, sorted_pairs, block_experts, num_pairs, top_k, block_m)
+    _grouped_gemm(hidden, w13, gate_up, None, sorted_pairs, block_experts, num_pairs, top_k, config)
     activated = gated_activation(gate_up, activation)  # [num_pairs, width]
     out = torch.empty(num_pairs, w2.shape[1], dtype=hidden.dtype, device=hidden.device)  # [num_pairs, hidden_size]
-    _grouped_gemm(activated, w2, out, routing, sorted_pairs, block_experts, num_pairs, 1, block_m)
+    _grouped_gemm(activated, w2, out, routing, sorted_pairs, block_experts, num_pairs, 1, config)
     return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -50,13 +50,15 @@ class PagedAttention(nn.Module):
         self.ops = select_ops(device)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryEmbedding
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryEmbedding,
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
     ) -> torch.Tensor:
-        """Rotate q and k by `positions`, write k, v into this layer's cache at the step's slots, then attend.
+        """Norm q and k heads with `qk_norm` (two RMSNorm layers) if given, rotate them by
+        `positions`, write k, v into this layer's cache at the step's slots, then attend.
 
         q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim] (q may be
         overwritten). Returns [num_tokens, num_heads, head_dim].
         """
         context = forward_context.current()
         kv_cache = context.kv_caches[self.layer_index]
-        return self.ops.attention(q, k, v, positions, rotary, kv_cache, context.attn, self.kv_cache_spec)
+        return self.ops.attention(q, k, v, positions, rotary, kv_cache, context.attn, self.kv_cache_spec, qk_norm)

@@ -36,8 +36,3 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual stream of a pre-norm block, in one kernel on GPU."""
         return self.ops.rms_norm(x, self.weight, self.eps, residual, self.weight_offset)
-
-    def per_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Norm of each head of x [num_tokens, num_heads, head_dim] over head_dim (QK-norm)."""
-        num_tokens, num_heads, head_dim = x.shape
-        return self(x.reshape(num_tokens * num_heads, head_dim)).view(num_tokens, num_heads, head_dim)

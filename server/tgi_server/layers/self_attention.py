@@ -76,7 +76,6 @@ class SelfAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
-        out = self.attn(positions, q, k, v, self.rotary)  # [num_tokens, num_heads, head_dim]
+        qk_norm = (self.q_norm, self.k_norm) if self.has_qk_norm else None
+        out = self.attn(positions, q, k, v, self.rotary, qk_norm)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

@@ -88,9 +88,16 @@ def attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     spec: KVCacheSpec,
+    qk_norm=None,
 ) -> torch.Tensor:
-    """Rotate q and k, write k and v into the cache at `attn.slot_mapping`, then attend each
-    sequence's new queries over its cached context (a loop over sequences, host lists only)."""
+    """RMS-norm each q and k head with `qk_norm` (the q and k RMSNorm layers; None: no QK-norm),
+    rotate q and k, write k and v into the cache at `attn.slot_mapping`, then attend each sequence's
+    new queries over its cached context (a loop over sequences, host lists only)."""
+    if qk_norm is not None:
+        q, k = (
+            rms_norm(x.reshape(-1, x.shape[-1]), norm.weight, norm.eps, None, norm.weight_offset)[0].view(x.shape)
+            for x, norm in zip((q, k), qk_norm)
+        )
     q, k = rotary(positions, q, k)
     write_kv_cache(kv_cache, k, v, attn.slot_mapping)
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]

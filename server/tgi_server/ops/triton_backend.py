@@ -39,8 +39,11 @@ def attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     spec: KVCacheSpec,
+    qk_norm=None,
 ) -> torch.Tensor:
-    """One kernel rotates q in place and writes rotated k and v into the cache; the paged attention
-    kernels attend."""
-    fused.rotary_and_write_cache(q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, kv_cache, attn.slot_mapping)
+    """One kernel norms q and k heads (with `qk_norm`), rotates q in place and writes rotated k and v
+    into the cache; the paged attention kernels attend."""
+    fused.rotary_and_write_cache(
+        q, k, v, positions, rotary.inv_freq, rotary.attention_scaling, kv_cache, attn.slot_mapping, qk_norm
+    )
     return paged_attention(q, kv_cache, attn, spec.scale, spec.sliding_window, spec.logit_softcap)
