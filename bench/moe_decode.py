@@ -80,7 +80,7 @@ def main() -> None:
                     out = moe._grouped_path(hidden, w13, w2, routing, ids, "silu", config)
                     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
                     grouped[str(config)] = graph_time_us(lambda: moe._grouped_path(hidden, w13, w2, routing, ids, "silu", config), 50)
-                row["grouped_default"] = str(moe._grouped_config(num_tokens * top_k))
+                row["grouped_default"] = str(moe._grouped_config(num_tokens * top_k, num_experts))
                 row["grouped_top5"] = {k: round(v, 2) for k, v in sorted(grouped.items(), key=lambda kv: kv[1])[:5]}
             if num_tokens <= 16:
                 gemv = {}
@@ -91,7 +91,9 @@ def main() -> None:
                         us = graph_time_us(lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", up_config, down_config), 50)
                         gemv[f"{up_config}/{down_config}"] = us
                 best = min(gemv, key=gemv.get)
-                row["gemv_default_us"] = round(gemv[f"{moe.GATE_UP_GEMV}/{moe.DOWN_GEMV}"], 2)
+                up_default = moe.GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else moe.GATE_UP_GEMV
+                row["gemv_default_us"] = round(gemv[f"{up_default}/{moe.DOWN_GEMV}"], 2)
+                row["uses_gemv"] = moe.uses_gemv(num_tokens, top_k, num_experts)
                 row["gemv_best"] = best
                 row["gemv_best_us"] = round(gemv[best], 2)
                 row["gemv_best_gb_s"] = round(expert_bytes / gemv[best] / 1e3, 1)

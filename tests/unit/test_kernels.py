@@ -283,17 +283,18 @@ def test_attention_in_graph_layout_matches_the_exact_grid():
     torch.testing.assert_close(paged_attention(q, kv_cache, padded, head_dim**-0.5, None)[:27], expected)
 
 
-@pytest.mark.parametrize("num_tokens, num_experts, top_k", [
-    (1, 8, 2),  # one decode token: the per-pair matrix-vector path
-    (5, 6, 3),  # a few decode tokens, some sharing an expert
-    (13, 6, 2),  # past the matrix-vector path: grouped GEMMs, some experts unused
-    (150, 4, 2),  # 300 pairs: 64-row blocks, several per expert
+@pytest.mark.parametrize("num_tokens, num_experts, top_k, gemv", [
+    (1, 8, 2, True),  # one decode token: the per-pair matrix-vector path
+    (4, 16, 2, True),  # a few decode tokens, some may share an expert
+    (13, 6, 2, False),  # grouped GEMMs, 16-row blocks; some experts unused
+    (40, 4, 2, False),  # 20 rows per expert: 64-row blocks
+    (150, 4, 2, False),  # 75 rows per expert: 128-row blocks
 ])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_experts, top_k, activation):
+def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_experts, top_k, gemv, activation):
     from tgi_server.kernels import moe
 
-    assert (num_tokens <= moe.MAX_GEMV_TOKENS) == (num_tokens < 10), "the cases no longer straddle the two paths"
+    assert moe.uses_gemv(num_tokens, top_k, num_experts) == gemv, "the cases no longer cover both paths"
     generator = torch.Generator().manual_seed(num_tokens)
     hidden_size, width = 96, 40  # neither a multiple of the tiles
     hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(DEVICE)
@@ -320,3 +321,13 @@ def test_router_kernel_picks_the_portable_top_k(num_tokens, num_experts, top_k, 
     weights, ids = route_experts(logits, top_k, renormalize)
     assert ids.tolist() == expected_ids.tolist()
     torch.testing.assert_close(weights, expected_weights)
+
+
+def test_router_kernel_picks_distinct_valid_experts_for_a_padding_row_of_nan():
+    """A padded row's garbage must not send the expert kernels out of bounds."""
+    from tgi_server.kernels.moe import route_experts
+
+    logits = torch.tensor([[float("nan")] * 12, [float("inf")] * 2 + [0.0] * 10, [0.0] * 12]).to(DEVICE)
+    _, ids = route_experts(logits, 4, True)
+    for row in ids.tolist():
+        assert len(set(row)) == 4 and all(0 <= e < 12 for e in row), row

@@ -27,11 +27,19 @@ import triton.language as tl
 
 from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activation
 
-# Tokens up to which `fused_moe` takes the per-pair matrix-vector path instead of grouped GEMMs.
-MAX_GEMV_TOKENS = 8
-# (BLOCK_N, BLOCK_K, num_warps) of the two matrix-vector kernels, tuned on an H100 (bench/moe_decode.py).
-GATE_UP_GEMV = (4, 512, 4)
-DOWN_GEMV = (4, 512, 4)
+# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, the best or within 5% of it on an H100
+# for Qwen3-30B-A3B's and Mixtral-8x7B's experts at 1-8 tokens (bench/moe_decode.py,
+# bench/results/2026-12-06-h100-moe-decode.json).
+GATE_UP_GEMV_ONE_TOKEN = (2, 1024, 4)
+GATE_UP_GEMV = (4, 256, 4)
+DOWN_GEMV = (2, 1024, 4)
+
+
+def uses_gemv(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether `fused_moe` takes the per-pair matrix-vector path: it reads an expert once per pair
+    routed to it, the grouped GEMMs once per step, so it wins while pairs rarely share an expert
+    (measured: up to 64 pairs of 128 experts, 4 pairs of 8), and always for one token."""
+    return num_tokens * top_k <= max(num_experts // 2, top_k)
 
 
 @triton.jit
@@ -40,22 +48,24 @@ def _route_kernel(
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Token program_id(0): softmax over its router logits in float32, the TOP_K largest in
-    descending order (ties to the lower expert id), rescaled to sum to 1 when RENORMALIZE."""
+    descending order (ties to the lower expert id), rescaled to sum to 1 when RENORMALIZE.
+
+    Always TOP_K distinct valid experts, even for a row of NaN (a padding row of garbage): NaN
+    ranks below every probability, a chosen expert below NaN, a lane past num_experts below both."""
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
     logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=-float("inf")).to(tl.float32)
     exps = tl.exp(logits - tl.max(logits, 0))
     probs = exps / tl.sum(exps, 0)
-    remaining = tl.where(valid, probs, -1.0)
+    remaining = tl.where(valid, tl.where(probs == probs, probs, -1.0), -3.0)
     rank = tl.full([BLOCK_E], -1, tl.int32)  # each expert's place among the chosen, -1 if not chosen
     total = 0.0
     for k in tl.static_range(TOP_K):
-        best = tl.max(remaining, 0)
         chosen = experts == tl.argmax(remaining, 0)
         rank = tl.where(chosen, k, rank)
-        remaining = tl.where(chosen, -1.0, remaining)
-        total += best
+        total += tl.sum(tl.where(chosen, probs, 0.0), 0)
+        remaining = tl.where(chosen, -2.0, remaining)
     weights = probs / total if RENORMALIZE else probs
     picked = rank >= 0
     tl.store(weights_ptr + token * TOP_K + rank, weights, mask=picked)
@@ -138,7 +148,7 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     num_tokens, top_k = topk_ids.shape
     width, hidden_size = w13.shape[1] // 2, w13.shape[2]
     ids = topk_ids.to(torch.int32).contiguous().view(-1)
-    block_n, block_k, warps = gate_up_config or GATE_UP_GEMV
+    block_n, block_k, warps = gate_up_config or (GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else GATE_UP_GEMV)
     activated = torch.empty(num_tokens * top_k, width, dtype=hidden.dtype, device=hidden.device)
     _gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(width, block_n))](
         hidden, w13, ids, activated, width, hidden_size, hidden.stride(0), w13.stride(0), w13.stride(1),
@@ -154,10 +164,16 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     return out
 
 
-def _grouped_config(num_pairs: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the grouped GEMMs: few pairs waste less
-    padding in 16-row blocks; many fill 64-row ones."""
-    return (16 if num_pairs <= 256 else 64), 64, 64, 4, 3
+def _grouped_config(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the grouped GEMMs by the rows an expert
+    gets on average: few waste less padding in 16-row blocks, many fill big tiles (the best or within
+    2% of it on an H100 for Qwen3-30B-A3B and Mixtral-8x7B at 16, 128 and 1,024 tokens)."""
+    rows_per_expert = num_pairs / num_experts
+    if rows_per_expert <= 16:
+        return 16, 128, 128, 4, 3
+    if rows_per_expert <= 48:
+        return 64, 64, 128, 4, 4
+    return 128, 128, 64, 8, 3
 
 
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +271,7 @@ def fused_moe(
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
     routing = topk_weights.to(torch.float32).contiguous().view(-1)
-    if num_tokens <= MAX_GEMV_TOKENS:
+    if uses_gemv(num_tokens, top_k, w13.shape[0]):
         return _gemv_experts(hidden, w13, w2, routing, topk_ids, activation)
     return _grouped_path(hidden, w13, w2, routing, topk_ids, activation)
 
@@ -264,7 +280,7 @@ def _grouped_path(hidden, w13, w2, routing, topk_ids, activation, config=None):
     """fused_moe for many tokens: pairs sorted by expert, two grouped GEMMs, the sum over k."""
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
-    config = config or _grouped_config(num_pairs)
+    config = config or _grouped_config(num_pairs, w13.shape[0])
     sorted_pairs, block_experts = align_pairs(topk_ids, w13.shape[0], config[0])
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=hidden.dtype, device=hidden.device)  # [num_pairs, 2 * width]
     _grouped_gemm(hidden, w13, gate_up, None, sorted_pairs, block_experts, num_pairs, top_k, config)
