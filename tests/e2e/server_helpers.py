@@ -55,6 +55,13 @@ def tiny_config(architecture: str, **extra):
     its defaults would leave them idle at this size (windows, soft-caps, per-layer RoPE)."""
     import transformers
 
+    if architecture == "gemma3_multimodal":  # Gemma3ForConditionalGeneration: we serve its language model
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14)
+        return transformers.Gemma3Config(
+            text_config=tiny_config("gemma3", **extra).to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+            boi_token_index=49149, eoi_token_index=49150, image_token_index=49151,
+        )
     common = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

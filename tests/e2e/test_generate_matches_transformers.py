@@ -54,7 +54,8 @@ def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
         assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
+# gemma3_multimodal: a Gemma3ForConditionalGeneration checkpoint, served text-only (its language model)
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_multimodal"]
 FALLBACKS = ["gpt_neox", "opt"]  # transformers' own classes over our paged KV cache
 
 
@@ -98,6 +99,19 @@ async def test_fallback_model_greedy_output_equals_transformers_and_info_names_t
             info = await response.json()
     assert_same_tokens(ours, expected)
     assert info["model_implementation"] == "transformers"
+
+
+async def test_a_multimodal_checkpoint_served_text_only_refuses_an_image_with_422(tiny_models, hf_home):
+    body = {"model": "tgi", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]}]}
+    with running_server(str(tiny_models["gemma3_multimodal"]), hf_home, "--max-batch-prefill-tokens", "256") as server:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/v1/chat/completions", json=body) as response:
+                status, error = response.status, await response.json()
+    assert status == 422
+    assert error["error_type"] == "validation" and "text content parts" in error["error"]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ that rotate with their own RoPE parameters.
 Tensor parallelism lives in the layers; this file only wires them as the architecture does.
 """
 
+import copy
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -183,10 +185,13 @@ class GemmaForCausalLM(LlamaForCausalLM):
 class Gemma3TextOnlyForCausalLM(GemmaForCausalLM):
     """Gemma 3's multimodal checkpoints (`Gemma3ForConditionalGeneration`: 4B, 12B, 27B) served as
     the text-only language model inside them: its `text_config` and its `language_model.*` tensors;
-    the vision tower is not loaded."""
+    the vision tower is not loaded. Whether the LM head is the embedding is the wrapper's
+    `tie_word_embeddings` (transformers ties by it), not the text config's."""
 
     def __init__(self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device):
-        super().__init__(config.text_config, tp, dtype, device)
+        text_config = copy.deepcopy(config.text_config)
+        text_config.tie_word_embeddings = config.tie_word_embeddings
+        super().__init__(text_config, tp, dtype, device)
 
     def load_weights(self, weights: WeightSource) -> None:
         self.model.load(weights, "language_model.model")
