@@ -84,8 +84,14 @@ async def test_tiny_model_greedy_output_equals_transformers(tiny_models, hf_home
     assert info["model_implementation"] == "in-project"
 
 
-@pytest.mark.parametrize("architecture", FALLBACKS)
-async def test_fallback_model_greedy_output_equals_transformers_and_info_names_the_fallback(tiny_models, hf_home, architecture):
+@pytest.mark.parametrize("architecture, num_shard", [
+    ("gpt_neox", 1),
+    ("gpt_neox", 2),  # transformers' tensor-parallel plan for GPT-NeoX, over our process group
+    ("opt", 1),  # no plan: --num-shard 2 is refused (tests/unit/test_prepare.py)
+])
+async def test_fallback_model_greedy_output_equals_transformers_and_info_names_the_fallback(
+    tiny_models, hf_home, architecture, num_shard
+):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +99,7 @@ async def test_fallback_model_greedy_output_equals_transformers_and_info_names_t
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
     small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
-    with running_server(str(model_dir), hf_home, *small_cache) as server:
+    with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
         ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
         async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
             info = await response.json()

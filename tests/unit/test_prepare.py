@@ -315,12 +315,12 @@ def test_hf_hub_offline_uses_the_cache_without_any_request(tmp_path, hub):
     ("org/tiny", (), {"HF_HUB_OFFLINE": "1"}, "is not in the Hub cache"),
     ("/no/such/dir", (), {}, "/no/such/dir is neither a local directory nor a valid Hub model id"),
     ("org/mqa", ("--num-shard", "2"), {}, "num_key_value_heads is 1, fewer than the 2 shards asked for"),
-    ("org/neox", ("--num-shard", "2"), {}, "GPTNeoXForCausalLM runs on the transformers fallback, which has no tensor parallelism"),
+    ("org/opt", ("--num-shard", "2"), {}, "OPTForCausalLM runs on the transformers fallback and transformers has no tensor-parallel plan"),
 ])
 def test_unpreparable_model_is_one_prepare_error_line(tmp_path, hub, model_id, args, extra_env, message):
     hub.add("org/tiny", {"config.json": b"{}"})
     hub.add("org/mqa", {"config.json": b'{"num_key_value_heads": 1}', "tokenizer.json": b"{}", "model.safetensors": b""})
-    hub.add("org/neox", {"config.json": b'{"architectures": ["GPTNeoXForCausalLM"], "num_attention_heads": 4}',
+    hub.add("org/opt", {"config.json": b'{"architectures": ["OPTForCausalLM"], "num_attention_heads": 4}',
                          "tokenizer.json": b"{}", "model.safetensors": b""})
     result = run_prepare(hub_env(tmp_path, hub.url, **extra_env), model_id, *args)
     assert result.returncode == 1 and "Traceback" not in result.stderr

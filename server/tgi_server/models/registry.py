@@ -11,7 +11,7 @@ from tgi_server.layers.norm import RMSNorm
 from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
-from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class
+from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
 from tgi_server.ops import building_with
 from tgi_server.weights import load_config, open_weights
 
@@ -42,8 +42,9 @@ class UnsupportedModelError(ValueError):
 
 
 def model_class(architecture: str, num_shard: int = 1) -> type:
-    """The in-project class for `architecture`, else transformers' own through the fallback (one
-    shard only); UnsupportedModelError naming what is supported otherwise."""
+    """The in-project class for `architecture`, else transformers' own through the fallback (several
+    shards where transformers has a tensor-parallel plan for it); UnsupportedModelError naming what
+    is supported otherwise."""
     if architecture in ARCHITECTURES:
         return ARCHITECTURES[architecture]
     if fallback_class(architecture) is None:
@@ -51,10 +52,10 @@ def model_class(architecture: str, num_shard: int = 1) -> type:
             f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}, "
             "and transformers causal LMs that accept a registered attention function"
         )
-    if num_shard > 1:
+    if num_shard > 1 and not has_tensor_parallel_plan(architecture):
         raise UnsupportedModelError(
-            f"{architecture} runs on the transformers fallback, which has no tensor parallelism here; "
-            "use --num-shard 1"
+            f"{architecture} runs on the transformers fallback and transformers has no tensor-parallel plan "
+            "for it; use --num-shard 1"
         )
     return TransformersCausalLM
 

@@ -7,7 +7,12 @@ keys and values into that layer's cache from the forward context and attends wit
 as the in-project models (the rotation the backend applies is the identity here). The whole flat
 batch of a step runs as one sequence of length num_tokens; the positions come from the runner and
 the attention metadata keeps sequences apart, so continuous batching and chunked prefill work as for
-any model. No tensor parallelism, no CUDA graphs (transformers' Python is not capture-safe).
+any model. No CUDA graphs (transformers' Python is not capture-safe).
+
+Tensor parallelism is transformers' own, where the architecture has a plan for it (its config's
+`base_model_tp_plan`, e.g. GPT-NeoX, OLMo, Granite, Starcoder2): transformers shards the checkpoint
+over our process group as DTensors, each rank's attention layers see only its heads, and its KV cache
+holds only those.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
+from transformers import AttentionInterface, AutoModelForCausalLM, DistributedConfig, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -54,6 +59,12 @@ def fallback_class(architecture: str) -> type | None:
     return model_class if getattr(model_class, "_supports_attention_backend", False) else None
 
 
+def has_tensor_parallel_plan(architecture: str) -> bool:
+    """Whether transformers can shard `architecture` (a fallback class) over several ranks."""
+    config_class = getattr(fallback_class(architecture), "config_class", None)
+    return bool(getattr(config_class, "base_model_tp_plan", None))
+
+
 def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, **kwargs):
     """transformers' attention-function contract: query [1, num_heads, num_tokens, head_dim], key and
@@ -87,13 +98,24 @@ class TransformersCausalLM(nn.Module):
     def __init__(
         self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device, model_path: str | None = None
     ):
-        """`tp` must be a single rank (the registry refuses more before building). With `model_path`
-        transformers loads the checkpoint itself (its own tensor renames and conversions apply);
-        without, the weights are left for `fill_random_weights`."""
+        """With `model_path` transformers loads the checkpoint itself (its own tensor renames and
+        conversions apply), sharded over `tp` when it has several ranks (the registry checks the
+        architecture has a plan); without, the weights are left for `fill_random_weights` (one rank)."""
         super().__init__()
         register_attention()
         self.config = config
         settings = dict(dtype=dtype, attn_implementation=ATTENTION)
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if tp.world_size > 1:
+            if model_path is None:
+                raise ValueError("random (dummy) weights with the transformers fallback need --num-shard 1")
+            if num_kv_heads % tp.world_size or config.num_attention_heads % tp.world_size:
+                raise ValueError(f"transformers shards attention heads evenly: {config.num_attention_heads} query and "
+                                 f"{num_kv_heads} key/value heads do not divide over {tp.world_size} shards")
+            from torch.distributed.device_mesh import DeviceMesh
+
+            settings.update(distributed_config=DistributedConfig(tp_plan="auto", tp_size=tp.world_size),
+                            device_mesh=DeviceMesh.from_group(tp.group, device.type))
         if model_path is None:
             with torch.device(device):
                 self.hf = AutoModelForCausalLM.from_config(config, **settings)
@@ -102,7 +124,7 @@ class TransformersCausalLM(nn.Module):
             self.hf = AutoModelForCausalLM.from_pretrained(directory, config=config, gguf_file=gguf, **settings).to(device)
         self.hf.eval()
         head_dim = attention_head_dim(config)
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        num_kv_heads //= tp.world_size  # this rank's
         self._specs = [
             KVCacheSpec(num_kv_heads, head_dim, layer_sliding_window(config, i), head_dim**-0.5)
             for i in range(config.num_hidden_layers)
