@@ -87,7 +87,7 @@ def launch(
     watermark_gamma: float = _passed(ShardSettings, "watermark_gamma", "WATERMARK_GAMMA"),
     watermark_delta: float = _passed(ShardSettings, "watermark_delta", "WATERMARK_DELTA"),
     tokenizer_config_path: Optional[str] = typer.Option(None, envvar="TOKENIZER_CONFIG_PATH", help="Not supported (an error when set): the tokenizer and chat template come from the model directory."),
-    disable_grammar_support: bool = typer.Option(False, envvar="DISABLE_GRAMMAR_SUPPORT", help="Accepted, no effect (a warning says so): grammar requests always get 422, grammars are not implemented."),
+    disable_grammar_support: bool = _passed(RouterSettings, "disable_grammar_support", "DISABLE_GRAMMAR_SUPPORT"),
     env: bool = typer.Option(False, "--env", "-e", help="Print the runtime environment (versions, GPUs, this configuration), then launch."),
     max_client_batch_size: int = _passed(RouterSettings, "max_client_batch_size", "MAX_CLIENT_BATCH_SIZE"),
     lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="Not supported (an error when set): LoRA adapters are not implemented."),

@@ -58,7 +58,6 @@ NO_EFFECT = {
     "otlp_endpoint": (None, "no OpenTelemetry traces are exported"),
     "otlp_service_name": ("text-generation-inference.router", "no OpenTelemetry traces are exported"),
     "prometheus_port": (9000, "Prometheus metrics are served at /metrics on --port"),
-    "disable_grammar_support": (False, "grammar requests are always answered 422 (grammars are not implemented)"),
     "enable_prefill_logprobs": (False, "prompt logprobs (decoder_input_details) are always available"),
 }
 

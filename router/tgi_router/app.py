@@ -19,6 +19,7 @@ from tgi_proto.settings import DEFAULT_DRAIN_TIMEOUT_SECONDS
 from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.metrics import Metrics
 from tgi_router.errors import InferError, OverloadedError, ShuttingDownError, ValidationError
+from tgi_router.grammar import Grammars
 from tgi_router.tokenizer import Tokenizer
 from tgi_router.validation import (
     GenerateRequest,
@@ -63,6 +64,8 @@ class Router:
     body_timeout: float = BODY_TIMEOUT_SECONDS
     # SIGTERM: how long in-flight requests may take to finish (the launcher's --graceful-termination-timeout).
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
+    # Compiles request grammars and makes their matchers (None: no grammar can be served).
+    grammars: Grammars | None = None
     num_in_flight: int = 0
     # Set on SIGTERM: new requests get 503 while the in-flight ones finish.
     is_draining: bool = False
@@ -92,7 +95,10 @@ class Router:
         validate_inputs(request, self.validation)
         # The tokenizer lets go of the GIL while it works, so a thread keeps the event loop responsive.
         input_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs, add_special_tokens)
-        return validate_input_ids(request, input_ids, self.validation, default_return_full_text)
+        valid = validate_input_ids(request, input_ids, self.validation, default_return_full_text)
+        if valid.grammar is not None:  # compiled (or found in the cache) before the request is queued
+            await self.grammars.prepare_async(valid.grammar)
+        return valid
 
     async def drain(self, timeout: float = DEFAULT_DRAIN_TIMEOUT_SECONDS) -> None:
         """Refuses new requests (503) and waits until the in-flight ones are done; those still running
@@ -119,6 +125,7 @@ class Router:
                 top_n_tokens=valid.top_n_tokens,
                 ignore_eos=valid.ignore_eos,
                 prompt_logprobs=valid.decoder_input_details,
+                constraint=None if valid.grammar is None else self.grammars.matcher(valid.grammar),
             )
         )
 

@@ -15,6 +15,7 @@ from tgi_proto.settings import RouterSettings, parse_argv
 from tgi_router.app import Router, build_app
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
+from tgi_router.grammar import Grammars
 from tgi_router.metrics import Metrics
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 from tgi_router.shard_client import ShardClient
@@ -59,7 +60,9 @@ async def _start(settings: RouterSettings) -> web.Application:
         max_top_n_tokens=settings.max_top_n_tokens,
         max_input_tokens=limits.max_input_tokens,
         max_total_tokens=limits.max_total_tokens,
+        grammar_support=not settings.disable_grammar_support,
     )
+    grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     router = Router(
         engine=Engine(scheduler, shards, tokenizer, Metrics(
             limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),
@@ -74,6 +77,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         predict_route=settings.aip_predict_route,
         health_route=settings.aip_health_route,
         drain_timeout=settings.drain_timeout,
+        grammars=grammars,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     log.info("serving on http://%s:%d", settings.hostname, settings.port)

@@ -15,7 +15,8 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
         new_requests=[_new_request(r) for r in plan.new_requests],
         scheduled=[
             pb.ScheduledRequest(
-                id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids, last_token=c.last_token
+                id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids, last_token=c.last_token,
+                allowed_tokens=plan.token_masks.get(c.request.id, b""),
             )
             for c in plan.scheduled
         ],

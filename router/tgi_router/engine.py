@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.errors import GenerationError, InferError
+from tgi_router.grammar import Constraint
 from tgi_router.metrics import Metrics
 from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan
 from tgi_router.scheduler import Scheduler
@@ -39,6 +40,8 @@ class GenerationInput:
     ignore_eos: bool = False
     # Compute the logprob of every prompt token (TGI's decoder_input_details).
     prompt_logprobs: bool = False
+    # The grammar this request's tokens must follow (a fresh matcher of its own), or None.
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Engine:
             sampling=generation.sampling,
             top_n_tokens=generation.top_n_tokens,
             prompt_logprobs=[math.nan] * len(generation.input_ids) if generation.prompt_logprobs else None,
+            is_constrained=generation.constraint is not None,
         )
         self.scheduler.add(request)
         self._wakeup.set()
@@ -188,9 +192,17 @@ class Engine:
             self._fail(head.id, GenerationError("request does not fit in the KV cache"))
         if not plan.scheduled and not plan.finished_ids:
             return None
+        self._add_masks(plan)
         method = "prefill" if plan.new_requests or plan.num_batched_tokens > len(plan.scheduled) else "decode"
         call = asyncio.ensure_future(self.shards.step(plan))
         return _InFlight(plan, call, method, time.perf_counter())
+
+    def _add_masks(self, plan: StepPlan) -> None:
+        """The grammar mask of every constrained request that samples in `plan`."""
+        for chunk in plan.scheduled:
+            request = chunk.request
+            if request.is_constrained and request.num_computed_tokens + chunk.num_tokens == request.num_tokens:
+                plan.token_masks[request.id] = self._streams[request.id].input.constraint.mask()
 
     async def _finish(self, step: _InFlight) -> list[tuple[Request, SampledToken, FinishReason | None]]:
         """Waits for `step`, advances its requests, and ends those that stop by length or end of
@@ -208,9 +220,19 @@ class Engine:
         for request, sample in self.scheduler.update(step.plan, result):
             stream = self._streams[request.id]
             finish = None
+            constraint = stream.input.constraint
+            if constraint is not None:
+                try:
+                    constraint.advance(sample.token_id)  # before the next plan asks it for a mask
+                except RuntimeError as error:
+                    log.error("request %d: %s", request.id, error)
+                    self._fail(request.id, GenerationError(str(error)))
+                    continue
             if len(request.output_token_ids) >= request.max_new_tokens:
                 finish = FinishReason.LENGTH
             elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
+                finish = FinishReason.EOS_TOKEN
+            elif constraint is not None and constraint.is_finished:  # the grammar allows nothing more
                 finish = FinishReason.EOS_TOKEN
             if finish is not None:
                 self.scheduler.finish(request.id)

@@ -56,6 +56,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # When the request first joined a batch (the end of its queue time).
     first_scheduled_time: float | None = None
+    # A grammar constrains its tokens: the engine sends a mask whenever it samples, and no step that
+    # runs it may be started ahead of its plan (the mask needs the token sampled before).
+    is_constrained: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +94,9 @@ class StepPlan:
     scheduled: list[ScheduledChunk]
     # No request waits, so the shards may start the next decode step early (the proto's `lookahead`).
     lookahead: bool = False
+    # Grammar masks of the constrained requests that sample this step, by request id (the engine
+    # fills them in; the proto's `ScheduledRequest.allowed_tokens`).
+    token_masks: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -71,9 +71,9 @@ class Scheduler:
         new_requests = [chunk.request for chunk in scheduled if not chunk.request.is_on_shards]
         for request in new_requests:
             request.is_on_shards = True
-        plan = StepPlan(
-            self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=not self.waiting
-        )
+        # A constrained request's next mask needs this step's token: nothing may start before its plan.
+        lookahead = not self.waiting and not any(request.is_constrained for request in self.running)
+        plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=lookahead)
         self._next_step_id += 1
         self._finished_ids = []
         return plan

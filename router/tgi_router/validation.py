@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, fields
 
 from tgi_router.errors import ValidationError
+from tgi_router.grammar import GrammarSpec
 from tgi_router.request import SamplingParams
 
 # TGI schedules at most this many new tokens at a time and re-queues the request to continue, so
@@ -34,6 +35,8 @@ class ValidationConfig:
     max_top_n_tokens: int
     max_input_tokens: int
     max_total_tokens: int
+    # False: requests with a grammar get 422 (the launcher's --disable-grammar-support).
+    grammar_support: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class ValidRequest:
     best_of: int
     watermark: bool
     ignore_eos: bool = False
+    # The grammar the output must follow (compiled by the router before the request is queued).
+    grammar: GrammarSpec | None = None
 
 
 # Integer parameters and the range of their type in TGI (usize, i32, u32, u64).
@@ -263,8 +268,11 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         raise ValidationError(
             f"`inputs` must have less than {config.max_input_tokens} tokens. Given: {num_input_tokens}"
         )
+    grammar = None
     if params.grammar is not None:
-        raise ValidationError("grammar is not supported")  # TGI's message when grammars are disabled
+        if not config.grammar_support:
+            raise ValidationError("grammar is not supported")  # TGI's message when grammars are disabled
+        grammar = GrammarSpec.from_tgi(params.grammar)
     return ValidRequest(
         inputs=request.inputs,
         input_ids=input_ids,
@@ -279,6 +287,7 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         best_of=max(params.best_of or 1, 1),
         watermark=params.watermark,
         ignore_eos=params.ignore_eos,
+        grammar=grammar,
     )
 
 

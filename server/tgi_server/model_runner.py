@@ -42,6 +42,8 @@ class Sequence:
     wants_prompt_logprobs: bool = False
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # This step's grammar mask when the sequence samples under one (ScheduledSequence.allowed_tokens).
+    allowed_tokens: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ScheduledSequence:
     new_block_ids: list[int]
     # The token sampled this step is the request's last: no lookahead row for it.
     last_token: bool = False
+    # Packed bitmask of the tokens a grammar allows next (the proto's field); empty: any.
+    allowed_tokens: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,7 @@ class ModelRunner:
         for item in scheduled:
             sequence = self.sequences[item.id]
             sequence.block_table.extend(item.new_block_ids)
+            sequence.allowed_tokens = item.allowed_tokens
             batch.append((item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
@@ -245,6 +250,7 @@ class ModelRunner:
             (request_id, seq, n)
             for request_id, seq, n in batch
             if n == 1 and rows.get(id(seq)) == seq.num_computed_tokens == len(seq.token_ids) - 1
+            and not seq.allowed_tokens  # the started step sampled without this step's grammar mask
         ]
 
     def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
@@ -445,7 +451,10 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
         params = [seq.sampling for _, seq in to_sample]
-        batch = SamplingBatch.build(params, [seq.token_ids for _, seq in to_sample], self.device, watermark=self.watermark)
+        batch = SamplingBatch.build(
+            params, [seq.token_ids for _, seq in to_sample], self.device, watermark=self.watermark,
+            allowed_tokens=[seq.allowed_tokens for _, seq in to_sample],
+        )
         top_n = [seq.top_n_tokens for _, seq in to_sample]
         out = sample(logits, batch, top_n)
         host_token_ids, host_logprobs = self._copy_to_host(out)

@@ -59,6 +59,10 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # [B] float32, 0 = off
     history: torch.Tensor | None  # [B, L] int64 token ids so far, padded by repeating the first id
     history_len: torch.Tensor | None  # [B] int64
+    # Rows constrained by a grammar and their allowed tokens, one bit per id (bit t % 32 of word
+    # t // 32); None when no row is constrained.
+    allowed_rows: torch.Tensor | None  # [R] int64
+    allowed_words: torch.Tensor | None  # [R, W] int32
     # Known on the host when the batch is built, so the hot path needs no device sync to skip work.
     use_sampling: bool
     use_top_k_top_p: bool
@@ -70,9 +74,11 @@ class SamplingBatch:
     @classmethod
     def build(
         cls, params: list[SamplingParams], histories: list[list[int]], device, positions: list[int] | None = None,
-        watermark: Watermark = Watermark(),
+        watermark: Watermark = Watermark(), allowed_tokens: list[bytes] | None = None,
     ) -> SamplingBatch:
-        """`positions[i]`: the index row i's sampled token will have (default: len(histories[i]))."""
+        """`positions[i]`: the index row i's sampled token will have (default: len(histories[i])).
+        `allowed_tokens[i]`: row i's packed bitmask of allowed tokens (the proto's
+        `ScheduledRequest.allowed_tokens`), empty for an unconstrained row."""
         params = [_effective(p) for p in params]
 
         def column(values, dtype):
@@ -104,8 +110,18 @@ class SamplingBatch:
                 history=column([h + [h[0]] * (width - len(h)) for h in histories], torch.int64),  # [B, L]
                 history_len=column([len(h) for h in histories], torch.int64),
             )
+        masks = [(row, mask) for row, mask in enumerate(allowed_tokens or []) if mask]
+        allowed_rows = allowed_words = None
+        if masks:
+            width = max(len(mask) for _, mask in masks)
+            packed = b"".join(mask.ljust(width, b"\0") for _, mask in masks)  # missing words: nothing allowed
+            allowed_rows = column([row for row, _ in masks], torch.int64)
+            words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(len(masks), width // 4)
+            allowed_words = words.to(device)
         return cls(
             **columns,
+            allowed_rows=allowed_rows,
+            allowed_words=allowed_words,
             use_sampling=use_sampling,
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
@@ -133,7 +149,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> Samp
     """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
     processed distribution (after penalties and warpers), as TGI reports them. Row i also gets its
     `top_n[i]` most likely tokens, plus any tied with the last of them (as TGI returns them)."""
-    scores = _apply_watermark(logits.float(), batch.watermark_rows, batch.watermark)
+    scores = logits.float()
+    if batch.allowed_rows is not None:
+        scores = _apply_allowed(scores, batch.allowed_rows, batch.allowed_words)
+    scores = _apply_watermark(scores, batch.watermark_rows, batch.watermark)
     scores = _apply_penalties(scores, batch)
     scores = _apply_warpers(scores, batch)
     logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
@@ -144,6 +163,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> Samp
     token_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
     top_ids, top_logprobs, top_counts = _top_tokens(logprobs, top_n)
     return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, top_counts)
+
+
+def _apply_allowed(scores: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-inf for every token the bitmask of a constrained row does not allow (on the device)."""
+    vocab_size = scores.shape[1]
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = ((words[:, :, None] >> shifts) & 1).flatten(1).bool()  # [R, 32 * W]
+    if bits.shape[1] < vocab_size:
+        bits = torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]))
+    scores = scores.clone()
+    scores[rows] = scores[rows].masked_fill(~bits[:, :vocab_size], float("-inf"))
+    return scores
 
 
 def _top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

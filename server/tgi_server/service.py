@@ -52,7 +52,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             for r in request.new_requests
         ]
         scheduled = [
-            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token) for s in request.scheduled
+            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens)
+            for s in request.scheduled
         ]
         with self._lock:
             try:

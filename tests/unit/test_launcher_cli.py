@@ -68,6 +68,7 @@ OPTIONS = [
     ("AIP_HTTP_PORT", "--aip-http-port", "port", "8081", 8081),
     ("AIP_PREDICT_ROUTE", "--aip-predict-route", "aip_predict_route", "/predict", "/predict"),
     ("AIP_HEALTH_ROUTE", "--aip-health-route", "aip_health_route", "/healthz", "/healthz"),
+    ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", "disable_grammar_support", None, True),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -79,7 +80,6 @@ NO_EFFECT_OPTIONS = [
     ("OTLP_ENDPOINT", "--otlp-endpoint", "http://collector:4317", "`--otlp-endpoint` has no effect"),
     ("OTLP_SERVICE_NAME", "--otlp-service-name", "svc", "`--otlp-service-name` has no effect"),
     ("PROMETHEUS_PORT", "--prometheus-port", "9100", "`--prometheus-port` has no effect"),
-    ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", None, "`--disable-grammar-support` has no effect"),
     ("ENABLE_PREFILL_LOGPROBS", "--enable-prefill-logprobs", None, "`--enable-prefill-logprobs` has no effect"),
     ("USAGE_STATS", "--usage-stats", "off", None),  # nothing is ever sent
     ("SPECULATE", "--speculate", "0", None),  # the one supported value

@@ -15,6 +15,7 @@ from tgi_router.validation import (
 )
 
 CONFIG = ValidationConfig(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=10, max_total_tokens=16)
+NO_GRAMMARS = dataclasses.replace(CONFIG, grammar_support=False)  # --disable-grammar-support
 
 
 def validate(body, num_input_tokens=3, is_stream=False, config=CONFIG, default_return_full_text=False):
@@ -65,7 +66,12 @@ RULES = [
     ({}, {"num_input_tokens": 17},
      "`inputs` tokens + `max_new_tokens` must be <= 16. Given: 17 `inputs` tokens and 0 `max_new_tokens`"),
     ({"max_new_tokens": 1}, {"num_input_tokens": 11}, "`inputs` must have less than 10 tokens. Given: 11"),
-    ({"grammar": {"type": "json", "value": {"properties": {}}}}, {}, "grammar is not supported"),
+    ({"grammar": {"type": "json", "value": {"properties": {}}}}, {"config": NO_GRAMMARS}, "grammar is not supported"),
+    ({"grammar": {"type": "cfg", "value": "x"}}, {}, "grammar `type` must be one of json, json_schema, regex, got 'cfg'"),
+    ({"grammar": {"type": "regex", "value": 5}}, {}, "a regex grammar's `value` must be a string"),
+    ({"grammar": {"type": "json", "value": "{not json"}}, {}, "grammar `value` is not valid JSON: "
+     "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ({"grammar": {"type": "json", "value": [1]}}, {}, "a JSON schema must be an object, got list"),
     ({"best_of": 2}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"best_of": 0}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"decoder_input_details": True}, {"is_stream": True},
@@ -99,7 +105,7 @@ ORDER = [
     ({"truncate": 0}, {"num_input_tokens": 17}, "`truncate`"),
     ({"max_new_tokens": 10}, {"num_input_tokens": 11}, "`inputs` tokens + `max_new_tokens`"),
     ({"grammar": {"type": "regex", "value": "a+"}}, {"num_input_tokens": 11}, "`inputs` must have less than"),
-    ({"grammar": {"type": "regex", "value": "a+"}, "watermark": True}, {}, "grammar is not supported"),
+    ({"grammar": {"type": "regex", "value": "a+"}, "watermark": True}, {"config": NO_GRAMMARS}, "grammar is not supported"),
 ]
 
 

@@ -18,13 +18,15 @@ from tgi_router.app import Router, add_post, get_router, read_json, stream_heade
 from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
+from tgi_router.grammar import ANY_JSON_OBJECT
 from tgi_router.http.tgi import collect, collect_all, finite, tokenize_response
 from tgi_router.request import FinishReason
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
 # Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
 _CHAT_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
-_UNSUPPORTED = ("tools", "tool_choice", "response_format")
+_UNSUPPORTED = ("tools", "tool_choice")
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema", "json", "regex")
 # Fields used as they are (the sampling fields go through TGI's parameter checks); null means not given.
 _TYPED_FIELDS = {"model": (str, "a string"), "stream_options": (dict, "an object")}
 # The chat route's `logprobs` is a switch; the completions route's a count of alternatives (OpenAI's).
@@ -159,8 +161,29 @@ def _sampling_parameters(body: dict) -> dict:
         "seed": body.get("seed"),
         "stop": [stop] if isinstance(stop, str) else ([] if stop is None else stop),
         "frequency_penalty": body.get("frequency_penalty"),
+        "grammar": _response_format_grammar(body.get("response_format")),
         "details": True,
     }
+
+
+def _response_format_grammar(response_format) -> dict | None:
+    """OpenAI's `response_format` (and TGI's {"type": "json" | "regex", "value"}) as TGI's `grammar`
+    parameter; None for free text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in _RESPONSE_FORMATS:
+        raise ValidationError(f"`response_format.type` must be one of {', '.join(_RESPONSE_FORMATS)}, got {kind!r}")
+    if kind == "text":
+        return None
+    if kind == "json_object":  # any JSON object, no schema needed
+        return {"type": "json", "value": ANY_JSON_OBJECT}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValidationError("`response_format.json_schema.schema` must be a JSON schema object")
+        return {"type": "json", "value": spec["schema"]}
+    return response_format  # TGI's own, checked as a grammar
 
 
 def _check_types(body: dict, fields: dict) -> None:

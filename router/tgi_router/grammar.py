@@ -1,0 +1,141 @@
+"""Constrained decoding with llguidance: grammars compiled in the router, one token mask per step.
+
+A request's grammar (a JSON schema, a regex, or any JSON object for OpenAI's `json_object`) compiles
+to an llguidance grammar once per distinct text (cached) and off the event loop. Each constrained
+request holds a matcher: before a step in which it samples, the router asks it for the bitmask of
+allowed next tokens (bit t of little-endian 32-bit word t // 32, one bit per id of the model's
+vocabulary) and sends it with the step; the shard sets every other logit to -inf before sampling.
+Each sampled token then advances the matcher. Where the grammar may end, the mask also allows the
+end-of-sequence tokens; once it can only end, the request finishes (reason `eos_token`) without a
+step to sample the end-of-sequence token it would be forced to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import threading
+from dataclasses import dataclass
+
+from tgi_router.errors import ValidationError
+
+GRAMMAR_TYPES = ("json", "json_schema", "regex")
+# Any JSON value that is an object: OpenAI's response_format {"type": "json_object"}.
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the request asked for: `kind` "json" (a JSON schema, as canonical JSON text) or "regex"."""
+
+    kind: str
+    value: str
+
+    @classmethod
+    def from_tgi(cls, grammar: dict) -> GrammarSpec:
+        """TGI's `parameters.grammar`: {"type": "json" | "json_schema" | "regex", "value": ...}."""
+        kind, value = grammar.get("type"), grammar.get("value")
+        if kind not in GRAMMAR_TYPES:
+            raise ValidationError(f"grammar `type` must be one of {', '.join(GRAMMAR_TYPES)}, got {kind!r}")
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise ValidationError("a regex grammar's `value` must be a string")
+            return cls("regex", value)
+        if isinstance(value, str):  # TGI accepts the schema as JSON text too
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValidationError(f"grammar `value` is not valid JSON: {error}") from None
+        if kind == "json_schema" and isinstance(value, dict) and "schema" in value:  # {"name", "schema"}
+            value = value["schema"]
+        return cls.json_schema(value)
+
+    @classmethod
+    def json_schema(cls, schema) -> GrammarSpec:
+        if not isinstance(schema, (dict, bool)):
+            raise ValidationError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        return cls("json", json.dumps(schema, sort_keys=True))
+
+
+class Grammars:
+    """Compiles grammars for one tokenizer and makes matchers; thread-safe, cached by grammar text.
+
+    `tokenizer_json` is the tokenizer.json text, `vocab_size` the model's logits width (masks cover
+    it), `eos_token_ids` the ids that end a request. The llguidance tokenizer (about a second to
+    build for a 128k vocabulary) is built on first use.
+    """
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256):
+        self._tokenizer_json = tokenizer_json
+        self.vocab_size = vocab_size
+        self._eos_token_ids = list(eos_token_ids)
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._initial = functools.lru_cache(maxsize=cache_size)(self._initial_matcher)
+
+    @property
+    def mask_bytes(self) -> int:
+        return (self.vocab_size + 31) // 32 * 4
+
+    def _llg_tokenizer(self):
+        import llguidance
+
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos_token_ids or None
+                )
+            return self._tokenizer
+
+    def _initial_matcher(self, spec: GrammarSpec):
+        """A matcher at the start of `spec`'s grammar, compiled and validated; ValidationError naming
+        the problem otherwise. Cached: requests copy it."""
+        from llguidance import LLMatcher
+
+        try:
+            if spec.kind == "regex":
+                grammar = LLMatcher.grammar_from_regex(spec.value)
+            else:
+                grammar = LLMatcher.grammar_from_json_schema(spec.value)
+        except ValueError as error:
+            raise ValidationError(f"invalid grammar: {error}") from None
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llg_tokenizer())
+        if is_error:
+            raise ValidationError(f"invalid {'regex' if spec.kind == 'regex' else 'JSON schema'} grammar: {messages[0]}")
+        matcher = LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ValidationError(f"invalid grammar: {matcher.get_error()}")
+        return matcher
+
+    async def prepare_async(self, spec: GrammarSpec) -> None:
+        """Compiles `spec` (unless cached) in a worker thread, so that a large schema does not stall
+        the event loop; raises ValidationError for a grammar that does not compile."""
+        await asyncio.get_running_loop().run_in_executor(None, self._initial, spec)
+
+    def matcher(self, spec: GrammarSpec) -> Constraint:
+        """A fresh matcher at the start of `spec`'s grammar (cheap once `prepare_async` compiled it)."""
+        return Constraint(self._initial(spec).deep_copy())
+
+
+class Constraint:
+    """One request's position in its grammar."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+
+    def mask(self) -> bytes:
+        """The packed bitmask of tokens allowed next."""
+        return self._matcher.compute_bitmask()
+
+    @property
+    def is_finished(self) -> bool:
+        """The grammar is complete and allows nothing but end of sequence: the request ends here
+        (as if the model had sampled it)."""
+        return self._matcher.is_stopped()
+
+    def advance(self, token_id: int) -> None:
+        """Consumes a sampled token; raises RuntimeError if the grammar forbids it (a bug: the mask
+        allowed only what the grammar allows)."""
+        if not self._matcher.consume_token(token_id):
+            raise RuntimeError(f"token {token_id} violates the request's grammar: {self._matcher.get_error()}")

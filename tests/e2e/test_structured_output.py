@@ -1,0 +1,163 @@
+"""Constrained decoding through HTTP on the real SmolLM2-135M-Instruct: TGI's `grammar` parameter
+(JSON schema, regex), checked against independent oracles (the `jsonschema` validator, Python's `re`),
+through raw HTTP and the unmodified `text-generation` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import jsonschema
+import pytest
+from server_helpers import running_server
+
+pytestmark = pytest.mark.slow
+
+SCHEMAS = {
+    "nested objects, required fields": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                          "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        "required": ["city", "zip"], "additionalProperties": False},
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "enums and bounded numbers": {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": ["color", "age", "score"],
+        "additionalProperties": False,
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
+                                "minItems": 1, "maxItems": 3},
+                       "done": {"type": "boolean"}},
+        "required": ["tags", "done"],
+        "additionalProperties": False,
+    },
+}
+PROMPT = "<|im_start|>user\nDescribe a person as JSON.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, hf_home):
+    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", "--max-total-tokens", "1024") as server:
+        yield server
+
+
+async def generate(url: str, inputs: str, max_new_tokens: int, grammar: dict | None = None) -> tuple[int, dict]:
+    parameters = {"max_new_tokens": max_new_tokens, "details": True}
+    if grammar is not None:
+        parameters["grammar"] = grammar
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/generate", json={"inputs": inputs, "parameters": parameters}) as response:
+            return response.status, await response.json()
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+async def test_json_schema_grammar_output_parses_and_validates(server, name):
+    schema = SCHEMAS[name]
+    status, body = await generate(server.url, PROMPT, 200, {"type": "json", "value": schema})
+    assert status == 200, body
+    assert body["details"]["finish_reason"] == "eos_token", body  # the grammar completed
+    jsonschema.validate(json.loads(body["generated_text"]), schema)
+
+
+async def test_regex_grammar_output_matches(server):
+    pattern = r"(Mon|Tue|Wed) [0-2][0-9]:[0-5][0-9] (am|pm)"
+    status, body = await generate(server.url, "When shall we meet?", 30, {"type": "regex", "value": pattern})
+    assert status == 200, body
+    assert re.fullmatch(pattern, body["generated_text"]), body["generated_text"]
+
+
+async def test_constrained_and_unconstrained_requests_in_one_batch_each_get_what_they_get_alone(server):
+    grammar = {"type": "json", "value": SCHEMAS["enums and bounded numbers"]}
+    alone = [await generate(server.url, PROMPT, 40, grammar), await generate(server.url, "The capital of France is", 40)]
+    together = await asyncio.gather(*(
+        generate(server.url, PROMPT, 40, grammar) if i % 2 == 0 else generate(server.url, "The capital of France is", 40)
+        for i in range(6)
+    ))
+    for i, (status, body) in enumerate(together):
+        assert status == 200
+        assert body["generated_text"] == alone[i % 2][1]["generated_text"]
+    assert alone[0][1]["generated_text"] != alone[1][1]["generated_text"]
+
+
+async def test_a_grammar_cut_short_by_max_new_tokens_ends_with_length(server):
+    status, body = await generate(server.url, PROMPT, 5, {"type": "json", "value": SCHEMAS["arrays"]})
+    assert status == 200 and body["details"]["finish_reason"] == "length"
+    assert body["generated_text"].startswith("{")
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ({"type": "regex", "value": "(ab"}, "invalid regex grammar"),
+    ({"type": "json", "value": {"type": "objekt"}}, "invalid JSON schema grammar"),
+    ({"type": "xml", "value": "<a/>"}, "grammar `type` must be one of json, json_schema, regex"),
+])
+async def test_a_grammar_that_does_not_compile_gets_422_naming_the_problem(server, grammar, message):
+    status, body = await generate(server.url, "Hi", 5, grammar)
+    assert status == 422 and body["error_type"] == "validation"
+    assert message in body["error"]
+
+
+async def test_text_generation_client_grammar_works_unchanged(server):
+    from text_generation import AsyncClient
+    from text_generation.types import Grammar, GrammarType
+
+    client = AsyncClient(server.url)
+    schema = SCHEMAS["enums and bounded numbers"]
+    response = await client.generate(PROMPT, max_new_tokens=100, grammar=Grammar(type=GrammarType.Json, value=schema))
+    jsonschema.validate(json.loads(response.generated_text), schema)
+    streamed = [r async for r in client.generate_stream(PROMPT, max_new_tokens=100,
+                                                        grammar=Grammar(type=GrammarType.Json, value=schema))]
+    assert streamed[-1].generated_text == response.generated_text
+
+
+async def test_openai_json_object_response_format_gives_a_json_object(server):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="-")
+    completion = await client.chat.completions.create(
+        model="tgi", messages=[{"role": "user", "content": 'Return JSON with the keys "city" and "country" for Paris.'}],
+        response_format={"type": "json_object"}, max_tokens=150, temperature=0,
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    assert json.loads(completion.choices[0].message.content) == {"city": "Paris", "country": "France"}
+
+
+async def test_openai_client_parse_with_a_pydantic_model_works_unchanged(server):
+    from typing import Literal
+
+    from openai import AsyncOpenAI
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=20)
+        species: Literal["cat", "dog", "bird"]
+        age: int
+
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="-")
+    completion = await client.beta.chat.completions.parse(
+        model="tgi", messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet,
+        max_tokens=100, temperature=0,
+    )
+    pet = completion.choices[0].message.parsed
+    assert isinstance(pet, Pet) and pet.species in ("cat", "dog", "bird")
+
+
+async def test_an_unknown_response_format_gets_422(server):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "yaml"}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/v1/chat/completions", json=body) as response:
+            status, error = response.status, await response.json()
+    assert status == 422 and "`response_format.type` must be one of" in error["error"]
