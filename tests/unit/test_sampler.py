@@ -154,3 +154,26 @@ def test_top_tokens_include_ties_with_the_last_one_and_respect_each_rows_n():
     assert out.top_counts.tolist() == [4, 1]  # row 0: the best, then three tied for second
     assert out.top_ids[0, :4].tolist()[0] == 0 and sorted(out.top_ids[0, 1:4].tolist()) == [1, 2, 3]
     assert out.top_ids[1, :1].tolist() == [0]
+
+
+def _bitmask(allowed: set[int], vocab: int = VOCAB) -> bytes:
+    """The proto's packing: bit t % 32 of little-endian 32-bit word t // 32."""
+    words = [0] * ((vocab + 31) // 32)
+    for token in allowed:
+        words[token // 32] |= 1 << (token % 32)
+    return b"".join(word.to_bytes(4, "little") for word in words)
+
+
+def test_a_grammar_mask_confines_its_row_and_leaves_the_others_alone():
+    logits = logits_batch(3)
+    allowed = {3, 17, 40, 49}  # across words, including the last id
+    params = [SamplingParams(), SamplingParams(do_sample=True, seed=7), SamplingParams()]
+    batch = SamplingBatch.build(params, [[1]] * 3, torch.device("cpu"), allowed_tokens=[_bitmask(allowed), _bitmask(allowed), b""])
+    out = sample(logits, batch, [VOCAB] * 3)
+    masked = torch.full((VOCAB,), float("-inf"))
+    masked[list(allowed)] = logits[0, list(allowed)]
+    assert out.token_ids[0].item() == masked.argmax().item()
+    assert out.token_ids[1].item() in allowed
+    assert out.token_ids[2].item() == logits[2].argmax().item()
+    assert math.isclose(out.logprobs[0].item(), masked.log_softmax(-1).max().item(), rel_tol=1e-6)
+    assert out.top_counts[0].item() == len(allowed)  # the other tokens have probability 0
