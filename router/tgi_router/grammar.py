@@ -98,7 +98,7 @@ class Grammars:
                 grammar = LLMatcher.grammar_from_regex(spec.value)
             else:
                 grammar = LLMatcher.grammar_from_json_schema(spec.value)
-        except ValueError as error:
+        except Exception as error:  # the library's own type checks; any of them is the request's fault
             raise ValidationError(f"invalid grammar: {error}") from None
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llg_tokenizer())
         if is_error:

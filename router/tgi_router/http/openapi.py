@@ -120,6 +120,11 @@ SCHEMAS = {
         "messages": _array(MESSAGE, minItems=1), **OPENAI_SAMPLING, "logprobs": _nullable(BOOL),
         "top_logprobs": _nullable(U32), "presence_penalty": _nullable({"type": "number", "exclusiveMinimum": -2}),
         "stream_options": _nullable(_obj({"include_usage": BOOL})),
+        "response_format": _nullable(_obj({
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema", "json", "regex"]},
+            "json_schema": _obj({"name": STR, "schema": {"type": "object"}, "strict": _nullable(BOOL)}),
+            "value": {},
+        }, ("type",))),
     }, ("messages",)),
     "ChatCompletion": _obj({**HEAD, "choices": _array(_obj({
         "index": INT, "message": _obj({"role": STR, "content": STR}), "logprobs": OPENAI_LOGPROBS,
