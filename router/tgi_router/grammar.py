@@ -23,11 +23,15 @@ from tgi_router.errors import ValidationError
 GRAMMAR_TYPES = ("json", "json_schema", "regex")
 # Any JSON value that is an object: OpenAI's response_format {"type": "json_object"}.
 ANY_JSON_OBJECT = {"type": "object"}
+# JSON may be indented, but a run of whitespace is bounded: with unbounded whitespace, greedy decoding
+# of a small model can emit newlines for ever between two tokens (seen with SmolLM2-135M). A schema's
+# own "x-guidance" options override this.
+JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,48}"}
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What the request asked for: `kind` "json" (a JSON schema, as canonical JSON text) or "regex"."""
+    """What the request asked for: `kind` "json" (a JSON schema, as JSON text) or "regex"."""
 
     kind: str
     value: str
@@ -55,7 +59,7 @@ class GrammarSpec:
     def json_schema(cls, schema) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise ValidationError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        return cls("json", json.dumps(schema, sort_keys=True))
+        return cls("json", json.dumps(schema))  # key order kept: properties are generated in it
 
 
 class Grammars:
@@ -97,7 +101,7 @@ class Grammars:
             if spec.kind == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.value)
             else:
-                grammar = LLMatcher.grammar_from_json_schema(spec.value)
+                grammar = LLMatcher.grammar_from_json_schema(spec.value, defaults=JSON_DEFAULTS)
         except Exception as error:  # the library's own type checks; any of them is the request's fault
             raise ValidationError(f"invalid grammar: {error}") from None
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llg_tokenizer())

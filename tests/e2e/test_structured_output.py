@@ -70,7 +70,9 @@ async def test_json_schema_grammar_output_parses_and_validates(server, name):
     status, body = await generate(server.url, PROMPT, 200, {"type": "json", "value": schema})
     assert status == 200, body
     assert body["details"]["finish_reason"] == "eos_token", body  # the grammar completed
-    jsonschema.validate(json.loads(body["generated_text"]), schema)
+    parsed = json.loads(body["generated_text"])
+    jsonschema.validate(parsed, schema)
+    assert list(parsed) == [key for key in schema["properties"] if key in parsed]  # the schema's order
 
 
 async def test_regex_grammar_output_matches(server):
