@@ -163,3 +163,17 @@ async def test_an_unknown_response_format_gets_422(server):
         async with session.post(server.url + "/v1/chat/completions", json=body) as response:
             status, error = response.status, await response.json()
     assert status == 422 and "`response_format.type` must be one of" in error["error"]
+
+
+async def test_huggingface_hub_inference_client_response_format_works_unchanged(server):
+    from huggingface_hub import AsyncInferenceClient
+
+    client = AsyncInferenceClient(base_url=server.url)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"], "additionalProperties": False}
+    output = await client.chat_completion(
+        [{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON."}],
+        response_format={"type": "json", "value": schema}, max_tokens=60, temperature=0,
+    )
+    jsonschema.validate(json.loads(output.choices[0].message.content), schema)
