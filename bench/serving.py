@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="a dir with tokenizer.json; default: the server's /tokenize")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests before the measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grammar-schemas", type=int, default=0, metavar="N",
+                        help="structured workload: request i is constrained by JSON schema i %% N (N distinct "
+                             "schemas, each an object holding an array of strings, which never completes early); 0: none")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--launch", default=None, metavar="LAUNCHER_ARGS",
                         help="start `text-generation-launcher LAUNCHER_ARGS` first and stop it at the end")
@@ -82,24 +85,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def request_for(prompt: Prompt, args: argparse.Namespace) -> tuple[str, dict]:
+def schema_for(index: int | None, args: argparse.Namespace) -> dict | None:
+    """Request `index`'s JSON schema in the structured workload (None without one): an object whose one
+    required property (named after the schema) is an array of strings, which can grow for ever, so the
+    request runs to its output length like an unconstrained one."""
+    if not args.grammar_schemas or index is None:
+        return None
+    name = f"items_{index % args.grammar_schemas}"
+    return {"type": "object", "properties": {name: {"type": "array", "items": {"type": "string"}}}, "required": [name]}
+
+
+def request_for(prompt: Prompt, args: argparse.Namespace, index: int | None = None) -> tuple[str, dict]:
     """The route and body of one benchmark request: exactly `num_output_tokens` tokens, EOS ignored."""
+    schema = schema_for(index, args)
     if args.endpoint == "chat":
-        return "/v1/chat/completions", {
+        body = {
             "model": "tgi", "messages": [{"role": "user", "content": prompt.text}],
             "max_tokens": prompt.num_output_tokens, "ignore_eos": True, "temperature": args.temperature,
             "stream": True, "stream_options": {"include_usage": True},
         }
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+        return "/v1/chat/completions", body
     parameters = {"max_new_tokens": prompt.num_output_tokens, "ignore_eos": True, "details": True,
                   "decoder_input_details": False}
     if args.temperature > 0:
         parameters.update(do_sample=True, temperature=args.temperature)
+    if schema is not None:
+        parameters["grammar"] = {"type": "json", "value": schema}
     return "/generate_stream", {"inputs": prompt.text, "parameters": parameters}
 
 
-async def send(session: aiohttp.ClientSession, base_url: str, prompt: Prompt, args) -> RequestResult:
+async def send(session: aiohttp.ClientSession, base_url: str, prompt: Prompt, args, index: int | None = None) -> RequestResult:
     """One streaming request, timed per token event (each SSE event of this server carries one token)."""
-    path, body = request_for(prompt, args)
+    path, body = request_for(prompt, args, index)
     result = RequestResult(num_input_tokens=prompt.num_input_tokens)
     started = last = time.perf_counter()
     try:
@@ -152,7 +171,7 @@ def _read_counts(event: dict, result: RequestResult) -> None:
         result.num_input_tokens = usage["prompt_tokens"]
 
 
-async def run_requests(base_url: str, prompts: list[Prompt], args) -> tuple[list[RequestResult], float]:
+async def run_requests(base_url: str, prompts: list[Prompt], args, is_measured: bool = True) -> tuple[list[RequestResult], float]:
     """Sends `prompts` at `--request-rate`, at most `--max-concurrency` at a time; returns the results
     and the wall time from the first send to the last token."""
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
@@ -160,14 +179,14 @@ async def run_requests(base_url: str, prompts: list[Prompt], args) -> tuple[list
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
-        async def one(prompt: Prompt) -> RequestResult:
+        async def one(prompt: Prompt, index: int) -> RequestResult:
             async with limit:
-                return await send(session, base_url, prompt, args)
+                return await send(session, base_url, prompt, args, index if is_measured else None)
 
         started = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(one(prompt)))
+        for index, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(one(prompt, index)))
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(arrivals.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -275,16 +294,21 @@ def benchmark(base_url: str, args) -> dict:
                             args.random_range_ratio, args.seed)
     prompts, warmup_prompts = prompts[: args.num_prompts], prompts[args.num_prompts :]
     if warmup_prompts:
-        warmup, _ = asyncio.run(run_requests(base_url, warmup_prompts, args))
+        warmup, _ = asyncio.run(run_requests(base_url, warmup_prompts, args, is_measured=False))  # no grammar
         if not all(r.is_ok for r in warmup):
             raise SystemExit(f"warm-up request failed: {next(r.error for r in warmup if not r.is_ok)}")
     results, duration = asyncio.run(run_requests(base_url, prompts, args))
+    summary = summarize(results, prompts, duration)
+    if args.grammar_schemas:  # request i < N is the first to use its schema: its TTFT includes the compile
+        first = [r.ttft for r in results[: args.grammar_schemas] if r.is_ok]
+        later = [r.ttft for r in results[args.grammar_schemas :] if r.is_ok]
+        summary.update(distribution("ttft_new_schema", first), **distribution("ttft_cached_schema", later))
     return {
         "backend": "tgi-py",
         **environment(),
         "config": {**vars(args), "base_url": base_url, "request_rate": str(args.request_rate)},
         "server_info": get_json(base_url + "/info"),
-        "results": summarize(results, prompts, duration),
+        "results": summary,
     }
 
 

@@ -63,6 +63,8 @@ async def _start(settings: RouterSettings) -> web.Application:
         grammar_support=not settings.disable_grammar_support,
     )
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
+    if not settings.disable_grammar_support:
+        grammars.preload()
     router = Router(
         engine=Engine(scheduler, shards, tokenizer, Metrics(
             limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),

@@ -232,8 +232,8 @@ class Engine:
                 finish = FinishReason.LENGTH
             elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
                 finish = FinishReason.EOS_TOKEN
-            elif constraint is not None and constraint.is_finished:  # the grammar allows nothing more
-                finish = FinishReason.EOS_TOKEN
+            elif constraint is not None and constraint.is_finished and not stream.input.ignore_eos:
+                finish = FinishReason.EOS_TOKEN  # the grammar allows nothing more (ignore_eos: EOS tokens follow)
             if finish is not None:
                 self.scheduler.finish(request.id)
             sampled.append((request, sample, finish))

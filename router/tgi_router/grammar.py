@@ -78,9 +78,10 @@ class Grammars:
         self._tokenizer = None
         self._initial = functools.lru_cache(maxsize=cache_size)(self._initial_matcher)
 
-    @property
-    def mask_bytes(self) -> int:
-        return (self.vocab_size + 31) // 32 * 4
+    def preload(self) -> None:
+        """Builds the llguidance tokenizer in a background thread, so that the first request with a
+        grammar does not wait for it."""
+        threading.Thread(target=self._llg_tokenizer, name="grammar-tokenizer", daemon=True).start()
 
     def _llg_tokenizer(self):
         import llguidance
@@ -127,9 +128,12 @@ class Constraint:
 
     def __init__(self, matcher):
         self._matcher = matcher
+        self._end_mask: bytes | None = None  # once the grammar has ended: end of sequence only
 
     def mask(self) -> bytes:
         """The packed bitmask of tokens allowed next."""
+        if self._end_mask is not None:
+            return self._end_mask
         return self._matcher.compute_bitmask()
 
     @property
@@ -141,5 +145,9 @@ class Constraint:
     def advance(self, token_id: int) -> None:
         """Consumes a sampled token; raises RuntimeError if the grammar forbids it (a bug: the mask
         allowed only what the grammar allows)."""
+        if self._end_mask is not None:  # past the end (`ignore_eos`): only end-of-sequence tokens came
+            return
+        if self.is_finished:
+            self._end_mask = self._matcher.compute_bitmask()
         if not self._matcher.consume_token(token_id):
             raise RuntimeError(f"token {token_id} violates the request's grammar: {self._matcher.get_error()}")

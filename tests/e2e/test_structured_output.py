@@ -177,3 +177,14 @@ async def test_huggingface_hub_inference_client_response_format_works_unchanged(
         response_format={"type": "json", "value": schema}, max_tokens=60, temperature=0,
     )
     jsonschema.validate(json.loads(output.choices[0].message.content), schema)
+
+
+async def test_ignore_eos_runs_a_completed_grammar_to_max_new_tokens_on_end_of_sequence_tokens(server):
+    """Benchmarks' fixed output lengths: past the grammar's end only end-of-sequence tokens come."""
+    async with aiohttp.ClientSession() as session:
+        body = {"inputs": "Is Paris in France?", "parameters": {
+            "max_new_tokens": 6, "ignore_eos": True, "details": True, "grammar": {"type": "regex", "value": "(yes|no)"}}}
+        async with session.post(server.url + "/generate", json=body) as response:
+            payload = await response.json()
+    assert payload["generated_text"] in ("yes", "no")  # the end-of-sequence tokens are special: not in the text
+    assert payload["details"]["generated_tokens"] == 6 and payload["details"]["finish_reason"] == "length"
