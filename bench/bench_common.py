@@ -182,3 +182,17 @@ def write_result(path: str | None, result: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def replay_ms(graph, repeats: int) -> float:
+    """GPU time (ms) of one replay of a captured CUDA graph: the mean over `repeats` back-to-back
+    replays, timed by CUDA events."""
+    import torch
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / repeats

@@ -35,11 +35,8 @@ LOGS=${LOGS:-/tmp/gpu-suite-logs}  # $OUT brings back at most 8 files: the JSON,
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .' EXIT
 cd "$(dirname "$0")/.."
-export PYTHONPATH=server:proto:router:launcher:bench PYTHONUNBUFFERED=1
-# Router dependencies the GPU image lacks (aiohttp-cors, aiohttp-sse, swagger-ui-bundle), carried as wheels.
-if ls .whl/*.whl > /dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+# Router dependencies the GPU image lacks (aiohttp-cors, aiohttp-sse, swagger-ui-bundle, llguidance), carried as wheels.
+source bench/env.sh
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 

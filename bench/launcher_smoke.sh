@@ -7,13 +7,9 @@
 set -u
 OUT=${OUT:-/tmp/launcher-smoke}
 SHAPE=${SHAPE:-gemma-7b}
-PY=${PY:-python3}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=server:proto:router:launcher:bench${PYTHONPATH:+:$PYTHONPATH}
-if ls .whl/*.whl > /dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source bench/env.sh
 MODEL_DIR=/tmp/$SHAPE-launcher
 $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
 export MODEL_ID=$MODEL_DIR NUM_SHARD=${NUM_SHARD:-1} PORT=${PORT:-8080} LOAD_FORMAT=dummy

@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from bench_common import replay_ms
 from tgi_server.kernels import moe
 from tgi_server.ops import portable
 
@@ -36,16 +37,7 @@ def graph_time_us(fn, repeats: int = 200) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    rounds = []
-    for _ in range(5):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            graph.replay()
-        stop.record()
-        stop.synchronize()
-        rounds.append(start.elapsed_time(stop) * 1000 / repeats)
-    return statistics.median(rounds)
+    return statistics.median(replay_ms(graph, repeats) * 1000 for _ in range(5))
 
 
 def main() -> None:

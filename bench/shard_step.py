@@ -22,6 +22,7 @@ from transformers import AutoConfig
 from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.distributed import SINGLE, TPGroup
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from bench_common import replay_ms
 from make_model_dir import SHAPES
 from tgi_server.models.registry import fill_random_weights, model_architecture, model_class
 from tgi_server.ops import building_with
@@ -68,13 +69,7 @@ def time_graph_replay(runner: ModelRunner, batch_size: int, repeats: int = 50) -
         return None
     graph = graphs._graphs[size]
     graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    stop.record()
-    stop.synchronize()
-    return round(start.elapsed_time(stop) / repeats, 3)
+    return round(replay_ms(graph, repeats), 3)
 
 
 def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps: int, first_id: int) -> dict:

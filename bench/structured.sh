@@ -10,13 +10,9 @@ CONCURRENCY=${CONCURRENCY:-64}
 NUM_PROMPTS=${NUM_PROMPTS:-256}
 SCHEMAS=${SCHEMAS:-8}
 PORT=${PORT:-8090}
-PY=${PY:-python3}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=server:proto:router:launcher:bench${PYTHONPATH:+:$PYTHONPATH}
-if ls .whl/*.whl > /dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source bench/env.sh
 MODEL_DIR=/tmp/$SHAPE-structured
 $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
 $PY -m tgi_launcher --model-id "$MODEL_DIR" --load-format dummy --port "$PORT" --hostname 127.0.0.1 \
