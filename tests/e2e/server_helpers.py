@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -154,3 +156,49 @@ def running_server(model_id: str, hf_home: Path, *extra_args: str, num_shard: in
         yield server
     finally:
         server.stop()
+
+
+# Greedy comparisons with transformers: the prompts, and both sides' continuations.
+PROMPTS = [
+    "Hello",
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "1, 2, 3, 4, 5,",
+    "Translate to French: I would like a cup of coffee, please. Also, where is the train station?",
+]
+MAX_NEW_TOKENS = 12
+
+
+async def generate_all(url: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one(prompt):
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
+            async with session.post(url + "/generate", json=body) as response:
+                assert response.status == 200, await response.text()
+                payload = await response.json()
+                return [token["id"] for token in payload["details"]["tokens"]]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def transformers_greedy(model, tokenizer_dir, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """HF's greedy continuation of each prompt, tokenized with the model's own tokenizer.json (HF may
+    pick a tokenizer class by model type whose pre-processing differs from the file)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    outputs = []
+    for prompt in prompts:
+        input_ids = torch.tensor([tokenizer.encode(prompt).ids])
+        with torch.no_grad():
+            generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(generated[0, input_ids.shape[1]:].tolist())
+    return outputs
+
+
+def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
+    for prompt, a, b in zip(PROMPTS, ours, theirs):
+        assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"

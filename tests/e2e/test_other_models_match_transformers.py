@@ -1,0 +1,86 @@
+"""Greedy generation through HTTP equals HF transformers `generate()` token for token (fp32, CPU), for
+the models beside the in-project families: the transformers fallback, a multimodal checkpoint served
+text-only, and the real SmolLM2 GGUF. (A file of its own so that pytest-xdist runs it beside
+test_generate_matches_transformers.py.)"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from server_helpers import (
+    MAX_NEW_TOKENS, PROMPTS, assert_same_tokens, generate_all, running_server, save_tiny_model, tiny_config,
+    transformers_greedy,
+)
+
+FALLBACKS = ["gpt_neox", "opt"]  # transformers' own classes over our paged KV cache
+# a Gemma3ForConditionalGeneration checkpoint, served text-only (its language model)
+MULTIMODAL = "gemma3_multimodal"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_model(tiny_config(family), smollm2_tokenizer_dir, root / family)
+            for family in [*FALLBACKS, MULTIMODAL]}
+
+
+@pytest.mark.parametrize("architecture, num_shard", [
+    ("gpt_neox", 1),
+    ("gpt_neox", 2),  # transformers' tensor-parallel plan for GPT-NeoX, over our process group
+    ("opt", 1),  # no plan: --num-shard 2 is refused (tests/unit/test_prepare.py)
+])
+async def test_fallback_model_greedy_output_equals_transformers_and_info_names_the_fallback(
+    tiny_models, hf_home, architecture, num_shard
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_models[architecture]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
+    small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
+    with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+        async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
+            info = await response.json()
+    assert_same_tokens(ours, expected)
+    assert info["model_implementation"] == "transformers"
+
+
+async def test_a_multimodal_checkpoint_served_text_only_equals_transformers(tiny_models, hf_home):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_models[MULTIMODAL]
+    expected = transformers_greedy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), model_dir,
+                                   PROMPTS, MAX_NEW_TOKENS)
+    with running_server(str(model_dir), hf_home, "--max-batch-prefill-tokens", "256") as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens(ours, expected)
+
+
+async def test_a_multimodal_checkpoint_served_text_only_refuses_an_image_with_422(tiny_models, hf_home):
+    body = {"model": "tgi", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]}]}
+    with running_server(str(tiny_models[MULTIMODAL]), hf_home, "--max-batch-prefill-tokens", "256") as server:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/v1/chat/completions", json=body) as response:
+                status, error = response.status, await response.json()
+    assert status == 422
+    assert error["error_type"] == "validation" and "text content parts" in error["error"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[int]]:
+    return transformers_greedy(smollm2_transformers, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_shard", [1, 2])
+async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_gguf, smollm2_expected, hf_home, num_shard):
+    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens(ours, smollm2_expected)
