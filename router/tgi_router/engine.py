@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.errors import GenerationError, InferError
-from tgi_router.grammar import Constraint
+from tgi_router.grammar import Constraint, compute_masks
 from tgi_router.metrics import Metrics
 from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan
 from tgi_router.scheduler import Scheduler
@@ -198,11 +198,15 @@ class Engine:
         return _InFlight(plan, call, method, time.perf_counter())
 
     def _add_masks(self, plan: StepPlan) -> None:
-        """The grammar mask of every constrained request that samples in `plan`."""
-        for chunk in plan.scheduled:
-            request = chunk.request
-            if request.is_constrained and request.num_computed_tokens + chunk.num_tokens == request.num_tokens:
-                plan.token_masks[request.id] = self._streams[request.id].input.constraint.mask()
+        """The grammar mask of every constrained request that samples in `plan` (computed together)."""
+        sampling = [
+            chunk.request for chunk in plan.scheduled
+            if chunk.request.is_constrained
+            and chunk.request.num_computed_tokens + chunk.num_tokens == chunk.request.num_tokens
+        ]
+        if sampling:
+            masks = compute_masks([self._streams[request.id].input.constraint for request in sampling])
+            plan.token_masks.update(zip((request.id for request in sampling), masks))
 
     async def _finish(self, step: _InFlight) -> list[tuple[Request, SampledToken, FinishReason | None]]:
         """Waits for `step`, advances its requests, and ends those that stop by length or end of

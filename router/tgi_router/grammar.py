@@ -13,6 +13,7 @@ step to sample the end-of-sequence token it would be forced to.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import json
 import threading
@@ -120,14 +121,43 @@ class Grammars:
 
     def matcher(self, spec: GrammarSpec) -> Constraint:
         """A fresh matcher at the start of `spec`'s grammar (cheap once `prepare_async` compiled it)."""
-        return Constraint(self._initial(spec).deep_copy())
+        mask_bytes = (self._llg_tokenizer().vocab_size + 31) // 32 * 4
+        return Constraint(self._initial(spec).deep_copy(), mask_bytes)
+
+
+_executor = None
+
+
+def compute_masks(constraints: list[Constraint]) -> list[bytes]:
+    """The next-token masks of several requests at once: llguidance's executor computes them on its
+    own threads (the GIL released), into one buffer."""
+    global _executor
+    live = [(i, c) for i, c in enumerate(constraints) if c._end_mask is None]
+    masks = [c._end_mask for c in constraints]
+    if len(live) == 1:
+        index, constraint = live[0]
+        masks[index] = constraint.mask()
+    elif live:
+        import llguidance
+
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        size = live[0][1].mask_bytes
+        buffer = bytearray(size * len(live))
+        pointer = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+        _executor.unsafe_compute_mask_ptr([(c._matcher, row) for row, (_, c) in enumerate(live)], pointer, size, len(live))
+        view = memoryview(buffer)
+        for row, (index, _) in enumerate(live):
+            masks[index] = view[row * size : (row + 1) * size].tobytes()
+    return masks
 
 
 class Constraint:
     """One request's position in its grammar."""
 
-    def __init__(self, matcher):
+    def __init__(self, matcher, mask_bytes: int):
         self._matcher = matcher
+        self.mask_bytes = mask_bytes  # the size of its masks: 4 bytes per 32 token ids
         self._end_mask: bytes | None = None  # once the grammar has ended: end of sequence only
 
     def mask(self) -> bytes:
