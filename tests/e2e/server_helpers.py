@@ -202,3 +202,20 @@ def transformers_greedy(model, tokenizer_dir, prompts: list[str], max_new_tokens
 def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
     for prompt, a, b in zip(PROMPTS, ours, theirs):
         assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
+
+
+async def assert_greedy_equals_transformers(model_dir, hf_home: Path, num_shard: int) -> dict:
+    """Serves the checkpoint at `model_dir` with `num_shard` shards, checks greedy output of PROMPTS
+    against transformers' `generate()`, and returns the server's /info."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
+    small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
+    with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
+        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+        async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
+            info = await response.json()
+    assert_same_tokens(ours, expected)
+    return info

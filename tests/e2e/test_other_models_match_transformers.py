@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from server_helpers import (
-    MAX_NEW_TOKENS, PROMPTS, assert_same_tokens, generate_all, running_server, save_tiny_model, tiny_config,
-    transformers_greedy,
+    MAX_NEW_TOKENS, PROMPTS, assert_greedy_equals_transformers, assert_same_tokens, generate_all, running_server,
+    save_tiny_model, tiny_config, transformers_greedy,
 )
 
 FALLBACKS = ["gpt_neox", "opt"]  # transformers' own classes over our paged KV cache
@@ -33,31 +33,13 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
 async def test_fallback_model_greedy_output_equals_transformers_and_info_names_the_fallback(
     tiny_models, hf_home, architecture, num_shard
 ):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = tiny_models[architecture]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
-    small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
-    with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
-        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
-        async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
-            info = await response.json()
-    assert_same_tokens(ours, expected)
+    info = await assert_greedy_equals_transformers(tiny_models[architecture], hf_home, num_shard)
     assert info["model_implementation"] == "transformers"
 
 
 async def test_a_multimodal_checkpoint_served_text_only_equals_transformers(tiny_models, hf_home):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = tiny_models[MULTIMODAL]
-    expected = transformers_greedy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), model_dir,
-                                   PROMPTS, MAX_NEW_TOKENS)
-    with running_server(str(model_dir), hf_home, "--max-batch-prefill-tokens", "256") as server:
-        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
-    assert_same_tokens(ours, expected)
+    info = await assert_greedy_equals_transformers(tiny_models[MULTIMODAL], hf_home, 1)
+    assert info["model_implementation"] == "in-project"
 
 
 async def test_a_multimodal_checkpoint_served_text_only_refuses_an_image_with_422(tiny_models, hf_home):
