@@ -17,11 +17,12 @@ NEW_TOKENS = [24, 10, 24, 5, 24, 17]
 
 def generate_greedy(
     runner: ModelRunner, prefill_chunk: int, lookahead: bool = False, late_join_step: int = 0,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = SamplingParams(), allowed=None,
 ) -> list[list[int]]:
     """Continuations of PROMPTS (greedy unless `sampling` says otherwise), batched the way the router batches them: prompts prefilled
     `prefill_chunk` tokens a step, the last prompt joining at `late_join_step`, requests finishing at
-    their NEW_TOKENS; with `lookahead`, steps where nobody waits to join say so."""
+    their NEW_TOKENS; with `lookahead`, steps where nobody waits to join say so. With `allowed`, the
+    k-th token of request i is sampled under a grammar mask of the token ids `allowed(i, k)` (None: no mask)."""
     blocks_per_seq = -(-(max(map(len, PROMPTS)) + max(NEW_TOKENS) + 1) // BLOCK_SIZE)
     outputs: list[list[int]] = [[] for _ in PROMPTS]
     computed = [0] * len(PROMPTS)
@@ -40,7 +41,9 @@ def generate_greedy(
             n = min(prefill_chunk, len(prompt) - computed[i]) if computed[i] < len(prompt) else 1
             samples = computed[i] + n >= len(prompt)
             last_token = samples and len(outputs[i]) + 1 == NEW_TOKENS[i]
-            scheduled.append(ScheduledSequence(i, n, blocks, last_token))
+            ids = allowed(i, len(outputs[i])) if samples and allowed else None
+            mask = bitmask(ids) if ids else b""
+            scheduled.append(ScheduledSequence(i, n, blocks, last_token, mask))
             computed[i] += n
         out = runner.step(finished, new, scheduled, lookahead=lookahead and len(joined) == len(PROMPTS))
         finished = []
@@ -52,12 +55,35 @@ def generate_greedy(
     return outputs
 
 
-def assert_greedy_under_transformers(hf_model, outputs: list[list[int]], slack: float = 1e-3, exact_share: float = 0.95) -> None:
-    """Each token's logit is within `slack` of HF's best; `exact_share` of them are HF's argmax."""
+def every_fifth_token(i: int, k: int) -> set[int] | None:
+    """A grammar for generate_greedy's `allowed`: even requests may pick only ids t with t % 5 == (i + k) % 5
+    (which usually excludes the unconstrained best token), odd ones anything."""
+    return {t for t in range(251) if t % 5 == (i + k) % 5} if i % 2 == 0 else None
+
+
+def bitmask(token_ids: set[int]) -> bytes:
+    """The proto's packing of allowed tokens: bit t % 32 of little-endian 32-bit word t // 32."""
+    words = [0] * (max(token_ids) // 32 + 1)
+    for token in token_ids:
+        words[token // 32] |= 1 << (token % 32)
+    return b"".join(word.to_bytes(4, "little") for word in words)
+
+
+def assert_greedy_under_transformers(
+    hf_model, outputs: list[list[int]], slack: float = 1e-3, exact_share: float = 0.95, allowed=None
+) -> None:
+    """Each token's logit is within `slack` of HF's best; `exact_share` of them are HF's argmax. With
+    `allowed` (as generate_greedy's), the best among the allowed tokens."""
     num_exact = 0
-    for prompt, tokens in zip(PROMPTS, outputs):
+    for i, (prompt, tokens) in enumerate(zip(PROMPTS, outputs)):
         with torch.no_grad():
             logits = hf_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]  # [len(tokens), vocab]
+        if allowed:
+            masked = torch.full_like(logits, float("-inf"))
+            for k in range(len(tokens)):
+                ids = allowed(i, k)
+                masked[k, sorted(ids) if ids else slice(None)] = logits[k, sorted(ids) if ids else slice(None)]
+            logits = masked
         chosen = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
         assert torch.all(chosen >= logits.max(dim=1).values - slack), (prompt, tokens)
         num_exact += sum(a == b for a, b in zip(tokens, logits.argmax(dim=1).tolist()))

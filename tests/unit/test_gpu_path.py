@@ -7,7 +7,14 @@ far, each token we picked is HF's argmax, or within float noise of it where two 
 import pytest
 import torch
 from model_helpers import save_tiny_model, tiny_config
-from runner_helpers import BLOCK_SIZE, PROMPTS, assert_greedy_under_transformers, assert_lookahead_gives_the_plain_tokens, generate_greedy
+from runner_helpers import (
+    BLOCK_SIZE,
+    PROMPTS,
+    assert_greedy_under_transformers,
+    assert_lookahead_gives_the_plain_tokens,
+    every_fifth_token,
+    generate_greedy,
+)
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -81,6 +88,14 @@ def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):
 def test_lookahead_sampling_gives_the_same_tokens_as_plain_steps(sampling, chains, tmp_path):
     runner, _ = load_runner("llama", tmp_path)
     assert_lookahead_gives_the_plain_tokens(runner, sampling, chains)
+
+
+def test_grammar_masked_rows_under_cuda_graphs_and_lookahead_pick_the_best_allowed_token(tmp_path):
+    """Half the requests under a grammar mask that changes every token, half free, decoded by CUDA
+    graphs with lookahead: each token is transformers' best among those allowed."""
+    runner, hf_model = load_runner("llama", tmp_path)
+    outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True, allowed=every_fifth_token)
+    assert_greedy_under_transformers(hf_model, outputs, allowed=every_fifth_token)
 
 
 def test_a_request_at_its_last_token_starts_no_lookahead_row(tmp_path):

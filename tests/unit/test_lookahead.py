@@ -6,7 +6,14 @@ suite runs the same scenarios with real CUDA graphs (tests/unit/test_gpu_path.py
 import pytest
 import torch
 from model_helpers import save_tiny_model, tiny_config
-from runner_helpers import PROMPTS, assert_greedy_under_transformers, assert_lookahead_gives_the_plain_tokens, with_eager_decode_steps
+from runner_helpers import (
+    PROMPTS,
+    assert_greedy_under_transformers,
+    assert_lookahead_gives_the_plain_tokens,
+    every_fifth_token,
+    generate_greedy,
+    with_eager_decode_steps,
+)
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -45,6 +52,18 @@ def test_lookahead_and_chained_steps_give_the_plain_steps_tokens(model_dir):
 )
 def test_lookahead_sampling_gives_the_plain_steps_tokens(model_dir, sampling, chains):
     assert_lookahead_gives_the_plain_tokens(cpu_runner(model_dir[0]), sampling, chains)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_grammar_masked_rows_pick_the_best_allowed_token_beside_free_rows(model_dir, lookahead):
+    """Half the requests sample under a mask that changes every token (usually excluding the free
+    best token), half without: each token is transformers' best among those allowed. With lookahead,
+    a started row sampled without its mask is recomputed, never served."""
+    path, hf_model = model_dir
+    runner = cpu_runner(path)
+    outputs = generate_greedy(runner, prefill_chunk=32, lookahead=lookahead, allowed=every_fifth_token)
+    assert_greedy_under_transformers(hf_model, outputs, slack=1e-4, exact_share=1.0, allowed=every_fifth_token)
+    assert any(token % 5 != (0 + k) % 5 for k, token in enumerate(generate_greedy(cpu_runner(path), 32)[0]))
 
 
 def test_a_request_at_its_last_token_starts_no_lookahead_row(model_dir):
