@@ -43,6 +43,7 @@ def render_chat(
     bos_token: str | None,
     eos_token: str | None,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
     """The prompt for `messages`; TemplateError (422) when the model has no template or it fails."""
     if template is None:
@@ -53,7 +54,7 @@ def render_chat(
             bos_token=bos_token or "",
             eos_token=eos_token or "",
             add_generation_prompt=add_generation_prompt,
-            tools=None,
+            tools=tools,
         )
     except jinja2.exceptions.TemplateError as error:
         raise TemplateError(str(error)) from error

@@ -32,7 +32,8 @@ JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,48}"}
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What the request asked for: `kind` "json" (a JSON schema, as JSON text) or "regex"."""
+    """What the request asked for: `kind` "json" (a JSON schema, as JSON text), "regex", or "lark" (a
+    Lark grammar the router wrote: tool calls, see tools.py)."""
 
     kind: str
     value: str
@@ -102,13 +103,16 @@ class Grammars:
         try:
             if spec.kind == "regex":
                 grammar = LLMatcher.grammar_from_regex(spec.value)
+            elif spec.kind == "lark":
+                grammar = LLMatcher.grammar_from_lark(spec.value)
             else:
                 grammar = LLMatcher.grammar_from_json_schema(spec.value, defaults=JSON_DEFAULTS)
         except Exception as error:  # the library's own type checks; any of them is the request's fault
             raise ValidationError(f"invalid grammar: {error}") from None
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llg_tokenizer())
         if is_error:
-            raise ValidationError(f"invalid {'regex' if spec.kind == 'regex' else 'JSON schema'} grammar: {messages[0]}")
+            kind = {"regex": "regex", "lark": "tool-call"}.get(spec.kind, "JSON schema")
+            raise ValidationError(f"invalid {kind} grammar: {messages[0]}")
         matcher = LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValidationError(f"invalid grammar: {matcher.get_error()}")

@@ -74,6 +74,12 @@ class Tokenizer:
         """Every id the tokenizer knows, added tokens included (`len(tokenizer)` in transformers)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def added_token_id(self, text: str) -> int | None:
+        """The id of `text` when the tokenizer holds it as one added token (`<tool_call>` in Qwen's),
+        else None."""
+        token_id = self.backend.token_to_id(text)
+        return token_id if token_id is not None and token_id in self.backend.get_added_tokens_decoder() else None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._encoding(text, add_special_tokens).ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.is_bos_prepended else ids

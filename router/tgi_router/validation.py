@@ -89,6 +89,8 @@ class GenerateParameters:
 class GenerateRequest:
     inputs: str
     parameters: GenerateParameters
+    # A grammar the router built (tool calls), in place of `parameters.grammar`.
+    grammar: GrammarSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -268,11 +270,11 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         raise ValidationError(
             f"`inputs` must have less than {config.max_input_tokens} tokens. Given: {num_input_tokens}"
         )
-    grammar = None
-    if params.grammar is not None:
+    grammar = request.grammar
+    if params.grammar is not None or grammar is not None:
         if not config.grammar_support:
             raise ValidationError("grammar is not supported")  # TGI's message when grammars are disabled
-        grammar = GrammarSpec.from_tgi(params.grammar)
+        grammar = grammar or GrammarSpec.from_tgi(params.grammar)
     return ValidRequest(
         inputs=request.inputs,
         input_ids=input_ids,

@@ -55,7 +55,7 @@ def _instance_request(router, instance) -> GenerateRequest:
     if not isinstance(instance, dict):
         raise ValidationError("each instance must be an object with `inputs` or `messages`")
     if "messages" in instance:
-        chat = openai.chat_request(router, instance)
+        chat, _ = openai.chat_request(router, instance)  # predictions are text: tool calls stay in it
         validate_parameters(chat.parameters, router.validation)
         return chat
     parameters = instance.get("parameters")

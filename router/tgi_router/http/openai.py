@@ -21,11 +21,12 @@ from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
 from tgi_router.http.tgi import collect, collect_all, finite, tokenize_response
 from tgi_router.request import FinishReason
+from tgi_router.tokenizer import Tokenizer
+from tgi_router.tools import ToolCallParser, ToolRequest, template_format, template_knows_tools
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
 # Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
 _CHAT_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop_sequence"}
-_UNSUPPORTED = ("tools", "tool_choice")
 _RESPONSE_FORMATS = ("text", "json_object", "json_schema", "json", "regex")
 # Fields used as they are (the sampling fields go through TGI's parameter checks); null means not given.
 _TYPED_FIELDS = {"model": (str, "a string"), "stream_options": (dict, "an object")}
@@ -52,18 +53,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     is_stream = body.get("stream") is True
     with router.admit():
-        valid = await router.validate(chat_request(router, body), is_stream, add_special_tokens=False)
+        generate, tools = chat_request(router, body)
+        valid = await router.validate(generate, is_stream, add_special_tokens=False)
+        if tools is not None and generate.grammar is None and router.grammars is not None:
+            # "auto" constrains nothing, but a tool whose parameters are no valid schema is still a 422.
+            await router.grammars.prepare_async(tools.grammar(router.tokenizer.added_token_id))
         validated_at = time.monotonic()
         stream = router.submit(valid)
         head = _head(router, body, "chat.completion.chunk" if is_stream else "chat.completion")
         if not is_stream:
             events = await collect(stream)
             headers = timing_headers(router, valid, stream, started_at, validated_at)
-            payload = {**head, "choices": [_chat_choice(body, events)], "usage": _usage(valid, events)}
+            payload = {**head, "choices": [_chat_choice(body, events, tools)], "usage": _usage(valid, events)}
             return web.json_response(payload, headers=headers)
         try:
             async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
-                await _stream_chat(sse, head, body, valid, stream)
+                await _stream_chat(sse, head, body, valid, stream, tools)
         finally:
             stream.cancel()  # also when the client left before the response headers went out
         return sse
@@ -72,7 +77,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def chat_tokenize(request: web.Request) -> web.Response:
     """The chat template's output for a chat request, and its tokens."""
     router = get_router(request)
-    chat = chat_request(router, await read_json(request))
+    chat, _ = chat_request(router, await read_json(request))
     validate_parameters(chat.parameters, router.validation)  # as /v1/chat/completions would
     prompt = chat.inputs
     return await tokenize_response(
@@ -109,22 +114,73 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return sse
 
 
-def chat_request(router: Router, body: dict) -> GenerateRequest:
-    """A chat body as a generate request: the chat template rendered, the OpenAI fields as parameters."""
-    for name in _UNSUPPORTED:
-        if body.get(name) is not None:
-            raise ValidationError(f"`{name}` is not supported yet by this server")
+def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ToolRequest | None]:
+    """A chat body as a generate request (the chat template rendered, the OpenAI fields as
+    parameters, the tool-call grammar when a call is required), and its tools."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValidationError("`messages` must be a non-empty list of {role, content} objects")
     tokenizer = router.tokenizer
-    prompt = render_chat(tokenizer.chat_template, [_message(m) for m in messages], tokenizer.bos_token, tokenizer.eos_token)
+    tools = ToolRequest.parse(body, tokenizer.chat_template)
+    if tools is not None and body.get("response_format") not in (None, {"type": "text"}):
+        raise ValidationError("`response_format` cannot be combined with `tools` (unless `tool_choice` is none)")
+    prompt = _render(tokenizer, [_message(m) for m in messages], tools)
     _check_types(body, _CHAT_FIELDS)
     parameters = _sampling_parameters(body)
     parameters["top_n_tokens"] = body.get("top_logprobs")
     if body.get("presence_penalty") is not None:
         parameters["repetition_penalty"] = _number(body, "presence_penalty") + 2.0  # TGI's mapping
-    return parse_generate_request({"inputs": prompt, "parameters": parameters})
+    generate = parse_generate_request({"inputs": prompt, "parameters": parameters})
+    if tools is not None and tools.choice != "auto":
+        generate = GenerateRequest(generate.inputs, generate.parameters, tools.grammar(tokenizer.added_token_id))
+    return generate, tools
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | None) -> str:
+    """The chat template applied to `messages` and `tools`. A template that knows tools gets them, and
+    earlier calls' arguments as objects (as transformers' templates expect); for one that does not,
+    the tools go into the system message and earlier calls and their results into the text."""
+    template = tokenizer.chat_template
+    if template_knows_tools(template):
+        return render_chat(template, [_with_argument_objects(m) for m in messages], tokenizer.bos_token,
+                           tokenizer.eos_token, tools=tools.template_tools if tools else None)
+    fmt = tools.format if tools else template_format(template)
+    converted: list[dict] = []
+    for message in messages:
+        if message["role"] == "tool":
+            result = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if converted and converted[-1].get("is_tool_result"):
+                converted[-1]["content"] += "\n" + result
+            else:
+                converted.append({"role": "user", "content": result, "is_tool_result": True})
+            continue
+        if message.get("tool_calls"):
+            text = fmt.write_calls([call["function"] for call in _with_argument_objects(message)["tool_calls"]])
+            message = {"role": message["role"], "content": "\n".join(t for t in (message["content"], text) if t)}
+        converted.append(message)
+    if tools is not None:
+        if converted[0]["role"] == "system":
+            converted[0] = {**converted[0], "content": converted[0]["content"] + "\n\n" + tools.system_prompt()}
+        else:
+            converted.insert(0, {"role": "system", "content": tools.system_prompt()})
+    messages = [{k: v for k, v in m.items() if k != "is_tool_result"} for m in converted]
+    return render_chat(template, messages, tokenizer.bos_token, tokenizer.eos_token)
+
+
+def _with_argument_objects(message: dict) -> dict:
+    """An assistant message whose tool calls' `arguments` (JSON text in OpenAI's API) are objects."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise ValidationError(f"tool call `{call['function']['name']}` has arguments that are not JSON") from None
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
 
 
 def _completion_request(body: dict, prompt: str) -> GenerateRequest:
@@ -219,6 +275,13 @@ def _message(message) -> dict:
         raise ValidationError("message `content` must be a string or a list of text parts")
     if message.get("name") is not None and not isinstance(message["name"], str):
         raise ValidationError("message `name` must be a string")
+    calls = message.get("tool_calls")
+    if calls is not None and not (
+        isinstance(calls, list)
+        and all(isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments", ""), (str, dict)) for c in calls)
+    ):
+        raise ValidationError("message `tool_calls` must be a list of {id, type, function: {name, arguments}}")
     return {**message, "content": content or ""}
 
 
@@ -244,14 +307,38 @@ def _head(router: Router, body: dict, kind: str) -> dict:
     }
 
 
-def _chat_choice(body: dict, events: list[TokenEvent]) -> dict:
+def _chat_choice(body: dict, events: list[TokenEvent], tools: ToolRequest | None) -> dict:
     last = events[-1]
+    message = {"role": "assistant", "content": last.generated_text}
+    finish_reason = _CHAT_FINISH[last.finish_reason]
+    if tools is not None:
+        parser = ToolCallParser(tools.format)
+        content = "".join(parser.feed(_tool_text(parser, event)).content for event in events) + parser.finish().content
+        if parser.calls:
+            message = {"role": "assistant", "content": content.strip() or None, "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in parser.calls]}
+            finish_reason = _tool_finish(last.finish_reason)
     return {
         "index": 0,
-        "message": {"role": "assistant", "content": last.generated_text},
+        "message": message,
         "logprobs": {"content": [_logprob(e) for e in events]} if body.get("logprobs") else None,
-        "finish_reason": _CHAT_FINISH[last.finish_reason],
+        "finish_reason": finish_reason,
     }
+
+
+def _tool_text(parser: ToolCallParser, event: TokenEvent) -> str:
+    """What the tool-call parser reads of a token: its text, and of a special token only a format
+    marker (Mistral's [TOOL_CALLS] is one)."""
+    text = event.token.text
+    if event.token.special and text not in (parser.format.start, parser.format.end):
+        return ""
+    return text
+
+
+def _tool_finish(reason: FinishReason) -> str:
+    """A response with tool calls ends for "tool_calls", unless it was cut short."""
+    return "length" if reason == FinishReason.LENGTH else "tool_calls"
 
 
 def _logprob(event: TokenEvent) -> dict:
@@ -275,17 +362,29 @@ def _open_sse(request: web.Request, headers: dict[str, str]):
     return sse_response(request, headers=headers, sep="\n", allow_all_methods=True)
 
 
-async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream) -> None:
+async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream,
+                       tools: ToolRequest | None) -> None:
     num_tokens = 0
+    parser = ToolCallParser(tools.format) if tools is not None else None
     try:
         async for event in stream:
             num_tokens += 1
-            content = "" if event.token.special else event.token.text
+            delta = {"role": "assistant", "content": "" if event.token.special else event.token.text}
+            finish_reason = _CHAT_FINISH[event.finish_reason] if event.finish_reason else None
+            if parser is not None:
+                parsed = parser.feed(_tool_text(parser, event))
+                if event.finish_reason:
+                    parsed += parser.finish()
+                    if parser.calls:
+                        finish_reason = _tool_finish(event.finish_reason)
+                delta["content"] = parsed.content
+                if parsed.deltas:
+                    delta["tool_calls"] = parsed.deltas
             choice = {
                 "index": 0,
-                "delta": {"role": "assistant", "content": content},
+                "delta": delta,
                 "logprobs": {"content": [_logprob(event)]} if body.get("logprobs") else None,
-                "finish_reason": _CHAT_FINISH[event.finish_reason] if event.finish_reason else None,
+                "finish_reason": finish_reason,
             }
             await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
     except InferError as error:

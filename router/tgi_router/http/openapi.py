@@ -57,8 +57,22 @@ SEQUENCE = {
 }
 SIMPLE_TOKEN = _obj({"id": INT, "text": STR, "start": INT, "stop": INT}, ("id", "text", "start", "stop"))
 TEXT_PART = _obj({"type": {"type": "string", "enum": ["text"]}, "text": STR}, ("type", "text"))
-MESSAGE = _obj({"role": STR, "content": _nullable({"anyOf": [STR, _array(TEXT_PART)]}), "name": _nullable(STR)},
+FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+# A call as OpenAI writes it: its arguments are JSON text.
+TOOL_CALL = _obj({"id": STR, "type": {"type": "string", "enum": ["function"]},
+                  "function": _obj({"name": STR, "arguments": STR}, ("name", "arguments"))}, ("id", "type", "function"))
+MESSAGE = _obj({"role": STR, "content": _nullable({"anyOf": [STR, _array(TEXT_PART)]}), "name": _nullable(STR),
+                "tool_calls": _nullable(_array(TOOL_CALL)), "tool_call_id": _nullable(STR)},
                ("role",))
+TOOL = _obj({"type": {"type": "string", "enum": ["function"]}, "function": _obj({
+    "name": FUNCTION_NAME, "description": _nullable(STR), "parameters": _nullable({"type": "object"}),
+    "strict": _nullable(BOOL)}, ("name",))}, ("type", "function"))
+TOOL_CHOICE = {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, _obj({
+    "type": {"type": "string", "enum": ["function"]}, "function": _obj({"name": FUNCTION_NAME}, ("name",))},
+    ("type", "function"))]}
+# A streamed call: the first delta of a call has its id, type and name; later ones more arguments.
+TOOL_CALL_DELTA = _obj({"index": INT, "id": STR, "type": {"type": "string", "enum": ["function"]},
+                        "function": _obj({"name": STR, "arguments": STR}, ("arguments",))}, ("index", "function"))
 # The value constraints below are those validation enforces whatever the server's flags; limits set
 # by flags (max_best_of, max_stop_sequences, max_top_n_tokens, token budgets) are in /info.
 OPENAI_SAMPLING = {
@@ -125,12 +139,15 @@ SCHEMAS = {
             "json_schema": _obj({"name": STR, "schema": {"type": "object"}, "strict": _nullable(BOOL)}),
             "value": {},
         }, ("type",))),
+        "tools": _nullable(_array(TOOL, minItems=1)), "tool_choice": _nullable(TOOL_CHOICE),
+        "parallel_tool_calls": _nullable(BOOL),
     }, ("messages",)),
     "ChatCompletion": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "message": _obj({"role": STR, "content": STR}), "logprobs": OPENAI_LOGPROBS,
-        "finish_reason": STR})), "usage": USAGE}),
+        "index": INT, "message": _obj({"role": STR, "content": _nullable(STR), "tool_calls": _array(TOOL_CALL)}),
+        "logprobs": OPENAI_LOGPROBS, "finish_reason": STR})), "usage": USAGE}),
     "ChatCompletionChunk": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "delta": _obj({"role": STR, "content": STR}), "logprobs": OPENAI_LOGPROBS,
+        "index": INT, "delta": _obj({"role": STR, "content": STR, "tool_calls": _array(TOOL_CALL_DELTA)}),
+        "logprobs": OPENAI_LOGPROBS,
         "finish_reason": _nullable(STR)})), "usage": _nullable(USAGE)}, ("choices",)),
     "CompletionRequest": _obj({"prompt": {"anyOf": [NON_EMPTY_STR, _array(NON_EMPTY_STR, minItems=1)]},
                                **OPENAI_SAMPLING, "repetition_penalty": _nullable(POSITIVE),
