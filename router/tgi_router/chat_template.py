@@ -44,6 +44,7 @@ def render_chat(
     eos_token: str | None,
     add_generation_prompt: bool = True,
     tools: list[dict] | None = None,
+    variables: dict | None = None,
 ) -> str:
     """The prompt for `messages`; TemplateError (422) when the model has no template or it fails."""
     if template is None:
@@ -55,6 +56,7 @@ def render_chat(
             eos_token=eos_token or "",
             add_generation_prompt=add_generation_prompt,
             tools=tools,
+            **(variables or {}),
         )
     except jinja2.exceptions.TemplateError as error:
         raise TemplateError(str(error)) from error

@@ -125,8 +125,19 @@ class Grammars:
 
     def matcher(self, spec: GrammarSpec) -> Constraint:
         """A fresh matcher at the start of `spec`'s grammar (cheap once `prepare_async` compiled it)."""
-        mask_bytes = (self._llg_tokenizer().vocab_size + 31) // 32 * 4
-        return Constraint(self._initial(spec).deep_copy(), mask_bytes)
+        tokenizer = self._llg_tokenizer()
+        mask_bytes = (tokenizer.vocab_size + 31) // 32 * 4
+        return Constraint(self._initial(spec).deep_copy(), mask_bytes, self._added_tokens())
+
+    @functools.cached_property
+    def _added_token_text(self) -> dict[int, bytes]:
+        tokenizer = self._llg_tokenizer()
+        ids = [entry["id"] for entry in json.loads(self._tokenizer_json).get("added_tokens", [])]
+        return {i: tokenizer.decode_bytes([i]) for i in ids
+                if i < tokenizer.vocab_size and i not in self._eos_token_ids and tokenizer.is_special_token(i)}
+
+    def _added_tokens(self) -> AddedTokens:
+        return AddedTokens(self._llg_tokenizer(), self._added_token_text)
 
 
 _executor = None
@@ -151,24 +162,51 @@ def compute_masks(constraints: list[Constraint]) -> list[bytes]:
         pointer = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
         _executor.unsafe_compute_mask_ptr([(c._matcher, row) for row, (_, c) in enumerate(live)], pointer, size, len(live))
         view = memoryview(buffer)
-        for row, (index, _) in enumerate(live):
-            masks[index] = view[row * size : (row + 1) * size].tobytes()
+        for row, (index, constraint) in enumerate(live):
+            masks[index] = constraint.checked(view[row * size : (row + 1) * size].tobytes())
     return masks
+
+
+@dataclass(frozen=True)
+class AddedTokens:
+    """The llguidance tokenizer, and the text of the tokenizer's added tokens that llguidance holds
+    as special (Qwen3's `<think>`, `<tool_call>`; end-of-sequence tokens aside)."""
+
+    tokenizer: object
+    text: dict[int, bytes]
 
 
 class Constraint:
     """One request's position in its grammar."""
 
-    def __init__(self, matcher, mask_bytes: int):
+    def __init__(self, matcher, mask_bytes: int, added: AddedTokens | None = None):
         self._matcher = matcher
         self.mask_bytes = mask_bytes  # the size of its masks: 4 bytes per 32 token ids
         self._end_mask: bytes | None = None  # once the grammar has ended: end of sequence only
+        self._added = added
 
     def mask(self) -> bytes:
         """The packed bitmask of tokens allowed next."""
         if self._end_mask is not None:
             return self._end_mask
-        return self._matcher.compute_bitmask()
+        return self.checked(self._matcher.compute_bitmask())
+
+    def checked(self, mask: bytes) -> bytes:
+        """`mask` without the added tokens the grammar would refuse. llguidance 1.9 puts an added
+        token in the mask where the grammar forces bytes equal to its text (a regex or a JSON string
+        spelling `<think>` with Qwen3's tokenizer), yet its matcher refuses that token when it comes;
+        such a token gives way to the first token of the same text spelled byte by byte."""
+        if self._added is None or not self._added.text:
+            return mask
+        fixed = None
+        for token_id, text in self._added.text.items():
+            if mask[token_id >> 3] >> (token_id & 7) & 1 and self._matcher.validate_tokens([token_id]) != 1:
+                fixed = fixed or bytearray(mask)
+                fixed[token_id >> 3] &= ~(1 << (token_id & 7)) & 0xFF
+                spelled = self._added.tokenizer.greedy_tokenize(text.decode("utf-8", "replace"))  # no added tokens
+                if spelled and self._matcher.validate_tokens(spelled[:1]) == 1:
+                    fixed[spelled[0] >> 3] |= 1 << (spelled[0] & 7)
+        return mask if fixed is None else bytes(fixed)
 
     @property
     def is_finished(self) -> bool:

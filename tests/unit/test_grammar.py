@@ -56,3 +56,24 @@ def test_schema_property_order_is_kept_in_the_grammar_key():
 def test_an_unclosed_regex_group_is_a_validation_error(grammars):
     with pytest.raises(ValidationError, match="invalid regex grammar"):
         grammars.matcher(GrammarSpec.from_tgi({"type": "regex", "value": "(ab"}))
+
+
+def test_a_grammar_spelling_an_added_tokens_text_allows_only_tokens_its_matcher_takes():
+    """llguidance 1.9 offers Qwen3's added token `<think>` where a regex forces the text "<think>",
+    then refuses it: the mask must offer the same text spelled in ordinary tokens instead."""
+    qwen3 = TOKENIZER_JSON.parents[1] / "qwen3" / "tokenizer.json"
+    grammars = Grammars(qwen3.read_text(), 151936, [151645])
+    tokenizer = Tokenizer.from_file(str(qwen3))
+    for batched in (False, True):
+        constraint, tokens = grammars.matcher(GrammarSpec.from_tgi({"type": "regex", "value": "<think>\nHi</think>"})), []
+        while not constraint.is_finished:
+            mask = compute_masks([constraint, grammars.matcher(GrammarSpec.json_schema(SCHEMA))])[0] if batched else constraint.mask()
+            for token in sorted(allowed_in(mask, 151936)):  # every token offered is taken by the matcher
+                assert constraint._matcher.validate_tokens([token]) == 1, tokenizer.decode([token])
+            tokens.append(min(allowed_in(mask, 151936)))
+            constraint.advance(tokens[-1])
+        assert tokenizer.decode(tokens) == "<think>\nHi</think>"
+
+
+def allowed_in(mask: bytes, vocab_size: int) -> set[int]:
+    return {t for t in range(vocab_size) if mask[t // 8] >> (t % 8) & 1}

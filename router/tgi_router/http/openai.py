@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp_sse import sse_response
@@ -20,9 +21,10 @@ from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
 from tgi_router.http.tgi import collect, collect_all, finite, tokenize_response
+from tgi_router.reasoning import END, START, ReasoningParser, prompt_opens_reasoning, template_reasons
 from tgi_router.request import FinishReason
 from tgi_router.tokenizer import Tokenizer
-from tgi_router.tools import ToolCallParser, ToolRequest, template_format, template_knows_tools
+from tgi_router.tools import ParsedOutput, ToolCallParser, ToolRequest, template_format, template_knows_tools
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
 # Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
@@ -53,8 +55,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     is_stream = body.get("stream") is True
     with router.admit():
-        generate, tools = chat_request(router, body)
+        generate, output = chat_request(router, body)
         valid = await router.validate(generate, is_stream, add_special_tokens=False)
+        tools = output.tools
         if tools is not None and generate.grammar is None and router.grammars is not None:
             # "auto" constrains nothing, but a tool whose parameters are no valid schema is still a 422.
             await router.grammars.prepare_async(tools.grammar(router.tokenizer.added_token_id))
@@ -64,11 +67,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if not is_stream:
             events = await collect(stream)
             headers = timing_headers(router, valid, stream, started_at, validated_at)
-            payload = {**head, "choices": [_chat_choice(body, events, tools)], "usage": _usage(valid, events)}
+            payload = {**head, "choices": [_chat_choice(body, events, output)], "usage": _usage(valid, events)}
             return web.json_response(payload, headers=headers)
         try:
             async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
-                await _stream_chat(sse, head, body, valid, stream, tools)
+                await _stream_chat(sse, head, body, valid, stream, output)
         finally:
             stream.cancel()  # also when the client left before the response headers went out
         return sse
@@ -114,9 +117,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return sse
 
 
-def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ToolRequest | None]:
+@dataclass(frozen=True)
+class ChatOutput:
+    """How a chat answer is read: for tool calls when the request has tools, and for thoughts when
+    the template writes them (`reasoning`: whether the prompt opened them; None: no thoughts)."""
+
+    tools: ToolRequest | None = None
+    reasoning: bool | None = None
+
+
+def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ChatOutput]:
     """A chat body as a generate request (the chat template rendered, the OpenAI fields as
-    parameters, the tool-call grammar when a call is required), and its tools."""
+    parameters, the tool-call grammar when a call is required), and how to read its answer."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValidationError("`messages` must be a non-empty list of {role, content} objects")
@@ -124,7 +136,7 @@ def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ToolReque
     tools = ToolRequest.parse(body, tokenizer.chat_template)
     if tools is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise ValidationError("`response_format` cannot be combined with `tools` (unless `tool_choice` is none)")
-    prompt = _render(tokenizer, [_message(m) for m in messages], tools)
+    prompt = _render(tokenizer, [_message(m) for m in messages], tools, _template_kwargs(body))
     _check_types(body, _CHAT_FIELDS)
     parameters = _sampling_parameters(body)
     parameters["top_n_tokens"] = body.get("top_logprobs")
@@ -133,17 +145,32 @@ def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ToolReque
     generate = parse_generate_request({"inputs": prompt, "parameters": parameters})
     if tools is not None and tools.choice != "auto":
         generate = GenerateRequest(generate.inputs, generate.parameters, tools.grammar(tokenizer.added_token_id))
-    return generate, tools
+    reasoning = prompt_opens_reasoning(prompt) if template_reasons(tokenizer.chat_template) else None
+    return generate, ChatOutput(tools, reasoning)
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | None) -> str:
+_TEMPLATE_VARIABLES = ("messages", "tools", "bos_token", "eos_token", "add_generation_prompt")
+
+
+def _template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs`: more variables for the template, e.g. Qwen3's `enable_thinking`."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValidationError(f"`chat_template_kwargs` must be an object, got {kwargs!r}")
+    reserved = [name for name in kwargs if name in _TEMPLATE_VARIABLES]
+    if reserved:
+        raise ValidationError(f"`chat_template_kwargs` cannot set `{reserved[0]}`: the request's own fields do")
+    return kwargs
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | None, kwargs: dict) -> str:
     """The chat template applied to `messages` and `tools`. A template that knows tools gets them, and
     earlier calls' arguments as objects (as transformers' templates expect); for one that does not,
     the tools go into the system message and earlier calls and their results into the text."""
     template = tokenizer.chat_template
     if template_knows_tools(template):
         return render_chat(template, [_with_argument_objects(m) for m in messages], tokenizer.bos_token,
-                           tokenizer.eos_token, tools=tools.template_tools if tools else None)
+                           tokenizer.eos_token, tools=tools.template_tools if tools else None, variables=kwargs)
     fmt = tools.format if tools else template_format(template)
     converted: list[dict] = []
     for message in messages:
@@ -164,7 +191,7 @@ def _render(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | Non
         else:
             converted.insert(0, {"role": "system", "content": tools.system_prompt()})
     messages = [{k: v for k, v in m.items() if k != "is_tool_result"} for m in converted]
-    return render_chat(template, messages, tokenizer.bos_token, tokenizer.eos_token)
+    return render_chat(template, messages, tokenizer.bos_token, tokenizer.eos_token, variables=kwargs)
 
 
 def _with_argument_objects(message: dict) -> dict:
@@ -307,17 +334,23 @@ def _head(router: Router, body: dict, kind: str) -> dict:
     }
 
 
-def _chat_choice(body: dict, events: list[TokenEvent], tools: ToolRequest | None) -> dict:
+def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput) -> dict:
     last = events[-1]
     message = {"role": "assistant", "content": last.generated_text}
     finish_reason = _CHAT_FINISH[last.finish_reason]
-    if tools is not None:
-        parser = ToolCallParser(tools.format)
-        content = "".join(parser.feed(_tool_text(parser, event)).content for event in events) + parser.finish().content
+    if output.tools is not None or output.reasoning is not None:
+        parser = _AnswerParser(output)
+        parts = [parser.feed(event) for event in events]
+        content = "".join(part.get("content", "") for part in parts)
+        reasoning = "".join(part.get("reasoning_content", "") for part in parts)
+        message = {"role": "assistant", "content": content}
+        if reasoning:
+            message["reasoning_content"] = reasoning
         if parser.calls:
-            message = {"role": "assistant", "content": content.strip() or None, "tool_calls": [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-                for call in parser.calls]}
+            message["content"] = content.strip() or None
+            message["tool_calls"] = [{"id": call.id, "type": "function",
+                                      "function": {"name": call.name, "arguments": call.arguments}}
+                                     for call in parser.calls]
             finish_reason = _tool_finish(last.finish_reason)
     return {
         "index": 0,
@@ -327,13 +360,40 @@ def _chat_choice(body: dict, events: list[TokenEvent], tools: ToolRequest | None
     }
 
 
-def _tool_text(parser: ToolCallParser, event: TokenEvent) -> str:
-    """What the tool-call parser reads of a token: its text, and of a special token only a format
-    marker (Mistral's [TOOL_CALLS] is one)."""
-    text = event.token.text
-    if event.token.special and text not in (parser.format.start, parser.format.end):
-        return ""
-    return text
+class _AnswerParser:
+    """Reads an answer token by token into OpenAI's delta fields: `reasoning_content` (thoughts),
+    `content`, and `tool_calls` deltas."""
+
+    def __init__(self, output: ChatOutput):
+        self._reasoning = None if output.reasoning is None else ReasoningParser(output.reasoning)
+        self._tools = None if output.tools is None else ToolCallParser(output.tools.format)
+        fmt = output.tools.format if output.tools else None
+        # Special tokens are read only when they are one of the formats' markers (Mistral's [TOOL_CALLS]).
+        self._markers = {START, END} | ({fmt.start, fmt.end} if fmt else set())
+
+    @property
+    def calls(self):
+        return self._tools.calls if self._tools else []
+
+    def feed(self, event: TokenEvent) -> dict:
+        """The delta fields that this token adds (and, on the answer's last token, all that is left)."""
+        is_last = event.finish_reason is not None
+        text = "" if event.token.special and event.token.text not in self._markers else event.token.text
+        reasoning, content = self._reasoning.feed(text) if self._reasoning else ("", text)
+        if is_last and self._reasoning:
+            rest = self._reasoning.finish()
+            reasoning, content = reasoning + rest[0], content + rest[1]
+        delta = {"content": content}
+        if self._tools:
+            parsed = self._tools.feed(content)
+            if is_last:
+                parsed += self._tools.finish()
+            delta["content"] = parsed.content
+            if parsed.deltas:
+                delta["tool_calls"] = parsed.deltas
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        return delta
 
 
 def _tool_finish(reason: FinishReason) -> str:
@@ -363,23 +423,18 @@ def _open_sse(request: web.Request, headers: dict[str, str]):
 
 
 async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream,
-                       tools: ToolRequest | None) -> None:
+                       output: ChatOutput) -> None:
     num_tokens = 0
-    parser = ToolCallParser(tools.format) if tools is not None else None
+    parser = _AnswerParser(output) if output.tools is not None or output.reasoning is not None else None
     try:
         async for event in stream:
             num_tokens += 1
             delta = {"role": "assistant", "content": "" if event.token.special else event.token.text}
             finish_reason = _CHAT_FINISH[event.finish_reason] if event.finish_reason else None
             if parser is not None:
-                parsed = parser.feed(_tool_text(parser, event))
-                if event.finish_reason:
-                    parsed += parser.finish()
-                    if parser.calls:
-                        finish_reason = _tool_finish(event.finish_reason)
-                delta["content"] = parsed.content
-                if parsed.deltas:
-                    delta["tool_calls"] = parsed.deltas
+                delta.update(parser.feed(event))
+                if event.finish_reason and parser.calls:
+                    finish_reason = _tool_finish(event.finish_reason)
             choice = {
                 "index": 0,
                 "delta": delta,

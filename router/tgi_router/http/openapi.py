@@ -70,6 +70,7 @@ TOOL = _obj({"type": {"type": "string", "enum": ["function"]}, "function": _obj(
 TOOL_CHOICE = {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, _obj({
     "type": {"type": "string", "enum": ["function"]}, "function": _obj({"name": FUNCTION_NAME}, ("name",))},
     ("type", "function"))]}
+REASONING = {"type": "string", "description": "A reasoning model's thoughts (its <think> text), apart from content."}
 # A streamed call: the first delta of a call has its id, type and name; later ones more arguments.
 TOOL_CALL_DELTA = _obj({"index": INT, "id": STR, "type": {"type": "string", "enum": ["function"]},
                         "function": _obj({"name": STR, "arguments": STR}, ("arguments",))}, ("index", "function"))
@@ -141,12 +142,16 @@ SCHEMAS = {
         }, ("type",))),
         "tools": _nullable(_array(TOOL, minItems=1)), "tool_choice": _nullable(TOOL_CHOICE),
         "parallel_tool_calls": _nullable(BOOL),
+        "chat_template_kwargs": _nullable({"type": "object", "description": "More variables for the chat "
+                                           "template, e.g. {\"enable_thinking\": false} for Qwen3."}),
     }, ("messages",)),
     "ChatCompletion": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "message": _obj({"role": STR, "content": _nullable(STR), "tool_calls": _array(TOOL_CALL)}),
+        "index": INT, "message": _obj({"role": STR, "content": _nullable(STR), "tool_calls": _array(TOOL_CALL),
+                                  "reasoning_content": REASONING}),
         "logprobs": OPENAI_LOGPROBS, "finish_reason": STR})), "usage": USAGE}),
     "ChatCompletionChunk": _obj({**HEAD, "choices": _array(_obj({
-        "index": INT, "delta": _obj({"role": STR, "content": STR, "tool_calls": _array(TOOL_CALL_DELTA)}),
+        "index": INT, "delta": _obj({"role": STR, "content": STR, "tool_calls": _array(TOOL_CALL_DELTA),
+                                "reasoning_content": REASONING}),
         "logprobs": OPENAI_LOGPROBS,
         "finish_reason": _nullable(STR)})), "usage": _nullable(USAGE)}, ("choices",)),
     "CompletionRequest": _obj({"prompt": {"anyOf": [NON_EMPTY_STR, _array(NON_EMPTY_STR, minItems=1)]},
