@@ -176,6 +176,17 @@ async def test_chat_requests_of_the_wrong_shape_get_422(server, body):
     assert status == 422 and payload["error_type"] == "validation"
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("field, value, message", [
+    ("n", 2, "`n` must be 1"), ("logit_bias", {"42": 5}, "`logit_bias` is not supported yet"),
+    ("min_p", 0.1, "`min_p` is not supported yet"),
+])
+async def test_openai_fields_not_served_yet_get_422_not_silence(server, route, field, value, message):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", field: value}
+    status, _, payload = await call(server, "POST", route, json=body)
+    assert status == 422 and message in payload["error"]
+
+
 async def test_validation_error_in_a_stream_arrives_as_an_event(server):
     body = {"inputs": "hi", "parameters": {"temperature": 0}}
     status, _, text = await call(server, "POST", "/generate_stream", json=body)

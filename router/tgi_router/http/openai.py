@@ -232,6 +232,7 @@ def _completion_logprobs_count(body: dict) -> int | None:
 
 def _sampling_parameters(body: dict) -> dict:
     """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
+    _refuse_unsupported(body)
     temperature = body.get("temperature")
     is_greedy = temperature == 0 and not isinstance(temperature, bool)
     stop = body.get("stop")
@@ -247,6 +248,17 @@ def _sampling_parameters(body: dict) -> dict:
         "grammar": _response_format_grammar(body.get("response_format")),
         "details": True,
     }
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """422 for OpenAI fields this server does not serve yet, rather than an answer that ignores them."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise ValidationError(f"`n` must be 1: several choices per request are not supported yet, got {n!r}")
+    if body.get("logit_bias"):
+        raise ValidationError("`logit_bias` is not supported yet")
+    if body.get("min_p") not in (None, 0):
+        raise ValidationError("`min_p` is not supported yet")
 
 
 def _response_format_grammar(response_format) -> dict | None:
