@@ -61,6 +61,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         max_input_tokens=limits.max_input_tokens,
         max_total_tokens=limits.max_total_tokens,
         grammar_support=not settings.disable_grammar_support,
+        vocab_size=shard_info.vocab_size,
     )
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     if not settings.disable_grammar_support:

@@ -52,4 +52,6 @@ def _new_request(request: Request) -> pb.NewRequest:
 
 def _sampling(params: SamplingParams) -> pb.SamplingParameters:
     # Field names are the proto's.
-    return pb.SamplingParameters(**dataclasses.asdict(params))
+    fields = dataclasses.asdict(params)
+    fields["logit_bias"] = dict(params.logit_bias)
+    return pb.SamplingParameters(**fields)

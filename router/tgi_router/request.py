@@ -30,6 +30,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int = 0
     watermark: bool = False
+    min_p: float = 0.0  # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
 
 
 @dataclass(eq=False)

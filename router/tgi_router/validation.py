@@ -37,6 +37,8 @@ class ValidationConfig:
     max_total_tokens: int
     # False: requests with a grammar get 422 (the launcher's --disable-grammar-support).
     grammar_support: bool = True
+    # The model's logits width: `logit_bias` ids must be below it (0: unchecked).
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class GenerateParameters:
     # vLLM's extension, not TGI's: end-of-sequence tokens do not stop generation, so a request runs
     # to max_new_tokens (or a stop sequence). Benchmarks use it for fixed output lengths.
     ignore_eos: bool = False
+    # OpenAI's and vLLM's, not TGI's: tokens below min_p times the most likely one's probability are
+    # dropped when sampling; {token id: bias} added to the logits before anything else.
+    min_p: float | None = None
+    logit_bias: dict | None = None
     # Accepted and ignored: this server loads no LoRA adapters.
     adapter_id: str | None = None
 
@@ -124,7 +130,9 @@ _INTEGER_RANGES = {
     "seed": (0, _U64_MAX),
     "top_n_tokens": (0, _U32_MAX),
 }
-_FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"}
+_FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p", "min_p"}
+# OpenAI's range of a logit bias.
+MAX_LOGIT_BIAS = 100.0
 _OTHER_TYPES = {
     "do_sample": (bool, "a boolean"),
     "return_full_text": (bool, "a boolean"),
@@ -135,6 +143,7 @@ _OTHER_TYPES = {
     "stop": (list, "a list of strings"),
     "grammar": (dict, "an object"),
     "adapter_id": (str, "a string"),
+    "logit_bias": (dict, "an object of token ids and biases"),
 }
 # Fields that TGI (and vLLM, for ignore_eos) declares without Option: JSON null is a type error there too.
 _NOT_NULLABLE = {"do_sample", "watermark", "details", "decoder_input_details", "ignore_eos", "stop"}
@@ -222,6 +231,7 @@ def validate_parameters(params: GenerateParameters, config: ValidationConfig, is
         (top_p is not None and not 0.0 < top_p < 1.0, "`top_p` must be > 0.0 and < 1.0"),
         (typical_p is not None and not 0.0 < typical_p < 1.0, "`typical_p` must be > 0.0 and < 1.0"),
         (top_k is not None and top_k <= 0, "`top_k` must be strictly positive"),
+        (params.min_p is not None and not 0.0 <= params.min_p <= 1.0, "`min_p` must be >= 0.0 and <= 1.0"),
         (params.max_new_tokens == 0, "`max_new_tokens` must be strictly positive"),
         (num_stops > config.max_stop_sequences,
          f"`stop` supports up to {config.max_stop_sequences} stop sequences. Given: {num_stops}"),
@@ -232,6 +242,21 @@ def validate_parameters(params: GenerateParameters, config: ValidationConfig, is
     for is_failed, message in checks:
         if is_failed:
             raise ValidationError(message)
+    _logit_bias(params.logit_bias, config.vocab_size)
+
+
+def _logit_bias(bias: dict | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` ({"token id": bias}, as OpenAI's JSON has it) as sorted (id, bias) pairs."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        token_id = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0 \
+                or (vocab_size and token_id >= vocab_size):
+            raise ValidationError(f"`logit_bias` keys must be token ids below {vocab_size or 'the vocabulary size'}, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValidationError(f"`logit_bias` values must be numbers between -100 and 100, got {value!r}")
+        pairs.append((token_id, float(value)))
+    return tuple(sorted(pairs))
 
 
 def validate_inputs(request: GenerateRequest, config: ValidationConfig) -> None:
@@ -304,4 +329,6 @@ def _sampling(params: GenerateParameters) -> SamplingParams:
         frequency_penalty=0.0 if params.frequency_penalty is None else params.frequency_penalty,
         seed=secrets.randbits(64) if params.seed is None else params.seed,
         watermark=params.watermark,
+        min_p=params.min_p or 0.0,
+        logit_bias=_logit_bias(params.logit_bias, 0),
     )

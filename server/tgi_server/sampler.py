@@ -30,6 +30,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int = 0
     watermark: bool = False
+    min_p: float = 0.0  # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # [B] int64, 0 = off
     top_p: torch.Tensor | None  # [B] float32, 1 = off
     typical_p: torch.Tensor | None  # [B] float32, 1 = off
+    min_p: torch.Tensor | None  # [B] float32, 0 = off
     seed: torch.Tensor | None  # [B] int64 (u64 reinterpreted)
     position: torch.Tensor | None  # [B] int64: index the sampled token will have in its sequence
     repetition_penalty: torch.Tensor | None  # [B] float32, 1 = off
@@ -63,10 +66,15 @@ class SamplingBatch:
     # t // 32); None when no row is constrained.
     allowed_rows: torch.Tensor | None  # [R] int64
     allowed_words: torch.Tensor | None  # [R, W] int32
+    # logit_bias as (row, token id, bias) triples; None when no row has one.
+    bias_rows: torch.Tensor | None  # [N] int64
+    bias_ids: torch.Tensor | None  # [N] int64
+    bias_values: torch.Tensor | None  # [N] float32
     # Known on the host when the batch is built, so the hot path needs no device sync to skip work.
     use_sampling: bool
     use_top_k_top_p: bool
     use_typical: bool
+    use_min_p: bool
     # (row, previous token id) of the rows to watermark.
     watermark_rows: list[tuple[int, int]]
     watermark: Watermark
@@ -88,7 +96,7 @@ class SamplingBatch:
             return column([getattr(p, name) for p in params], dtype)
 
         columns = dict.fromkeys(
-            ["do_sample", "temperature", "top_k", "top_p", "typical_p", "seed", "position",
+            ["do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "seed", "position",
              "repetition_penalty", "frequency_penalty", "history", "history_len"]
         )
         use_sampling = any(p.do_sample for p in params)
@@ -99,6 +107,7 @@ class SamplingBatch:
                 top_k=field("top_k", torch.int64),
                 top_p=field("top_p", torch.float32),
                 typical_p=field("typical_p", torch.float32),
+                min_p=field("min_p", torch.float32),
                 seed=column([p.seed - _U64 if p.seed >= _U64 // 2 else p.seed for p in params], torch.int64),
                 position=column(positions or [len(h) for h in histories], torch.int64),
             )
@@ -118,13 +127,18 @@ class SamplingBatch:
             allowed_rows = column([row for row, _ in masks], torch.int64)
             words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(len(masks), width // 4)
             allowed_words = words.to(device)
+        bias = [(row, token_id, value) for row, p in enumerate(params) for token_id, value in p.logit_bias]
         return cls(
             **columns,
             allowed_rows=allowed_rows,
             allowed_words=allowed_words,
+            bias_rows=column([b[0] for b in bias], torch.int64) if bias else None,
+            bias_ids=column([b[1] for b in bias], torch.int64) if bias else None,
+            bias_values=column([b[2] for b in bias], torch.float32) if bias else None,
             use_sampling=use_sampling,
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
+            use_min_p=any(p.do_sample and p.min_p > 0.0 for p in params),
             watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
             watermark=watermark,
         )
@@ -150,6 +164,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> Samp
     processed distribution (after penalties and warpers), as TGI reports them. Row i also gets its
     `top_n[i]` most likely tokens, plus any tied with the last of them (as TGI returns them)."""
     scores = logits.float()
+    if batch.bias_rows is not None:
+        scores = scores.index_put((batch.bias_rows, batch.bias_ids), batch.bias_values, accumulate=True)
     if batch.allowed_rows is not None:
         scores = _apply_allowed(scores, batch.allowed_rows, batch.allowed_words)
     scores = _apply_watermark(scores, batch.watermark_rows, batch.watermark)
@@ -237,6 +253,8 @@ def _apply_warpers(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         top_k = torch.where(batch.do_sample, batch.top_k, 0)
         top_p = torch.where(batch.do_sample, batch.top_p, 1.0)
         scores = _top_k_top_p(scores, top_k, top_p)
+    if batch.use_min_p:
+        scores = _min_p(scores, torch.where(batch.do_sample, batch.min_p, 0.0))
     if batch.use_typical:
         scores = _typical(scores, torch.where(batch.do_sample, batch.typical_p, 1.0))
     return scores
@@ -253,6 +271,13 @@ def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     drop = (mass_before >= top_p[:, None]) & (ranks > 0)
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(1, order, sorted_scores)
+
+
+def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops the tokens less likely than min_p times the most likely one (which always stays)."""
+    probs = torch.softmax(scores, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return scores.masked_fill(probs < threshold, float("-inf"))
 
 
 def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -274,9 +299,14 @@ def _gumbel_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -
     """Gumbel(0, 1) noise [B, V], a pure function of (seed, position, token id)."""
     token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
     key = _mix(seed[:, None] * -7046029254386353131 + position[:, None]) + token[None, :]  # [B, V]
-    bits = _shift_right(_mix(key), 40)  # 24 uniform bits
-    uniform = (bits.float() + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(_uniform(_shift_right(_mix(key), 41))))  # 23 uniform bits
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """23 random bits as a float32 strictly inside (0, 1): (bits + 0.5) / 2^23 is exact there. With
+    24 bits, 2^24 - 0.5 rounds to 2^24: the noise became +inf, which won the sample whatever the
+    token's probability (and gave NaN, which argmax also picks, for a token that was filtered out)."""
+    return (bits.float() + 0.5) / float(1 << 23)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

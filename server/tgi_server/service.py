@@ -96,4 +96,6 @@ def _sampling_from_pb(p: pb.SamplingParameters) -> SamplingParams:
         frequency_penalty=p.frequency_penalty,
         seed=p.seed,
         watermark=p.watermark,
+        min_p=p.min_p,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
     )

@@ -64,14 +64,16 @@ class FrequencyPenalty:
         return scores - self.penalty * counts / input_ids.shape[1]
 
 
-def hf_greedy(hf_model, tokenizer, prompt: str, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0) -> list[int]:
+def hf_greedy(hf_model, tokenizer, prompt: str, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+              sequence_bias: dict | None = None) -> list[int]:
     from transformers import LogitsProcessorList
 
     input_ids = torch.tensor([tokenizer.encode(prompt).ids])
     processors = LogitsProcessorList([FrequencyPenalty(frequency_penalty)] if frequency_penalty else [])
     with torch.no_grad():
         out = hf_model.generate(input_ids, max_new_tokens=NUM_NEW_TOKENS, do_sample=False, min_new_tokens=NUM_NEW_TOKENS,
-                                repetition_penalty=repetition_penalty, logits_processor=processors)
+                                repetition_penalty=repetition_penalty, logits_processor=processors,
+                                sequence_bias=sequence_bias)
     return out[0, input_ids.shape[1]:].tolist()
 
 
@@ -85,6 +87,40 @@ async def test_greedy_with_penalties_equals_transformers_with_the_same_penalties
         ours = token_ids(await generate(server, prompt, ignore_eos=True, **penalties))
         assert ours == expected, prompt
     assert num_changed >= 2  # the penalties change the text: dropping them would fail this test
+
+
+async def test_greedy_with_a_logit_bias_equals_transformers_with_the_same_sequence_bias(server, hf_model, tokenizer):
+    for prompt in PROMPTS[:2]:
+        plain = hf_greedy(hf_model, tokenizer, prompt)
+        bias = {plain[0]: -100.0, plain[3]: -4.0, 100: 3.0}  # the first greedy token banned
+        expected = hf_greedy(hf_model, tokenizer, prompt, sequence_bias={(token,): value for token, value in bias.items()})
+        assert expected != plain
+        json_bias = {str(token): value for token, value in bias.items()}  # JSON keys are strings
+        assert token_ids(await generate(server, prompt, ignore_eos=True, logit_bias=json_bias)) == expected
+        body = {"prompt": prompt, "max_tokens": NUM_NEW_TOKENS, "temperature": 0, "ignore_eos": True, "logit_bias": json_bias}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/v1/completions", json=body) as response:
+                text = (await response.json())["choices"][0]["text"]
+        assert text == tokenizer.decode(expected)
+
+
+async def test_sampling_with_min_p_picks_only_tokens_within_min_p_of_the_best(server, hf_model, tokenizer):
+    """Each sampled token's probability (transformers' logits at the same temperature, teacher-forced)
+    is at least min_p times the best one's; without min_p the same seeds pick tokens far below it."""
+    prompt, temperature, min_p = PROMPTS[0], 1.0, 0.9
+    prompt_ids = tokenizer.encode(prompt).ids
+
+    def worst_ratio(tokens: list[int]) -> float:
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        chosen = probs.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        return (chosen / probs.max(dim=-1).values).min().item()
+
+    for seed in range(3):
+        parameters = dict(ignore_eos=True, do_sample=True, temperature=temperature, seed=seed)
+        assert worst_ratio(token_ids(await generate(server, prompt, **parameters, min_p=min_p))) >= min_p - 1e-4
+        assert worst_ratio(token_ids(await generate(server, prompt, **parameters))) < min_p
 
 
 async def test_a_stop_sequence_ending_inside_a_token_cuts_the_text_there(server):

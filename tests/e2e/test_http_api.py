@@ -178,10 +178,10 @@ async def test_chat_requests_of_the_wrong_shape_get_422(server, body):
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("field, value, message", [
-    ("n", 2, "`n` must be 1"), ("logit_bias", {"42": 5}, "`logit_bias` is not supported yet"),
-    ("min_p", 0.1, "`min_p` is not supported yet"),
+    ("n", 2, "`n` must be 1"), ("logit_bias", {"4": 101}, "`logit_bias` values must be numbers between -100 and 100"),
+    ("logit_bias", {"99999999": 1}, "`logit_bias` keys must be token ids below"), ("min_p", 1.5, "`min_p` must be"),
 ])
-async def test_openai_fields_not_served_yet_get_422_not_silence(server, route, field, value, message):
+async def test_openai_fields_not_served_or_out_of_range_get_422(server, route, field, value, message):
     body = {"model": "tgi", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", field: value}
     status, _, payload = await call(server, "POST", route, json=body)
     assert status == 422 and message in payload["error"]

@@ -5,14 +5,16 @@ import math
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
 
-from tgi_server.sampler import SamplingBatch, SamplingParams, Watermark, _apply_penalties, _apply_warpers, sample
+from tgi_server.sampler import SamplingBatch, SamplingParams, Watermark, _apply_penalties, _apply_warpers, _uniform, sample
 
 VOCAB = 50
 
@@ -94,6 +96,11 @@ def test_frequency_penalty_subtracts_penalty_times_token_share():
         (SamplingParams(do_sample=True, top_k=5), [TopKLogitsWarper(5)]),
         (SamplingParams(do_sample=True, top_p=0.8), [TopPLogitsWarper(0.8)]),
         (SamplingParams(do_sample=True, typical_p=0.6), [TypicalLogitsWarper(0.6)]),
+        (SamplingParams(do_sample=True, min_p=0.2), [MinPLogitsWarper(0.2)]),
+        (
+            SamplingParams(do_sample=True, temperature=0.8, top_p=0.95, min_p=0.1, typical_p=0.9),
+            [TemperatureLogitsWarper(0.8), TopPLogitsWarper(0.95), MinPLogitsWarper(0.1), TypicalLogitsWarper(0.9)],
+        ),
         (
             SamplingParams(do_sample=True, temperature=1.5, top_k=20, top_p=0.9),
             [TemperatureLogitsWarper(1.5), TopKLogitsWarper(20), TopPLogitsWarper(0.9)],
@@ -109,6 +116,40 @@ def test_warpers_keep_the_same_tokens_as_transformers(params, warpers):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = ~torch.isinf(theirs)
     assert torch.allclose(ours[finite], theirs[finite])
+
+
+def test_logit_bias_adds_to_those_tokens_as_transformers_sequence_bias_does_greedy_rows_too():
+    logits = logits_batch(3, seed=2)
+    bias = tuple(sorted(((4, 7.5), (logits[0].argmax().item(), -100.0), (49, 2.0))))  # the best one banned
+    params = [SamplingParams(logit_bias=bias), SamplingParams(), SamplingParams(do_sample=True, seed=1, logit_bias=bias[:1])]
+    out = sample(logits, build(params), [VOCAB] * 3)
+    theirs = SequenceBiasLogitsProcessor({(token,): value for token, value in bias})(torch.tensor([[1]]), logits[:1].clone())
+    assert out.token_ids[0].item() == theirs.argmax().item() != logits[0].argmax().item()
+    assert torch.allclose(out.top_logprobs[0], theirs.log_softmax(-1)[0].sort(descending=True).values)
+    assert out.token_ids[1].item() == logits[1].argmax().item()  # its neighbours' biases leave it alone
+
+
+def test_the_sampling_noise_is_finite_for_every_random_draw():
+    """The largest and smallest draws map strictly inside (0, 1): the Gumbel noise stays finite, so a
+    filtered-out token (-inf) can never win the sample."""
+    uniform = _uniform(torch.tensor([0, 1, (1 << 23) - 2, (1 << 23) - 1]))
+    assert torch.all((uniform > 0) & (uniform < 1))
+    assert torch.isfinite(-torch.log(-torch.log(uniform))).all()
+
+
+def test_a_token_filtered_out_is_never_sampled_even_on_the_extreme_random_draw():
+    """Seed 0 at position 452 draws all-ones random bits for token 1004 (found by search): with the
+    noise infinite there, top_k=1 sampled that token instead of the most likely one."""
+    logits = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = 10.0
+    batch = SamplingBatch.build([SamplingParams(do_sample=True, top_k=1, seed=0)], [[1]], torch.device("cpu"), positions=[452])
+    assert sample(logits, batch, [0]).token_ids.item() == 7
+
+
+def test_min_p_of_one_samples_only_the_most_likely_token():
+    logits = logits_batch(4, seed=3)
+    out = sample(logits, build([SamplingParams(do_sample=True, temperature=5.0, min_p=1.0, seed=s) for s in range(4)]), [0] * 4)
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
 
 
 def test_greedy_rows_are_not_warped_by_their_neighbours_settings():

@@ -245,6 +245,8 @@ def _sampling_parameters(body: dict) -> dict:
         "seed": body.get("seed"),
         "stop": [stop] if isinstance(stop, str) else ([] if stop is None else stop),
         "frequency_penalty": body.get("frequency_penalty"),
+        "min_p": body.get("min_p"),  # vLLM's
+        "logit_bias": body.get("logit_bias"),
         "grammar": _response_format_grammar(body.get("response_format")),
         "details": True,
     }
@@ -255,10 +257,6 @@ def _refuse_unsupported(body: dict) -> None:
     n = body.get("n")
     if n is not None and n != 1:
         raise ValidationError(f"`n` must be 1: several choices per request are not supported yet, got {n!r}")
-    if body.get("logit_bias"):
-        raise ValidationError("`logit_bias` is not supported yet")
-    if body.get("min_p") not in (None, 0):
-        raise ValidationError("`min_p` is not supported yet")
 
 
 def _response_format_grammar(response_format) -> dict | None:

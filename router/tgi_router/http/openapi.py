@@ -45,6 +45,10 @@ PENALTY = {"type": "number", "minimum": -2, "maximum": 2}
 # vLLM's extension of TGI's and OpenAI's parameters.
 IGNORE_EOS = {"type": "boolean", "description": "Do not stop at end-of-sequence tokens: generate until "
               "max_new_tokens (max_tokens) or a stop sequence, for fixed output lengths in benchmarks."}
+MIN_P = {"type": "number", "minimum": 0, "maximum": 1, "description": "When sampling, drop tokens less likely "
+         "than min_p times the most likely one (vLLM's)."}
+LOGIT_BIAS = {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+              "description": "Token id (as a string) to a bias added to its logit, greedy decoding included (OpenAI's)."}
 FINISH_REASON = {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]}
 
 TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM), "special": BOOL}, ("id", "text", "special"))
@@ -80,7 +84,7 @@ OPENAI_SAMPLING = {
     "model": _nullable(STR), "max_tokens": _nullable(POSITIVE_U32), "max_completion_tokens": _nullable(POSITIVE_U32),
     "temperature": _nullable({"type": "number", "minimum": 0}), "top_p": _nullable(OPEN_UNIT), "seed": _nullable(U64),
     "stop": _nullable({"anyOf": [STR, _array(STR)]}), "stream": BOOL, "frequency_penalty": _nullable(PENALTY),
-    "ignore_eos": IGNORE_EOS,
+    "ignore_eos": IGNORE_EOS, "min_p": _nullable(MIN_P), "logit_bias": _nullable(LOGIT_BIAS),
 }
 USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
              ("prompt_tokens", "completion_tokens", "total_tokens"))
@@ -104,6 +108,7 @@ SCHEMAS = {
         "truncate": _nullable({**U64, "minimum": 1}), "watermark": BOOL, "details": BOOL,
         "decoder_input_details": BOOL, "seed": _nullable(U64), "top_n_tokens": _nullable(U32),
         "grammar": _nullable({"type": "object"}), "adapter_id": _nullable(STR), "ignore_eos": IGNORE_EOS,
+        "min_p": _nullable(MIN_P), "logit_bias": _nullable(LOGIT_BIAS),
     }),
     "GenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters")}, ("inputs",)),
     "CompatGenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters"),
