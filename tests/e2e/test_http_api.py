@@ -178,13 +178,43 @@ async def test_chat_requests_of_the_wrong_shape_get_422(server, body):
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("field, value, message", [
-    ("n", 2, "`n` must be 1"), ("logit_bias", {"4": 101}, "`logit_bias` values must be numbers between -100 and 100"),
+    ("n", 0, "`n` must be a positive integer"), ("n", 5, "must be <= 4, the server's --max-client-batch-size"),
+    ("logit_bias", {"4": 101}, "`logit_bias` values must be numbers between -100 and 100"),
     ("logit_bias", {"99999999": 1}, "`logit_bias` keys must be token ids below"), ("min_p", 1.5, "`min_p` must be"),
 ])
 async def test_openai_fields_not_served_or_out_of_range_get_422(server, route, field, value, message):
     body = {"model": "tgi", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", field: value}
     status, _, payload = await call(server, "POST", route, json=body)
     assert status == 422 and message in payload["error"]
+
+
+async def test_chat_n_choices_are_each_the_answer_of_one_request_with_the_seed_plus_its_index(server):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 1.0,
+            "seed": 11}
+    status, _, many = await call(server, "POST", "/v1/chat/completions", json={**body, "n": 3})
+    assert status == 200 and [c["index"] for c in many["choices"]] == [0, 1, 2]
+    singles = [(await call(server, "POST", "/v1/chat/completions", json={**body, "seed": 11 + i}))[2] for i in range(3)]
+    assert [c["message"] for c in many["choices"]] == [s["choices"][0]["message"] for s in singles]
+    assert len({c["message"]["content"] for c in many["choices"]}) > 1  # sampled apart
+    usage = many["usage"]
+    assert usage["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]  # the prompt counts once
+    assert usage["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    _, _, text = await call(server, "POST", "/v1/chat/completions", json={**body, "n": 3, "stream": True})
+    streamed = ["", "", ""]
+    for line in text.splitlines():
+        if line.startswith("data:") and line != "data: [DONE]":
+            choice = json.loads(line[5:])["choices"][0]
+            streamed[choice["index"]] += choice["delta"]["content"]
+    assert streamed == [c["message"]["content"] for c in many["choices"]]
+
+
+async def test_completions_n_choices_come_prompt_by_prompt(server):
+    body = {"prompt": ["one", "two"], "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
+    status, _, many = await call(server, "POST", "/v1/completions", json=body)
+    assert status == 200 and [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+    for index, (prompt, offset) in enumerate([("one", 0), ("one", 1), ("two", 0), ("two", 1)]):
+        single = {**body, "prompt": prompt, "n": 1, "seed": 5 + offset}
+        assert many["choices"][index]["text"] == (await call(server, "POST", "/v1/completions", json=single))[2]["choices"][0]["text"]
 
 
 async def test_validation_error_in_a_stream_arrives_as_an_event(server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from tgi_router.chat_template import render_chat
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
-from tgi_router.http.tgi import collect, collect_all, finite, tokenize_response
+from tgi_router.http.tgi import collect_all, finite, tokenize_response, with_seed
 from tgi_router.reasoning import END, START, ReasoningParser, prompt_opens_reasoning, template_reasons
 from tgi_router.request import FinishReason
 from tgi_router.tokenizer import Tokenizer
@@ -62,18 +63,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             # "auto" constrains nothing, but a tool whose parameters are no valid schema is still a 422.
             await router.grammars.prepare_async(tools.grammar(router.tokenizer.added_token_id))
         validated_at = time.monotonic()
-        stream = router.submit(valid)
+        streams = [router.submit(v) for v in _choices(valid, _num_choices(router, body))]
         head = _head(router, body, "chat.completion.chunk" if is_stream else "chat.completion")
-        if not is_stream:
-            events = await collect(stream)
-            headers = timing_headers(router, valid, stream, started_at, validated_at)
-            payload = {**head, "choices": [_chat_choice(body, events, output)], "usage": _usage(valid, events)}
-            return web.json_response(payload, headers=headers)
         try:
+            if not is_stream:
+                results = await collect_all(streams)
+                headers = timing_headers(router, valid, streams[0], started_at, validated_at)
+                choices = [_chat_choice(body, events, output, i) for i, events in enumerate(results)]
+                payload = {**head, "choices": choices, "usage": _counts(len(valid.input_ids), results)}
+                return web.json_response(payload, headers=headers)
             async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
-                await _stream_chat(sse, head, body, valid, stream, output)
+                await _stream_chat(sse, head, body, valid, streams, output)
         finally:
-            stream.cancel()  # also when the client left before the response headers went out
+            for stream in streams:  # also when the client left before the response headers went out
+                stream.cancel()
         return sse
 
 
@@ -92,9 +95,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     router = get_router(request)
     body = await read_json(request)
     prompts = _prompts(router, body)
+    num_choices = _num_choices(router, body, len(prompts))
     is_stream = body.get("stream") is True
     with router.admit():
         valids = [await router.validate(_completion_request(body, prompt), is_stream) for prompt in prompts]
+        # OpenAI's order: the n choices of the first prompt, then those of the next.
+        valids = [choice for valid in valids for choice in _choices(valid, num_choices)]
         streams = [router.submit(valid) for valid in valids]
         head = _head(router, body, "text_completion")
         with_logprobs = _completion_logprobs_count(body) is not None  # checked by _completion_request
@@ -106,8 +112,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                  "finish_reason": events[-1].finish_reason.value}
                 for i, events in enumerate(results)
             ]
-            usage = [_usage(v, events) for v, events in zip(valids, results)]
-            return web.json_response({**head, "choices": choices, "usage": _sum_usage(usage)})
+            prompt_tokens = sum(len(v.input_ids) for v in valids[::num_choices])
+            return web.json_response({**head, "choices": choices, "usage": _counts(prompt_tokens, results)})
         try:
             async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
                 await _stream_completions(sse, head, streams, with_logprobs)
@@ -232,7 +238,6 @@ def _completion_logprobs_count(body: dict) -> int | None:
 
 def _sampling_parameters(body: dict) -> dict:
     """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
-    _refuse_unsupported(body)
     temperature = body.get("temperature")
     is_greedy = temperature == 0 and not isinstance(temperature, bool)
     stop = body.get("stop")
@@ -252,11 +257,26 @@ def _sampling_parameters(body: dict) -> dict:
     }
 
 
-def _refuse_unsupported(body: dict) -> None:
-    """422 for OpenAI fields this server does not serve yet, rather than an answer that ignores them."""
+def _num_choices(router: Router, body: dict, num_prompts: int = 1) -> int:
+    """OpenAI's `n`: choices per prompt; with the prompts, at most the server's max_client_batch_size."""
     n = body.get("n")
-    if n is not None and n != 1:
-        raise ValidationError(f"`n` must be 1: several choices per request are not supported yet, got {n!r}")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValidationError(f"`n` must be a positive integer, got {n!r}")
+    max_batch = router.info["max_client_batch_size"]
+    if n * num_prompts > max_batch:
+        raise ValidationError(f"`n` ({n}) times the number of prompts ({num_prompts}) must be <= {max_batch}, "
+                              "the server's --max-client-batch-size")
+    return n
+
+
+def _choices(valid: ValidRequest, n: int) -> list[ValidRequest]:
+    """`n` requests for one prompt, each sampled with its own seed: the given one plus the choice's
+    index (reproducible), or a random one. (Each computes the prompt: its KV cache is not shared yet.)"""
+    if valid.is_seed_given:
+        return [with_seed(valid, (valid.sampling.seed + i) % 2**64) for i in range(n)]
+    return [valid] + [with_seed(valid, secrets.randbits(64)) for _ in range(1, n)]
 
 
 def _response_format_grammar(response_format) -> dict | None:
@@ -344,7 +364,7 @@ def _head(router: Router, body: dict, kind: str) -> dict:
     }
 
 
-def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput) -> dict:
+def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput, index: int) -> dict:
     last = events[-1]
     message = {"role": "assistant", "content": last.generated_text}
     finish_reason = _CHAT_FINISH[last.finish_reason]
@@ -363,7 +383,7 @@ def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput) -> di
                                      for call in parser.calls]
             finish_reason = _tool_finish(last.finish_reason)
     return {
-        "index": 0,
+        "index": index,
         "message": message,
         "logprobs": {"content": [_logprob(e) for e in events]} if body.get("logprobs") else None,
         "finish_reason": finish_reason,
@@ -419,53 +439,50 @@ def _logprob(event: TokenEvent) -> dict:
     }
 
 
-def _usage(valid: ValidRequest, events: list[TokenEvent]) -> dict:
-    prompt, completion = len(valid.input_ids), len(events)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sum_usage(usages: list[dict]) -> dict:
-    return {key: sum(u[key] for u in usages) for key in usages[0]}
+def _counts(prompt_tokens: int, results: list[list[TokenEvent]] | list[int]) -> dict:
+    """OpenAI's usage: the prompts' tokens (once per prompt, whatever `n`) and every choice's tokens."""
+    completion = sum(len(r) if isinstance(r, list) else r for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def _open_sse(request: web.Request, headers: dict[str, str]):
     return sse_response(request, headers=headers, sep="\n", allow_all_methods=True)
 
 
-async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, stream: RequestStream,
+async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams: list[RequestStream],
                        output: ChatOutput) -> None:
-    num_tokens = 0
-    parser = _AnswerParser(output) if output.tools is not None or output.reasoning is not None else None
-    try:
-        async for event in stream:
-            num_tokens += 1
-            delta = {"role": "assistant", "content": "" if event.token.special else event.token.text}
-            finish_reason = _CHAT_FINISH[event.finish_reason] if event.finish_reason else None
-            if parser is not None:
-                delta.update(parser.feed(event))
-                if event.finish_reason and parser.calls:
-                    finish_reason = _tool_finish(event.finish_reason)
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": {"content": [_logprob(event)]} if body.get("logprobs") else None,
-                "finish_reason": finish_reason,
-            }
-            await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
-    except InferError as error:
-        await sse.send(json.dumps({"error": {"message": error.message, "http_status_code": error.status}}))
-        return
-    finally:
-        stream.cancel()
+    """The choices' tokens as they arrive, each chunk naming its choice; a failure ends the stream
+    with an error event."""
+    num_tokens = [0] * len(streams)
+    is_parsed = output.tools is not None or output.reasoning is not None
+    parsers = [_AnswerParser(output) if is_parsed else None for _ in streams]
+    async for index, event in _interleave(streams):
+        if isinstance(event, InferError):
+            await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
+            return
+        num_tokens[index] += 1
+        delta = {"role": "assistant", "content": "" if event.token.special else event.token.text}
+        finish_reason = _CHAT_FINISH[event.finish_reason] if event.finish_reason else None
+        parser = parsers[index]
+        if parser is not None:
+            delta.update(parser.feed(event))
+            if event.finish_reason and parser.calls:
+                finish_reason = _tool_finish(event.finish_reason)
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": [_logprob(event)]} if body.get("logprobs") else None,
+            "finish_reason": finish_reason,
+        }
+        await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
     if (body.get("stream_options") or {}).get("include_usage"):
-        usage = {"prompt_tokens": len(valid.input_ids), "completion_tokens": num_tokens,
-                 "total_tokens": len(valid.input_ids) + num_tokens}
-        await sse.send(json.dumps({**head, "choices": [], "usage": usage}))
+        await sse.send(json.dumps({**head, "choices": [], "usage": _counts(len(valid.input_ids), num_tokens)}))
     await sse.send("[DONE]")
 
 
-async def _stream_completions(sse, head: dict, streams: list[RequestStream], with_logprobs: bool) -> None:
-    """Interleaves the prompts' tokens as they arrive; each prompt's last chunk has its finish reason."""
+async def _interleave(streams: list[RequestStream]):
+    """(index, event or InferError) from several streams, as they arrive; every stream is cancelled
+    when the caller stops reading."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream):
@@ -479,22 +496,29 @@ async def _stream_completions(sse, head: dict, streams: list[RequestStream], wit
             await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    text_offsets = [0] * len(streams)  # characters each prompt has generated so far
     try:
         num_open = len(streams)
         while num_open:
             index, event = await queue.get()
             if event is None:
                 num_open -= 1
-            elif isinstance(event, InferError):
-                await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
             else:
-                chunk = _completion_chunk(index, event, text_offsets if with_logprobs else None)
-                await sse.send(json.dumps({**head, "choices": [chunk]}, ensure_ascii=False))
-        await sse.send("[DONE]")
+                yield index, event
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _stream_completions(sse, head: dict, streams: list[RequestStream], with_logprobs: bool) -> None:
+    """Interleaves the choices' tokens as they arrive; each choice's last chunk has its finish reason."""
+    text_offsets = [0] * len(streams)  # characters each choice has generated so far
+    async for index, event in _interleave(streams):
+        if isinstance(event, InferError):
+            await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
+        else:
+            chunk = _completion_chunk(index, event, text_offsets if with_logprobs else None)
+            await sse.send(json.dumps({**head, "choices": [chunk]}, ensure_ascii=False))
+    await sse.send("[DONE]")
 
 
 def _completion_chunk(index: int, event: TokenEvent, text_offsets: list[int] | None) -> dict:

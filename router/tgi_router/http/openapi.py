@@ -85,6 +85,8 @@ OPENAI_SAMPLING = {
     "temperature": _nullable({"type": "number", "minimum": 0}), "top_p": _nullable(OPEN_UNIT), "seed": _nullable(U64),
     "stop": _nullable({"anyOf": [STR, _array(STR)]}), "stream": BOOL, "frequency_penalty": _nullable(PENALTY),
     "ignore_eos": IGNORE_EOS, "min_p": _nullable(MIN_P), "logit_bias": _nullable(LOGIT_BIAS),
+    "n": _nullable({"type": "integer", "minimum": 1, "description": "Choices per prompt (prompts x n at most "
+                    "max_client_batch_size, in /info)."}),
 }
 USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
              ("prompt_tokens", "completion_tokens", "total_tokens"))

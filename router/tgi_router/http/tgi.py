@@ -38,7 +38,7 @@ async def generate(request: web.Request, is_compat: bool = False) -> web.Respons
     with router.admit():
         valid = await _validate(router, body, is_compat=is_compat)
         validated_at = time.monotonic()
-        candidates = [_with_seed(valid, random.getrandbits(64)) for _ in range(1, valid.best_of)]
+        candidates = [with_seed(valid, random.getrandbits(64)) for _ in range(1, valid.best_of)]
         streams = [router.submit(v) for v in [valid, *candidates]]
         results = await collect_all(streams)
     # best_of: the candidate with the highest mean token logprob answers; the others come along.
@@ -226,7 +226,7 @@ def _mean_logprob(events: list[TokenEvent]) -> float:
     return sum(e.token.logprob for e in events) / len(events)
 
 
-def _with_seed(valid: ValidRequest, seed: int) -> ValidRequest:
+def with_seed(valid: ValidRequest, seed: int) -> ValidRequest:
     return dataclasses.replace(valid, sampling=dataclasses.replace(valid.sampling, seed=seed))
 
 
