@@ -14,18 +14,17 @@ from __future__ import annotations
 import math
 import secrets
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from tgi_router.errors import ValidationError
 from tgi_router.grammar import GrammarSpec
+from tgi_router.parameters import BY_NAME
 from tgi_router.request import SamplingParams
 
 # TGI schedules at most this many new tokens at a time and re-queues the request to continue, so
 # the length check counts no more than this many.
 DEFAULT_GENERATION_LENGTH = 1024
 
-_U32_MAX = 2**32 - 1
-_U64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class GenerateParameters:
     # dropped when sampling; {token id: bias} added to the logits before anything else.
     min_p: float | None = None
     logit_bias: dict | None = None
-    # Accepted and ignored: this server loads no LoRA adapters.
+    # No LoRA adapter can be loaded yet: naming one is a 422, never a silent answer from the base model.
     adapter_id: str | None = None
 
     @property
@@ -121,33 +120,9 @@ class ValidRequest:
     grammar: GrammarSpec | None = None
 
 
-# Integer parameters and the range of their type in TGI (usize, i32, u32, u64).
-_INTEGER_RANGES = {
-    "best_of": (0, _U64_MAX),
-    "top_k": (-(2**31), 2**31 - 1),
-    "max_new_tokens": (0, _U32_MAX),
-    "truncate": (0, _U64_MAX),
-    "seed": (0, _U64_MAX),
-    "top_n_tokens": (0, _U32_MAX),
-}
-_FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p", "min_p"}
+_KIND_NAMES = {"boolean": "a boolean", "string": "a string", "strings": "a list of strings", "object": "an object"}
 # OpenAI's range of a logit bias.
 MAX_LOGIT_BIAS = 100.0
-_OTHER_TYPES = {
-    "do_sample": (bool, "a boolean"),
-    "return_full_text": (bool, "a boolean"),
-    "watermark": (bool, "a boolean"),
-    "details": (bool, "a boolean"),
-    "decoder_input_details": (bool, "a boolean"),
-    "ignore_eos": (bool, "a boolean"),
-    "stop": (list, "a list of strings"),
-    "grammar": (dict, "an object"),
-    "adapter_id": (str, "a string"),
-    "logit_bias": (dict, "an object of token ids and biases"),
-}
-# Fields that TGI (and vLLM, for ignore_eos) declares without Option: JSON null is a type error there too.
-_NOT_NULLABLE = {"do_sample", "watermark", "details", "decoder_input_details", "ignore_eos", "stop"}
-_PARAMETER_NAMES = tuple(f.name for f in fields(GenerateParameters))
 
 
 def parse_generate_request(body: dict) -> GenerateRequest:
@@ -166,35 +141,36 @@ def parse_generate_request(body: dict) -> GenerateRequest:
     raw = body["parameters"]
     if not isinstance(raw, dict):
         raise ValidationError("`parameters` must be an object")
-    values = {name: _checked(name, raw[name]) for name in _PARAMETER_NAMES if name in raw}
+    values = {name: _checked(name, raw[name]) for name in BY_NAME if name in raw}
     return GenerateRequest(inputs, GenerateParameters(**{k: v for k, v in values.items() if v is not None}))
 
 
 def _checked(name: str, value):
-    """`value` as TGI's type for parameter `name` reads it, or a ValidationError."""
+    """`value` as TGI's type for parameter `name` reads it (parameters.py), or a ValidationError."""
+    parameter = BY_NAME[name]
     if value is None:
-        if name in _NOT_NULLABLE:
+        if not parameter.nullable:
             raise ValidationError(f"`{name}` must not be null")
         return None
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name in _INTEGER_RANGES:
-        low, high = _INTEGER_RANGES[name]
+    if parameter.kind == "integer":
+        low, high = parameter.integer_range
         if not is_number or isinstance(value, float):
             raise ValidationError(f"`{name}` must be an integer, got {value!r}")
         if not low <= value <= high:
             raise ValidationError(f"`{name}` must be an integer between {low} and {high}, got {value}")
         return value
-    if name in _FLOATS:
+    if parameter.kind == "number":
         if not is_number:
             raise ValidationError(f"`{name}` must be a number, got {value!r}")
         number = _as_f32(value)
         if not math.isfinite(number):
             raise ValidationError(f"`{name}` must be a finite number, got {value!r}")
         return number
-    expected, description = _OTHER_TYPES[name]
-    if not isinstance(value, expected) or (name == "stop" and not all(isinstance(s, str) for s in value)):
-        raise ValidationError(f"`{name}` must be {description}, got {value!r}")
-    return tuple(value) if name == "stop" else value
+    expected = {"boolean": bool, "string": str, "strings": list, "object": dict}[parameter.kind]
+    if not isinstance(value, expected) or (parameter.kind == "strings" and not all(isinstance(s, str) for s in value)):
+        raise ValidationError(f"`{name}` must be {_KIND_NAMES[parameter.kind]}, got {value!r}")
+    return tuple(value) if parameter.kind == "strings" else value
 
 
 def _as_f32(value: int | float) -> float:
@@ -238,6 +214,7 @@ def validate_parameters(params: GenerateParameters, config: ValidationConfig, is
         (params.seed is not None and best_of > 1, "`seed` must not be set when `best_of` > 1"),
         (top_n_tokens is not None and top_n_tokens > config.max_top_n_tokens,
          f"`top_n_tokens` must be >= 0 and <= {config.max_top_n_tokens}. Given: {top_n_tokens}"),
+        (bool(params.adapter_id), f"adapter `{params.adapter_id}` is not loaded: this server has no LoRA adapters"),
     ]
     for is_failed, message in checks:
         if is_failed:

@@ -6,7 +6,9 @@ import dataclasses
 import pytest
 
 from tgi_router.errors import ValidationError
+from tgi_router.parameters import PARAMETERS
 from tgi_router.validation import (
+    GenerateParameters,
     ValidationConfig,
     parse_generate_request,
     validate_input_ids,
@@ -72,6 +74,7 @@ RULES = [
     ({"grammar": {"type": "json", "value": "{not json"}}, {}, "grammar `value` is not valid JSON: "
      "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ({"grammar": {"type": "json", "value": [1]}}, {}, "a JSON schema must be an object, got list"),
+    ({"adapter_id": "customer-a"}, {}, "adapter `customer-a` is not loaded: this server has no LoRA adapters"),
     ({"best_of": 2}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"best_of": 0}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"decoder_input_details": True}, {"is_stream": True},
@@ -262,3 +265,29 @@ def test_best_of_zero_is_taken_as_one_outside_streams_as_in_tgi():
 
 def test_best_of_with_sampling_is_accepted_up_to_the_maximum():
     assert validate({"inputs": "hi", "parameters": {"best_of": 2, **SAMPLED}}).best_of == 2
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+@pytest.mark.parametrize("parameter", [p for p in PARAMETERS if set(p.schema) & set(BOUNDS)], ids=lambda p: p.name)
+def test_each_documented_bound_is_the_one_validation_enforces(parameter):
+    """The table's bounds (the OpenAPI document's) accept the value at or inside the bound, and refuse
+    the first one outside it with a message naming the parameter."""
+    step = 1 if parameter.kind == "integer" else 1e-3
+    sampled = {} if parameter.name in ("best_of", "seed") else SAMPLED
+    for bound, edge in parameter.schema.items():
+        if bound not in BOUNDS:
+            continue
+        inside, outside = {"minimum": (edge, edge - step), "maximum": (edge, edge + step),
+                           "exclusiveMinimum": (edge + step, edge), "exclusiveMaximum": (edge - step, edge)}[bound]
+        request = parse_generate_request({"inputs": "hi", "parameters": {**sampled, parameter.name: inside}})
+        validate_parameters(request.parameters, dataclasses.replace(CONFIG, max_input_tokens=2**64), is_stream=False)
+        with pytest.raises(ValidationError, match=f"`{parameter.name}`"):
+            request = parse_generate_request({"inputs": "hi", "parameters": {**sampled, parameter.name: outside}})
+            validate_parameters(request.parameters, CONFIG)
+            validate_inputs(request, CONFIG)
+
+
+def test_the_parameter_table_names_every_generate_parameter():
+    assert [f.name for f in dataclasses.fields(GenerateParameters)] == [p.name for p in PARAMETERS]

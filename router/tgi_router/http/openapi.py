@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tgi_router.app import get_router
+from tgi_router.parameters import BY_NAME, PARAMETERS, Parameter
 
 
 def _ref(name: str) -> dict:
@@ -35,20 +36,22 @@ def _array(items: dict, **constraints) -> dict:
     return {"type": "array", "items": items, **constraints}
 
 
+def _parameter_schema(parameter: Parameter) -> dict:
+    """A generate parameter's schema, from the table validation parses with."""
+    if parameter.kind == "strings":
+        schema = {"type": "array", "items": {"type": "string"}}
+    else:
+        schema = {"type": parameter.kind}
+    if parameter.integer_range is not None:
+        schema["minimum"], schema["maximum"] = parameter.integer_range
+    schema.update(parameter.schema, description=parameter.description)
+    return _nullable(schema) if parameter.nullable else schema
+
+
 INT, NUM, STR, BOOL = {"type": "integer"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"}
 NON_EMPTY_STR = {"type": "string", "minLength": 1}
-U32, U64 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}, {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+U32 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
 POSITIVE_U32 = {**U32, "minimum": 1}
-POSITIVE = {"type": "number", "exclusiveMinimum": 0}
-OPEN_UNIT = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
-PENALTY = {"type": "number", "minimum": -2, "maximum": 2}
-# vLLM's extension of TGI's and OpenAI's parameters.
-IGNORE_EOS = {"type": "boolean", "description": "Do not stop at end-of-sequence tokens: generate until "
-              "max_new_tokens (max_tokens) or a stop sequence, for fixed output lengths in benchmarks."}
-MIN_P = {"type": "number", "minimum": 0, "maximum": 1, "description": "When sampling, drop tokens less likely "
-         "than min_p times the most likely one (vLLM's)."}
-LOGIT_BIAS = {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-              "description": "Token id (as a string) to a bias added to its logit, greedy decoding included (OpenAI's)."}
 FINISH_REASON = {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]}
 
 TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM), "special": BOOL}, ("id", "text", "special"))
@@ -82,9 +85,10 @@ TOOL_CALL_DELTA = _obj({"index": INT, "id": STR, "type": {"type": "string", "enu
 # by flags (max_best_of, max_stop_sequences, max_top_n_tokens, token budgets) are in /info.
 OPENAI_SAMPLING = {
     "model": _nullable(STR), "max_tokens": _nullable(POSITIVE_U32), "max_completion_tokens": _nullable(POSITIVE_U32),
-    "temperature": _nullable({"type": "number", "minimum": 0}), "top_p": _nullable(OPEN_UNIT), "seed": _nullable(U64),
-    "stop": _nullable({"anyOf": [STR, _array(STR)]}), "stream": BOOL, "frequency_penalty": _nullable(PENALTY),
-    "ignore_eos": IGNORE_EOS, "min_p": _nullable(MIN_P), "logit_bias": _nullable(LOGIT_BIAS),
+    "temperature": _nullable({"type": "number", "minimum": 0}), "stop": _nullable({"anyOf": [STR, _array(STR)]}),
+    "stream": BOOL,
+    **{name: _parameter_schema(BY_NAME[name]) for name in ("top_p", "seed", "frequency_penalty", "ignore_eos", "min_p",
+                                                           "logit_bias")},
     "n": _nullable({"type": "integer", "minimum": 1, "description": "Choices per prompt (prompts x n at most "
                     "max_client_batch_size, in /info)."}),
 }
@@ -101,17 +105,7 @@ COMPLETION_LOGPROBS = _nullable(_obj({
 OPENAI_STREAM_ERROR = _obj({"error": _obj({"message": STR, "http_status_code": INT}, ("message",))}, ("error",))
 
 SCHEMAS = {
-    "GenerateParameters": _obj({
-        "best_of": _nullable(U64), "temperature": _nullable(POSITIVE), "repetition_penalty": _nullable(POSITIVE),
-        "frequency_penalty": _nullable(PENALTY), "top_k": _nullable({"type": "integer", "minimum": 1,
-                                                                   "maximum": 2**31 - 1}),
-        "top_p": _nullable(OPEN_UNIT), "typical_p": _nullable(OPEN_UNIT), "do_sample": BOOL,
-        "max_new_tokens": _nullable(POSITIVE_U32), "return_full_text": _nullable(BOOL), "stop": _array(STR),
-        "truncate": _nullable({**U64, "minimum": 1}), "watermark": BOOL, "details": BOOL,
-        "decoder_input_details": BOOL, "seed": _nullable(U64), "top_n_tokens": _nullable(U32),
-        "grammar": _nullable({"type": "object"}), "adapter_id": _nullable(STR), "ignore_eos": IGNORE_EOS,
-        "min_p": _nullable(MIN_P), "logit_bias": _nullable(LOGIT_BIAS),
-    }),
+    "GenerateParameters": _obj({p.name: _parameter_schema(p) for p in PARAMETERS}),
     "GenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters")}, ("inputs",)),
     "CompatGenerateRequest": _obj({"inputs": NON_EMPTY_STR, "parameters": _ref("GenerateParameters"),
                                    "stream": BOOL}, ("inputs",)),
@@ -162,7 +156,7 @@ SCHEMAS = {
         "logprobs": OPENAI_LOGPROBS,
         "finish_reason": _nullable(STR)})), "usage": _nullable(USAGE)}, ("choices",)),
     "CompletionRequest": _obj({"prompt": {"anyOf": [NON_EMPTY_STR, _array(NON_EMPTY_STR, minItems=1)]},
-                               **OPENAI_SAMPLING, "repetition_penalty": _nullable(POSITIVE),
+                               **OPENAI_SAMPLING, "repetition_penalty": _parameter_schema(BY_NAME["repetition_penalty"]),
                                "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
                                "suffix": {"type": "null"}}, ("prompt",)),
     "Completion": _obj({**HEAD, "choices": _array(_obj({
