@@ -370,7 +370,10 @@ def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput, index
     finish_reason = _CHAT_FINISH[last.finish_reason]
     if output.tools is not None or output.reasoning is not None:
         parser = _AnswerParser(output)
-        parts = [parser.feed(event) for event in events]
+        if output.tools is None:  # the text as the engine made it (cut at a stop sequence)
+            parts = [parser.feed_text(last.generated_text, is_last=True)]
+        else:  # token by token: a format's marker may be a special token, which the text leaves out
+            parts = [parser.feed(event) for event in events]
         content = "".join(part.get("content", "") for part in parts)
         reasoning = "".join(part.get("reasoning_content", "") for part in parts)
         message = {"role": "assistant", "content": content}
@@ -407,8 +410,10 @@ class _AnswerParser:
 
     def feed(self, event: TokenEvent) -> dict:
         """The delta fields that this token adds (and, on the answer's last token, all that is left)."""
-        is_last = event.finish_reason is not None
         text = "" if event.token.special and event.token.text not in self._markers else event.token.text
+        return self.feed_text(text, is_last=event.finish_reason is not None)
+
+    def feed_text(self, text: str, is_last: bool) -> dict:
         reasoning, content = self._reasoning.feed(text) if self._reasoning else ("", text)
         if is_last and self._reasoning:
             rest = self._reasoning.finish()
