@@ -39,3 +39,19 @@ def test_serving_benchmark_launches_a_server_and_reports_exact_token_counts(tmp_
     port = int(result["config"]["base_url"].rsplit(":", 1)[1])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the launched server is still listening"
+
+
+def test_the_structured_workload_sends_schemas_keeps_exact_token_counts_and_times_new_schemas_apart(tmp_path, hf_home, smollm2_tokenizer_dir):
+    """--grammar-schemas N: each request under one of N JSON schemas that never completes, so the
+    outputs keep their length; the first request of each schema is reported apart (its compile)."""
+    model = save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path / "llama")
+    out = tmp_path / "result.json"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--launch", f"--model-id {model} --max-batch-total-tokens 4096", "--num-prompts", "6",
+            "--input-len", "16", "--output-len", "12", "--max-concurrency", "3", "--grammar-schemas", "2",
+            "--result-json", str(out)]
+    run = subprocess.run([sys.executable, str(BENCH), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    metrics = json.loads(out.read_text())["results"]
+    assert (metrics["completed"], metrics["failed"], metrics["num_output_length_mismatches"]) == (6, 0, 0)
+    assert metrics["median_ttft_new_schema_ms"] > 0 and metrics["median_ttft_cached_schema_ms"] > 0
