@@ -16,12 +16,17 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
         scheduled=[
             pb.ScheduledRequest(
                 id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids, last_token=c.last_token,
-                allowed_tokens=plan.token_masks.get(c.request.id, b""),
+                mask_follows=c.request.id in plan.masked_ids,
             )
             for c in plan.scheduled
         ],
         lookahead=plan.lookahead,
+        masks_follow=bool(plan.masked_ids),
     )
+
+
+def step_masks(step_id: int, masks: dict[int, bytes]) -> pb.StepMasksRequest:
+    return pb.StepMasksRequest(step_id=step_id, allowed_tokens=masks)
 
 
 def step_result(response: pb.StepResponse) -> StepResult:

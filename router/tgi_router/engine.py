@@ -19,7 +19,7 @@ from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.errors import GenerationError, InferError
 from tgi_router.grammar import Constraint, compute_masks
 from tgi_router.metrics import Metrics
-from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan
+from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan, StepResult
 from tgi_router.scheduler import Scheduler
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
@@ -192,21 +192,30 @@ class Engine:
             self._fail(head.id, GenerationError("request does not fit in the KV cache"))
         if not plan.scheduled and not plan.finished_ids:
             return None
-        self._add_masks(plan)
+        constraints = self._masked(plan)
         method = "prefill" if plan.new_requests or plan.num_batched_tokens > len(plan.scheduled) else "decode"
         call = asyncio.ensure_future(self.shards.step(plan))
+        if constraints:
+            masks = asyncio.ensure_future(self._send_masks(plan.step_id, constraints))
+            call = asyncio.ensure_future(_after_masks(call, masks))
         return _InFlight(plan, call, method, time.perf_counter())
 
-    def _add_masks(self, plan: StepPlan) -> None:
-        """The grammar mask of every constrained request that samples in `plan` (computed together)."""
-        sampling = [
-            chunk.request for chunk in plan.scheduled
+    def _masked(self, plan: StepPlan) -> dict[int, Constraint]:
+        """The constraint of every constrained request that samples in `plan`, by request id; they
+        go in `plan.masked_ids`: their masks follow the step."""
+        constraints = {
+            chunk.request.id: self._streams[chunk.request.id].input.constraint for chunk in plan.scheduled
             if chunk.request.is_constrained
             and chunk.request.num_computed_tokens + chunk.num_tokens == chunk.request.num_tokens
-        ]
-        if sampling:
-            masks = compute_masks([self._streams[request.id].input.constraint for request in sampling])
-            plan.token_masks.update(zip((request.id for request in sampling), masks))
+        }
+        plan.masked_ids.update(constraints)
+        return constraints
+
+    async def _send_masks(self, step_id: int, constraints: dict[int, Constraint]) -> None:
+        """Computes the masks while the shards run the step's forward (llguidance's threads, off the
+        event loop), then sends them: the shards need them only to sample."""
+        masks = await asyncio.to_thread(compute_masks, list(constraints.values()))
+        await self.shards.step_masks(step_id, dict(zip(constraints, masks)))
 
     async def _finish(self, step: _InFlight) -> list[tuple[Request, SampledToken, FinishReason | None]]:
         """Waits for `step`, advances its requests, and ends those that stop by length or end of
@@ -298,3 +307,16 @@ class Engine:
         self.scheduler.finish(request_id)
         if stream is not None:
             stream.events.put_nowait(error)
+
+
+async def _after_masks(step: asyncio.Future, masks: asyncio.Future) -> StepResult:
+    """The step's result once its masks went out too; a failure of either fails the step (and the
+    other is cancelled rather than left waiting)."""
+    try:
+        await asyncio.wait([step, masks], return_when=asyncio.FIRST_EXCEPTION)
+        if masks.done() and masks.exception() is not None:
+            raise masks.exception()
+        return await step
+    finally:
+        for future in (step, masks):
+            future.cancel()

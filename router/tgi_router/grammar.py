@@ -2,9 +2,10 @@
 
 A request's grammar (a JSON schema, a regex, or any JSON object for OpenAI's `json_object`) compiles
 to an llguidance grammar once per distinct text (cached) and off the event loop. Each constrained
-request holds a matcher: before a step in which it samples, the router asks it for the bitmask of
+request holds a matcher: for a step in which it samples, the router asks it for the bitmask of
 allowed next tokens (bit t of little-endian 32-bit word t // 32, one bit per id of the model's
-vocabulary) and sends it with the step; the shard sets every other logit to -inf before sampling.
+vocabulary) while the shards run the step's forward, and sends it after the step (StepMasks); the
+shard sets every other logit to -inf before sampling.
 Each sampled token then advances the matcher. Where the grammar may end, the mask also allows the
 end-of-sequence tokens; once it can only end, the request finishes (reason `eos_token`) without a
 step to sample the end-of-sequence token it would be forced to.

@@ -96,9 +96,9 @@ class StepPlan:
     scheduled: list[ScheduledChunk]
     # No request waits, so the shards may start the next decode step early (the proto's `lookahead`).
     lookahead: bool = False
-    # Grammar masks of the constrained requests that sample this step, by request id (the engine
-    # fills them in; the proto's `ScheduledRequest.allowed_tokens`).
-    token_masks: dict[int, bytes] = field(default_factory=dict)
+    # The constrained requests that sample this step: their grammar masks follow the step (the
+    # proto's `ScheduledRequest.mask_follows`; the engine fills this in and sends the masks).
+    masked_ids: set[int] = field(default_factory=set)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -51,6 +51,10 @@ class ShardClient:
         step while this one runs); the awaitable gives rank 0's result."""
         return self._step_result(self._start("Step", convert.step_request(plan)))
 
+    async def step_masks(self, step_id: int, masks: dict[int, bytes]) -> None:
+        """The grammar masks of a step sent with `masked_ids`, to every shard."""
+        await self._all("StepMasks", convert.step_masks(step_id, masks))
+
     async def _step_result(self, calls: list) -> StepResult:
         responses = await self._gather("Step", calls)
         return convert.step_result(responses[0])

@@ -22,7 +22,7 @@ log = logging.getLogger("tgi_server")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Seconds a running call gets to finish after SIGTERM, before the shard exits regardless.
 STOP_GRACE_SECONDS = 2.0
-# gRPC worker threads: a step, and Health/Info answered beside it.
+# gRPC worker threads: a step, and StepMasks, Health and Info answered beside it.
 NUM_GRPC_WORKERS = 4
 USAGE = "usage: tgi_server {prepare,serve} ... (`tgi_server serve --help` lists the flags of each)"
 

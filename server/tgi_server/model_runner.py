@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # This step's grammar mask when the sequence samples under one (ScheduledSequence.allowed_tokens).
     allowed_tokens: bytes = b""
+    # This step's mask comes later, from the step's `masks` source (ScheduledSequence.mask_follows).
+    mask_follows: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class ScheduledSequence:
     last_token: bool = False
     # Packed bitmask of the tokens a grammar allows next (the proto's field); empty: any.
     allowed_tokens: bytes = b""
+    # The mask comes from the step's `masks` source, read just before sampling.
+    mask_follows: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self._lookahead: _Lookahead | None = None
+        self._masks: Callable[[], dict[int, bytes]] | None = None  # this step's source of following masks
         self.num_lookahead_rows_used = 0  # samples served from a started step (a statistic)
         self.num_chained_steps = 0  # decode steps queued behind a started one (a statistic)
 
@@ -207,10 +213,14 @@ class ModelRunner:
         new: list[NewSequence],
         scheduled: list[ScheduledSequence],
         lookahead: bool = False,
+        masks: Callable[[], dict[int, bytes]] | None = None,
     ) -> StepOutput:
         """Applies one plan; returns the samples (one per request that sampled, in no set order),
         any prompt logprobs, and the step's time in ns. With `lookahead`, may start the next decode
-        step (see the module's docstring)."""
+        step (see the module's docstring). `masks()` gives the grammar masks of the sequences whose
+        mask follows; it is called once the forward is queued, just before sampling (it may wait
+        for them: the forward runs meanwhile)."""
+        self._masks = masks
         self._check_thread_device()
         start = time.perf_counter_ns()
         started, self._lookahead = self._lookahead, None
@@ -226,6 +236,7 @@ class ModelRunner:
             sequence = self.sequences[item.id]
             sequence.block_table.extend(item.new_block_ids)
             sequence.allowed_tokens = item.allowed_tokens
+            sequence.mask_follows = item.mask_follows
             batch.append((item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
@@ -250,7 +261,7 @@ class ModelRunner:
             (request_id, seq, n)
             for request_id, seq, n in batch
             if n == 1 and rows.get(id(seq)) == seq.num_computed_tokens == len(seq.token_ids) - 1
-            and not seq.allowed_tokens  # the started step sampled without this step's grammar mask
+            and not (seq.allowed_tokens or seq.mask_follows)  # the started step sampled without the grammar mask
         ]
 
     def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
@@ -450,6 +461,15 @@ class ModelRunner:
         return ids, positions, attn
 
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
+        if any(seq.mask_follows for _, seq in to_sample):
+            if self._masks is None:
+                raise ValueError("a sequence's grammar mask follows, but the step has no source of masks")
+            masks = self._masks()
+            for request_id, seq in to_sample:
+                if seq.mask_follows:
+                    if request_id not in masks:
+                        raise ValueError(f"no grammar mask came for request {request_id}")
+                    seq.allowed_tokens, seq.mask_follows = masks[request_id], False
         params = [seq.sampling for _, seq in to_sample]
         batch = SamplingBatch.build(
             params, [seq.token_ids for _, seq in to_sample], self.device, watermark=self.watermark,

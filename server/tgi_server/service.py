@@ -1,12 +1,14 @@
 """The gRPC servicer: converts protobuf to the runner's plain types and back, nothing more.
 
 Calls that touch the model are serialised with a lock (the router sends one step at a time anyway);
-Health and Info answer without waiting for a running step.
+Health, Info and StepMasks answer without waiting for a running step: a step whose grammar masks
+follow runs its forward, then waits for its StepMasks call (which may also come first).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -16,6 +18,10 @@ from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 from tgi_server.warmup import warmup
 
+# A step whose grammar masks follow fails if they do not come within this long (the router sends
+# them a few milliseconds after the step).
+MASKS_TIMEOUT_SECONDS = 60.0
+
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int, memory_fraction: float = 1.0):
@@ -24,6 +30,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.info = info
         self.rank = rank
         self._lock = threading.Lock()
+        self._masks_lock = threading.Lock()
+        self._masks: dict[int, _Masks] = {}  # step id -> the masks that follow it
+        self.masks_timeout = MASKS_TIMEOUT_SECONDS
 
     def Info(self, request, context):
         return self.info
@@ -46,20 +55,40 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"warmup failed: {error}")
         return pb.WarmupResponse(num_blocks=num_blocks, block_size=self.runner.block_size)
 
+    def StepMasks(self, request: pb.StepMasksRequest, context):
+        masks = self._step_masks(request.step_id)
+        masks.allowed_tokens = dict(request.allowed_tokens)
+        masks.arrived.set()
+        return pb.StepMasksResponse()
+
+    def _step_masks(self, step_id: int) -> _Masks:
+        with self._masks_lock:
+            return self._masks.setdefault(step_id, _Masks())
+
+    def _wait_for_masks(self, step_id: int) -> dict[int, bytes]:
+        masks = self._step_masks(step_id)
+        if not masks.arrived.wait(self.masks_timeout):
+            raise ValueError(f"the grammar masks of step {step_id} did not come within {self.masks_timeout:.0f} s")
+        return masks.allowed_tokens
+
     def Step(self, request: pb.StepRequest, context):
         new = [
             NewSequence(r.id, list(r.token_ids), _sampling_from_pb(r.sampling), r.top_n_tokens, r.prompt_logprobs)
             for r in request.new_requests
         ]
         scheduled = [
-            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens)
+            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens, s.mask_follows)
             for s in request.scheduled
         ]
+        masks = (lambda: self._wait_for_masks(request.step_id)) if request.masks_follow else None
         with self._lock:
             try:
-                output = self.runner.step(list(request.finished_ids), new, scheduled, request.lookahead)
+                output = self.runner.step(list(request.finished_ids), new, scheduled, request.lookahead, masks)
             except (KeyError, ValueError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id}: {error!r}")
+            finally:
+                with self._masks_lock:
+                    self._masks.pop(request.step_id, None)
         if self.rank != 0:
             return pb.StepResponse(forward_ns=output.forward_ns)
         return pb.StepResponse(
@@ -83,6 +112,12 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         with self._lock:
             self.runner.clear()
         return pb.ClearCacheResponse()
+
+
+@dataclass
+class _Masks:
+    arrived: threading.Event = field(default_factory=threading.Event)
+    allowed_tokens: dict[int, bytes] = field(default_factory=dict)
 
 
 def _sampling_from_pb(p: pb.SamplingParameters) -> SamplingParams:

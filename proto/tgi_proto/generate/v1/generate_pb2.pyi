@@ -108,32 +108,55 @@ class NewRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScheduledRequest(_message.Message):
-    __slots__ = ("id", "num_tokens", "new_block_ids", "last_token", "allowed_tokens")
+    __slots__ = ("id", "num_tokens", "new_block_ids", "last_token", "allowed_tokens", "mask_follows")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     id: int
     num_tokens: int
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     last_token: bool
     allowed_tokens: bytes
-    def __init__(self, id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., last_token: _Optional[bool] = ..., allowed_tokens: _Optional[bytes] = ...) -> None: ...
+    mask_follows: bool
+    def __init__(self, id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., last_token: _Optional[bool] = ..., allowed_tokens: _Optional[bytes] = ..., mask_follows: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "finished_ids", "new_requests", "scheduled", "lookahead")
+    __slots__ = ("step_id", "finished_ids", "new_requests", "scheduled", "lookahead", "masks_follow")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FINISHED_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     finished_ids: _containers.RepeatedScalarFieldContainer[int]
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     scheduled: _containers.RepeatedCompositeFieldContainer[ScheduledRequest]
     lookahead: bool
-    def __init__(self, step_id: _Optional[int] = ..., finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledRequest, _Mapping]]] = ..., lookahead: _Optional[bool] = ...) -> None: ...
+    masks_follow: bool
+    def __init__(self, step_id: _Optional[int] = ..., finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledRequest, _Mapping]]] = ..., lookahead: _Optional[bool] = ..., masks_follow: _Optional[bool] = ...) -> None: ...
+
+class StepMasksRequest(_message.Message):
+    __slots__ = ("step_id", "allowed_tokens")
+    class AllowedTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    allowed_tokens: _containers.ScalarMap[int, bytes]
+    def __init__(self, step_id: _Optional[int] = ..., allowed_tokens: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class StepMasksResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class TopToken(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -54,6 +54,11 @@ class TextGenerationServiceStub:
                 request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepRequest.SerializeToString,
                 response_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepMasks = channel.unary_unary(
+                '/tgi_proto.generate.v1.TextGenerationService/StepMasks',
+                request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksRequest.SerializeToString,
+                response_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksResponse.FromString,
+                _registered_method=True)
         self.ClearCache = channel.unary_unary(
                 '/tgi_proto.generate.v1.TextGenerationService/ClearCache',
                 request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheRequest.SerializeToString,
@@ -92,6 +97,14 @@ class TextGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepMasks(self, request, context):
+        """The grammar masks of a step sent with `masks_follow`: the router computes them while the shard
+        runs the step's forward, and the shard waits for them only to sample.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClearCache(self, request, context):
         """Forgets every request (used when the router starts, so a restarted router meets clean shards).
         """
@@ -121,6 +134,11 @@ def add_TextGenerationServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepRequest.FromString,
                     response_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepResponse.SerializeToString,
+            ),
+            'StepMasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMasks,
+                    request_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksRequest.FromString,
+                    response_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksResponse.SerializeToString,
             ),
             'ClearCache': grpc.unary_unary_rpc_method_handler(
                     servicer.ClearCache,
@@ -236,6 +254,33 @@ class TextGenerationService:
             '/tgi_proto.generate.v1.TextGenerationService/Step',
             tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepRequest.SerializeToString,
             tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tgi_proto.generate.v1.TextGenerationService/StepMasks',
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksRequest.SerializeToString,
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.StepMasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
