@@ -128,17 +128,18 @@ class Grammars:
         """A fresh matcher at the start of `spec`'s grammar (cheap once `prepare_async` compiled it)."""
         tokenizer = self._llg_tokenizer()
         mask_bytes = (tokenizer.vocab_size + 31) // 32 * 4
-        return Constraint(self._initial(spec).deep_copy(), mask_bytes, self._added_tokens())
+        return Constraint(self._initial(spec).deep_copy(), mask_bytes, self._added_tokens)
 
     @functools.cached_property
-    def _added_token_text(self) -> dict[int, bytes]:
+    def _added_tokens(self) -> AddedTokens:
         tokenizer = self._llg_tokenizer()
         ids = [entry["id"] for entry in json.loads(self._tokenizer_json).get("added_tokens", [])]
-        return {i: tokenizer.decode_bytes([i]) for i in ids
+        text = {i: tokenizer.decode_bytes([i]) for i in ids
                 if i < tokenizer.vocab_size and i not in self._eos_token_ids and tokenizer.is_special_token(i)}
-
-    def _added_tokens(self) -> AddedTokens:
-        return AddedTokens(self._llg_tokenizer(), self._added_token_text)
+        bits: dict[int, int] = {}
+        for token_id in text:
+            bits[token_id >> 3] = bits.get(token_id >> 3, 0) | 1 << (token_id & 7)
+        return AddedTokens(tokenizer, text, tuple(bits.items()))
 
 
 _executor = None
@@ -175,6 +176,8 @@ class AddedTokens:
 
     tokenizer: object
     text: dict[int, bytes]
+    # (byte of a mask, its bits that are added tokens): a mask without any costs a few byte tests.
+    mask_bits: tuple[tuple[int, int], ...] = ()
 
 
 class Constraint:
@@ -197,7 +200,7 @@ class Constraint:
         token in the mask where the grammar forces bytes equal to its text (a regex or a JSON string
         spelling `<think>` with Qwen3's tokenizer), yet its matcher refuses that token when it comes;
         such a token gives way to the first token of the same text spelled byte by byte."""
-        if self._added is None or not self._added.text:
+        if self._added is None or not any(mask[byte] & bits for byte, bits in self._added.mask_bits):
             return mask
         fixed = None
         for token_id, text in self._added.text.items():

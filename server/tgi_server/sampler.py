@@ -119,22 +119,10 @@ class SamplingBatch:
                 history=column([h + [h[0]] * (width - len(h)) for h in histories], torch.int64),  # [B, L]
                 history_len=column([len(h) for h in histories], torch.int64),
             )
-        masks = [(row, mask) for row, mask in enumerate(allowed_tokens or []) if mask]
-        allowed_rows = allowed_words = None
-        if masks:
-            width = max(len(mask) for _, mask in masks)
-            packed = b"".join(mask.ljust(width, b"\0") for _, mask in masks)  # missing words: nothing allowed
-            allowed_rows = column([row for row, _ in masks], torch.int64)
-            words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(len(masks), width // 4)
-            allowed_words = words.to(device)
-        bias = [(row, token_id, value) for row, p in enumerate(params) for token_id, value in p.logit_bias]
         return cls(
             **columns,
-            allowed_rows=allowed_rows,
-            allowed_words=allowed_words,
-            bias_rows=column([b[0] for b in bias], torch.int64) if bias else None,
-            bias_ids=column([b[1] for b in bias], torch.int64) if bias else None,
-            bias_values=column([b[2] for b in bias], torch.float32) if bias else None,
+            **_allowed_columns(allowed_tokens or [], device),
+            **_bias_columns(params, device),
             use_sampling=use_sampling,
             use_top_k_top_p=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
             use_typical=any(p.do_sample and p.typical_p < 1.0 for p in params),
@@ -142,6 +130,31 @@ class SamplingBatch:
             watermark_rows=[(row, h[-1]) for row, (p, h) in enumerate(zip(params, histories)) if p.watermark],
             watermark=watermark,
         )
+
+
+def _allowed_columns(allowed_tokens: list[bytes], device) -> dict[str, torch.Tensor | None]:
+    """SamplingBatch's grammar columns: the constrained rows and their masks as int32 words."""
+    masks = [(row, mask) for row, mask in enumerate(allowed_tokens) if mask]
+    if not masks:
+        return {"allowed_rows": None, "allowed_words": None}
+    width = max(len(mask) for _, mask in masks)
+    packed = b"".join(mask.ljust(width, b"\0") for _, mask in masks)  # missing words: nothing allowed
+    words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(len(masks), width // 4)
+    rows = torch.tensor([row for row, _ in masks], dtype=torch.int64, device=device)
+    return {"allowed_rows": rows, "allowed_words": words.to(device)}
+
+
+def _bias_columns(params: list[SamplingParams], device) -> dict[str, torch.Tensor | None]:
+    """SamplingBatch's logit_bias columns: one (row, token id, bias) triple per entry."""
+    bias = [(row, token_id, value) for row, p in enumerate(params) for token_id, value in p.logit_bias]
+    if not bias:
+        return {"bias_rows": None, "bias_ids": None, "bias_values": None}
+    rows, ids, values = zip(*bias)
+    return {
+        "bias_rows": torch.tensor(rows, dtype=torch.int64, device=device),
+        "bias_ids": torch.tensor(ids, dtype=torch.int64, device=device),
+        "bias_values": torch.tensor(values, dtype=torch.float32, device=device),
+    }
 
 
 def _effective(params: SamplingParams) -> SamplingParams:
