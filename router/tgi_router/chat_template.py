@@ -9,7 +9,9 @@ from functools import lru_cache
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tgi_router.errors import InferError
+from tgi_router.errors import InferError, ValidationError
+from tgi_router.tokenizer import Tokenizer
+from tgi_router.tools import ToolRequest, template_format, template_knows_tools
 
 
 class TemplateError(InferError):
@@ -60,3 +62,53 @@ def render_chat(
         )
     except jinja2.exceptions.TemplateError as error:
         raise TemplateError(str(error)) from error
+
+
+def render_conversation(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | None, variables: dict) -> str:
+    """The tokenizer's template applied to `messages`, `tools` and more `variables`. A template that
+    knows tools gets them, and earlier calls' arguments as objects (as transformers' templates
+    expect); for one that does not, the tools go into the system message and earlier calls and their
+    results into the text."""
+    template = tokenizer.chat_template
+    if template_knows_tools(template):
+        return render_chat(template, [_with_argument_objects(m) for m in messages], tokenizer.bos_token,
+                           tokenizer.eos_token, tools=tools.template_tools if tools else None, variables=variables)
+    fmt = tools.format if tools else template_format(template)
+    converted: list[dict] = []
+    follows_a_result = False  # consecutive tool results share one user message
+    for message in messages:
+        if message["role"] == "tool":
+            result = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if follows_a_result:
+                converted[-1]["content"] += "\n" + result
+            else:
+                converted.append({"role": "user", "content": result})
+            follows_a_result = True
+            continue
+        follows_a_result = False
+        if message.get("tool_calls"):
+            text = fmt.write_calls([call["function"] for call in _with_argument_objects(message)["tool_calls"]])
+            message = {"role": message["role"], "content": "\n".join(t for t in (message["content"], text) if t)}
+        converted.append(message)
+    if tools is not None:
+        if converted[0]["role"] == "system":
+            converted[0] = {**converted[0], "content": converted[0]["content"] + "\n\n" + tools.system_prompt()}
+        else:
+            converted.insert(0, {"role": "system", "content": tools.system_prompt()})
+    return render_chat(template, converted, tokenizer.bos_token, tokenizer.eos_token, variables=variables)
+
+
+def _with_argument_objects(message: dict) -> dict:
+    """An assistant message whose tool calls' `arguments` (JSON text in OpenAI's API) are objects."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise ValidationError(f"tool call `{call['function']['name']}` has arguments that are not JSON") from None
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}

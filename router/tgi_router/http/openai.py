@@ -11,21 +11,20 @@ import asyncio
 import json
 import secrets
 import time
-from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp_sse import sse_response
 
 from tgi_router.app import Router, add_post, get_router, read_json, stream_headers, timing_headers
-from tgi_router.chat_template import render_chat
+from tgi_router.chat_answer import AnswerParser, ChatOutput
+from tgi_router.chat_template import render_conversation
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
 from tgi_router.http.tgi import collect_all, finite, tokenize_response, with_seed
-from tgi_router.reasoning import END, START, ReasoningParser, prompt_opens_reasoning, template_reasons
+from tgi_router.reasoning import prompt_opens_reasoning, template_reasons
 from tgi_router.request import FinishReason
-from tgi_router.tokenizer import Tokenizer
-from tgi_router.tools import ParsedOutput, ToolCallParser, ToolRequest, template_format, template_knows_tools
+from tgi_router.tools import ToolRequest
 from tgi_router.validation import GenerateRequest, ValidRequest, parse_generate_request, validate_parameters
 
 # Chat reports eos as OpenAI's "stop"; TGI keeps "stop_sequence" for stop sequences.
@@ -70,7 +69,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 results = await collect_all(streams)
                 headers = timing_headers(router, valid, streams[0], started_at, validated_at)
                 choices = [_chat_choice(body, events, output, i) for i, events in enumerate(results)]
-                payload = {**head, "choices": choices, "usage": _counts(len(valid.input_ids), results)}
+                payload = {**head, "choices": choices, "usage": _usage(len(valid.input_ids), sum(map(len, results)))}
                 return web.json_response(payload, headers=headers)
             async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
                 await _stream_chat(sse, head, body, valid, streams, output)
@@ -113,7 +112,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 for i, events in enumerate(results)
             ]
             prompt_tokens = sum(len(v.input_ids) for v in valids[::num_choices])
-            return web.json_response({**head, "choices": choices, "usage": _counts(prompt_tokens, results)})
+            return web.json_response({**head, "choices": choices, "usage": _usage(prompt_tokens, sum(map(len, results)))})
         try:
             async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
                 await _stream_completions(sse, head, streams, with_logprobs)
@@ -121,15 +120,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
             for stream in streams:  # also when the client left before the response headers went out
                 stream.cancel()
         return sse
-
-
-@dataclass(frozen=True)
-class ChatOutput:
-    """How a chat answer is read: for tool calls when the request has tools, and for thoughts when
-    the template writes them (`reasoning`: whether the prompt opened them; None: no thoughts)."""
-
-    tools: ToolRequest | None = None
-    reasoning: bool | None = None
 
 
 def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ChatOutput]:
@@ -142,7 +132,7 @@ def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ChatOutpu
     tools = ToolRequest.parse(body, tokenizer.chat_template)
     if tools is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise ValidationError("`response_format` cannot be combined with `tools` (unless `tool_choice` is none)")
-    prompt = _render(tokenizer, [_message(m) for m in messages], tools, _template_kwargs(body))
+    prompt = render_conversation(tokenizer, [_message(m) for m in messages], tools, _template_kwargs(body))
     _check_types(body, _CHAT_FIELDS)
     parameters = _sampling_parameters(body)
     parameters["top_n_tokens"] = body.get("top_logprobs")
@@ -167,53 +157,6 @@ def _template_kwargs(body: dict) -> dict:
     if reserved:
         raise ValidationError(f"`chat_template_kwargs` cannot set `{reserved[0]}`: the request's own fields do")
     return kwargs
-
-
-def _render(tokenizer: Tokenizer, messages: list[dict], tools: ToolRequest | None, kwargs: dict) -> str:
-    """The chat template applied to `messages` and `tools`. A template that knows tools gets them, and
-    earlier calls' arguments as objects (as transformers' templates expect); for one that does not,
-    the tools go into the system message and earlier calls and their results into the text."""
-    template = tokenizer.chat_template
-    if template_knows_tools(template):
-        return render_chat(template, [_with_argument_objects(m) for m in messages], tokenizer.bos_token,
-                           tokenizer.eos_token, tools=tools.template_tools if tools else None, variables=kwargs)
-    fmt = tools.format if tools else template_format(template)
-    converted: list[dict] = []
-    for message in messages:
-        if message["role"] == "tool":
-            result = f"<tool_response>\n{message['content']}\n</tool_response>"
-            if converted and converted[-1].get("is_tool_result"):
-                converted[-1]["content"] += "\n" + result
-            else:
-                converted.append({"role": "user", "content": result, "is_tool_result": True})
-            continue
-        if message.get("tool_calls"):
-            text = fmt.write_calls([call["function"] for call in _with_argument_objects(message)["tool_calls"]])
-            message = {"role": message["role"], "content": "\n".join(t for t in (message["content"], text) if t)}
-        converted.append(message)
-    if tools is not None:
-        if converted[0]["role"] == "system":
-            converted[0] = {**converted[0], "content": converted[0]["content"] + "\n\n" + tools.system_prompt()}
-        else:
-            converted.insert(0, {"role": "system", "content": tools.system_prompt()})
-    messages = [{k: v for k, v in m.items() if k != "is_tool_result"} for m in converted]
-    return render_chat(template, messages, tokenizer.bos_token, tokenizer.eos_token, variables=kwargs)
-
-
-def _with_argument_objects(message: dict) -> dict:
-    """An assistant message whose tool calls' `arguments` (JSON text in OpenAI's API) are objects."""
-    if not message.get("tool_calls"):
-        return message
-    calls = []
-    for call in message["tool_calls"]:
-        arguments = call["function"]["arguments"]
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
-                raise ValidationError(f"tool call `{call['function']['name']}` has arguments that are not JSON") from None
-        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
-    return {**message, "tool_calls": calls}
 
 
 def _completion_request(body: dict, prompt: str) -> GenerateRequest:
@@ -368,8 +311,8 @@ def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput, index
     last = events[-1]
     message = {"role": "assistant", "content": last.generated_text}
     finish_reason = _CHAT_FINISH[last.finish_reason]
-    if output.tools is not None or output.reasoning is not None:
-        parser = _AnswerParser(output)
+    if output.is_parsed:
+        parser = AnswerParser(output)
         if output.tools is None:  # the text as the engine made it (cut at a stop sequence)
             parts = [parser.feed_text(last.generated_text, is_last=True)]
         else:  # token by token: a format's marker may be a special token, which the text leaves out
@@ -384,56 +327,13 @@ def _chat_choice(body: dict, events: list[TokenEvent], output: ChatOutput, index
             message["tool_calls"] = [{"id": call.id, "type": "function",
                                       "function": {"name": call.name, "arguments": call.arguments}}
                                      for call in parser.calls]
-            finish_reason = _tool_finish(last.finish_reason)
+            finish_reason = parser.finish_reason(last.finish_reason)
     return {
         "index": index,
         "message": message,
         "logprobs": {"content": [_logprob(e) for e in events]} if body.get("logprobs") else None,
         "finish_reason": finish_reason,
     }
-
-
-class _AnswerParser:
-    """Reads an answer token by token into OpenAI's delta fields: `reasoning_content` (thoughts),
-    `content`, and `tool_calls` deltas."""
-
-    def __init__(self, output: ChatOutput):
-        self._reasoning = None if output.reasoning is None else ReasoningParser(output.reasoning)
-        self._tools = None if output.tools is None else ToolCallParser(output.tools.format)
-        fmt = output.tools.format if output.tools else None
-        # Special tokens are read only when they are one of the formats' markers (Mistral's [TOOL_CALLS]).
-        self._markers = {START, END} | ({fmt.start, fmt.end} if fmt else set())
-
-    @property
-    def calls(self):
-        return self._tools.calls if self._tools else []
-
-    def feed(self, event: TokenEvent) -> dict:
-        """The delta fields that this token adds (and, on the answer's last token, all that is left)."""
-        text = "" if event.token.special and event.token.text not in self._markers else event.token.text
-        return self.feed_text(text, is_last=event.finish_reason is not None)
-
-    def feed_text(self, text: str, is_last: bool) -> dict:
-        reasoning, content = self._reasoning.feed(text) if self._reasoning else ("", text)
-        if is_last and self._reasoning:
-            rest = self._reasoning.finish()
-            reasoning, content = reasoning + rest[0], content + rest[1]
-        delta = {"content": content}
-        if self._tools:
-            parsed = self._tools.feed(content)
-            if is_last:
-                parsed += self._tools.finish()
-            delta["content"] = parsed.content
-            if parsed.deltas:
-                delta["tool_calls"] = parsed.deltas
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        return delta
-
-
-def _tool_finish(reason: FinishReason) -> str:
-    """A response with tool calls ends for "tool_calls", unless it was cut short."""
-    return "length" if reason == FinishReason.LENGTH else "tool_calls"
 
 
 def _logprob(event: TokenEvent) -> dict:
@@ -444,10 +344,10 @@ def _logprob(event: TokenEvent) -> dict:
     }
 
 
-def _counts(prompt_tokens: int, results: list[list[TokenEvent]] | list[int]) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     """OpenAI's usage: the prompts' tokens (once per prompt, whatever `n`) and every choice's tokens."""
-    completion = sum(len(r) if isinstance(r, list) else r for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _open_sse(request: web.Request, headers: dict[str, str]):
@@ -459,8 +359,7 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
     """The choices' tokens as they arrive, each chunk naming its choice; a failure ends the stream
     with an error event."""
     num_tokens = [0] * len(streams)
-    is_parsed = output.tools is not None or output.reasoning is not None
-    parsers = [_AnswerParser(output) if is_parsed else None for _ in streams]
+    parsers = [AnswerParser(output) if output.is_parsed else None for _ in streams]
     async for index, event in _interleave(streams):
         if isinstance(event, InferError):
             await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
@@ -471,8 +370,8 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
         parser = parsers[index]
         if parser is not None:
             delta.update(parser.feed(event))
-            if event.finish_reason and parser.calls:
-                finish_reason = _tool_finish(event.finish_reason)
+            if event.finish_reason:
+                finish_reason = parser.finish_reason(event.finish_reason) or finish_reason
         choice = {
             "index": index,
             "delta": delta,
@@ -481,7 +380,7 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
         }
         await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
     if (body.get("stream_options") or {}).get("include_usage"):
-        await sse.send(json.dumps({**head, "choices": [], "usage": _counts(len(valid.input_ids), num_tokens)}))
+        await sse.send(json.dumps({**head, "choices": [], "usage": _usage(len(valid.input_ids), sum(num_tokens))}))
     await sse.send("[DONE]")
 
 
