@@ -88,6 +88,7 @@ def launch(
     watermark_delta: float = _passed(ShardSettings, "watermark_delta", "WATERMARK_DELTA"),
     tokenizer_config_path: Optional[str] = typer.Option(None, envvar="TOKENIZER_CONFIG_PATH", help="Not supported (an error when set): the tokenizer and chat template come from the model directory."),
     disable_grammar_support: bool = _passed(RouterSettings, "disable_grammar_support", "DISABLE_GRAMMAR_SUPPORT"),
+    prefix_caching: Optional[str] = typer.Option(None, envvar="PREFIX_CACHING", metavar="true|false", help=help_of(RouterSettings, "prefix_caching") + " (default: true)"),
     env: bool = typer.Option(False, "--env", "-e", help="Print the runtime environment (versions, GPUs, this configuration), then launch."),
     max_client_batch_size: int = _passed(RouterSettings, "max_client_batch_size", "MAX_CLIENT_BATCH_SIZE"),
     lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="Not supported (an error when set): LoRA adapters are not implemented."),

@@ -117,6 +117,7 @@ def resolve_config(
     master_port: int | None = None,
     aip_http_port: int | None = None,
     cuda_graphs: str | tuple[int, ...] | None = None,
+    prefix_caching: bool | str | None = None,
     **settings,
 ) -> LauncherConfig:
     """Builds the config from the options as given (None = not given). `settings` are the fields of
@@ -147,6 +148,8 @@ def resolve_config(
         settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
     elif cuda_graphs is not None:
         settings["cuda_graphs"] = cuda_graphs
+    if prefix_caching is not None:
+        settings["prefix_caching"] = parse_bool("prefix_caching", prefix_caching)
     if aip_http_port is not None:  # Vertex AI picks the port
         settings["port"] = aip_http_port
     grace = settings.get("graceful_termination_timeout", default_of(LauncherConfig, "graceful_termination_timeout"))
@@ -215,7 +218,7 @@ def _check_tgi_only_options(settings: dict) -> None:
 
 
 def parse_bool(name: str, value: bool | str | None) -> bool | None:
-    """TGI's `--sharded true|false`: None stays None."""
+    """TGI's `--sharded true|false` (and `PREFIX_CACHING=0|1`): None stays None."""
     if value is None or isinstance(value, bool):
         return value
     text = value.strip().lower()

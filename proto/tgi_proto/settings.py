@@ -174,6 +174,9 @@ class RouterSettings:
     aip_health_route: str | None = setting(None, "Vertex AI: extra route answering like /health.")
     docker_label: str | None = setting(None, "/info's docker_label: the label the image was built with.",
                                        env="DOCKER_LABEL")
+    prefix_caching: bool = setting(
+        True, "Reuse the KV cache of prompt prefixes computed before (shared system prompts, chat history); "
+        "off: every request computes its whole prompt.")
     disable_grammar_support: bool = setting(
         False, "Answer requests with a grammar (TGI's `grammar`) with 422 instead of constraining their output.")
     drain_timeout: float = setting(DEFAULT_DRAIN_TIMEOUT_SECONDS,

@@ -53,7 +53,8 @@ async def _start(settings: RouterSettings) -> web.Application:
     await shards.clear_cache()
     limits = await _warmup(settings, shards, shard_info, tokenizer)
     blocks = BlockManager(limits.num_blocks, shard_info.block_size)
-    scheduler = Scheduler(SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size), blocks)
+    scheduler = Scheduler(
+        SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching), blocks)
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,
         max_stop_sequences=settings.max_stop_sequences,
@@ -149,6 +150,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "model_implementation": shard_info.model_implementation,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
+        "prefix_caching": settings.prefix_caching,
     }
 
 

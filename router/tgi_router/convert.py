@@ -52,6 +52,8 @@ def _new_request(request: Request) -> pb.NewRequest:
         sampling=_sampling(request.sampling),
         top_n_tokens=request.top_n_tokens,
         prompt_logprobs=request.prompt_logprobs is not None,
+        # A joining request's computed tokens are its cached prefix (plans are converted when sent).
+        num_cached_tokens=request.num_computed_tokens,
     )
 
 

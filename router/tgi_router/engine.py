@@ -116,6 +116,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self._num_preemptions_seen = 0
+        self._num_cached_seen = self._num_computed_seen = 0
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
@@ -269,6 +270,12 @@ class Engine:
         metrics.batch_max_tokens.set((blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size)
         metrics.preemptions.inc(scheduler.num_preemptions - self._num_preemptions_seen)
         self._num_preemptions_seen = scheduler.num_preemptions
+        metrics.prompt_tokens_cached.inc(scheduler.num_cached_tokens - self._num_cached_seen)
+        metrics.prompt_tokens_computed.inc(scheduler.num_computed_tokens - self._num_computed_seen)
+        self._num_cached_seen, self._num_computed_seen = scheduler.num_cached_tokens, scheduler.num_computed_tokens
+        if self._num_cached_seen + self._num_computed_seen:
+            metrics.prefix_cache_hit_rate.set(self._num_cached_seen / (self._num_cached_seen + self._num_computed_seen))
+        metrics.prefix_cache_free_blocks.set(blocks.num_cached_free_blocks)
 
     def _on_token(self, request: Request, sample: SampledToken, finish: FinishReason | None) -> None:
         """Emits the token's event. `finish` is the length or end-of-sequence stop found from the ids;

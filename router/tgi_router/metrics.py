@@ -33,6 +33,18 @@ class Metrics:
         self.preemptions = Counter(
             "tgi_request_preemption", "Requests preempted: KV blocks freed, recomputed later", registry=registry
         )
+        self.prompt_tokens_cached = Counter(
+            "tgi_request_prompt_tokens_cached", "Known tokens of admitted requests whose KV came from the prefix cache",
+            registry=registry)
+        self.prompt_tokens_computed = Counter(
+            "tgi_request_prompt_tokens_computed", "Known tokens of admitted requests that the shards computed",
+            registry=registry)
+        self.prefix_cache_hit_rate = Gauge(
+            "tgi_prefix_cache_hit_rate", "Share of admitted requests' known tokens served by the prefix cache",
+            registry=registry)
+        self.prefix_cache_free_blocks = Gauge(
+            "tgi_prefix_cache_free_blocks", "KV blocks no request uses that keep a cached prefix (evicted when needed)",
+            registry=registry)
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
         self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=registry)
         self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch", registry=registry)

@@ -50,6 +50,12 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # The first `num_cached_blocks` of `block_ids` are in the prefix cache (full, computed).
+    num_cached_blocks: int = 0
+    # Chained hashes of the full blocks of known tokens, as far as computed (the prefix cache's keys).
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Prompt tokens whose KV came from the prefix cache when the request was first scheduled.
+    num_cached_prompt_tokens: int = 0
     # False until the shards have received this request in full (again after a preemption).
     is_on_shards: bool = False
     num_preemptions: int = 0

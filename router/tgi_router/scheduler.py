@@ -6,6 +6,16 @@ when prefilling in chunks), then admits waiting requests FIFO while the step's t
 size and the KV cache allow. KV blocks are allocated lazily as sequences grow; when the cache runs out,
 the newest running request is preempted (its blocks freed) and recomputed later from its tokens.
 
+Prefix caching (`SchedulerConfig.prefix_caching`): a request joins with the longest prefix of its
+tokens whose KV blocks are cached (`BlockManager`), as if those tokens were computed; the shards compute
+the rest. The cached prefix is whole blocks and stops short of the last known token, so every request
+computes at least one token and gets logits to sample from. Every block a step fills is cached once
+the step is done (never earlier: a request cancelled mid-step leaves nothing half-written behind). A
+request whose next uncached block another running request is computing right now (a sibling of `n`,
+or the same system prompt arriving twice) waits for it instead of computing it again. Requests that
+want prompt logprobs compute their whole prompt (the logprobs come from the forward), but leave their
+blocks cached for others.
+
 A request that samples this step also gets the block its next token goes to, when one is free without
 preempting: with nothing waiting, the shards start the next decode step before its plan arrives
 (`StepPlan.lookahead`) and need a KV slot for every request. A request whose sample is its last
@@ -19,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from tgi_router.block_manager import BlockManager
+from tgi_router.block_manager import ROOT_HASH, BlockManager, block_hash
 from tgi_router.request import Request, SampledToken, ScheduledChunk, StepPlan, StepResult
 
 
@@ -29,6 +39,8 @@ class SchedulerConfig:
     max_batch_prefill_tokens: int
     # Requests in the running batch at most.
     max_batch_size: int
+    # Reuse the KV of cached prefixes (see the module's docstring).
+    prefix_caching: bool = True
 
 
 class Scheduler:
@@ -40,7 +52,13 @@ class Scheduler:
         self._live: dict[int, Request] = {}
         self._finished_ids: list[int] = []
         self._next_step_id = 0
+        # Hash of a full block -> the running request computing it now (not yet cached).
+        self._computing: dict[bytes, int] = {}
         self.num_preemptions = 0  # since the start (a statistic)
+        # Known tokens of the requests admitted (again, after a preemption) since the start, by where
+        # their KV came from: the prefix cache, or the shards (statistics).
+        self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
 
     @property
     def has_work(self) -> bool:
@@ -92,6 +110,7 @@ class Scheduler:
             if self._live.get(request.id) is not request:
                 continue
             request.num_computed_tokens += chunk.num_tokens
+            self._cache_computed_blocks(request)
             if request.num_computed_tokens == request.num_tokens:
                 sample = samples[request.id]
                 request.output_token_ids.append(sample.token_id)
@@ -150,22 +169,76 @@ class Scheduler:
         return chunk
 
     def _schedule_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
+            cached = self._cached_prefix(request)
+            if cached is None:  # its next block is being computed: join once it is cached
+                deferred.append(self.waiting.popleft())
+                continue
             # Admit only when the whole remaining prompt fits, keeping one spare block per running
             # request so admissions do not immediately force preemptions.
-            num_reserved = self.blocks.num_blocks_for(request.num_tokens) + len(self.running)
+            num_reserved = (self.blocks.num_blocks_for(request.num_tokens) - len(cached)
+                            + self.blocks.num_free_among(cached) + len(self.running))
             if num_reserved > self.blocks.num_free_blocks:
-                return
-            num_tokens = min(request.num_uncomputed_tokens, budget)
-            new_blocks = self.blocks.allocate(self.blocks.num_blocks_for(num_tokens))
+                break
             self.waiting.popleft()
-            self.running.append(request)
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            request.block_ids = list(new_blocks)
-            scheduled.append(ScheduledChunk(request, num_tokens, new_blocks))
-            budget -= num_tokens
+            scheduled.append(self._admit(request, cached, budget))
+            budget -= scheduled[-1].num_tokens
+        self.waiting.extendleft(reversed(deferred))
+
+    def _admit(self, request: Request, cached: list[int], budget: int) -> ScheduledChunk:
+        """Moves `request` to the running batch, starting after its `cached` blocks, with the blocks
+        of its first chunk."""
+        self.blocks.take(cached)
+        request.num_cached_blocks = len(cached)
+        request.num_computed_tokens = len(cached) * self.blocks.block_size
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_prompt_tokens = request.num_computed_tokens
+        self.num_cached_tokens += request.num_computed_tokens
+        self.num_computed_tokens += request.num_uncomputed_tokens
+        num_tokens = min(request.num_uncomputed_tokens, budget)
+        new_blocks = self.blocks.allocate(self.blocks.num_blocks_for(request.num_computed_tokens + num_tokens) - len(cached))
+        request.block_ids = cached + new_blocks
+        self.running.append(request)
+        if self.config.prefix_caching:
+            for value in self._block_hashes(request, request.num_tokens // self.blocks.block_size)[len(cached):]:
+                self._computing.setdefault(value, request.id)
+        return ScheduledChunk(request, num_tokens, list(request.block_ids))
+
+    def _cached_prefix(self, request: Request) -> list[int] | None:
+        """The cached blocks `request` can start from (whole blocks before its last known token), or
+        None when its next block is being computed by another request."""
+        if not self.config.prefix_caching or request.prompt_logprobs is not None:
+            return []
+        hashes = self._block_hashes(request, (request.num_tokens - 1) // self.blocks.block_size)
+        cached = self.blocks.cached_prefix(hashes)
+        if len(cached) < len(hashes) and self._computing.get(hashes[len(cached)], request.id) != request.id:
+            return None
+        return cached
+
+    def _cache_computed_blocks(self, request: Request) -> None:
+        """Caches the blocks of `request` that the step just done filled."""
+        num_full = request.num_computed_tokens // self.blocks.block_size
+        if not self.config.prefix_caching or num_full <= request.num_cached_blocks:
+            return
+        hashes = self._block_hashes(request, num_full)
+        for index in range(request.num_cached_blocks, num_full):
+            self.blocks.cache(request.block_ids[index], hashes[index])
+            if self._computing.get(hashes[index]) == request.id:
+                del self._computing[hashes[index]]
+        request.num_cached_blocks = num_full
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The chained hashes of the first `num_blocks` blocks of `request`'s known tokens."""
+        hashes, size = request.block_hashes, self.blocks.block_size
+        if len(hashes) < num_blocks:
+            token_ids = request.all_token_ids
+            while len(hashes) < num_blocks:
+                start = len(hashes) * size
+                hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH, token_ids[start : start + size]))
+        return hashes[:num_blocks]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -177,7 +250,11 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.blocks.free(request.block_ids)
+        for value in request.block_hashes[request.num_cached_blocks :]:
+            if self._computing.get(value) == request.id:
+                del self._computing[value]
         request.block_ids = []
+        request.num_cached_blocks = 0
         if request.is_on_shards:
             self._finished_ids.append(request.id)
             request.is_on_shards = False

@@ -56,6 +56,9 @@ class NewSequence:
     sampling: SamplingParams
     top_n_tokens: int
     wants_prompt_logprobs: bool = False
+    # Leading tokens whose KV is in the cache already (a shared prefix), in the first blocks the
+    # sequence's first ScheduledSequence brings.
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,9 +230,13 @@ class ModelRunner:
         for request_id in finished_ids:
             self.sequences.pop(request_id, None)
         for request in new:
+            if not 0 <= request.num_cached_tokens < len(request.token_ids) or request.num_cached_tokens % self.block_size:
+                raise ValueError(f"request {request.id}: {request.num_cached_tokens} cached tokens of "
+                                 f"{len(request.token_ids)} (blocks of {self.block_size})")
             self.sequences[request.id] = Sequence(
                 list(request.token_ids), request.sampling, request.top_n_tokens,
                 num_prompt_tokens=len(request.token_ids), wants_prompt_logprobs=request.wants_prompt_logprobs,
+                num_computed_tokens=request.num_cached_tokens,
             )
         batch, continuing = [], []
         for item in scheduled:

@@ -149,8 +149,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1):
-    server = Server(model_id, hf_home, *extra_args, num_shard=num_shard)
+def running_server(model_id: str, hf_home: Path, *extra_args: str, num_shard: int = 1, env: dict | None = None):
+    server = Server(model_id, hf_home, *extra_args, num_shard=num_shard, env=env)
     try:
         server.wait_ready()
         yield server
@@ -166,56 +166,97 @@ PROMPTS = [
     "Once upon a time, in a land far away, there lived a dragon who",
     "1, 2, 3, 4, 5,",
     "Translate to French: I would like a cup of coffee, please. Also, where is the train station?",
+    "A dragon lived on a mountain of gold. Every morning it counted its coins, every evening it slept on them, and "
+    "every night it dreamed of more. One day a girl climbed the mountain, sat down beside the dragon and asked it",
 ]
+# Sent after PROMPTS: they share many blocks of the last prompt, or one or two.
+PREFIX_PROMPTS = [PROMPTS[-1] + " for a single coin.", PROMPTS[-1][:80] + " and nobody ever knew why."]
 MAX_NEW_TOKENS = 12
+BLOCK_SIZE = 16  # the shards' default --block-size
 
 
-async def generate_all(url: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+async def generate_details(url: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """TGI's `details` of each prompt's greedy continuation, the prompts sent concurrently."""
     async with aiohttp.ClientSession() as session:
 
         async def one(prompt):
             body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
             async with session.post(url + "/generate", json=body) as response:
                 assert response.status == 200, await response.text()
-                payload = await response.json()
-                return [token["id"] for token in payload["details"]["tokens"]]
+                return (await response.json())["details"]
 
         return await asyncio.gather(*(one(p) for p in prompts))
+
+
+async def generate_all(url: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    return [token_ids(details) for details in await generate_details(url, prompts, max_new_tokens)]
+
+
+def token_ids(details: dict) -> list[int]:
+    return [token["id"] for token in details["tokens"]]
 
 
 def transformers_greedy(model, tokenizer_dir, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """HF's greedy continuation of each prompt, tokenized with the model's own tokenizer.json (HF may
     pick a tokenizer class by model type whose pre-processing differs from the file)."""
     import torch
-    from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     outputs = []
-    for prompt in prompts:
-        input_ids = torch.tensor([tokenizer.encode(prompt).ids])
+    for input_ids in encode(tokenizer_dir, prompts):
         with torch.no_grad():
-            generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
-        outputs.append(generated[0, input_ids.shape[1]:].tolist())
+            generated = model.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(generated[0, len(input_ids):].tolist())
     return outputs
 
 
-def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> None:
-    for prompt, a, b in zip(PROMPTS, ours, theirs):
+def encode(tokenizer_dir, prompts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    return [tokenizer.encode(prompt).ids for prompt in prompts]
+
+
+def assert_same_tokens(ours: list[list[int]], theirs: list[list[int]], prompts: list[str] = PROMPTS) -> None:
+    for prompt, a, b in zip(prompts, ours, theirs, strict=True):
         assert a == b, f"prompt {prompt!r}: ours {a} != transformers {b}"
 
 
+async def assert_greedy_equals_transformers_with_cached_prefixes(
+    url: str, tokenizer_dir, expected: list[list[int]]
+) -> None:
+    """PROMPTS, then PROMPTS and PREFIX_PROMPTS again (each prompt of the second round starts from
+    cached KV blocks) give transformers' greedy tokens (`expected`: of PROMPTS + PREFIX_PROMPTS); the
+    second round's `details.cached_tokens` say the prefixes were indeed reused."""
+    first = await generate_details(url, PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens([token_ids(d) for d in first], expected[: len(PROMPTS)])
+    again = await generate_details(url, PROMPTS + PREFIX_PROMPTS, MAX_NEW_TOKENS)
+    assert_same_tokens([token_ids(d) for d in again], expected, PROMPTS + PREFIX_PROMPTS)
+    prompt_ids = encode(tokenizer_dir, PROMPTS + PREFIX_PROMPTS)
+    long_ids = prompt_ids[len(PROMPTS) - 1]
+    for prompt, ids, details in zip(PROMPTS + PREFIX_PROMPTS, prompt_ids, again):
+        # Whole blocks, short of the last token; at least the prefix shared with the long prompt.
+        most = (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        if prompt in PROMPTS:
+            assert details["cached_tokens"] == most, prompt
+        else:
+            shared = 0
+            while shared < min(len(ids), len(long_ids)) and ids[shared] == long_ids[shared]:
+                shared += 1
+            assert most >= details["cached_tokens"] >= shared // BLOCK_SIZE * BLOCK_SIZE >= BLOCK_SIZE, prompt
+
+
 async def assert_greedy_equals_transformers(model_dir, hf_home: Path, num_shard: int) -> dict:
-    """Serves the checkpoint at `model_dir` with `num_shard` shards, checks greedy output of PROMPTS
-    against transformers' `generate()`, and returns the server's /info."""
+    """Serves the checkpoint at `model_dir` with `num_shard` shards, checks greedy output of PROMPTS,
+    then of prompts that start from cached prefixes, against transformers' `generate()`, and returns
+    the server's /info."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected = transformers_greedy(model, model_dir, PROMPTS, MAX_NEW_TOKENS)
+    expected = transformers_greedy(model, model_dir, PROMPTS + PREFIX_PROMPTS, MAX_NEW_TOKENS)
     small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
     with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:
-        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
+        await assert_greedy_equals_transformers_with_cached_prefixes(server.url, model_dir, expected)
         async with aiohttp.ClientSession() as session, session.get(server.url + "/info") as response:
             info = await response.json()
-    assert_same_tokens(ours, expected)
     return info

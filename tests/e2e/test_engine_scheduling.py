@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import time
@@ -49,7 +50,8 @@ def shard(tiny_llama, tmp_path_factory):
 
 
 @contextlib.asynccontextmanager
-async def running_engine(uds: str, tokenizer_dir, max_batch_total_tokens: int = 4096, max_batch_size: int = 16):
+async def running_engine(uds: str, tokenizer_dir, max_batch_total_tokens: int = 4096, max_batch_size: int = 16,
+                         prefix_caching: bool = True):
     shards = ShardClient(uds, 1)
     await shards.clear_cache()
     warmed = await shards.warmup(
@@ -60,7 +62,8 @@ async def running_engine(uds: str, tokenizer_dir, max_batch_total_tokens: int = 
             max_batch_total_tokens=max_batch_total_tokens,
         )
     )
-    scheduler = Scheduler(SchedulerConfig(PREFILL_TOKENS, max_batch_size), BlockManager(warmed.num_blocks, warmed.block_size))
+    scheduler = Scheduler(SchedulerConfig(PREFILL_TOKENS, max_batch_size, prefix_caching),
+                          BlockManager(warmed.num_blocks, warmed.block_size))
     metrics = Metrics(PREFILL_TOKENS, PREFILL_TOKENS, scheduler.blocks.capacity_tokens)
     engine = Engine(scheduler, shards, Tokenizer.from_dir(str(tokenizer_dir)), metrics)
     task = asyncio.create_task(engine.run())
@@ -172,3 +175,24 @@ async def test_same_seed_gives_same_tokens_alone_and_in_a_busy_batch(shard, tiny
         different = await token_ids(engine.submit(fixed_length(PROMPTS[1], 16, other_seed)))
     assert results[0] == alone
     assert different != alone  # the seed, not the model, decides the sampled tokens
+
+
+async def test_random_shared_prefixes_under_a_small_kv_cache_each_get_their_greedy_output_alone(shard, tiny_llama):
+    rng = random.Random(7)
+    roots = [[1] + [rng.randrange(2, 30000) for _ in range(95)] for _ in range(3)]
+    cases = []
+    for _ in range(20):
+        prompt = rng.choice(roots)[: rng.choice([3, 16, 17, 40, 70, 96])]  # some longer than a step's budget
+        cases.append((prompt + [rng.randrange(2, 30000) for _ in range(rng.randint(0, 5))], rng.randint(16, 40)))
+    async with running_engine(shard, tiny_llama, prefix_caching=False) as engine:
+        alone = [await token_ids(engine.submit(fixed_length(prompt, n))) for prompt, n in cases]
+    # 10 blocks of 16 tokens for 20 requests of up to 141 tokens: cached blocks are evicted and
+    # requests preempted all along.
+    async with running_engine(shard, tiny_llama, max_batch_total_tokens=160, max_batch_size=8) as engine:
+        streams = [engine.submit(fixed_length(prompt, n)) for prompt, n in cases]
+        together = await asyncio.gather(*(token_ids(s) for s in streams))
+        scheduler, blocks = engine.scheduler, engine.scheduler.blocks
+        assert scheduler.num_cached_tokens > 0 and any(s.request.num_cached_prompt_tokens for s in streams)
+        assert scheduler.num_preemptions > 0
+        assert blocks.num_free_blocks == blocks.num_usable_blocks  # every block free or cached, none referenced
+    assert together == alone

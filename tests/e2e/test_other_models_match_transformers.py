@@ -9,8 +9,9 @@ import aiohttp
 import pytest
 
 from server_helpers import (
-    MAX_NEW_TOKENS, PROMPTS, assert_greedy_equals_transformers, assert_same_tokens, generate_all, running_server,
-    save_tiny_model, tiny_config, transformers_greedy,
+    MAX_NEW_TOKENS, PREFIX_PROMPTS, PROMPTS, assert_greedy_equals_transformers,
+    assert_greedy_equals_transformers_with_cached_prefixes, running_server, save_tiny_model, tiny_config,
+    transformers_greedy,
 )
 
 FALLBACKS = ["gpt_neox", "opt"]  # transformers' own classes over our paged KV cache
@@ -57,12 +58,13 @@ async def test_a_multimodal_checkpoint_served_text_only_refuses_an_image_with_42
 
 @pytest.fixture(scope="module")
 def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[int]]:
-    return transformers_greedy(smollm2_transformers, smollm2_tokenizer_dir, PROMPTS, MAX_NEW_TOKENS)
+    return transformers_greedy(smollm2_transformers, smollm2_tokenizer_dir, PROMPTS + PREFIX_PROMPTS, MAX_NEW_TOKENS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_shard", [1, 2])
-async def test_smollm2_gguf_greedy_output_equals_transformers(smollm2_gguf, smollm2_expected, hf_home, num_shard):
+async def test_smollm2_gguf_greedy_output_equals_transformers_also_from_cached_prefixes(
+    smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard
+):
     with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
-        ours = await generate_all(server.url, PROMPTS, MAX_NEW_TOKENS)
-    assert_same_tokens(ours, smollm2_expected)
+        await assert_greedy_equals_transformers_with_cached_prefixes(server.url, smollm2_tokenizer_dir, smollm2_expected)

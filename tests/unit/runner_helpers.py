@@ -132,3 +132,30 @@ def with_eager_decode_steps(runner: ModelRunner, num_blocks: int, max_batch_size
     runner.allocate_kv_cache(num_blocks)
     runner.decode_graphs = EagerDecodeSteps(runner.model, runner.kv_caches, max_batch_size, num_blocks, runner.device)
     return runner
+
+
+def assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt(runner: ModelRunner, num_new_tokens: int = 8) -> None:
+    """A sequence that joins with another's three computed blocks as its cached prefix
+    (`NewSequence.num_cached_tokens`) decodes the tokens of the same prompt computed in full."""
+    size = runner.block_size
+    num_cached = 3 * size
+    donor = list(range(3, 3 + num_cached + 5))
+    prompt = donor[:num_cached] + [7, 8, 9]
+    blocks_per_seq = -(-(len(prompt) + num_new_tokens) // size)
+    donor_blocks = list(range(1, 1 + blocks_per_seq))
+    runner.step([], [NewSequence(1, donor, SamplingParams(), 0)], [ScheduledSequence(1, len(donor), donor_blocks, True)])
+
+    def decode(request_id: int, cached: int, blocks: list[int]) -> list[int]:
+        new = [NewSequence(request_id, prompt, SamplingParams(), 0, num_cached_tokens=cached)]
+        tokens = []
+        for k in range(num_new_tokens):
+            out = runner.step([1] if k == 0 else [], new if k == 0 else [], [ScheduledSequence(
+                request_id, len(prompt) - cached if k == 0 else 1, blocks if k == 0 else [], k == num_new_tokens - 1)])
+            tokens.append(out.samples[0].token_id)
+        return tokens
+
+    whole = decode(2, 0, list(range(1 + blocks_per_seq, 1 + 2 * blocks_per_seq)))
+    fresh = list(range(1 + 2 * blocks_per_seq, 1 + 3 * blocks_per_seq))
+    from_cache = decode(3, num_cached, donor_blocks[:3] + fresh[: blocks_per_seq - 3])
+    assert from_cache == whole
+    assert runner.sequences[3].block_table[:3] == donor_blocks[:3]

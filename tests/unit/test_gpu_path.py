@@ -10,6 +10,7 @@ from model_helpers import save_tiny_model, tiny_config
 from runner_helpers import (
     BLOCK_SIZE,
     PROMPTS,
+    assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt,
     assert_greedy_under_transformers,
     assert_lookahead_gives_the_plain_tokens,
     every_fifth_token,
@@ -70,6 +71,11 @@ def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):
     runner, hf_model = load_runner("llama", tmp_path)
     runner.mixed_graphs = None
     assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))
+
+
+def test_a_sequence_joining_with_cached_blocks_under_cuda_graphs_decodes_what_its_whole_prompt_gives(tmp_path):
+    runner, _ = load_runner("llama", tmp_path)
+    assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt(runner)
 
 
 def test_lookahead_steps_give_the_same_tokens_as_plain_steps(tmp_path):

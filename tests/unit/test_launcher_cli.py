@@ -69,6 +69,7 @@ OPTIONS = [
     ("AIP_PREDICT_ROUTE", "--aip-predict-route", "aip_predict_route", "/predict", "/predict"),
     ("AIP_HEALTH_ROUTE", "--aip-health-route", "aip_health_route", "/healthz", "/healthz"),
     ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", "disable_grammar_support", None, True),
+    ("PREFIX_CACHING", "--prefix-caching", "prefix_caching", "false", False),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -100,6 +101,7 @@ REJECTED_OPTIONS = [
     ("CUDA_GRAPHS", "--cuda-graphs", "1,x", "`cuda_graphs` takes comma-separated batch sizes"),
     ("CUDA_MEMORY_FRACTION", "--cuda-memory-fraction", "1.5", "`cuda_memory_fraction` must be in (0, 1]"),
     ("SHARDED", "--sharded", "maybe", "`sharded` must be true or false"),
+    ("PREFIX_CACHING", "--prefix-caching", "radix", "`prefix_caching` must be true or false"),
     ("VALIDATION_WORKERS", "--validation-workers", "0", "`validation_workers` must be >= 1"),
     ("MAX_CLIENT_BATCH_SIZE", "--max-client-batch-size", "0", "`max_client_batch_size` must be >= 1"),
     ("WAITING_SERVED_RATIO", "--waiting-served-ratio", "-1", "`waiting_served_ratio` must be >= 0"),

@@ -4,6 +4,7 @@ against HF transformers."""
 import pytest
 import torch
 from model_helpers import hf_logits, save_tiny_model, tiny_config
+from runner_helpers import assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -46,6 +47,19 @@ def test_greedy_samples_follow_transformers_and_requests_without_logprobs_get_no
     assert out.prompt_logprobs == []
     assert sample.token_id == hf_logits(hf_model, prompt)[-1].argmax().item()
     assert [t for t, _ in sample.top_tokens][0] == sample.token_id and len(sample.top_tokens) == 2
+
+
+def test_a_sequence_joining_with_cached_blocks_decodes_what_its_whole_prompt_gives(tmp_path):
+    runner, _ = make_runner(tmp_path)
+    assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt(runner)
+
+
+@pytest.mark.parametrize("num_cached", [3, 8])
+def test_a_cached_prefix_that_is_not_whole_blocks_short_of_the_prompt_is_refused(tmp_path, num_cached):
+    runner, _ = make_runner(tmp_path)
+    new = [NewSequence(1, list(range(3, 11)), SamplingParams(), 0, num_cached_tokens=num_cached)]
+    with pytest.raises(ValueError, match=f"{num_cached} cached tokens of 8"):
+        runner.step([], new, [ScheduledSequence(1, 8 - num_cached, [1, 2])])
 
 
 def test_lookahead_plans_without_cuda_graphs_run_as_plain_steps(tmp_path):

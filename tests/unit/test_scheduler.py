@@ -1,6 +1,9 @@
 """Scheduler and block allocator, driven by hand-built step results (no model, no shards)."""
 
+import math
 import random
+
+import pytest
 
 from tgi_router.block_manager import BlockManager
 from tgi_router.request import Request, SampledToken, StepResult
@@ -230,3 +233,194 @@ def test_steps_allow_lookahead_only_while_nothing_waits():
     scheduler.finish(1)
     plan, _ = run_step(scheduler)
     assert plan.lookahead
+
+
+# Prefix caching. Blocks hold BLOCK_SIZE (4) tokens; prompts are token lists.
+
+
+def make_prompt_request(request_id, prompt, max_new_tokens=4, **fields):
+    return Request(id=request_id, prompt_token_ids=list(prompt), max_new_tokens=max_new_tokens, **fields)
+
+
+def run_to_end(scheduler):
+    while scheduler.has_work:
+        _, sampled = run_step(scheduler)
+        finish_done(scheduler, sampled)
+
+
+def test_a_request_starts_after_the_cached_blocks_of_a_prefix_computed_before():
+    scheduler = make_scheduler()
+    scheduler.add(make_prompt_request(1, range(10)))
+    first_plan = scheduler.schedule()
+    first_blocks = list(first_plan.scheduled[0].new_block_ids)
+    scheduler.update(first_plan, StepResult([SampledToken(1, 7, 0.0)]))
+    run_to_end(scheduler)
+    scheduler.add(make_prompt_request(2, [*range(9), 99, 98]))  # shares 9 tokens: two whole blocks
+    plan = scheduler.schedule()
+    (chunk,) = plan.scheduled
+    assert chunk.request.num_computed_tokens == 8 and chunk.num_tokens == 3
+    assert chunk.new_block_ids[:2] == first_blocks[:2]  # the cached blocks lead the new block table
+    assert chunk.request.num_cached_prompt_tokens == 8
+    assert (scheduler.num_cached_tokens, scheduler.num_computed_tokens) == (8, 10 + 3)
+
+
+def test_a_prompt_shorter_than_a_block_shares_nothing():
+    scheduler = make_scheduler()
+    scheduler.add(make_prompt_request(1, range(10)))
+    run_to_end(scheduler)
+    scheduler.add(make_prompt_request(2, [0, 1, 2, 50, 51]))
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.request.num_computed_tokens == 0 and chunk.num_tokens == 5
+
+
+@pytest.mark.parametrize("prompt_len, num_cached", [(8, 4), (9, 8), (12, 8)])
+def test_a_whole_cached_prompt_still_computes_its_last_token(prompt_len, num_cached):
+    scheduler = make_scheduler()
+    scheduler.add(make_prompt_request(1, range(prompt_len)))
+    run_to_end(scheduler)
+    scheduler.add(make_prompt_request(2, range(prompt_len)))
+    plan, sampled = run_step(scheduler)
+    (chunk,) = plan.scheduled
+    assert chunk.num_tokens == prompt_len - num_cached  # whole blocks, ending before the last token
+    assert [request.id for request, _ in sampled] == [2]  # so it samples at once
+
+
+def test_blocks_shared_by_running_requests_are_freed_only_by_the_last_one():
+    scheduler = make_scheduler(num_blocks=9)  # 8 usable
+    scheduler.add(make_prompt_request(1, range(9), max_new_tokens=8))
+    run_step(scheduler)
+    scheduler.add(make_prompt_request(2, range(9), max_new_tokens=8))
+    run_step(scheduler)
+    first, second = scheduler.running
+    assert first.block_ids[:2] == second.block_ids[:2] and first.block_ids[2:] != second.block_ids[2:]
+    scheduler.finish(1)
+    # The shared blocks are still in use; request 1's own (its last) block is free again.
+    assert scheduler.blocks.num_free_blocks == 8 - len(second.block_ids)
+    scheduler.finish(2)
+    assert scheduler.blocks.num_free_blocks == 8
+
+
+def test_free_blocks_are_reused_uncached_first_then_least_recently_freed_tails_first():
+    blocks = BlockManager(num_blocks=9, block_size=BLOCK_SIZE)
+    older, newer, plain = blocks.allocate(3), blocks.allocate(3), blocks.allocate(2)
+    for table, tag in ((older, b"o"), (newer, b"n")):
+        for index, block in enumerate(table):
+            blocks.cache(block, tag + bytes([index]))
+    blocks.free(older)
+    blocks.free(newer)
+    blocks.free(plain)
+    assert blocks.num_cached_free_blocks == 6
+    order = blocks.allocate(8)
+    assert order == [*plain, *reversed(older), *reversed(newer)]
+    assert blocks.num_cached_free_blocks == 0 and blocks.cached_prefix([b"o\x00"]) == []
+
+
+def test_a_cached_block_taken_again_leaves_the_free_list_and_is_not_evicted():
+    blocks = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    (block,) = blocks.allocate(1)
+    blocks.cache(block, b"h")
+    blocks.free([block])
+    assert blocks.cached_prefix([b"h", b"x"]) == [block] and blocks.num_free_among([block]) == 1
+    blocks.take([block])
+    assert blocks.num_free_blocks == 2 and blocks.num_cached_free_blocks == 0
+    assert block not in blocks.allocate(2)
+    assert blocks.allocate(1) is None
+
+
+def test_cached_blocks_are_evicted_before_a_running_request_is_preempted():
+    scheduler = make_scheduler(num_blocks=7, prefill_tokens=32)  # 6 usable blocks
+    scheduler.add(make_prompt_request(1, range(100, 116), max_new_tokens=1))  # 4 blocks, then cached
+    run_to_end(scheduler)
+    assert scheduler.blocks.num_cached_free_blocks == 4
+    scheduler.add(make_prompt_request(2, range(8), max_new_tokens=14))  # grows to 6 blocks
+    run_to_end(scheduler)
+    assert scheduler.num_preemptions == 0
+    assert scheduler.blocks.num_free_blocks == 6
+
+
+def test_a_request_cancelled_mid_step_leaves_no_block_cached():
+    scheduler = make_scheduler()
+    scheduler.add(make_prompt_request(1, range(12)))
+    plan = scheduler.schedule()
+    scheduler.finish(1)  # while the step runs
+    scheduler.update(plan, StepResult([SampledToken(1, 7, 0.0)]))
+    assert scheduler.blocks.num_cached_free_blocks == 0
+    scheduler.add(make_prompt_request(2, range(12)))
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.request.num_computed_tokens == 0
+
+
+def test_only_the_blocks_a_finished_step_filled_are_cached():
+    scheduler = make_scheduler(prefill_tokens=6)
+    scheduler.add(make_prompt_request(1, range(8)))
+    run_step(scheduler)  # tokens 0..5: the first block is full, the second half computed
+    scheduler.add(make_prompt_request(2, [*range(8), 50, 51, 52, 53]))
+    plan, _ = run_step(scheduler)
+    # Request 1 computes tokens 6 and 7; request 2, although there is budget left, waits for them.
+    assert [(chunk.request.id, chunk.num_tokens) for chunk in plan.scheduled] == [(1, 2)]
+    plan = scheduler.schedule()
+    (chunk,) = [chunk for chunk in plan.scheduled if chunk.request.id == 2]
+    assert chunk.request.num_computed_tokens == 8 and chunk.num_tokens == 4
+
+
+def test_siblings_of_one_prompt_compute_it_once():
+    scheduler = make_scheduler(prefill_tokens=64)
+    for request_id in (1, 2, 3):
+        scheduler.add(make_prompt_request(request_id, range(20), max_new_tokens=3))
+    plan, _ = run_step(scheduler)
+    assert [(chunk.request.id, chunk.num_tokens) for chunk in plan.scheduled] == [(1, 20)]
+    plan, _ = run_step(scheduler)
+    assert [(chunk.request.id, chunk.num_tokens) for chunk in plan.scheduled] == [(1, 1), (2, 4), (3, 4)]
+    assert scheduler.num_cached_tokens == 32
+
+
+def test_requests_that_want_prompt_logprobs_compute_their_whole_prompt_but_leave_it_cached():
+    scheduler = make_scheduler()
+    scheduler.add(make_prompt_request(1, range(10)))
+    run_to_end(scheduler)
+    scheduler.add(make_prompt_request(2, range(10), prompt_logprobs=[math.nan] * 10))
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.request.num_computed_tokens == 0 and chunk.num_tokens == 10
+
+
+def test_a_preempted_request_resumes_from_its_own_cached_blocks():
+    scheduler = make_scheduler(num_blocks=5, prefill_tokens=32)  # 4 usable
+    scheduler.add(make_prompt_request(1, range(4), max_new_tokens=8))
+    scheduler.add(make_prompt_request(2, range(50, 54), max_new_tokens=8))
+    cached_on_return = []
+    for _ in range(40):
+        if not scheduler.has_work:
+            break
+        plan, sampled = run_step(scheduler)
+        cached_on_return += [r.num_computed_tokens for r in plan.new_requests if r.num_preemptions]
+        finish_done(scheduler, sampled)
+    assert scheduler.num_preemptions >= 1 and any(cached_on_return)
+
+
+def test_prefix_caching_off_computes_every_prompt_in_full():
+    config = SchedulerConfig(max_batch_prefill_tokens=32, max_batch_size=8, prefix_caching=False)
+    scheduler = Scheduler(config, BlockManager(64, BLOCK_SIZE))
+    scheduler.add(make_prompt_request(1, range(10)))
+    run_to_end(scheduler)
+    scheduler.add(make_prompt_request(2, range(10)))
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.num_tokens == 10 and scheduler.blocks.num_cached_free_blocks == 0
+
+
+def test_random_shared_prefixes_leave_every_block_free_or_cached_and_unreferenced():
+    rng = random.Random(1)
+    scheduler = make_scheduler(num_blocks=20, prefill_tokens=12, batch_size=6)
+    roots = [[rng.randrange(1000) for _ in range(24)] for _ in range(3)]
+    for step in range(500):
+        if step < 400 and rng.random() < 0.3:
+            prompt = rng.choice(roots)[: rng.randint(1, 24)] + [rng.randrange(1000) for _ in range(rng.randint(0, 6))]
+            scheduler.add(make_prompt_request(step, prompt, max_new_tokens=rng.randint(1, 10)))
+        if step % 23 == 0 and scheduler.running:
+            scheduler.finish(rng.choice(scheduler.running).id)
+        if scheduler.has_work:
+            _, sampled = run_step(scheduler)
+            finish_done(scheduler, sampled)
+    assert not scheduler.has_work and scheduler.num_cached_tokens > 0
+    blocks = scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_usable_blocks
+    assert blocks.allocate(blocks.num_usable_blocks) is not None  # nothing still referenced

@@ -69,7 +69,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 results = await collect_all(streams)
                 headers = timing_headers(router, valid, streams[0], started_at, validated_at)
                 choices = [_chat_choice(body, events, output, i) for i, events in enumerate(results)]
-                payload = {**head, "choices": choices, "usage": _usage(len(valid.input_ids), sum(map(len, results)))}
+                payload = {**head, "choices": choices, "usage": _usage(streams[:1], sum(map(len, results)))}
                 return web.json_response(payload, headers=headers)
             async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
                 await _stream_chat(sse, head, body, valid, streams, output)
@@ -111,8 +111,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                  "finish_reason": events[-1].finish_reason.value}
                 for i, events in enumerate(results)
             ]
-            prompt_tokens = sum(len(v.input_ids) for v in valids[::num_choices])
-            return web.json_response({**head, "choices": choices, "usage": _usage(prompt_tokens, sum(map(len, results)))})
+            usage = _usage(streams[::num_choices], sum(map(len, results)))
+            return web.json_response({**head, "choices": choices, "usage": usage})
         try:
             async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
                 await _stream_completions(sse, head, streams, with_logprobs)
@@ -344,10 +344,14 @@ def _logprob(event: TokenEvent) -> dict:
     }
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """OpenAI's usage: the prompts' tokens (once per prompt, whatever `n`) and every choice's tokens."""
+def _usage(prompt_streams: list[RequestStream], completion_tokens: int) -> dict:
+    """OpenAI's usage: the prompts' tokens, once per prompt whatever `n` (`prompt_streams`: one choice
+    of each prompt), those of them the prefix cache served, and every choice's tokens."""
+    prompt_tokens = sum(len(stream.request.prompt_token_ids) for stream in prompt_streams)
+    cached_tokens = sum(stream.request.num_cached_prompt_tokens for stream in prompt_streams)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _open_sse(request: web.Request, headers: dict[str, str]):
@@ -380,7 +384,7 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
         }
         await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
     if (body.get("stream_options") or {}).get("include_usage"):
-        await sse.send(json.dumps({**head, "choices": [], "usage": _usage(len(valid.input_ids), sum(num_tokens))}))
+        await sse.send(json.dumps({**head, "choices": [], "usage": _usage(streams[:1], sum(num_tokens))}))
     await sse.send("[DONE]")
 
 

@@ -52,12 +52,14 @@ INT, NUM, STR, BOOL = {"type": "integer"}, {"type": "number"}, {"type": "string"
 NON_EMPTY_STR = {"type": "string", "minLength": 1}
 U32 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
 POSITIVE_U32 = {**U32, "minimum": 1}
+CACHED_TOKENS = {"type": "integer", "minimum": 0,
+                 "description": "Prompt tokens whose KV came from the prefix cache instead of being computed."}
 FINISH_REASON = {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]}
 
 TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM), "special": BOOL}, ("id", "text", "special"))
 PREFILL_TOKEN = _obj({"id": INT, "text": STR, "logprob": _nullable(NUM)}, ("id", "text"))
 SEQUENCE = {
-    "finish_reason": FINISH_REASON, "generated_tokens": INT, "seed": _nullable(INT),
+    "finish_reason": FINISH_REASON, "generated_tokens": INT, "seed": _nullable(INT), "cached_tokens": CACHED_TOKENS,
     "prefill": _array(_ref("PrefillToken")),
     "tokens": _array(_ref("Token")),
     "top_tokens": _array(_array(_ref("Token"))),
@@ -92,7 +94,8 @@ OPENAI_SAMPLING = {
     "n": _nullable({"type": "integer", "minimum": 1, "description": "Choices per prompt (prompts x n at most "
                     "max_client_batch_size, in /info)."}),
 }
-USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
+USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
+              "prompt_tokens_details": _obj({"cached_tokens": CACHED_TOKENS}, ("cached_tokens",))},
              ("prompt_tokens", "completion_tokens", "total_tokens"))
 HEAD = {"object": STR, "id": STR, "created": INT, "model": STR, "system_fingerprint": STR}
 OPENAI_LOGPROBS = _nullable(_obj({"content": _array(_obj({
@@ -120,7 +123,8 @@ SCHEMAS = {
         "index": INT, "token": _ref("Token"), "top_tokens": _array(_ref("Token")),
         "generated_text": _nullable(STR),
         "details": _nullable(_obj({"finish_reason": FINISH_REASON, "generated_tokens": INT,
-                                   "seed": _nullable(INT), "input_length": INT})),
+                                   "seed": _nullable(INT), "input_length": INT,
+                                   "cached_tokens": CACHED_TOKENS})),
     }, ("index", "token")),
     "ErrorResponse": _obj({"error": STR, "error_type": STR}, ("error", "error_type")),
     "Info": _obj({
@@ -129,7 +133,7 @@ SCHEMAS = {
         "max_total_tokens": INT, "validation_workers": INT, "max_client_batch_size": INT, "router": STR,
         "version": STR, "sha": _nullable(STR), "docker_label": _nullable(STR),
         "model_dtype": STR, "model_device_type": STR, "kv_cache_dtype": STR, "max_batch_total_tokens": INT,
-        "num_shard": INT, "model_implementation": STR,
+        "num_shard": INT, "model_implementation": STR, "prefix_caching": BOOL,
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

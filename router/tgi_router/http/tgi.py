@@ -181,6 +181,7 @@ async def _send_events(sse, valid: ValidRequest, stream: RequestStream) -> None:
                     "generated_tokens": index,
                     "seed": _seed(valid),
                     "input_length": len(valid.input_ids),
+                    "cached_tokens": stream.request.num_cached_prompt_tokens,
                 }
         await sse.send(_json(message))
 
@@ -202,6 +203,7 @@ def _sequence_json(router: Router, valid: ValidRequest, stream: RequestStream, e
         "finish_reason": last.finish_reason.value,
         "generated_tokens": len(events),
         "seed": _seed(valid),
+        "cached_tokens": stream.request.num_cached_prompt_tokens,
         "prefill": _prefill_json(router, valid, stream),
         "tokens": [_token_json(e.token) for e in events],
     }

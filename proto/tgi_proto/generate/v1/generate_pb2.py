@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tgi_proto/generate/v1/generate.proto\x12\x15tgi_proto.generate.v1\"\r\n\x0bInfoRequest\"\xdb\x01\n\x0cInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x08 \x01(\t\x12\x1c\n\x14model_implementation\x18\t \x01(\t\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x83\x01\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xd4\x02\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x11\n\twatermark\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12L\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x38.tgi_proto.generate.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x97\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12;\n\x08sampling\x18\x03 \x01(\x0b\x32).tgi_proto.generate.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\"\x8b\x01\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x12\n\nlast_token\x18\x04 \x01(\x08\x12\x16\n\x0e\x61llowed_tokens\x18\x05 \x01(\x0c\x12\x14\n\x0cmask_follows\x18\x06 \x01(\x08\"\xd2\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66inished_ids\x18\x02 \x03(\x04\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.tgi_proto.generate.v1.NewRequest\x12:\n\tscheduled\x18\x04 \x03(\x0b\x32\'.tgi_proto.generate.v1.ScheduledRequest\x12\x11\n\tlookahead\x18\x05 \x01(\x08\x12\x14\n\x0cmasks_follow\x18\x06 \x01(\x08\"\xad\x01\n\x10StepMasksRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12R\n\x0e\x61llowed_tokens\x18\x02 \x03(\x0b\x32:.tgi_proto.generate.v1.StepMasksRequest.AllowedTokensEntry\x1a\x34\n\x12\x41llowedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11StepMasksResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"t\n\x06Sample\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1f.tgi_proto.generate.v1.TopToken\"E\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x92\x01\n\x0cStepResponse\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.tgi_proto.generate.v1.Sample\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.tgi_proto.generate.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\xaa\x04\n\x15TextGenerationService\x12O\n\x04Info\x12\".tgi_proto.generate.v1.InfoRequest\x1a#.tgi_proto.generate.v1.InfoResponse\x12U\n\x06Health\x12$.tgi_proto.generate.v1.HealthRequest\x1a%.tgi_proto.generate.v1.HealthResponse\x12U\n\x06Warmup\x12$.tgi_proto.generate.v1.WarmupRequest\x1a%.tgi_proto.generate.v1.WarmupResponse\x12O\n\x04Step\x12\".tgi_proto.generate.v1.StepRequest\x1a#.tgi_proto.generate.v1.StepResponse\x12^\n\tStepMasks\x12\'.tgi_proto.generate.v1.StepMasksRequest\x1a(.tgi_proto.generate.v1.StepMasksResponse\x12\x61\n\nClearCache\x12(.tgi_proto.generate.v1.ClearCacheRequest\x1a).tgi_proto.generate.v1.ClearCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tgi_proto/generate/v1/generate.proto\x12\x15tgi_proto.generate.v1\"\r\n\x0bInfoRequest\"\xdb\x01\n\x0cInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x08 \x01(\t\x12\x1c\n\x14model_implementation\x18\t \x01(\t\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x83\x01\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xd4\x02\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x11\n\twatermark\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12L\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x38.tgi_proto.generate.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb2\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12;\n\x08sampling\x18\x03 \x01(\x0b\x32).tgi_proto.generate.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\x8b\x01\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x12\n\nlast_token\x18\x04 \x01(\x08\x12\x16\n\x0e\x61llowed_tokens\x18\x05 \x01(\x0c\x12\x14\n\x0cmask_follows\x18\x06 \x01(\x08\"\xd2\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66inished_ids\x18\x02 \x03(\x04\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.tgi_proto.generate.v1.NewRequest\x12:\n\tscheduled\x18\x04 \x03(\x0b\x32\'.tgi_proto.generate.v1.ScheduledRequest\x12\x11\n\tlookahead\x18\x05 \x01(\x08\x12\x14\n\x0cmasks_follow\x18\x06 \x01(\x08\"\xad\x01\n\x10StepMasksRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12R\n\x0e\x61llowed_tokens\x18\x02 \x03(\x0b\x32:.tgi_proto.generate.v1.StepMasksRequest.AllowedTokensEntry\x1a\x34\n\x12\x41llowedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11StepMasksResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"t\n\x06Sample\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1f.tgi_proto.generate.v1.TopToken\"E\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x92\x01\n\x0cStepResponse\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.tgi_proto.generate.v1.Sample\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.tgi_proto.generate.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\xaa\x04\n\x15TextGenerationService\x12O\n\x04Info\x12\".tgi_proto.generate.v1.InfoRequest\x1a#.tgi_proto.generate.v1.InfoResponse\x12U\n\x06Health\x12$.tgi_proto.generate.v1.HealthRequest\x1a%.tgi_proto.generate.v1.HealthResponse\x12U\n\x06Warmup\x12$.tgi_proto.generate.v1.WarmupRequest\x1a%.tgi_proto.generate.v1.WarmupResponse\x12O\n\x04Step\x12\".tgi_proto.generate.v1.StepRequest\x1a#.tgi_proto.generate.v1.StepResponse\x12^\n\tStepMasks\x12\'.tgi_proto.generate.v1.StepMasksRequest\x1a(.tgi_proto.generate.v1.StepMasksResponse\x12\x61\n\nClearCache\x12(.tgi_proto.generate.v1.ClearCacheRequest\x1a).tgi_proto.generate.v1.ClearCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=820
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=868
   _globals['_NEWREQUEST']._serialized_start=871
-  _globals['_NEWREQUEST']._serialized_end=1022
-  _globals['_SCHEDULEDREQUEST']._serialized_start=1025
-  _globals['_SCHEDULEDREQUEST']._serialized_end=1164
-  _globals['_STEPREQUEST']._serialized_start=1167
-  _globals['_STEPREQUEST']._serialized_end=1377
-  _globals['_STEPMASKSREQUEST']._serialized_start=1380
-  _globals['_STEPMASKSREQUEST']._serialized_end=1553
-  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_start=1501
-  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_end=1553
-  _globals['_STEPMASKSRESPONSE']._serialized_start=1555
-  _globals['_STEPMASKSRESPONSE']._serialized_end=1574
-  _globals['_TOPTOKEN']._serialized_start=1576
-  _globals['_TOPTOKEN']._serialized_end=1621
-  _globals['_SAMPLE']._serialized_start=1623
-  _globals['_SAMPLE']._serialized_end=1739
-  _globals['_PROMPTLOGPROBS']._serialized_start=1741
-  _globals['_PROMPTLOGPROBS']._serialized_end=1810
-  _globals['_STEPRESPONSE']._serialized_start=1813
-  _globals['_STEPRESPONSE']._serialized_end=1959
-  _globals['_CLEARCACHEREQUEST']._serialized_start=1961
-  _globals['_CLEARCACHEREQUEST']._serialized_end=1980
-  _globals['_CLEARCACHERESPONSE']._serialized_start=1982
-  _globals['_CLEARCACHERESPONSE']._serialized_end=2002
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2005
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2559
+  _globals['_NEWREQUEST']._serialized_end=1049
+  _globals['_SCHEDULEDREQUEST']._serialized_start=1052
+  _globals['_SCHEDULEDREQUEST']._serialized_end=1191
+  _globals['_STEPREQUEST']._serialized_start=1194
+  _globals['_STEPREQUEST']._serialized_end=1404
+  _globals['_STEPMASKSREQUEST']._serialized_start=1407
+  _globals['_STEPMASKSREQUEST']._serialized_end=1580
+  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_start=1528
+  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_end=1580
+  _globals['_STEPMASKSRESPONSE']._serialized_start=1582
+  _globals['_STEPMASKSRESPONSE']._serialized_end=1601
+  _globals['_TOPTOKEN']._serialized_start=1603
+  _globals['_TOPTOKEN']._serialized_end=1648
+  _globals['_SAMPLE']._serialized_start=1650
+  _globals['_SAMPLE']._serialized_end=1766
+  _globals['_PROMPTLOGPROBS']._serialized_start=1768
+  _globals['_PROMPTLOGPROBS']._serialized_end=1837
+  _globals['_STEPRESPONSE']._serialized_start=1840
+  _globals['_STEPRESPONSE']._serialized_end=1986
+  _globals['_CLEARCACHEREQUEST']._serialized_start=1988
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2007
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2009
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2029
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2032
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2586
 # @@protoc_insertion_point(module_scope)
