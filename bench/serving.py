@@ -14,6 +14,9 @@ commit and device.
     python bench/serving.py --launch "--model-id /tmp/llama-8b --load-format dummy" --result-json out.json
     # results side by side (e.g. with bench/hf_generate_batch.py's)
     python bench/serving.py --compare out.json hf.json
+    # multi-turn chat: 64 conversations of 6 turns over one 2,000-token system prompt, each turn a
+    # 100-token user message after the conversation so far (TTFT of first and later turns apart)
+    python bench/serving.py --multi-turn 64 --turns 6 --system-prompt-len 2000 --input-len 100 --output-len 100
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class RequestResult:
     latency: float = 0.0
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the server's prefix cache served, where it says
+    text: str = ""  # the streamed answer (multi-turn chat sends it back in the next turn)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grammar-schemas", type=int, default=0, metavar="N",
                         help="structured workload: request i is constrained by JSON schema i %% N (N distinct "
                              "schemas, each an object holding an array of strings, which never completes early); 0: none")
+    parser.add_argument("--multi-turn", type=int, default=0, metavar="N",
+                        help="a multi-turn chat workload of N conversations (chat route): --turns user messages of "
+                        "--input-len tokens each, every one sent with the conversation so far (a system prompt of "
+                        "--system-prompt-len tokens, earlier messages and answers); --num-prompts is ignored")
+    parser.add_argument("--turns", type=int, default=6, help="user messages per conversation (--multi-turn)")
+    parser.add_argument("--system-prompt-len", type=int, default=2000,
+                        help="tokens of the system prompt every conversation shares (--multi-turn)")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--launch", default=None, metavar="LAUNCHER_ARGS",
                         help="start `text-generation-launcher LAUNCHER_ARGS` first and stop it at the end")
@@ -116,10 +128,9 @@ def request_for(prompt: Prompt, args: argparse.Namespace, index: int | None = No
     return "/generate_stream", {"inputs": prompt.text, "parameters": parameters}
 
 
-async def send(session: aiohttp.ClientSession, base_url: str, prompt: Prompt, args, index: int | None = None) -> RequestResult:
+async def send(session: aiohttp.ClientSession, base_url: str, path: str, body: dict, num_input_tokens: int) -> RequestResult:
     """One streaming request, timed per token event (each SSE event of this server carries one token)."""
-    path, body = request_for(prompt, args, index)
-    result = RequestResult(num_input_tokens=prompt.num_input_tokens)
+    result = RequestResult(num_input_tokens=num_input_tokens)
     started = last = time.perf_counter()
     try:
         async with session.post(base_url + path, json=body) as response:
@@ -135,6 +146,7 @@ async def send(session: aiohttp.ClientSession, base_url: str, prompt: Prompt, ar
                     result.error = (error if isinstance(error, str) else json.dumps(error))[:200]
                     return result
                 if event.get("token") or event.get("choices"):
+                    result.text += _text(event)
                     now = time.perf_counter()
                     if result.num_output_tokens == 0:
                         result.ttft = now - started
@@ -160,15 +172,23 @@ def _event(line: bytes):
     return data if data == "[DONE]" else json.loads(data)
 
 
+def _text(event: dict) -> str:
+    if event.get("token"):
+        return "" if event["token"].get("special") else event["token"]["text"]
+    return "".join(choice["delta"].get("content") or "" for choice in event["choices"])
+
+
 def _read_counts(event: dict, result: RequestResult) -> None:
     """The server's own token counts, where it sends them (TGI's final details, OpenAI's usage chunk)."""
     details, usage = event.get("details"), event.get("usage")
     if details:
         result.num_output_tokens = details["generated_tokens"]
         result.num_input_tokens = details.get("input_length", result.num_input_tokens)
+        result.num_cached_tokens = details.get("cached_tokens", 0)
     elif usage:
         result.num_output_tokens = usage["completion_tokens"]
         result.num_input_tokens = usage["prompt_tokens"]
+        result.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
 
 async def run_requests(base_url: str, prompts: list[Prompt], args, is_measured: bool = True) -> tuple[list[RequestResult], float]:
@@ -181,7 +201,8 @@ async def run_requests(base_url: str, prompts: list[Prompt], args, is_measured: 
 
         async def one(prompt: Prompt, index: int) -> RequestResult:
             async with limit:
-                return await send(session, base_url, prompt, args, index if is_measured else None)
+                path, body = request_for(prompt, args, index if is_measured else None)
+                return await send(session, base_url, path, body, prompt.num_input_tokens)
 
         started = time.perf_counter()
         tasks = []
@@ -190,6 +211,32 @@ async def run_requests(base_url: str, prompts: list[Prompt], args, is_measured: 
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(arrivals.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - started
+
+
+async def run_conversations(base_url: str, system: str, conversations: list[list[Prompt]], args) -> tuple[list[list[RequestResult]], float]:
+    """Every conversation at once (at most `--max-concurrency` requests in flight), its turns one after
+    the other: turn k sends the system prompt, the first k user messages and the k - 1 answers."""
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
+    timeout = aiohttp.ClientTimeout(total=6 * 3600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+
+        async def converse(turns: list[Prompt]) -> list[RequestResult]:
+            messages, results = [{"role": "system", "content": system}], []
+            for turn in turns:
+                messages.append({"role": "user", "content": turn.text})
+                body = {"model": "tgi", "messages": messages, "max_tokens": turn.num_output_tokens, "ignore_eos": True,
+                        "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
+                async with limit:
+                    result = await send(session, base_url, "/v1/chat/completions", body, 0)
+                results.append(result)
+                if not result.is_ok:
+                    break
+                messages.append({"role": "assistant", "content": result.text})
+            return results
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(converse(turns) for turns in conversations))
     return results, time.perf_counter() - started
 
 
@@ -288,6 +335,8 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float, log_path:
 
 def benchmark(base_url: str, args) -> dict:
     tokenize = local_tokenize(load_tokenizer(args.tokenizer)) if args.tokenizer else remote_tokenize(base_url)
+    if args.multi_turn:
+        return _result(base_url, args, benchmark_conversations(base_url, tokenize, args))
     # Warm-up prompts come after the measured ones (same draws as a run without warm-up, and no prompt
     # the measurement sends has been seen by a prefix cache).
     prompts = build_prompts(tokenize, args.num_prompts + args.warmup, args.input_len, args.output_len,
@@ -303,6 +352,33 @@ def benchmark(base_url: str, args) -> dict:
         first = [r.ttft for r in results[: args.grammar_schemas] if r.is_ok]
         later = [r.ttft for r in results[args.grammar_schemas :] if r.is_ok]
         summary.update(distribution("ttft_new_schema", first), **distribution("ttft_cached_schema", later))
+    return _result(base_url, args, summary)
+
+
+def benchmark_conversations(base_url: str, tokenize, args) -> dict:
+    """The multi-turn chat workload (--multi-turn); the TTFT of first turns and of later ones apart,
+    and how many prompt tokens the server's prefix cache served."""
+    num_turns = args.multi_turn * args.turns
+    (system,) = build_prompts(tokenize, 1, args.system_prompt_len, 1, 0.0, args.seed + 2)
+    turns = build_prompts(tokenize, num_turns + args.warmup, args.input_len, args.output_len,
+                          args.random_range_ratio, args.seed)
+    if args.warmup:  # a different system prompt: nothing the measurement sends is cached by it
+        warmup, _ = asyncio.run(run_conversations(base_url, "You are a warm-up.", [turns[num_turns:]], args))
+        if not all(r.is_ok for r in warmup[0]):
+            raise SystemExit(f"warm-up request failed: {next(r.error for r in warmup[0] if not r.is_ok)}")
+    conversations = [turns[i * args.turns : (i + 1) * args.turns] for i in range(args.multi_turn)]
+    results, duration = asyncio.run(run_conversations(base_url, system.text, conversations, args))
+    flat = [r for conversation in results for r in conversation]
+    expected = [turn for conversation, done in zip(conversations, results) for turn in conversation[: len(done)]]
+    summary = summarize(flat, expected, duration)
+    summary.update(distribution("ttft_first_turn", [c[0].ttft for c in results if c and c[0].is_ok]),
+                   **distribution("ttft_later_turns", [r.ttft for c in results for r in c[1:] if r.is_ok]))
+    summary["failed"] += num_turns - len(flat)  # turns never sent after a failure
+    summary["total_cached_input_tokens"] = sum(r.num_cached_tokens for r in flat if r.is_ok)
+    return summary
+
+
+def _result(base_url: str, args, summary: dict) -> dict:
     return {
         "backend": "tgi-py",
         **environment(),

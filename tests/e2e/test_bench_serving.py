@@ -55,3 +55,21 @@ def test_the_structured_workload_sends_schemas_keeps_exact_token_counts_and_time
     metrics = json.loads(out.read_text())["results"]
     assert (metrics["completed"], metrics["failed"], metrics["num_output_length_mismatches"]) == (6, 0, 0)
     assert metrics["median_ttft_new_schema_ms"] > 0 and metrics["median_ttft_cached_schema_ms"] > 0
+
+
+def test_the_multi_turn_chat_workload_sends_each_conversation_back_and_the_server_reuses_its_prefix(
+    tmp_path, hf_home, smollm2_tokenizer_dir
+):
+    model = save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path / "llama")
+    out = tmp_path / "result.json"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--launch", f"--model-id {model} --max-batch-total-tokens 4096", "--multi-turn", "3", "--turns", "3",
+            "--system-prompt-len", "48", "--input-len", "8", "--output-len", "6", "--result-json", str(out)]
+    run = subprocess.run([sys.executable, str(BENCH), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    metrics = json.loads(out.read_text())["results"]
+    assert (metrics["completed"], metrics["failed"], metrics["num_output_length_mismatches"]) == (9, 0, 0)
+    # Each later turn's prompt holds the one before it; every turn holds the 48-token system prompt.
+    assert metrics["total_input_tokens"] > 9 * 48
+    assert metrics["total_cached_input_tokens"] >= 9 * 32
+    assert metrics["median_ttft_first_turn_ms"] > 0 and metrics["median_ttft_later_turns_ms"] > 0
