@@ -19,9 +19,15 @@ class Metrics:
         def histogram(name, doc, buckets=DURATION_BUCKETS, labels=()):
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
-        self.request_count = Counter("tgi_request_count", "Requests received", registry=registry)
-        self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=registry)
-        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=registry)
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, registry=registry)
+
+        self.request_count = counter("tgi_request_count", "Requests received")
+        self.request_success = counter("tgi_request_success", "Requests that succeeded")
+        self.request_failure = counter("tgi_request_failure", "Requests that failed", ["err"])
         self.request_duration = histogram("tgi_request_duration", "End-to-end request time (s)")
         self.validation_duration = histogram("tgi_request_validation_duration", "Validation time (s)")
         self.queue_duration = histogram("tgi_request_queue_duration", "Time queued before batching (s)")
@@ -30,29 +36,23 @@ class Metrics:
         self.generated_tokens = histogram("tgi_request_generated_tokens", "Tokens generated", _linear(max_total_tokens))
         self.input_length = histogram("tgi_request_input_length", "Prompt tokens", _linear(max_input_tokens))
         self.max_new_tokens = histogram("tgi_request_max_new_tokens", "max_new_tokens", _linear(max_total_tokens))
-        self.preemptions = Counter(
-            "tgi_request_preemption", "Requests preempted: KV blocks freed, recomputed later", registry=registry
-        )
-        self.prompt_tokens_cached = Counter(
-            "tgi_request_prompt_tokens_cached", "Known tokens of admitted requests whose KV came from the prefix cache",
-            registry=registry)
-        self.prompt_tokens_computed = Counter(
-            "tgi_request_prompt_tokens_computed", "Known tokens of admitted requests that the shards computed",
-            registry=registry)
-        self.prefix_cache_hit_rate = Gauge(
-            "tgi_prefix_cache_hit_rate", "Share of admitted requests' known tokens served by the prefix cache",
-            registry=registry)
-        self.prefix_cache_free_blocks = Gauge(
-            "tgi_prefix_cache_free_blocks", "KV blocks no request uses that keep a cached prefix (evicted when needed)",
-            registry=registry)
-        self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
-        self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=registry)
-        self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch", registry=registry)
-        Gauge("tgi_batch_max_total_tokens", "KV cache size in tokens", registry=registry).set(max_batch_total_tokens)
+        self.preemptions = counter("tgi_request_preemption", "Requests preempted: KV blocks freed, recomputed later")
+        self.prompt_tokens_cached = counter(
+            "tgi_request_prompt_tokens_cached", "Known tokens of admitted requests whose KV came from the prefix cache")
+        self.prompt_tokens_computed = counter(
+            "tgi_request_prompt_tokens_computed", "Known tokens of admitted requests that the shards computed")
+        self.prefix_cache_hit_rate = gauge(
+            "tgi_prefix_cache_hit_rate", "Share of admitted requests' known tokens served by the prefix cache")
+        self.prefix_cache_free_blocks = gauge(
+            "tgi_prefix_cache_free_blocks", "KV blocks no request uses that keep a cached prefix (evicted when needed)")
+        self.queue_size = gauge("tgi_queue_size", "Requests waiting")
+        self.batch_size = gauge("tgi_batch_current_size", "Requests in the running batch")
+        self.batch_max_tokens = gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch")
+        gauge("tgi_batch_max_total_tokens", "KV cache size in tokens").set(max_batch_total_tokens)
         self.batch_next_size = histogram("tgi_batch_next_size", "Requests joining per step", [2**i for i in range(11)])
-        self.step_count = Counter("tgi_batch_inference_count", "Steps run", ["method"], registry=registry)
-        self.step_success = Counter("tgi_batch_inference_success", "Steps that succeeded", ["method"], registry=registry)
-        self.step_failure = Counter("tgi_batch_inference_failure", "Steps that failed", ["method"], registry=registry)
+        self.step_count = counter("tgi_batch_inference_count", "Steps run", ["method"])
+        self.step_success = counter("tgi_batch_inference_success", "Steps that succeeded", ["method"])
+        self.step_failure = counter("tgi_batch_inference_failure", "Steps that failed", ["method"])
         self.step_duration = histogram("tgi_batch_inference_duration", "Step round trip (s)", labels=["method"])
         self.forward_duration = histogram("tgi_batch_forward_duration", "Shard forward time (s)", labels=["method"])
 
