@@ -216,7 +216,8 @@ def _num_choices(router: Router, body: dict, num_prompts: int = 1) -> int:
 
 def _choices(valid: ValidRequest, n: int) -> list[ValidRequest]:
     """`n` requests for one prompt, each sampled with its own seed: the given one plus the choice's
-    index (reproducible), or a random one. (Each computes the prompt: its KV cache is not shared yet.)"""
+    index (reproducible), or a random one. With prefix caching (the default) the prompt is computed
+    once: the other choices wait for its KV blocks and start from them."""
     if valid.is_seed_given:
         return [with_seed(valid, (valid.sampling.seed + i) % 2**64) for i in range(n)]
     return [valid] + [with_seed(valid, secrets.randbits(64)) for _ in range(1, n)]
