@@ -26,6 +26,7 @@ from pathlib import Path
 from tgi_proto.settings import (
     DEFAULT_MASTER_PORT,
     DEFAULT_SHARD_UDS_PATH,
+    QUANTIZATIONS,
     PrepareSettings,
     RouterSettings,
     SettingsError,
@@ -43,8 +44,6 @@ log = logging.getLogger("tgi_launcher")
 
 # TGI options not implemented here: option -> (the values that mean "off", why another value fails).
 UNSUPPORTED = {
-    "quantize": ((None,), f"no quantization is implemented (TGI's values: {', '.join(TGI_QUANTIZE)}); "
-                 "serve an unquantized checkpoint or a GGUF file, which is dequantized at load"),
     "speculate": ((None, 0), "speculative decoding is not implemented"),
     "lora_adapters": ((None, ""), "LoRA adapters are not implemented"),
     "rope_scaling": ((None,), "RoPE scaling comes from the model's config.json only"),
@@ -118,6 +117,7 @@ def resolve_config(
     aip_http_port: int | None = None,
     cuda_graphs: str | tuple[int, ...] | None = None,
     prefix_caching: bool | str | None = None,
+    quantize: str | None = None,
     **settings,
 ) -> LauncherConfig:
     """Builds the config from the options as given (None = not given). `settings` are the fields of
@@ -148,6 +148,12 @@ def resolve_config(
         settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
     elif cuda_graphs is not None:
         settings["cuda_graphs"] = cuda_graphs
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"`--quantize {quantize}` is not supported: only {', '.join(QUANTIZATIONS)} is implemented "
+                          f"(TGI's values: {', '.join(TGI_QUANTIZE)}); serve an unquantized checkpoint or a GGUF "
+                          "file, which is dequantized at load")
+    if quantize is not None:
+        settings["quantize"] = quantize
     if prefix_caching is not None:
         settings["prefix_caching"] = parse_bool("prefix_caching", prefix_caching)
     if aip_http_port is not None:  # Vertex AI picks the port

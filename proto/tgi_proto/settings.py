@@ -31,6 +31,8 @@ DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
 # The KV cache's element type: "auto" is the model's dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3fn", "fp8_e5m2")
 LOAD_FORMATS = ("auto", "dummy")
+# Quantizations a shard applies at load (TGI's --quantize values it implements).
+QUANTIZATIONS = ("fp8",)
 # Decode batch sizes a shard captures as CUDA graphs unless told otherwise (up to its max batch size):
 # dense where batches are small, every 16 then 32 above.
 DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -98,6 +100,10 @@ class ShardSettings:
     block_size: int = setting(16, "Tokens per KV cache block.", minimum=1)
     load_format: str = setting("auto", "auto: load the checkpoint; dummy: random weights of its shapes (benchmarks).",
                                choices=LOAD_FORMATS)
+    quantize: str | None = setting(
+        None, "fp8: the attention and dense MLP weights of a bf16/fp16/fp32 checkpoint in fp8 (e4m3, a scale per output "
+        "row), activations quantized per token; on CPU, or a GPU of compute capability 8.9 or later.",
+        choices=QUANTIZATIONS)
     cuda_graphs: tuple[int, ...] | None = setting(
         None, "Decode batch sizes captured as CUDA graphs, comma-separated; an empty list disables them (default: "
         f"{', '.join(map(str, DEFAULT_CUDA_GRAPH_SIZES[:10]))}, ... {DEFAULT_CUDA_GRAPH_SIZES[-1]} up to the batch size).")

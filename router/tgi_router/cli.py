@@ -151,6 +151,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
         "prefix_caching": settings.prefix_caching,
+        "quantize": shard_info.quantize or None,
     }
 
 

@@ -93,7 +93,8 @@ def _build_server(settings: ShardSettings):
         custom_all_reduce=not settings.disable_custom_all_reduce,
     )
     backend = "portable" if settings.disable_custom_kernels else None
-    model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend)
+    model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend,
+                               settings.quantize)
     log.info("model %s runs on the %s implementation", model_architecture(config), implementation(model_architecture(config)))
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
     if not model.supports_cuda_graphs:
@@ -114,6 +115,7 @@ def _build_server(settings: ShardSettings):
         world_size=world_size,
         kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
         model_implementation=implementation(model_architecture(config)),
+        quantize=settings.quantize or "",
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)

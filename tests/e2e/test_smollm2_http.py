@@ -31,13 +31,13 @@ async def test_generate_answers_paris_for_the_capital_of_france(smollm2_server):
     assert "Paris" in payload["generated_text"]
 
 
-async def test_an_fp8_kv_cache_still_answers_paris_also_from_a_cached_prefix(hf_home, smollm2_gguf, smollm2_tokenizer_dir):
-    """`--kv-cache-dtype fp8_e4m3fn` (TGI's flag) through launcher, shard and the portable attention;
-    the same question again starts from its first block of fp8 KV, cached."""
+async def test_fp8_weights_and_kv_cache_still_answer_paris_also_from_a_cached_prefix(hf_home, smollm2_gguf, smollm2_tokenizer_dir):
+    """`--quantize fp8` and `--kv-cache-dtype fp8_e4m3fn` (TGI's flags) through launcher, shard and the
+    portable path; the same question again starts from its first block of fp8 KV, cached."""
     prompt = "Here is a question about geography, answered in one word by a helpful assistant. The capital of France is"
     body = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True}}
-    with running_server(str(smollm2_gguf), hf_home, "--kv-cache-dtype", "fp8_e4m3fn", "--max-batch-prefill-tokens", "512",
-                        "--max-total-tokens", "1024") as server:
+    with running_server(str(smollm2_gguf), hf_home, "--kv-cache-dtype", "fp8_e4m3fn", "--quantize", "fp8",
+                        "--max-batch-prefill-tokens", "512", "--max-total-tokens", "1024") as server:
         async with aiohttp.ClientSession() as session:
             answers = [await post(session, server.url + "/generate", body) for _ in range(2)]
             async with session.get(server.url + "/info") as response:
@@ -45,7 +45,7 @@ async def test_an_fp8_kv_cache_still_answers_paris_also_from_a_cached_prefix(hf_
     assert [status for status, _ in answers] == [200, 200]
     assert all("Paris" in payload["generated_text"] for _, payload in answers)
     assert [payload["details"]["cached_tokens"] for _, payload in answers] == [0, 16]
-    assert info["kv_cache_dtype"] == "float8_e4m3fn" and info["model_dtype"] == "float32"
+    assert info["kv_cache_dtype"] == "float8_e4m3fn" and info["model_dtype"] == "float32" and info["quantize"] == "fp8"
 
 
 async def test_generate_stream_sends_tgi_events_ending_with_the_full_text(smollm2_server):

@@ -199,13 +199,13 @@ def run_schedule(driver: PagedBatchDriver, schedule) -> tuple[dict, dict]:
     return seq_to_tokens, {seq_id: torch.cat(parts) for seq_id, parts in seq_to_logits.items()}
 
 
-def tp_rank_worker(rank: int, world_size: int, port: int, model_dirs: dict, out_dir: str) -> None:
-    """One tensor-parallel rank: load each model, run the mixed schedule, save its logits per rank."""
+def tp_rank_worker(rank: int, world_size: int, port: int, model_dirs: dict, out_dir: str, quantize: str | None = None) -> None:
+    """One tensor-parallel rank: load each model (quantized so), run the mixed schedule, save its logits per rank."""
     torch.set_num_threads(1)
     tp = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
     try:
         for name, model_dir in model_dirs.items():
-            model, config = load_model(model_dir, tp, torch.float32, torch.device("cpu"))
+            model, config = load_model(model_dir, tp, torch.float32, torch.device("cpu"), quantize=quantize)
             driver = PagedBatchDriver(model)
             _, seq_to_logits = run_schedule(driver, mixed_schedule(config.vocab_size))
             torch.save(seq_to_logits, f"{out_dir}/{name}_rank{rank}.pt")

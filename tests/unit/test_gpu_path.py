@@ -25,10 +25,11 @@ from tgi_server.warmup import warmup
 
 pytestmark = pytest.mark.gpu
 
-def load_runner(variant: str, tmp_path, kv_cache_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32):
+def load_runner(variant: str, tmp_path, kv_cache_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
+                quantize: str | None = None):
     hf_model = save_tiny_model(tiny_config(variant), tmp_path)
     device = torch.device("cuda")
-    model, config = load_model(str(tmp_path), SINGLE, dtype, device)
+    model, config = load_model(str(tmp_path), SINGLE, dtype, device, quantize=quantize)
     runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8),
                          kv_cache_dtype=kv_cache_dtype)
     warmup(runner, max_batch_prefill_tokens=256, max_total_tokens=128, max_batch_size=8)
@@ -64,6 +65,16 @@ def test_bf16_greedy_with_kernels_graphs_and_lookahead_stays_near_transformers(t
     outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True)
     assert runner.num_chained_steps > 10
     assert_greedy_under_transformers(hf_model, outputs, slack=0.1, exact_share=0.8)
+
+
+def test_fp8_weights_on_the_tensor_cores_under_graphs_and_lookahead_stay_near_transformers(tmp_path):
+    """`--quantize fp8` in bfloat16 through torch._scaled_mm, CUDA graphs and chained lookahead: fp8
+    weights and activations move the tiny model's logits by about a tenth of their spread (see
+    test_quantization.py), so tokens stay within that of HF's best and most are the best."""
+    runner, hf_model = load_runner("llama", tmp_path, dtype=torch.bfloat16, quantize="fp8")
+    assert runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True)
+    assert_greedy_under_transformers(hf_model, outputs, slack=0.6, exact_share=0.6)
 
 
 def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):

@@ -70,6 +70,7 @@ OPTIONS = [
     ("AIP_HEALTH_ROUTE", "--aip-health-route", "aip_health_route", "/healthz", "/healthz"),
     ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", "disable_grammar_support", None, True),
     ("PREFIX_CACHING", "--prefix-caching", "prefix_caching", "false", False),
+    ("QUANTIZE", "--quantize", "quantize", "fp8", "fp8"),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -88,7 +89,7 @@ NO_EFFECT_OPTIONS = [
 
 # Values that fail with one line, the same by flag and by env var. (env var, flag, raw value, message)
 REJECTED_OPTIONS = [
-    ("QUANTIZE", "--quantize", "gptq", "`--quantize gptq` is not supported: no quantization is implemented"),
+    ("QUANTIZE", "--quantize", "gptq", "`--quantize gptq` is not supported: only fp8 is implemented"),
     ("SPECULATE", "--speculate", "2", "`--speculate 2` is not supported: speculative decoding is not implemented"),
     ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8", "`kv_cache_dtype` must be one of auto, fp8_e4m3fn, fp8_e5m2"),
     ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),

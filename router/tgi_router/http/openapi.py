@@ -134,6 +134,7 @@ SCHEMAS = {
         "version": STR, "sha": _nullable(STR), "docker_label": _nullable(STR),
         "model_dtype": STR, "model_device_type": STR, "kv_cache_dtype": STR, "max_batch_total_tokens": INT,
         "num_shard": INT, "model_implementation": STR, "prefix_caching": BOOL,
+        "quantize": _nullable({"type": "string", "description": "The weights' quantization (--quantize), or null."}),
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

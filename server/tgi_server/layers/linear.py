@@ -3,6 +3,10 @@
 A column-parallel layer keeps a slice of the output features, so its output is already the
 rank's slice of heads or of the MLP's intermediate; the row-parallel layer after it consumes
 exactly that slice and all-reduces the partial sums.
+
+`--quantize fp8` (`quantize_linears`, after loading): both kinds then hold their weight in fp8 with a
+scale per output row (of this rank's slice: a row-parallel rank scales its own partial sums), and
+multiply activations quantized per token.
 """
 
 import torch
@@ -10,6 +14,7 @@ from torch import nn
 
 from tgi_server.distributed import TPGroup
 from tgi_server.ops import select_ops
+from tgi_server.quantization import quantize_fp8_rows
 from tgi_server.weights import WeightSource
 
 
@@ -17,7 +22,31 @@ def _parameter(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _QuantizableLinear(nn.Module):
+    """What the tensor-parallel linears share: a weight that `quantize_fp8` turns into fp8 values and
+    a float32 scale per output row (`weight_scale`, None while unquantized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("weight_scale", None)
+
+    @torch.no_grad()
+    def quantize_fp8(self) -> None:
+        values, scales = quantize_fp8_rows(self.weight)
+        self.weight = _parameter(values)  # [out, in] float8_e4m3fn
+        self.weight_scale = _parameter(scales.squeeze(1))  # [out] float32
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """`--quantize fp8`: every column- and row-parallel linear of `model` (attention and dense MLP
+    projections; not embeddings, the LM head, MoE experts or routers) to fp8. Returns how many."""
+    layers = [module for module in model.modules() if isinstance(module, _QuantizableLinear)]
+    for layer in layers:
+        layer.quantize_fp8()
+    return len(layers)
+
+
+class ColumnParallelLinear(_QuantizableLinear):
     """One or more linears sharing an input, fused along the output dim and split across ranks.
 
     `output_sizes` lists the fused parts (e.g. [intermediate, intermediate] for gate/up); each
@@ -79,7 +108,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
-        return self.ops.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -103,7 +132,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, sizes, bias, tp, dtype, device, part_ranges=[q_rows, kv_rows, kv_rows])
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_QuantizableLinear):
     """A linear whose input features are split across ranks; partial outputs are summed by all-reduce.
 
     The bias is added once, to the reduced sum, so every rank returns the same full output. This
@@ -141,7 +170,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""
-        out = self.tp.all_reduce(self.ops.linear(x, self.weight))
+        out = self.tp.all_reduce(self.ops.linear(x, self.weight, None, self.weight_scale))
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -7,12 +7,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from tgi_proto.settings import LOAD_FORMATS
 from tgi_server.distributed import TPGroup
+from tgi_server.layers.linear import quantize_linears
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
 from tgi_server.ops import building_with
+from tgi_server.quantization import check_fp8_support
 from tgi_server.weights import load_config, open_weights
 
 ARCHITECTURES = {
@@ -76,6 +78,7 @@ def load_model(
     device: torch.device,
     load_format: str = "auto",
     backend: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Build this rank's shard of the model at `model_path` and load its weights.
 
@@ -83,6 +86,8 @@ def load_model(
     `load_format="dummy"` only the config is read and the weights are random (for sizing and
     benchmarking models whose weights are not at hand). `backend` forces the layers' compute backend
     ("portable" or "triton", see `tgi_server.ops`); None picks the device's default.
+    `quantize="fp8"` turns the loaded linear layers to fp8 (`quantize_linears`); the transformers
+    fallback and GPUs without fp8 matmuls refuse it (UnsupportedModelError, before any weight is read).
     An architecture not in `ARCHITECTURES` runs on transformers' own class (`transformers_fallback`).
     Raises UnsupportedModelError for an architecture neither supports, WeightShapeError for a
     tensor whose shape disagrees with the config, KeyError for a missing one.
@@ -93,6 +98,9 @@ def load_model(
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     is_dummy = load_format == "dummy"
+    _check_not_prequantized(config)
+    if quantize is not None:
+        _check_quantize(quantize, model_cls, device)
     with building_with(backend):
         if model_cls is TransformersCausalLM:  # transformers reads its own checkpoints
             model = TransformersCausalLM(config, tp, dtype, device, None if is_dummy else model_path)
@@ -102,7 +110,34 @@ def load_model(
         fill_random_weights(model, seed=tp.rank)
     elif model_cls is not TransformersCausalLM:
         model.load_weights(open_weights(model_path, config, dtype))
+    if quantize == "fp8":
+        quantize_linears(model)
     return model.eval(), model.config  # a multimodal checkpoint's text config where only its text model runs
+
+
+def _check_not_prequantized(config: PretrainedConfig) -> None:
+    """Refuses a checkpoint stored quantized (config.json's `quantization_config`): its tensors need
+    their scales (or unpacking), which no loader here reads yet, and read as plain weights they would
+    give wrong output without any error."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+        raise UnsupportedModelError(
+            f"the checkpoint is pre-quantized (quant_method {method!r}), which is not supported yet; serve its "
+            "unquantized checkpoint instead (with --quantize fp8 for fp8 weights)")
+
+
+def _check_quantize(quantize: str, model_cls: type, device: torch.device) -> None:
+    """Refuses, before any weight is read, a quantization this model or device cannot run."""
+    if quantize != "fp8":
+        raise UnsupportedModelError(f"unknown quantization {quantize!r}; only fp8 is implemented")
+    if model_cls is TransformersCausalLM:
+        raise UnsupportedModelError("--quantize fp8 needs an in-project model; this architecture runs on the "
+                                    "transformers fallback")
+    try:
+        check_fp8_support(device)
+    except ValueError as error:
+        raise UnsupportedModelError(str(error)) from None
 
 
 @torch.no_grad()

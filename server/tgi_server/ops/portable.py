@@ -8,12 +8,24 @@ import torch
 import torch.nn.functional as F
 
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.quantization import quantize_fp8_rows
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [num_tokens, in] @ weight.T (+ bias). With `weight_scale` ([out] float32), `weight` is fp8: x
+    is quantized to fp8 per token as the fp8 matmul does, and the product of the dequantized values is
+    taken in float32 (the reference of the tensor-core matmul)."""
+    if weight_scale is None:
+        return F.linear(x, weight, bias)
+    x_fp8, x_scales = quantize_fp8_rows(x)
+    out = (x_fp8.float() * x_scales) @ (weight.float() * weight_scale[:, None]).t()  # [num_tokens, out]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def rms_norm(

@@ -10,11 +10,19 @@ from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
 from tgi_server.kernels import fused, skinny
 from tgi_server.kernels.attention import paged_attention
 from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
+from tgi_server.quantization import quantize_fp8_rows
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """F.linear, except that a few rows go through the skinny kernel, which reads the weight faster
-    than cuBLAS does at that size."""
+    than cuBLAS does at that size. An fp8 weight (with its `weight_scale`) multiplies x quantized to
+    fp8 per token on the fp8 tensor cores (`torch._scaled_mm`, row-wise scales)."""
+    if weight_scale is not None:
+        x_fp8, x_scales = quantize_fp8_rows(x)
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scales, scale_b=weight_scale[None, :], out_dtype=x.dtype)
+        return out if bias is None else out + bias
     if x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= skinny.MAX_ROWS:
         return skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
