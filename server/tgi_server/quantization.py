@@ -21,10 +21,3 @@ def quantize_fp8_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scales = values.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [rows, 1]
     return (values.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
-
-def check_fp8_support(device: torch.device) -> None:
-    """Raises ValueError, naming the GPU, where `--quantize fp8` cannot run (a GPU before Ada)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_FP8_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(f"--quantize fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); {name} is "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")

@@ -37,13 +37,11 @@ class _QuantizableLinear(nn.Module):
         self.weight_scale = _parameter(scales.squeeze(1))  # [out] float32
 
 
-def quantize_linears(model: nn.Module) -> int:
+def quantize_linears(model: nn.Module) -> None:
     """`--quantize fp8`: every column- and row-parallel linear of `model` (attention and dense MLP
-    projections; not embeddings, the LM head, MoE experts or routers) to fp8. Returns how many."""
-    layers = [module for module in model.modules() if isinstance(module, _QuantizableLinear)]
-    for layer in layers:
+    projections; not embeddings, the LM head, MoE experts or routers) to fp8."""
+    for layer in [module for module in model.modules() if isinstance(module, _QuantizableLinear)]:
         layer.quantize_fp8()
-    return len(layers)
 
 
 class ColumnParallelLinear(_QuantizableLinear):

@@ -14,7 +14,7 @@ from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
 from tgi_server.ops import building_with
-from tgi_server.quantization import check_fp8_support
+from tgi_server.quantization import MIN_FP8_CAPABILITY
 from tgi_server.weights import load_config, open_weights
 
 ARCHITECTURES = {
@@ -134,10 +134,10 @@ def _check_quantize(quantize: str, model_cls: type, device: torch.device) -> Non
     if model_cls is TransformersCausalLM:
         raise UnsupportedModelError("--quantize fp8 needs an in-project model; this architecture runs on the "
                                     "transformers fallback")
-    try:
-        check_fp8_support(device)
-    except ValueError as error:
-        raise UnsupportedModelError(str(error)) from None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_FP8_CAPABILITY:
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise UnsupportedModelError(f"--quantize fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
+                                    f"{torch.cuda.get_device_name(device)} is {capability}")
 
 
 @torch.no_grad()
