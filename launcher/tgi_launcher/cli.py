@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from tgi_launcher import shards
-from tgi_launcher.config import DEFAULT_SHARD_UDS_PATH, TGI_QUANTIZE, ConfigError, LauncherConfig, resolve_config
+from tgi_launcher.config import DEFAULT_SHARD_UDS_PATH, QUANTIZATIONS, TGI_QUANTIZE, ConfigError, LauncherConfig, resolve_config
 from tgi_launcher.environment import environment_report
 from tgi_launcher.logs import LAUNCHER_TARGET, json_line, setup_logging
 from tgi_launcher.router import router_argv, router_env
@@ -48,7 +48,7 @@ def launch(
     validation_workers: int = _passed(RouterSettings, "validation_workers", "VALIDATION_WORKERS"),
     sharded: Optional[str] = typer.Option(None, envvar="SHARDED", metavar="true|false", help="Whether to shard the model; true with a single shard or GPU, or false with several shards, is an error."),
     num_shard: Optional[int] = typer.Option(None, envvar="NUM_SHARD", help="Shard processes, one per GPU: the tensor-parallel degree (default: the visible GPUs, or 1)."),
-    quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=help_of(ShardSettings, "quantize") + f" TGI's other values ({', '.join(q for q in TGI_QUANTIZE if q != 'fp8')}) are an error."),
+    quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=help_of(ShardSettings, "quantize") + f" TGI's other values ({', '.join(q for q in TGI_QUANTIZE if q not in QUANTIZATIONS)}) are an error."),
     speculate: Optional[int] = typer.Option(None, envvar="SPECULATE", help="Not supported: only 0 (no speculative decoding) is accepted."),
     dtype: Optional[str] = _passed(ShardSettings, "dtype", "DTYPE"),
     kv_cache_dtype: str = _passed(ShardSettings, "kv_cache_dtype", "KV_CACHE_DTYPE"),

@@ -149,9 +149,9 @@ def resolve_config(
     elif cuda_graphs is not None:
         settings["cuda_graphs"] = cuda_graphs
     if quantize not in (None, *QUANTIZATIONS):
-        raise ConfigError(f"`--quantize {quantize}` is not supported: only {', '.join(QUANTIZATIONS)} is implemented "
-                          f"(TGI's values: {', '.join(TGI_QUANTIZE)}); serve an unquantized checkpoint or a GGUF "
-                          "file, which is dequantized at load")
+        raise ConfigError(f"`--quantize {quantize}` is not supported: {', '.join(QUANTIZATIONS)} are implemented "
+                          f"(TGI's values: {', '.join(TGI_QUANTIZE)}); serve an unquantized, fp8, AWQ, GPTQ or "
+                          "compressed-tensors checkpoint, or a GGUF file, which is dequantized at load")
     if quantize is not None:
         settings["quantize"] = quantize
     if prefix_caching is not None:

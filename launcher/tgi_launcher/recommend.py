@@ -2,6 +2,8 @@
 
 TGI answers this with a cloud API; here it is arithmetic on the model's config.json:
 - weights: the parameter count (from the architecture's shapes) times the dtype size, split over shards;
+  the attention and dense MLP projections of a quantized checkpoint (`quantization_config`) at their
+  stored size: 1 byte per weight for fp8, half a byte plus the group's scale and zero for 4-bit;
 - KV cache: 2 (K and V) x layers x kv heads x head dim x dtype size per token;
 - headroom: CUDA context and the activations of one `max_batch_prefill_tokens` prefill.
 The answer has the shape of TGI's recommender: model_id, instance and configuration.
@@ -69,6 +71,14 @@ class ModelShape:
         return embeddings + self.num_layers * (attention + mlp + 2 * hidden) + hidden
 
     @property
+    def num_projection_parameters(self) -> int:
+        """The attention and dense MLP projections: what a quantized checkpoint stores quantized."""
+        hidden, kv_width = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = hidden * self.num_heads * self.head_dim * 2 + hidden * kv_width * 2
+        mlp = 0 if self.num_experts else 3 * hidden * self.intermediate_size
+        return self.num_layers * (attention + mlp)
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES
 
@@ -78,19 +88,47 @@ class ModelShape:
         return num_tokens * (4 * self.hidden_size + 2 * self.intermediate_size) * DTYPE_BYTES
 
 
+def projection_bytes_per_weight(quantization_config: dict | None) -> tuple[float, str | None]:
+    """(bytes per stored projection weight, the quantization's name) of a checkpoint's
+    `quantization_config`: fp8 1 byte; 4-bit half a byte and a 16-bit scale and zero per group."""
+    if not quantization_config:
+        return DTYPE_BYTES, None
+    method = quantization_config.get("quant_method")
+    bits, group_size = quantization_config.get("bits"), quantization_config.get("group_size")
+    if method == "compressed-tensors":
+        groups = list((quantization_config.get("config_groups") or {}).values())
+        weights = (groups[0].get("weights") or {}) if groups else {}
+        bits, group_size = weights.get("num_bits"), weights.get("group_size")
+    elif method in ("fp8", "fbgemm_fp8"):
+        bits = 8
+    if bits == 8:
+        return 1, method
+    if bits == 4:
+        return 0.5 + (2 * DTYPE_BYTES / group_size if group_size and group_size > 0 else 0), method
+    return DTYPE_BYTES, method
+
+
+def weight_bytes(config: dict) -> tuple[int, str | None]:
+    """(bytes of all the model's weights as served, the checkpoint's quantization or None)."""
+    shape = ModelShape.from_config(config)
+    per_projection_weight, quantization = projection_bytes_per_weight(config.get("quantization_config"))
+    projections = shape.num_projection_parameters
+    return int((shape.num_parameters - projections) * DTYPE_BYTES + projections * per_projection_weight), quantization
+
+
 def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int) -> dict:
     """The smallest number of shards that holds the model with room for a full context; ValueError
     when even `num_gpus` GPUs cannot."""
     shape = ModelShape.from_config(config)
-    weight_bytes = shape.num_parameters * DTYPE_BYTES
+    total_weight_bytes, quantization = weight_bytes(config)
     for num_shard in _shard_counts(num_gpus):
         usable = num_shard * gpu_memory_gib * GIB * USABLE_FRACTION
         prefill_tokens = min(MAX_PREFILL_TOKENS, shape.max_position_embeddings)
-        free = usable - weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
+        free = usable - total_weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
         kv_tokens = int(free // shape.kv_bytes_per_token) if free > 0 else 0
         if kv_tokens >= min(shape.max_position_embeddings, prefill_tokens + 1):
             max_total = min(shape.max_position_embeddings, kv_tokens)
-            estimate = weight_bytes + num_shard * shape.activation_bytes(prefill_tokens) + max_total * shape.kv_bytes_per_token
+            estimate = total_weight_bytes + num_shard * shape.activation_bytes(prefill_tokens) + max_total * shape.kv_bytes_per_token
             return {
                 "model_id": model_id,
                 "instance": f"{num_shard}x GPU with {gpu_memory_gib:g} GiB",
@@ -99,13 +137,13 @@ def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int)
                     "max_input_length": max_total - 1,
                     "max_total_tokens": max_total,
                     "num_shard": num_shard,
-                    "quantize": None,
+                    "quantize": quantization,
                     "estimated_memory_in_gigabytes": round(estimate / GIB, 2),
                 },
             }
-    needed = (weight_bytes + shape.activation_bytes(MAX_PREFILL_TOKENS)) / GIB / USABLE_FRACTION
+    needed = (total_weight_bytes + shape.activation_bytes(MAX_PREFILL_TOKENS)) / GIB / USABLE_FRACTION
     raise ValueError(
-        f"{model_id} needs about {needed:.0f} GiB of GPU memory in bf16; {num_gpus} GPU(s) of "
+        f"{model_id} needs about {needed:.0f} GiB of GPU memory{'' if quantization else ' in bf16'}; {num_gpus} GPU(s) of "
         f"{gpu_memory_gib:g} GiB are not enough"
     )
 

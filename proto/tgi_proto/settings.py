@@ -31,8 +31,10 @@ DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
 # The KV cache's element type: "auto" is the model's dtype.
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3fn", "fp8_e5m2")
 LOAD_FORMATS = ("auto", "dummy")
-# Quantizations a shard applies at load (TGI's --quantize values it implements).
-QUANTIZATIONS = ("fp8",)
+# TGI's --quantize values a shard implements: fp8 quantizes a plain checkpoint at load (or names an fp8
+# checkpoint's format); the others name the format of a checkpoint stored quantized, which loads as
+# stored without any flag too.
+QUANTIZATIONS = ("fp8", "awq", "gptq", "compressed-tensors")
 # Decode batch sizes a shard captures as CUDA graphs unless told otherwise (up to its max batch size):
 # dense where batches are small, every 16 then 32 above.
 DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -102,7 +104,9 @@ class ShardSettings:
                                choices=LOAD_FORMATS)
     quantize: str | None = setting(
         None, "fp8: the attention and dense MLP weights of a bf16/fp16/fp32 checkpoint in fp8 (e4m3, a scale per output "
-        "row), activations quantized per token; on CPU, or a GPU of compute capability 8.9 or later.",
+        "row), activations quantized per token; on CPU, or a GPU of compute capability 8.9 or later. awq, gptq, "
+        "compressed-tensors: the checkpoint's own format (checkpoints stored quantized, fp8 or 4-bit, are detected from "
+        "config.json without this flag).",
         choices=QUANTIZATIONS)
     cuda_graphs: tuple[int, ...] | None = setting(
         None, "Decode batch sizes captured as CUDA graphs, comma-separated; an empty list disables them (default: "

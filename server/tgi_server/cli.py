@@ -46,12 +46,13 @@ def serve(settings: ShardSettings) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {settings.rank} %(levelname)s %(message)s")
     from tgi_server.models.registry import UnsupportedModelError
+    from tgi_server.quantization import QuantizationConfigError
     from tgi_server.weights import WeightShapeError
 
     try:
         server = _build_server(settings)
-    except (WeightShapeError, UnsupportedModelError, KeyError, FileNotFoundError) as error:
-        # A checkpoint that does not fit its config: one line that names the tensor or file.
+    except (WeightShapeError, UnsupportedModelError, QuantizationConfigError, KeyError, FileNotFoundError) as error:
+        # A checkpoint that does not fit its config or this server: one line that names the tensor, file or format.
         log.error("cannot load %s: %s", settings.model_path, error.args[0] if isinstance(error, KeyError) else error)
         sys.exit(1)
     stopped = threading.Event()
@@ -74,6 +75,7 @@ def _build_server(settings: ShardSettings):
     from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
     from tgi_server.distributed import init_distributed
     from tgi_server.model_runner import ModelRunner
+    from tgi_server.layers.linear import weight_quantization
     from tgi_server.models.registry import implementation, load_model, model_architecture
     from tgi_server.sampler import Watermark
     from tgi_server.service import TextGenerationService
@@ -115,7 +117,7 @@ def _build_server(settings: ShardSettings):
         world_size=world_size,
         kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
         model_implementation=implementation(model_architecture(config)),
-        quantize=settings.quantize or "",
+        quantize=weight_quantization(model),
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)

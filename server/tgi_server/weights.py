@@ -24,12 +24,19 @@ class WeightSource(Protocol):
     model's config implies it: a tensor of another shape raises WeightShapeError naming it (a config
     that disagrees with its weights fails at load, not at the first request)."""
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The whole tensor `name`; KeyError if the checkpoint lacks it."""
+    def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
+        """The whole tensor `name`; KeyError if the checkpoint lacks it. `keep_dtype`: as stored, not cast
+        (quantized values and their scales)."""
         ...
 
-    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
+    ) -> torch.Tensor:
         """Elements [start, stop) of `name` along `dim`, read without the rest where the format allows."""
+        ...
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of `name`, None if the checkpoint lacks it."""
         ...
 
 
@@ -66,15 +73,21 @@ class SafetensorsWeights:
         self.name_to_file = _route_tensor_names(directory)
         self._file_to_handle = {}
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
         _check_shape(name, self._handle(name).get_slice(name).get_shape(), shape)
-        return _cast(self._handle(name).get_tensor(name), self.dtype)
+        tensor = self._handle(name).get_tensor(name)
+        return tensor if keep_dtype else _cast(tensor, self.dtype)
 
-    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
+    ) -> torch.Tensor:
         tensor_slice = self._handle(name).get_slice(name)
         _check_shape(name, tensor_slice.get_shape(), shape)
         index = (slice(None),) * dim + (slice(start, stop),)
-        return _cast(tensor_slice[index], self.dtype)
+        return tensor_slice[index] if keep_dtype else _cast(tensor_slice[index], self.dtype)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self._handle(name).get_slice(name).get_shape()) if name in self.name_to_file else None
 
     def _handle(self, name: str):
         path = self.name_to_file.get(name)
@@ -121,11 +134,16 @@ class GGUFWeights:
         self.path = path
         self.name_to_tensor = parsed["tensors"]
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
         if name not in self.name_to_tensor:
             raise KeyError(f"tensor {name!r} is not in GGUF file {self.path}")
         _check_shape(name, self.name_to_tensor[name].shape, shape)
         return self.name_to_tensor[name]
 
-    def get_range(self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
+    ) -> torch.Tensor:
         return self.get(name, shape).narrow(dim, start, stop - start)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self.name_to_tensor[name].shape) if name in self.name_to_tensor else None

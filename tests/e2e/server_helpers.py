@@ -245,14 +245,14 @@ async def assert_greedy_equals_transformers_with_cached_prefixes(
             assert most >= details["cached_tokens"] >= shared // BLOCK_SIZE * BLOCK_SIZE >= BLOCK_SIZE, prompt
 
 
-async def assert_greedy_equals_transformers(model_dir, hf_home: Path, num_shard: int) -> dict:
+async def assert_greedy_equals_transformers(model_dir, hf_home: Path, num_shard: int, reference=None) -> dict:
     """Serves the checkpoint at `model_dir` with `num_shard` shards, checks greedy output of PROMPTS,
-    then of prompts that start from cached prefixes, against transformers' `generate()`, and returns
-    the server's /info."""
+    then of prompts that start from cached prefixes, against transformers' `generate()` (of the
+    checkpoint, or of the `reference` model given), and returns the server's /info."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = reference if reference is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     expected = transformers_greedy(model, model_dir, PROMPTS + PREFIX_PROMPTS, MAX_NEW_TOKENS)
     small_cache = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
     with running_server(str(model_dir), hf_home, *small_cache, num_shard=num_shard) as server:

@@ -28,13 +28,18 @@ pytestmark = pytest.mark.gpu
 def load_runner(variant: str, tmp_path, kv_cache_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
                 quantize: str | None = None):
     hf_model = save_tiny_model(tiny_config(variant), tmp_path)
+    return checkpoint_runner(tmp_path, kv_cache_dtype, dtype, quantize), hf_model
+
+
+def checkpoint_runner(model_dir, kv_cache_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
+                      quantize: str | None = None) -> ModelRunner:
     device = torch.device("cuda")
-    model, config = load_model(str(tmp_path), SINGLE, dtype, device, quantize=quantize)
+    model, config = load_model(str(model_dir), SINGLE, dtype, device, quantize=quantize)
     runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8),
                          kv_cache_dtype=kv_cache_dtype)
     warmup(runner, max_batch_prefill_tokens=256, max_total_tokens=128, max_batch_size=8)
     assert runner.decode_graphs is not None
-    return runner, hf_model
+    return runner
 
 
 @pytest.mark.parametrize("variant", ["llama3_biased", "mistral_windowed", "odd_heads", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"])
@@ -75,6 +80,23 @@ def test_fp8_weights_on_the_tensor_cores_under_graphs_and_lookahead_stay_near_tr
     assert runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True)
     assert_greedy_under_transformers(hf_model, outputs, slack=0.6, exact_share=0.6)
+
+
+@pytest.mark.parametrize("fmt, slack, exact_share", [("awq", 0.1, 0.8), ("gptq-act-order", 0.1, 0.8), ("ct-w4a16", 0.1, 0.8),
+                                                     ("ct-fp8-channel", 0.6, 0.6), ("fp8-per-tensor", 0.6, 0.6)])
+def test_quantized_checkpoints_under_kernels_graphs_and_lookahead_stay_near_their_dequantized_weights(
+    fmt, slack, exact_share, tmp_path
+):
+    """AWQ, act-order GPTQ, compressed-tensors 4-bit and fp8 checkpoints in bfloat16 through the W4A16
+    kernel or the fp8 tensor cores and skinny fp8 kernel, CUDA graphs and chained lookahead: tokens
+    within bfloat16's rounding of transformers' on the dequantized weights (fp8: within fp8's, as
+    above)."""
+    from quantized_checkpoints import save_quantized
+
+    reference = save_quantized(tiny_config("llama"), tmp_path, tmp_path, fmt, weight_std=0.15)
+    runner = checkpoint_runner(tmp_path, dtype=torch.bfloat16)
+    outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True)
+    assert_greedy_under_transformers(reference, outputs, slack=slack, exact_share=exact_share)
 
 
 def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):

@@ -89,7 +89,7 @@ NO_EFFECT_OPTIONS = [
 
 # Values that fail with one line, the same by flag and by env var. (env var, flag, raw value, message)
 REJECTED_OPTIONS = [
-    ("QUANTIZE", "--quantize", "gptq", "`--quantize gptq` is not supported: only fp8 is implemented"),
+    ("QUANTIZE", "--quantize", "eetq", "`--quantize eetq` is not supported: fp8, awq, gptq, compressed-tensors are implemented"),
     ("SPECULATE", "--speculate", "2", "`--speculate 2` is not supported: speculative decoding is not implemented"),
     ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8", "`kv_cache_dtype` must be one of auto, fp8_e4m3fn, fp8_e5m2"),
     ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
@@ -466,10 +466,10 @@ def test_json_output_formats_launcher_records_and_child_lines_as_json_objects():
 
 
 def test_config_errors_are_one_json_line_with_json_output(captured):
-    result, _ = captured(["--model-id", "m", "--json-output", "--quantize", "awq"])
+    result, _ = captured(["--model-id", "m", "--json-output", "--quantize", "marlin"])
     assert result.exit_code == 2
     line = json.loads(result.output)
-    assert line["level"] == "ERROR" and "`--quantize awq` is not supported" in line["message"]
+    assert line["level"] == "ERROR" and "`--quantize marlin` is not supported" in line["message"]
 
 
 PROBE = """

@@ -80,12 +80,3 @@ def test_fp8_on_the_transformers_fallback_is_refused_before_loading(tmp_path):
     save_tiny_model(tiny_config("gpt_neox"), tmp_path)
     with pytest.raises(UnsupportedModelError, match="transformers fallback"):
         load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"), quantize="fp8")
-
-
-@pytest.mark.parametrize("quant_method", ["compressed-tensors", "awq", "gptq", "fp8"])
-def test_a_pre_quantized_checkpoint_is_refused_before_its_weights_are_read(tmp_path, quant_method):
-    config = tiny_config("llama")
-    config.quantization_config = {"quant_method": quant_method, "bits": 4}
-    config.save_pretrained(tmp_path)  # config.json alone: no weight is ever opened
-    with pytest.raises(UnsupportedModelError, match=f"pre-quantized \\(quant_method '{quant_method}'\\)"):
-        load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))

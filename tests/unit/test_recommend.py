@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tgi_launcher import cli
-from tgi_launcher.recommend import GIB, ModelShape, recommend
+from tgi_launcher.recommend import GIB, ModelShape, recommend, weight_bytes
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
@@ -73,6 +73,25 @@ def test_70b_needs_several_gpus_and_too_few_is_a_clear_error():
     assert recommend("llama-70b", LLAMA_70B, 80, 4)["configuration"]["num_shard"] == 2
     with pytest.raises(ValueError, match="GiB of GPU memory"):
         recommend("llama-70b", LLAMA_70B, 24, 2)
+
+
+@pytest.mark.parametrize("quantization_config, bytes_per_weight, name", [
+    ({"quant_method": "fbgemm_fp8"}, 1, "fbgemm_fp8"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128}, 0.5 + 4 / 128, "awq"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 128}}}},
+     0.5 + 4 / 128, "compressed-tensors"),
+])
+def test_a_quantized_checkpoint_counts_its_projections_at_their_stored_size(quantization_config, bytes_per_weight, name):
+    shape = ModelShape.from_config(LLAMA_70B)
+    quantized = {**LLAMA_70B, "quantization_config": quantization_config}
+    # the embeddings and LM head stay 16-bit; 80 layers of projections shrink
+    expected = (shape.num_parameters - shape.num_projection_parameters) * 2 + shape.num_projection_parameters * bytes_per_weight
+    assert weight_bytes(quantized) == (int(expected), name)
+    assert weight_bytes(LLAMA_70B) == (shape.num_parameters * 2, None)
+    # 70B in bf16 (131 GiB) needs two 80 GiB GPUs; fp8 (~66 GiB) or 4-bit (~36 GiB) fits one
+    assert recommend("llama-70b", LLAMA_70B, 80, 8)["configuration"]["num_shard"] == 2
+    configuration = recommend("llama-70b", quantized, 80, 8)["configuration"]
+    assert configuration["num_shard"] == 1 and configuration["quantize"] == name
 
 
 def test_cli_prints_tgi_recommender_json(tmp_path):

@@ -14,7 +14,7 @@ from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
 from tgi_server.ops import building_with
-from tgi_server.quantization import MIN_FP8_CAPABILITY
+from tgi_server.quantization import FP8_DTYPE, FP8_MAX, MIN_FP8_CAPABILITY, WeightFormat, building_with_weights, weight_format
 from tgi_server.weights import load_config, open_weights
 
 ARCHITECTURES = {
@@ -86,8 +86,12 @@ def load_model(
     `load_format="dummy"` only the config is read and the weights are random (for sizing and
     benchmarking models whose weights are not at hand). `backend` forces the layers' compute backend
     ("portable" or "triton", see `tgi_server.ops`); None picks the device's default.
-    `quantize="fp8"` turns the loaded linear layers to fp8 (`quantize_linears`); the transformers
-    fallback and GPUs without fp8 matmuls refuse it (UnsupportedModelError, before any weight is read).
+    A checkpoint stored quantized (config.json's `quantization_config`: fp8, AWQ, GPTQ,
+    compressed-tensors) loads into quantized linears as it is stored; `quantize="fp8"` turns a plain
+    checkpoint's linears to fp8 after loading (`quantize_linears`), and the other `quantize` values
+    only name the checkpoint's own format. Quantizations this server lacks raise
+    QuantizationConfigError, and the transformers fallback, quantized MoE experts and GPUs without
+    fp8 matmuls UnsupportedModelError, all before any weight is read.
     An architecture not in `ARCHITECTURES` runs on transformers' own class (`transformers_fallback`).
     Raises UnsupportedModelError for an architecture neither supports, WeightShapeError for a
     tensor whose shape disagrees with the config, KeyError for a missing one.
@@ -98,10 +102,13 @@ def load_model(
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     is_dummy = load_format == "dummy"
-    _check_not_prequantized(config)
-    if quantize is not None:
-        _check_quantize(quantize, model_cls, device)
-    with building_with(backend):
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    found = weight_format(quantization, quantize, tp.world_size)
+    if found is not None:
+        _check_quantized_model(found, model_cls, device)
+    with building_with(backend), building_with_weights(found):
         if model_cls is TransformersCausalLM:  # transformers reads its own checkpoints
             model = TransformersCausalLM(config, tp, dtype, device, None if is_dummy else model_path)
         else:
@@ -110,40 +117,29 @@ def load_model(
         fill_random_weights(model, seed=tp.rank)
     elif model_cls is not TransformersCausalLM:
         model.load_weights(open_weights(model_path, config, dtype))
-    if quantize == "fp8":
+    if found is not None and not found.checkpoint:
         quantize_linears(model)
     return model.eval(), model.config  # a multimodal checkpoint's text config where only its text model runs
 
 
-def _check_not_prequantized(config: PretrainedConfig) -> None:
-    """Refuses a checkpoint stored quantized (config.json's `quantization_config`): its tensors need
-    their scales (or unpacking), which no loader here reads yet, and read as plain weights they would
-    give wrong output without any error."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-        raise UnsupportedModelError(
-            f"the checkpoint is pre-quantized (quant_method {method!r}), which is not supported yet; serve its "
-            "unquantized checkpoint instead (with --quantize fp8 for fp8 weights)")
-
-
-def _check_quantize(quantize: str, model_cls: type, device: torch.device) -> None:
-    """Refuses, before any weight is read, a quantization this model or device cannot run."""
-    if quantize != "fp8":
-        raise UnsupportedModelError(f"unknown quantization {quantize!r}; only fp8 is implemented")
+def _check_quantized_model(found: WeightFormat, model_cls: type, device: torch.device) -> None:
+    """Refuses, before any weight is read, quantized weights that this model or device cannot run."""
+    how = "--quantize fp8" if not found.checkpoint else f"a {found.name}-quantized checkpoint"
     if model_cls is TransformersCausalLM:
-        raise UnsupportedModelError("--quantize fp8 needs an in-project model; this architecture runs on the "
-                                    "transformers fallback")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_FP8_CAPABILITY:
+        raise UnsupportedModelError(f"{how} needs an in-project model; this architecture runs on the transformers fallback")
+    if found.checkpoint and model_cls is MixtralForCausalLM:
+        raise UnsupportedModelError(f"{how} of a mixture-of-experts model is not supported yet: its experts are quantized")
+    if not found.is_int4 and device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_FP8_CAPABILITY:
         capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise UnsupportedModelError(f"--quantize fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); "
-                                    f"{torch.cuda.get_device_name(device)} is {capability}")
+        raise UnsupportedModelError(f"{how} needs a GPU of compute capability 8.9 or later (Ada, Hopper) for fp8 "
+                                    f"matmuls; {torch.cuda.get_device_name(device)} is {capability}")
 
 
 @torch.no_grad()
 def fill_random_weights(model: nn.Module, seed: int) -> None:
-    """Norm scales 1 (a stored 0 where the norm scales by 1 + w), every other parameter uniform in
-    [-1e-3, 1e-3] (small, so activations stay finite through any depth), drawn on the parameter's device."""
+    """Norm scales 1 (a stored 0 where the norm scales by 1 + w), every other weight uniform in
+    [-1e-3, 1e-3] (small, so activations stay finite through any depth), drawn on the parameter's
+    device; quantized weights get random codes whose scales make them as small."""
     generator = None
     norm_weights = {id(m.weight): 1.0 - m.weight_offset for m in model.modules() if isinstance(m, RMSNorm)}
     for parameter in model.parameters():
@@ -151,5 +147,15 @@ def fill_random_weights(model: nn.Module, seed: int) -> None:
             generator = torch.Generator(device=parameter.device).manual_seed(seed)
         if id(parameter) in norm_weights:
             parameter.fill_(norm_weights[id(parameter)])
+        elif parameter.dtype == torch.int32:  # 4-bit codes, eight to an int32
+            parameter.random_(generator=generator)
+        elif parameter.dtype == FP8_DTYPE:
+            parameter.copy_(torch.empty(parameter.shape, device=parameter.device).uniform_(-FP8_MAX, FP8_MAX, generator=generator))
         else:
             parameter.uniform_(-1e-3, 1e-3, generator=generator)
+    for layer in model.modules():  # the scales that bring those codes to about 1e-3
+        if getattr(layer, "weight_scale", None) is not None:
+            layer.weight_scale.fill_(1e-3 / FP8_MAX)
+        if getattr(layer, "qweight", None) is not None:
+            layer.scales.fill_(1e-3 / 8)
+            layer.zeros.fill_(8)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
-from tgi_server.quantization import quantize_fp8_rows
+from tgi_server.quantization import dequantize_int4, quantize_fp8_rows
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -26,6 +26,16 @@ def linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def int4_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [num_tokens, in] @ W.T (+ bias) for a 4-bit W (`tgi_server.quantization`'s layout: qweight
+    [out, in / 8], scales and zeros [out, in / group_size]), dequantized in float32 and rounded to x's
+    dtype, as a W4A16 kernel does in registers."""
+    return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size).to(x.dtype), bias)
 
 
 def rms_norm(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
-from tgi_server.kernels import fused, skinny
+from tgi_server.kernels import fused, skinny, w4a16
 from tgi_server.kernels.attention import paged_attention
 from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
 from tgi_server.quantization import quantize_fp8_rows
@@ -18,14 +18,25 @@ def linear(
 ) -> torch.Tensor:
     """F.linear, except that a few rows go through the skinny kernel, which reads the weight faster
     than cuBLAS does at that size. An fp8 weight (with its `weight_scale`) multiplies x quantized to
-    fp8 per token on the fp8 tensor cores (`torch._scaled_mm`, row-wise scales)."""
+    fp8 per token: a few rows in the skinny kernel's fp8 variant, more on the fp8 tensor cores
+    (`torch._scaled_mm`, row-wise scales)."""
     if weight_scale is not None:
         x_fp8, x_scales = quantize_fp8_rows(x)
+        if x.shape[0] <= skinny.MAX_ROWS:
+            return skinny.skinny_fp8_linear(x_fp8, x_scales, weight, weight_scale, bias, out_dtype=x.dtype)
         out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scales, scale_b=weight_scale[None, :], out_dtype=x.dtype)
         return out if bias is None else out + bias
     if x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= skinny.MAX_ROWS:
         return skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def int4_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The W4A16 kernel: the 4-bit weight dequantized in registers, at any number of rows."""
+    return w4a16.int4_linear(x, qweight, scales, zeros, group_size, bias)
 
 
 def rms_norm(

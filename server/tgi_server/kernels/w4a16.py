@@ -1,0 +1,155 @@
+"""W4A16 linear: y = x @ W.T (+ bias) for a 4-bit weight W, dequantized in registers, never in memory.
+
+x [M, K] is in the model dtype (float16, bfloat16 or float32); W [N, K] arrives packed as the loaders
+leave it (the layout is documented in `tgi_server.quantization`, whose `dequantize_int4` is the
+reference): qweight [N, K // 8] int32, eight nibbles per word with the lowest nibble the lowest k, and
+per-group scales and zeros [N, K // group_size], so that W[n, k] = (nibble - zero) * scale of the group
+k // group_size. The point is the decode step (M = 1..16), which is bound by reading the weight: 4 bits
+per weight instead of 16.
+
+One launch over (M tiles, N tiles), no workspace (CUDA-graph safe), no host sync. Each program walks K
+in BLOCK_K steps: it loads the packed tile [BLOCK_N, BLOCK_K // 8] (BLOCK_K / 2 contiguous bytes per
+weight row), splits every word into its 8 nibbles with shifts and lays them out as [BLOCK_N, BLOCK_K],
+applies the scales and zeros in float32, rounds the weight tile to x's dtype (as the reference
+`F.linear(x, dequantize_int4(...).to(x.dtype))` rounds) and feeds it to `tl.dot` with the x tile,
+accumulating in float32; the bias is added in float32 and the output rounds to x's dtype once.
+
+Scales and zeros are loaded once per group, not per weight, when the groups tile K evenly: when BLOCK_K
+divides group_size, one [BLOCK_N] column per tile; when group_size divides BLOCK_K, the tile's
+[BLOCK_N, BLOCK_K // group_size] groups, broadcast over the group. Any other group size (per-channel
+quantization of a K that is no multiple of BLOCK_K, say) gathers them per element.
+
+The tile sizes in `_config` are conventional values, untuned (they were chosen without a GPU): 16-row
+tiles (the smallest `tl.dot` takes) and narrow N tiles for decode, so that even a 4096-wide projection
+spreads over more than a hundred programs; larger square-ish tiles for prefill. Tune them on the
+target GPU before relying on the speed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tgi_server.quantization import INT4_PER_INT32
+
+
+@triton.jit
+def _int4_linear_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
+    M, N, K, group_size,
+    stride_x, stride_q, stride_s, stride_z, stride_y,
+    HAS_BIAS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[m, n] for the BLOCK_M rows of tile program_id(0) and the BLOCK_N columns of program_id(1).
+
+    GROUPS_PER_TILE: the scale groups of one K tile (1 when BLOCK_K divides group_size), or 0 when
+    groups straddle tiles and scales are gathered per element. DOT_F32: the dot in float32 (IEEE),
+    for float32 x and under Triton's interpreter, which multiplies bfloat16 dot operands as raw bits.
+    """
+    rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows_m < M
+    mask_n = rows_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4  # bit offset of nibble k % 8
+    n64 = rows_n.to(tl.int64)
+    x_ptrs = x_ptr + rows_m[:, None].to(tl.int64) * stride_x + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    q_ptrs = qweight_ptr + n64[:, None] * stride_q + offs_word[None, :]  # [BLOCK_N, BLOCK_K // 8]
+    s_ptrs = scales_ptr + n64[:, None] * stride_s  # [BLOCK_N, 1]
+    z_ptrs = zeros_ptr + n64[:, None] * stride_z
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        word_mask = mask_n[:, None] & ((k0 // 8 + offs_word) < K // 8)[None, :]
+        packed = tl.load(q_ptrs + k0 // 8, mask=word_mask, other=0)  # [BLOCK_N, BLOCK_K // 8] int32
+        nibbles = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K // 8, 8]
+        if GROUPS_PER_TILE == 0:  # groups straddle tiles: a scale and zero per weight
+            nibbles = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32)
+            groups = (k0 + offs_k) // group_size  # [BLOCK_K]
+            tile_mask = mask_n[:, None] & mask_k[None, :]
+            scale = tl.load(s_ptrs + groups[None, :], mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+            zero = tl.load(z_ptrs + groups[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            w = (nibbles - zero) * scale  # [BLOCK_N, BLOCK_K]
+        else:  # the tile holds whole groups (or lies inside one): a scale and zero per group
+            nibbles = tl.reshape(nibbles, (BLOCK_N, GROUPS_PER_TILE, BLOCK_K // GROUPS_PER_TILE)).to(tl.float32)
+            groups = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)  # [GROUPS_PER_TILE]
+            group_mask = mask_n[:, None] & (groups < K // group_size)[None, :]
+            # [BLOCK_N, GROUPS_PER_TILE]
+            scale = tl.load(s_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)
+            w = (nibbles - zero[:, :, None]) * scale[:, :, None]  # [BLOCK_N, GROUPS_PER_TILE, group_size or BLOCK_K]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        w = w.to(x_ptr.dtype.element_ty)  # rounded to the model dtype, as the reference's weight
+        if DOT_F32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows_m[:, None].to(tl.int64) * stride_y + rows_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [n, k]^T product. Untuned (see the module
+    docstring). Decode (m <= 16): one 16-row tile, 32-wide N tiles up to n = 8192 (>= 128 programs for
+    the common 4096-wide projections), 64 beyond, and long 128-deep K steps (64-byte packed row
+    segments). Prefill: larger M and N tiles, as a plain fp16 GEMM would take."""
+    if m <= 16:
+        block_m, block_n, block_k, num_warps = 16, 32 if n <= 8192 else 64, 128, 4
+    elif m <= 64:
+        block_m, block_n, block_k, num_warps = 32, 64, 64, 4
+    elif m <= 256:
+        block_m, block_n, block_k, num_warps = 64, 128, 64, 4
+    else:
+        block_m, block_n, block_k, num_warps = 128, 128, 64, 8
+    block_k = min(block_k, max(triton.next_power_of_2(k), 16))  # tl.dot takes K >= 16
+    return block_m, block_n, block_k, num_warps
+
+
+def _groups_per_tile(group_size: int, block_k: int) -> int:
+    """The kernel's GROUPS_PER_TILE: 1 when a K tile lies inside one group, block_k // group_size when
+    it holds whole groups, 0 (gather per element) otherwise."""
+    if group_size % block_k == 0:
+        return 1
+    if block_k % group_size == 0:
+        return block_k // group_size
+    return 0
+
+
+def int4_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [M, K] (K contiguous) @ W.T (+ bias [N]) -> [M, N] in x's dtype, for the 4-bit weight W [N, K]
+    given as qweight [N, K // 8] int32, scales and zeros [N, K // group_size] (`tgi_server.quantization`).
+
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) instead of `_config`'s (powers of two, each >= 16).
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    assert qweight.dtype == torch.int32 and qweight.shape == (n, k // INT4_PER_INT32), (qweight.shape, x.shape)
+    assert k % INT4_PER_INT32 == 0 and group_size % INT4_PER_INT32 == 0 and k % group_size == 0, (k, group_size)
+    assert scales.shape == zeros.shape == (n, k // group_size), (scales.shape, zeros.shape)
+    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
+    block_m, block_n, block_k, num_warps = config or _config(m, n, k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _int4_linear_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else scales, y,
+        m, n, k, group_size,
+        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, GROUPS_PER_TILE=_groups_per_tile(group_size, block_k),
+        DOT_F32=x.dtype == torch.float32 or interpreted,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return y
