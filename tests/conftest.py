@@ -52,6 +52,23 @@ def smollm2_tokenizer_dir(hf_home, smollm2_gguf) -> Path:
 
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Triton 3.6's interpreter calls `int()` on 1-element arrays, which numpy >= 2.4 refuses; for the
+    modules that run kernels through it (`pytestmark = pytest.mark.usefixtures("triton_interpreter")`)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch
+    yield
+    interpreter._patch_lang_tensor = original
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; without it they are skipped, not failed."""
     if torch.cuda.is_available():

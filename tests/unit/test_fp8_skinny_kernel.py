@@ -13,26 +13,11 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 set before triton is imported (conftest.py)", allow_module_level=True)
 
-from triton.runtime import interpreter  # noqa: E402
-
 from tgi_server.ops import portable  # noqa: E402
 from tgi_server.quantization import quantize_fp8_rows  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels():
-    """Triton 3.6's interpreter calls `int()` on 1-element arrays, which numpy >= 2.4 refuses."""
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch
-    yield
-    interpreter._patch_lang_tensor = original
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,7 +15,6 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 set before triton is imported (conftest.py)", allow_module_level=True)
 
-from triton.runtime import interpreter  # noqa: E402
 
 from model_helpers import PagedBatchDriver, mixed_schedule, run_schedule, save_tiny_model, tiny_config  # noqa: E402
 from tgi_server.distributed import TPGroup  # noqa: E402
@@ -28,18 +27,7 @@ CPU = torch.device("cpu")
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels():
-    """Triton 3.6's interpreter calls `int()` on 1-element arrays, which numpy >= 2.4 refuses."""
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch
-    yield
-    interpreter._patch_lang_tensor = original
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _metadata(q_lens: list[int], context_lens: list[int], block_size: int, num_blocks: int, generator):

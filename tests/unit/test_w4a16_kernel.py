@@ -22,20 +22,7 @@ DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cp
 TOLERANCES = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol": 5e-2, "rtol": 2**-6}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreted_kernels():
-    """Triton 3.6's interpreter calls `int()` on 1-element arrays, which numpy >= 2.4 refuses."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch
-    yield
-    interpreter._patch_lang_tensor = original
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _int4_weight(n: int, k: int, group_size: int, dtype: torch.dtype, generator: torch.Generator):
