@@ -52,7 +52,7 @@ run: $(INSTALLED)
 # Two workers, a test file each at a time (module fixtures stay in one process): the e2e tests
 # mostly wait on servers starting, so the suite takes ~14 min instead of ~20 on 2 cores.
 test: $(INSTALLED) $(TOKENIZER_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: $(TOKENIZER_STAMP)
 	$(PY) -m pytest -q -m "not slow"
