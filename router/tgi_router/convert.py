@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
-from tgi_router.request import PromptLogprobs, Request, SampledToken, SamplingParams, StepPlan, StepResult
+from tgi_router.request import PromptLogprobs, Request, Sample, SampledToken, SamplingParams, StepPlan, StepResult
 
 
 def step_request(plan: StepPlan) -> pb.StepRequest:
@@ -31,12 +31,9 @@ def step_masks(step_id: int, masks: dict[int, bytes]) -> pb.StepMasksRequest:
 
 def step_result(response: pb.StepResponse) -> StepResult:
     samples = [
-        SampledToken(
-            request_id=s.request_id,
-            token_id=s.token_id,
-            logprob=s.logprob,
-            top_tokens=tuple((t.token_id, t.logprob) for t in s.top_tokens),
-        )
+        Sample(s.request_id, tuple(
+            SampledToken(t.token_id, t.logprob, tuple((top.token_id, top.logprob) for top in t.top_tokens)) for t in s.tokens
+        ))
         for s in response.samples
     ]
     prompt_logprobs = [

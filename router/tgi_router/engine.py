@@ -19,7 +19,7 @@ from tgi_router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from tgi_router.errors import GenerationError, InferError
 from tgi_router.grammar import Constraint, compute_masks
 from tgi_router.metrics import Metrics
-from tgi_router.request import FinishReason, Request, SampledToken, SamplingParams, StepPlan, StepResult
+from tgi_router.request import FinishReason, NewTokens, Request, SamplingParams, StepPlan, StepResult
 from tgi_router.scheduler import Scheduler
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
@@ -138,6 +138,7 @@ class Engine:
             top_n_tokens=generation.top_n_tokens,
             prompt_logprobs=[math.nan] * len(generation.input_ids) if generation.prompt_logprobs else None,
             is_constrained=generation.constraint is not None,
+            stop_token_ids=frozenset() if generation.ignore_eos else self.tokenizer.eos_token_ids,
         )
         self.scheduler.add(request)
         self._wakeup.set()
@@ -174,8 +175,8 @@ class Engine:
                 sampled = await self._finish(step)
                 in_flight = self._launch() if self.scheduler.has_work else None
                 await asyncio.sleep(0)  # grpc.aio sends the call on the loop's next turn: before the events
-                for request, sample, finish in sampled:
-                    self._on_token(request, sample, finish)
+                for new in sampled:
+                    self._on_tokens(new)
                 self._observe_batch()
             except ShardError as error:
                 log.error("%s", error)
@@ -218,11 +219,11 @@ class Engine:
         masks = await asyncio.to_thread(compute_masks, list(constraints.values()))
         await self.shards.step_masks(step_id, dict(zip(constraints, masks)))
 
-    async def _finish(self, step: _InFlight) -> list[tuple[Request, SampledToken, FinishReason | None]]:
-        """Waits for `step`, advances its requests, and ends those that stop by length or end of
-        sequence at once (their blocks are free for the next plan). Stop sequences need the text,
-        which is made after the next step is sent: such a request leaves one step later, and the
-        token computed for it meanwhile is dropped."""
+    async def _finish(self, step: _InFlight) -> list[NewTokens]:
+        """Waits for `step` and advances its requests (the scheduler ends those that stop by length or
+        end of sequence at once: their blocks are free for the next plan), and their grammars. Stop
+        sequences need the text, which is made after the next step is sent: such a request leaves one
+        step later, and the token computed for it meanwhile is dropped."""
         try:
             result = await step.call
         except Exception:
@@ -230,28 +231,29 @@ class Engine:
             raise
         self.num_steps += 1
         self._observe_step(step.plan, step.method, time.perf_counter() - step.started, result.forward_ns)
-        sampled = []
-        for request, sample in self.scheduler.update(step.plan, result):
-            stream = self._streams[request.id]
-            finish = None
-            constraint = stream.input.constraint
+        advanced = []
+        for new in self.scheduler.update(step.plan, result):
+            constraint = self._streams[new.request.id].input.constraint
             if constraint is not None:
                 try:
-                    constraint.advance(sample.token_id)  # before the next plan asks it for a mask
+                    new = self._advance_grammar(new, constraint)
                 except RuntimeError as error:
-                    log.error("request %d: %s", request.id, error)
-                    self._fail(request.id, GenerationError(str(error)))
+                    log.error("request %d: %s", new.request.id, error)
+                    self._fail(new.request.id, GenerationError(str(error)))
                     continue
-            if len(request.output_token_ids) >= request.max_new_tokens:
-                finish = FinishReason.LENGTH
-            elif sample.token_id in self.tokenizer.eos_token_ids and not stream.input.ignore_eos:
-                finish = FinishReason.EOS_TOKEN
-            elif constraint is not None and constraint.is_finished and not stream.input.ignore_eos:
-                finish = FinishReason.EOS_TOKEN  # the grammar allows nothing more (ignore_eos: EOS tokens follow)
-            if finish is not None:
-                self.scheduler.finish(request.id)
-            sampled.append((request, sample, finish))
-        return sampled
+            advanced.append(new)
+        return advanced
+
+    def _advance_grammar(self, new: NewTokens, constraint: Constraint) -> NewTokens:
+        """Feeds the tokens to the request's grammar (before the next plan asks it for a mask); a
+        grammar that allows nothing more ends the request (with ignore_eos, EOS tokens follow it)."""
+        for kept, token in enumerate(new.tokens, 1):
+            constraint.advance(token.token_id)
+            if new.finish is None and constraint.is_finished and not self._streams[new.request.id].input.ignore_eos:
+                self.scheduler.finish(new.request.id)
+                del new.request.output_token_ids[len(new.request.output_token_ids) - len(new.tokens) + kept:]
+                return NewTokens(new.request, new.tokens[:kept], FinishReason.EOS_TOKEN)
+        return new
 
     def _observe_step(self, plan: StepPlan, method: str, seconds: float, forward_ns: int) -> None:
         metrics = self.metrics
@@ -277,27 +279,31 @@ class Engine:
             metrics.prefix_cache_hit_rate.set(self._num_cached_seen / (self._num_cached_seen + self._num_computed_seen))
         metrics.prefix_cache_free_blocks.set(blocks.num_cached_free_blocks)
 
-    def _on_token(self, request: Request, sample: SampledToken, finish: FinishReason | None) -> None:
-        """Emits the token's event. `finish` is the length or end-of-sequence stop found from the ids;
-        without one, a stop sequence in the text may end the request (TGI's order: length, end of
-        sequence, stop sequences)."""
+    def _on_tokens(self, new: NewTokens) -> None:
+        """Emits an event per token. `new.finish` is the length or end-of-sequence stop found from the
+        ids (on the last token); before it, a stop sequence in the text may end the request (TGI's
+        order: length, end of sequence, stop sequences), and the tokens after it are dropped."""
+        request = new.request
         stream = self._streams.get(request.id)
         if stream is None:  # cancelled meanwhile
             return
-        text = stream.detokenizer.push(sample.token_id)
-        keep = None
-        if finish is None and (keep := stream.stops.feed(text)) is not None:
-            finish = FinishReason.STOP_SEQUENCE
-        event = TokenEvent(
-            token=self._token(sample.token_id, sample.logprob, text),
-            top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens],
-            finish_reason=finish,
-            generated_text=None if finish is None else self._final_text(request, stream, keep),
-        )
-        stream.events.put_nowait(event)
-        if finish is not None:
-            del self._streams[request.id]
-            self.scheduler.finish(request.id)
+        first = len(request.output_token_ids) - len(new.tokens)
+        for index, sample in enumerate(new.tokens):
+            text = stream.detokenizer.push(sample.token_id)
+            finish, keep = (new.finish if index == len(new.tokens) - 1 else None), None
+            if finish is None and (keep := stream.stops.feed(text)) is not None:
+                finish = FinishReason.STOP_SEQUENCE
+                del request.output_token_ids[first + index + 1:]
+            stream.events.put_nowait(TokenEvent(
+                token=self._token(sample.token_id, sample.logprob, text),
+                top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens],
+                finish_reason=finish,
+                generated_text=None if finish is None else self._final_text(request, stream, keep),
+            ))
+            if finish is not None:
+                del self._streams[request.id]
+                self.scheduler.finish(request.id)
+                return
 
     def _final_text(self, request: Request, stream: _Stream, keep: int | None) -> str:
         if keep is not None:

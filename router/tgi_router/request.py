@@ -67,6 +67,8 @@ class Request:
     # A grammar constrains its tokens: the engine sends a mask whenever it samples, and no step that
     # runs it may be started ahead of its plan (the mask needs the token sampled before).
     is_constrained: bool = False
+    # The token ids that end it (the tokenizer's end-of-sequence ids; none with ignore_eos).
+    stop_token_ids: frozenset[int] = frozenset()
 
     @property
     def num_tokens(self) -> int:
@@ -113,12 +115,29 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class SampledToken:
-    """A token a shard sampled for one request, with its logprob and the top-n alternatives."""
+    """A token a shard sampled, with its logprob and the top-n alternatives."""
 
-    request_id: int
     token_id: int
     logprob: float
     top_tokens: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The tokens one step produced for a request, in order (the proto's `Sample`)."""
+
+    request_id: int
+    tokens: tuple[SampledToken, ...]
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """What a step added to a request: the tokens kept (up to the first that ends it) and, when one
+    did, why (length or end of sequence: the stops that need no text)."""
+
+    request: Request
+    tokens: tuple[SampledToken, ...]
+    finish: FinishReason | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,6 @@ class PromptLogprobs:
 
 @dataclass(frozen=True)
 class StepResult:
-    samples: list[SampledToken]
+    samples: list[Sample]
     forward_ns: int = 0
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)

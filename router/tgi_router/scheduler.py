@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tgi_router.block_manager import ROOT_HASH, BlockManager, block_hash
-from tgi_router.request import Request, SampledToken, ScheduledChunk, StepPlan, StepResult
+from tgi_router.request import FinishReason, NewTokens, Request, ScheduledChunk, StepPlan, StepResult
 
 
 @dataclass(frozen=True)
@@ -96,15 +96,17 @@ class Scheduler:
         self._finished_ids = []
         return plan
 
-    def update(self, plan: StepPlan, result: StepResult) -> list[tuple[Request, SampledToken]]:
-        """Advances the requests of `plan` and appends the tokens sampled for them.
+    def update(self, plan: StepPlan, result: StepResult) -> list[NewTokens]:
+        """Advances the requests of `plan` and appends the tokens sampled for them, up to the first
+        that ends its request by length or end of sequence; such a request is finished here, its
+        blocks free for the next plan. (A stop sequence needs the text: the engine ends those.)
 
         Requests finished while the step was running are skipped (their ids reach the shards with the
         next plan).
         """
         self._store_prompt_logprobs(result)
         samples = {sample.request_id: sample for sample in result.samples}
-        sampled: list[tuple[Request, SampledToken]] = []
+        advanced: list[NewTokens] = []
         for chunk in plan.scheduled:
             request = chunk.request
             if self._live.get(request.id) is not request:
@@ -112,10 +114,21 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             self._cache_computed_blocks(request)
             if request.num_computed_tokens == request.num_tokens:
-                sample = samples[request.id]
-                request.output_token_ids.append(sample.token_id)
-                sampled.append((request, sample))
-        return sampled
+                advanced.append(self._append(request, samples[request.id].tokens))
+        return advanced
+
+    def _append(self, request: Request, tokens) -> NewTokens:
+        finish = None
+        for kept, token in enumerate(tokens, 1):
+            request.output_token_ids.append(token.token_id)
+            if len(request.output_token_ids) >= request.max_new_tokens:
+                finish = FinishReason.LENGTH
+            elif token.token_id in request.stop_token_ids:
+                finish = FinishReason.EOS_TOKEN
+            if finish is not None:
+                self.finish(request.id)
+                return NewTokens(request, tuple(tokens[:kept]), finish)
+        return NewTokens(request, tuple(tokens))
 
     def _store_prompt_logprobs(self, result: StepResult) -> None:
         for chunk in result.prompt_logprobs:

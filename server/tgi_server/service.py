@@ -98,12 +98,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                 for p in output.prompt_logprobs
             ],
             samples=[
-                pb.Sample(
-                    request_id=s.request_id,
-                    token_id=s.token_id,
-                    logprob=s.logprob,
+                pb.Sample(request_id=s.request_id, tokens=[pb.SampledToken(
+                    token_id=s.token_id, logprob=s.logprob,
                     top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in s.top_tokens],
-                )
+                )])
                 for s in output.samples
             ],
             forward_ns=output.forward_ns,

@@ -18,7 +18,7 @@ from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine, GenerationInput
 from tgi_router.errors import GenerationError
 from tgi_router.metrics import Metrics
-from tgi_router.request import SampledToken, StepResult
+from tgi_router.request import Sample, SampledToken, StepResult
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ class FakeShards:
         if self.failure is not None and self.num_steps == self.fail_at_step:
             raise self.failure
         done = [c.request for c in plan.scheduled if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens]
-        return StepResult([SampledToken(request.id, TOKEN_ID, self.logprob) for request in done])
+        return StepResult([Sample(request.id, (SampledToken(TOKEN_ID, self.logprob),)) for request in done])
 
     async def health(self) -> None:
         pass

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from tgi_router.block_manager import BlockManager
-from tgi_router.request import Request, SampledToken, StepResult
+from tgi_router.request import FinishReason, Request, Sample, SampledToken, StepResult
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 
 BLOCK_SIZE = 4
@@ -28,14 +28,13 @@ def run_step(scheduler, token_id=7):
     for chunk in plan.scheduled:
         request = chunk.request
         if request.num_computed_tokens + chunk.num_tokens == request.num_tokens:
-            samples.append(SampledToken(request.id, token_id, -0.5))
+            samples.append(sample(request.id, token_id, logprob=-0.5))
     return plan, scheduler.update(plan, StepResult(samples))
 
 
-def finish_done(scheduler, sampled):
-    for request, _ in sampled:
-        if len(request.output_token_ids) >= request.max_new_tokens:
-            scheduler.finish(request.id)
+def sample(request_id, *token_ids, logprob=0.0):
+    """A step's sample of `token_ids` (one, or several as a step that verified proposals returns)."""
+    return Sample(request_id, tuple(SampledToken(token_id, logprob) for token_id in token_ids))
 
 
 def test_new_requests_are_sent_in_full_once():
@@ -44,7 +43,7 @@ def test_new_requests_are_sent_in_full_once():
     plan, sampled = run_step(scheduler)
     assert [r.id for r in plan.new_requests] == [1]
     assert [c.num_tokens for c in plan.scheduled] == [5]
-    assert [r.id for r, _ in sampled] == [1]
+    assert [new.request.id for new in sampled] == [1]
     plan, _ = run_step(scheduler)
     assert plan.new_requests == []
     assert [c.num_tokens for c in plan.scheduled] == [1]
@@ -69,7 +68,7 @@ def test_request_arriving_mid_decode_joins_running_batch():
     scheduler.add(make_request(2, 6))
     plan, sampled = run_step(scheduler)
     assert [(c.request.id, c.num_tokens) for c in plan.scheduled] == [(1, 1), (2, 6)]
-    assert {r.id for r, _ in sampled} == {1, 2}
+    assert {new.request.id for new in sampled} == {1, 2}
 
 
 def test_step_token_budget_covers_decodes_before_new_prefills():
@@ -99,8 +98,7 @@ def test_concurrent_requests_take_max_not_sum_of_lengths_in_steps():
         scheduler.add(make_request(request_id, 4, max_new_tokens=n))
     num_steps = 0
     while scheduler.has_work:
-        _, sampled = run_step(scheduler)
-        finish_done(scheduler, sampled)
+        run_step(scheduler)
         num_steps += 1
     assert num_steps == max(lengths)
 
@@ -117,9 +115,8 @@ def test_full_cache_preempts_newest_request_and_recomputes_it_later():
             break
         plan, sampled = run_step(scheduler)
         seen_finished += plan.finished_ids
-        for request, _ in sampled:
-            outputs[request.id] = len(request.output_token_ids)
-        finish_done(scheduler, sampled)
+        for new in sampled:
+            outputs[new.request.id] = len(new.request.output_token_ids)
     assert not scheduler.has_work
     assert outputs == {1: 8, 2: 8}
     assert 2 in seen_finished  # the preempted request was dropped from the shards before recompute
@@ -136,7 +133,6 @@ def test_preempted_request_is_resent_with_its_generated_tokens():
             break
         plan, sampled = run_step(scheduler)
         resent += [(r.id, r.num_tokens) for r in plan.new_requests if r.num_preemptions]
-        finish_done(scheduler, sampled)
     assert resent and all(num_tokens > 4 for _, num_tokens in resent)
 
 
@@ -155,7 +151,7 @@ def test_request_finished_during_a_step_is_skipped_by_update():
     scheduler.add(make_request(1, 3))
     plan = scheduler.schedule()
     scheduler.finish(1)
-    assert scheduler.update(plan, StepResult([SampledToken(1, 5, 0.0)])) == []
+    assert scheduler.update(plan, StepResult([sample(1, 5)])) == []
 
 
 def test_allocator_returns_to_fully_free_after_mixed_workload():
@@ -170,7 +166,6 @@ def test_allocator_returns_to_fully_free_after_mixed_workload():
             scheduler.finish(rng.choice(scheduler.running).id)  # a client went away
         if scheduler.has_work:
             _, sampled = run_step(scheduler)
-            finish_done(scheduler, sampled)
     assert not scheduler.has_work
     assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
 
@@ -245,7 +240,6 @@ def make_prompt_request(request_id, prompt, max_new_tokens=4, **fields):
 def run_to_end(scheduler):
     while scheduler.has_work:
         _, sampled = run_step(scheduler)
-        finish_done(scheduler, sampled)
 
 
 def test_a_request_starts_after_the_cached_blocks_of_a_prefix_computed_before():
@@ -253,7 +247,7 @@ def test_a_request_starts_after_the_cached_blocks_of_a_prefix_computed_before():
     scheduler.add(make_prompt_request(1, range(10)))
     first_plan = scheduler.schedule()
     first_blocks = list(first_plan.scheduled[0].new_block_ids)
-    scheduler.update(first_plan, StepResult([SampledToken(1, 7, 0.0)]))
+    scheduler.update(first_plan, StepResult([sample(1, 7)]))
     run_to_end(scheduler)
     scheduler.add(make_prompt_request(2, [*range(9), 99, 98]))  # shares 9 tokens: two whole blocks
     plan = scheduler.schedule()
@@ -282,7 +276,7 @@ def test_a_whole_cached_prompt_still_computes_its_last_token(prompt_len, num_cac
     plan, sampled = run_step(scheduler)
     (chunk,) = plan.scheduled
     assert chunk.num_tokens == prompt_len - num_cached  # whole blocks, ending before the last token
-    assert [request.id for request, _ in sampled] == [2]  # so it samples at once
+    assert [new.request.id for new in sampled] == [2]  # so it samples at once
 
 
 def test_blocks_shared_by_running_requests_are_freed_only_by_the_last_one():
@@ -343,7 +337,7 @@ def test_a_request_cancelled_mid_step_leaves_no_block_cached():
     scheduler.add(make_prompt_request(1, range(12)))
     plan = scheduler.schedule()
     scheduler.finish(1)  # while the step runs
-    scheduler.update(plan, StepResult([SampledToken(1, 7, 0.0)]))
+    scheduler.update(plan, StepResult([sample(1, 7)]))
     assert scheduler.blocks.num_cached_free_blocks == 0
     scheduler.add(make_prompt_request(2, range(12)))
     (chunk,) = scheduler.schedule().scheduled
@@ -393,7 +387,6 @@ def test_a_preempted_request_resumes_from_its_own_cached_blocks():
             break
         plan, sampled = run_step(scheduler)
         cached_on_return += [r.num_computed_tokens for r in plan.new_requests if r.num_preemptions]
-        finish_done(scheduler, sampled)
     assert scheduler.num_preemptions >= 1 and any(cached_on_return)
 
 
@@ -419,8 +412,34 @@ def test_random_shared_prefixes_leave_every_block_free_or_cached_and_unreference
             scheduler.finish(rng.choice(scheduler.running).id)
         if scheduler.has_work:
             _, sampled = run_step(scheduler)
-            finish_done(scheduler, sampled)
     assert not scheduler.has_work and scheduler.num_cached_tokens > 0
     blocks = scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_usable_blocks
     assert blocks.allocate(blocks.num_usable_blocks) is not None  # nothing still referenced
+
+
+def test_a_sample_of_several_tokens_is_kept_whole_when_nothing_ends_the_request():
+    scheduler = make_scheduler()
+    scheduler.add(make_request(1, 5, max_new_tokens=8))
+    plan = scheduler.schedule()
+    (new,) = scheduler.update(plan, StepResult([sample(1, 7, 8, 9)]))
+    assert [t.token_id for t in new.tokens] == [7, 8, 9] and new.finish is None
+    assert new.request.output_token_ids == [7, 8, 9] and scheduler.running == [new.request]
+
+
+@pytest.mark.parametrize("token_ids, max_new_tokens, stop_token_ids, kept, finish", [
+    ((7, 8, 9, 10), 2, frozenset(), [7, 8], FinishReason.LENGTH),  # never a token past max_new_tokens
+    ((7, 2, 9), 8, frozenset({2}), [7, 2], FinishReason.EOS_TOKEN),  # the end-of-sequence token is the last
+    ((7, 2, 9), 8, frozenset(), [7, 2, 9], None),  # ignore_eos: no stop ids
+])
+def test_a_sample_is_cut_at_the_first_token_that_ends_its_request_and_the_blocks_are_freed_at_once(
+    token_ids, max_new_tokens, stop_token_ids, kept, finish
+):
+    scheduler = make_scheduler()
+    request = Request(id=1, prompt_token_ids=list(range(5)), max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids)
+    scheduler.add(request)
+    plan = scheduler.schedule()
+    (new,) = scheduler.update(plan, StepResult([sample(1, *token_ids)]))
+    assert [t.token_id for t in new.tokens] == kept == request.output_token_ids and new.finish == finish
+    assert (scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks) == (finish is not None)
+    assert scheduler.has_work == (finish is None)
