@@ -49,7 +49,7 @@ def launch(
     sharded: Optional[str] = typer.Option(None, envvar="SHARDED", metavar="true|false", help="Whether to shard the model; true with a single shard or GPU, or false with several shards, is an error."),
     num_shard: Optional[int] = typer.Option(None, envvar="NUM_SHARD", help="Shard processes, one per GPU: the tensor-parallel degree (default: the visible GPUs, or 1)."),
     quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=help_of(ShardSettings, "quantize") + f" TGI's other values ({', '.join(q for q in TGI_QUANTIZE if q not in QUANTIZATIONS)}) are an error."),
-    speculate: Optional[int] = typer.Option(None, envvar="SPECULATE", help="Not supported: only 0 (no speculative decoding) is accepted."),
+    speculate: int = _passed(RouterSettings, "speculate", "SPECULATE"),
     dtype: Optional[str] = _passed(ShardSettings, "dtype", "DTYPE"),
     kv_cache_dtype: str = _passed(ShardSettings, "kv_cache_dtype", "KV_CACHE_DTYPE"),
     trust_remote_code: bool = typer.Option(False, envvar="TRUST_REMOTE_CODE", help="Accepted, no effect (a warning says so): only tgi-py's own model code runs, never code from the Hub."),

@@ -44,7 +44,6 @@ log = logging.getLogger("tgi_launcher")
 
 # TGI options not implemented here: option -> (the values that mean "off", why another value fails).
 UNSUPPORTED = {
-    "speculate": ((None, 0), "speculative decoding is not implemented"),
     "lora_adapters": ((None, ""), "LoRA adapters are not implemented"),
     "rope_scaling": ((None,), "RoPE scaling comes from the model's config.json only"),
     "rope_factor": ((None,), "RoPE scaling comes from the model's config.json only"),

@@ -187,6 +187,10 @@ class RouterSettings:
     prefix_caching: bool = setting(
         True, "Reuse the KV cache of prompt prefixes computed before (shared system prompts, chat history); "
         "off: every request computes its whole prompt.")
+    speculate: int = setting(
+        0, "Speculative decoding: tokens proposed per decoding request and step by n-gram lookup over its own "
+        "prompt and output, verified by the model in the same forward (same output, fewer steps where text "
+        "repeats); 0: off. Only while at most 32 requests run.", minimum=0)
     disable_grammar_support: bool = setting(
         False, "Answer requests with a grammar (TGI's `grammar`) with 422 instead of constraining their output.")
     drain_timeout: float = setting(DEFAULT_DRAIN_TIMEOUT_SECONDS,

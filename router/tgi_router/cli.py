@@ -54,7 +54,8 @@ async def _start(settings: RouterSettings) -> web.Application:
     limits = await _warmup(settings, shards, shard_info, tokenizer)
     blocks = BlockManager(limits.num_blocks, shard_info.block_size)
     scheduler = Scheduler(
-        SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching), blocks)
+        SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
+                        speculate=settings.speculate), blocks)
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,
         max_stop_sequences=settings.max_stop_sequences,
@@ -151,6 +152,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
         "prefix_caching": settings.prefix_caching,
+        "speculate": settings.speculate or None,
         "quantize": shard_info.quantize or None,
     }
 

@@ -195,7 +195,8 @@ class Engine:
         if not plan.scheduled and not plan.finished_ids:
             return None
         constraints = self._masked(plan)
-        method = "prefill" if plan.new_requests or plan.num_batched_tokens > len(plan.scheduled) else "decode"
+        decode_tokens = len(plan.scheduled) + plan.num_draft_tokens  # a token each, and the proposals verified
+        method = "prefill" if plan.new_requests or plan.num_batched_tokens > decode_tokens else "decode"
         call = asyncio.ensure_future(self.shards.step(plan))
         if constraints:
             masks = asyncio.ensure_future(self._send_masks(plan.step_id, constraints))
@@ -207,8 +208,7 @@ class Engine:
         go in `plan.masked_ids`: their masks follow the step."""
         constraints = {
             chunk.request.id: self._streams[chunk.request.id].input.constraint for chunk in plan.scheduled
-            if chunk.request.is_constrained
-            and chunk.request.num_computed_tokens + chunk.num_tokens == chunk.request.num_tokens
+            if chunk.request.is_constrained and chunk.samples
         }
         plan.masked_ids.update(constraints)
         return constraints
@@ -231,6 +231,8 @@ class Engine:
             raise
         self.num_steps += 1
         self._observe_step(step.plan, step.method, time.perf_counter() - step.started, result.forward_ns)
+        if step.plan.num_draft_tokens:
+            self._observe_speculation(step.plan, result)
         advanced = []
         for new in self.scheduler.update(step.plan, result):
             constraint = self._streams[new.request.id].input.constraint
@@ -263,6 +265,16 @@ class Engine:
         metrics.forward_duration.labels(method).observe(forward_ns / 1e9)
         if plan.new_requests:
             metrics.batch_next_size.observe(len(plan.new_requests))
+
+    def _observe_speculation(self, plan: StepPlan, result: StepResult) -> None:
+        """Proposed and accepted tokens by position (the sample holds the accepted ones and one more)."""
+        num_tokens = {sample.request_id: len(sample.tokens) for sample in result.samples}
+        for chunk in plan.scheduled:
+            num_accepted = num_tokens.get(chunk.request.id, 1) - 1
+            for position in range(1, len(chunk.draft_token_ids) + 1):
+                self.metrics.speculative_proposed.labels(str(position)).inc()
+                if position <= num_accepted:
+                    self.metrics.speculative_accepted.labels(str(position)).inc()
 
     def _observe_batch(self) -> None:
         """The queue, batch and KV cache gauges, as they are now."""

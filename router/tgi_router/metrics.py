@@ -45,6 +45,10 @@ class Metrics:
             "tgi_prefix_cache_hit_rate", "Share of admitted requests' known tokens served by the prefix cache")
         self.prefix_cache_free_blocks = gauge(
             "tgi_prefix_cache_free_blocks", "KV blocks no request uses that keep a cached prefix (evicted when needed)")
+        self.speculative_proposed = counter(
+            "tgi_speculative_proposed_tokens", "Tokens proposed by speculative decoding, by position after the last known token", ["position"])
+        self.speculative_accepted = counter(
+            "tgi_speculative_accepted_tokens", "Proposed tokens the shards accepted, by position (accepted / proposed: the rate)", ["position"])
         self.queue_size = gauge("tgi_queue_size", "Requests waiting")
         self.batch_size = gauge("tgi_batch_current_size", "Requests in the running batch")
         self.batch_max_tokens = gauge("tgi_batch_current_max_tokens", "KV tokens held by the batch")

@@ -92,6 +92,14 @@ class ScheduledChunk:
     new_block_ids: list[int]
     # The token sampled after this chunk is the request's last (it reaches max_new_tokens).
     last_token: bool = False
+    # Speculative decoding: proposed tokens after the request's known ones, computed in this chunk
+    # too (`num_tokens` counts them) and verified by the shards.
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def samples(self) -> bool:
+        """Whether the request samples after this chunk (its known tokens are then all computed)."""
+        return self.request.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.request.num_tokens
 
 
 @dataclass
@@ -111,6 +119,10 @@ class StepPlan:
     @property
     def num_batched_tokens(self) -> int:
         return sum(chunk.num_tokens for chunk in self.scheduled)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(chunk.draft_token_ids) for chunk in self.scheduled)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tgi_router.block_manager import ROOT_HASH, BlockManager, block_hash
+from tgi_router.speculation import propose_ngram
 from tgi_router.request import FinishReason, NewTokens, Request, ScheduledChunk, StepPlan, StepResult
 
 
@@ -41,6 +42,11 @@ class SchedulerConfig:
     max_batch_size: int
     # Reuse the KV of cached prefixes (see the module's docstring).
     prefix_caching: bool = True
+    # Speculative decoding: tokens proposed per decoding request and step (n-gram lookup), 0 = off.
+    speculate: int = 0
+    # ... only while the running batch is at most this large (beyond, a step is compute-bound and
+    # verifying proposals costs more than it saves).
+    max_speculative_batch: int = 32
 
 
 class Scheduler:
@@ -89,8 +95,10 @@ class Scheduler:
         new_requests = [chunk.request for chunk in scheduled if not chunk.request.is_on_shards]
         for request in new_requests:
             request.is_on_shards = True
-        # A constrained request's next mask needs this step's token: nothing may start before its plan.
-        lookahead = not self.waiting and not any(request.is_constrained for request in self.running)
+        # A constrained request's next mask needs this step's token, and how many tokens a verifying
+        # request keeps is known only after the step: nothing may start before its plan then.
+        lookahead = (not self.waiting and not any(request.is_constrained for request in self.running)
+                     and not any(chunk.draft_token_ids for chunk in scheduled))
         plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=lookahead)
         self._next_step_id += 1
         self._finished_ids = []
@@ -111,10 +119,14 @@ class Scheduler:
             request = chunk.request
             if self._live.get(request.id) is not request:
                 continue
-            request.num_computed_tokens += chunk.num_tokens
+            request.num_computed_tokens += chunk.num_tokens - len(chunk.draft_token_ids)
             self._cache_computed_blocks(request)
             if request.num_computed_tokens == request.num_tokens:
-                advanced.append(self._append(request, samples[request.id].tokens))
+                new = self._append(request, samples[request.id].tokens)
+                # The kept proposals' KV is computed; the rejected ones' is stale, and their blocks stay
+                # with the request (the shards' block table has them), to be filled as it grows.
+                request.num_computed_tokens += len(new.tokens) - 1
+                advanced.append(new)
         return advanced
 
     def _append(self, request: Request, tokens) -> NewTokens:
@@ -139,16 +151,27 @@ class Scheduler:
 
     def _schedule_running(self, scheduled: list[ScheduledChunk], budget: int) -> tuple[int, bool]:
         did_preempt = False
+        speculating = self.config.speculate and len(self.running) <= self.config.max_speculative_batch
         for request in list(self.running):
             if request not in self.running or budget == 0:
                 continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
-            new_blocks, preempted = self._grow(request, num_tokens)
+            drafts = self._propose(request, budget - 1) if speculating and num_tokens == request.num_uncomputed_tokens == 1 else ()
+            new_blocks, preempted = self._grow(request, num_tokens + len(drafts))
             did_preempt |= preempted
             if new_blocks is not None:
-                scheduled.append(ScheduledChunk(request, num_tokens, new_blocks))
-                budget -= num_tokens
+                scheduled.append(ScheduledChunk(request, num_tokens + len(drafts), new_blocks, draft_token_ids=drafts))
+                budget -= num_tokens + len(drafts)
         return budget, did_preempt
+
+    def _propose(self, request: Request, budget: int) -> tuple[int, ...]:
+        """Tokens to verify after a decoding request's last one: n-gram lookup over its tokens, no more
+        than would reach max_new_tokens (the token sampled after them counts too); none under a grammar
+        (its masks need each token before the next)."""
+        room = min(self.config.speculate, request.max_new_tokens - len(request.output_token_ids) - 1, budget)
+        if request.is_constrained or room <= 0:
+            return ()
+        return tuple(propose_ngram(request.all_token_ids, room))
 
     def _grow(self, request: Request, num_tokens: int) -> tuple[list[int] | None, bool]:
         """Allocates the blocks `request` needs for `num_tokens` more tokens, preempting the newest
@@ -170,10 +193,12 @@ class Scheduler:
         """Marks a chunk whose sample is the request's last; otherwise, when the request samples this
         step, gives it the block of its next token if one is free."""
         request = chunk.request
-        if request.num_computed_tokens + chunk.num_tokens != request.num_tokens:
+        if not chunk.samples:
             return chunk  # a prompt chunk: nothing is sampled
         if len(request.output_token_ids) + 1 >= request.max_new_tokens:
             return dataclasses.replace(chunk, last_token=True)
+        if chunk.draft_token_ids:
+            return chunk  # no lookahead step follows a verifying one
         if self.blocks.num_blocks_for(request.num_tokens + 1) > len(request.block_ids):
             new_blocks = self.blocks.allocate(1)
             if new_blocks is not None:

@@ -47,6 +47,8 @@ class Sequence:
     allowed_tokens: bytes = b""
     # This step's mask comes later, from the step's `masks` source (ScheduledSequence.mask_follows).
     mask_follows: bool = False
+    # Proposed tokens at the end of `token_ids` that this step verifies (speculative decoding).
+    num_drafts: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class ScheduledSequence:
     allowed_tokens: bytes = b""
     # The mask comes from the step's `masks` source, read just before sampling.
     mask_follows: bool = False
+    # Proposed tokens to verify (speculative decoding; the proto's `draft_token_ids`).
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,18 @@ class _Lookahead:
 
 
 @dataclass(frozen=True)
-class Sample:
-    request_id: int
+class SampledToken:
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The tokens a step produced for a request: one, or the accepted proposals and the token after."""
+
+    request_id: int
+    tokens: list[SampledToken]
 
 
 class ModelRunner:
@@ -244,6 +255,12 @@ class ModelRunner:
             sequence.block_table.extend(item.new_block_ids)
             sequence.allowed_tokens = item.allowed_tokens
             sequence.mask_follows = item.mask_follows
+            if item.draft_token_ids:
+                sequence.token_ids.extend(item.draft_token_ids)
+                sequence.num_drafts = len(item.draft_token_ids)
+                if sequence.num_computed_tokens + item.num_tokens != len(sequence.token_ids) or item.allowed_tokens or item.mask_follows:
+                    raise ValueError(f"request {item.id}: proposed tokens to verify on a step that does not sample "
+                                     "right after them, or under a grammar")
             batch.append((item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
@@ -281,7 +298,7 @@ class ModelRunner:
             row = row_of[id(seq)]
             seq.num_computed_tokens += 1
             seq.token_ids.append(token_ids[row])
-            samples.append(Sample(request_id, token_ids[row], logprobs[row], []))
+            samples.append(Sample(request_id, [SampledToken(token_ids[row], logprobs[row], [])]))
         return samples
 
     def _start_lookahead(self, sequences: list[Sequence]) -> None:
@@ -448,8 +465,8 @@ class ModelRunner:
             slots.append(tables[row, span // block_size].astype(np.int64) * block_size + span % block_size)
             query_start_loc.append(query_start_loc[-1] + num_tokens)
             seq_lens.append(end)
-            if end == len(seq.token_ids):
-                sample_rows.append(query_start_loc[-1] - 1)
+            if end == len(seq.token_ids):  # the last known token's row, and one per proposed token
+                sample_rows.extend(range(query_start_loc[-1] - 1 - seq.num_drafts, query_start_loc[-1]))
         return FlatBatch(
             input_ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids in input_ids]),
             positions=np.concatenate(positions),
@@ -477,25 +494,37 @@ class ModelRunner:
                     if request_id not in masks:
                         raise ValueError(f"no grammar mask came for request {request_id}")
                     seq.allowed_tokens, seq.mask_follows = masks[request_id], False
-        params = [seq.sampling for _, seq in to_sample]
+        # One row per sampled position: a sequence verifying proposals samples after its last known
+        # token and after each proposal, with the history up to there (as one token at a time would).
+        rows = [(request_id, seq, len(seq.token_ids) - seq.num_drafts + j)
+                for request_id, seq in to_sample for j in range(seq.num_drafts + 1)]
         batch = SamplingBatch.build(
-            params, [seq.token_ids for _, seq in to_sample], self.device, watermark=self.watermark,
-            allowed_tokens=[seq.allowed_tokens for _, seq in to_sample],
+            [seq.sampling for _, seq, _ in rows], [seq.token_ids[:length] for _, seq, length in rows], self.device,
+            watermark=self.watermark, allowed_tokens=[seq.allowed_tokens for _, seq, _ in rows],
         )
-        top_n = [seq.top_n_tokens for _, seq in to_sample]
+        top_n = [seq.top_n_tokens for _, seq, _ in rows]
         out = sample(logits, batch, top_n)
         host_token_ids, host_logprobs = self._copy_to_host(out)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         token_ids, logprobs = host_token_ids.tolist(), host_logprobs.tolist()
-        tops: list[list[tuple[int, float]]] = [[] for _ in to_sample]
+        tops: list[list[tuple[int, float]]] = [[] for _ in rows]
         if any(top_n):
             top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
             for row, n in enumerate(out.top_counts.tolist()):
                 tops[row] = list(zip(top_ids[row][:n], top_logprobs[row][:n]))
-        samples = []
-        for row, (request_id, seq) in enumerate(to_sample):
-            token_id = token_ids[row]
-            seq.token_ids.append(token_id)
-            samples.append(Sample(request_id, token_id, logprobs[row], tops[row]))
+        samples, row = [], 0
+        for request_id, seq in to_sample:
+            num_drafts, base = seq.num_drafts, len(seq.token_ids) - seq.num_drafts
+            kept = 0  # proposals that agree with the sample before them: what one token at a time picks
+            while kept < num_drafts and token_ids[row + kept] == seq.token_ids[base + kept]:
+                kept += 1
+            del seq.token_ids[base + kept:]
+            seq.token_ids.append(token_ids[row + kept])
+            seq.num_computed_tokens -= num_drafts - kept  # the rejected proposals' KV is stale
+            seq.num_drafts = 0
+            samples.append(Sample(request_id, [
+                SampledToken(token_ids[j], logprobs[j], tops[j]) for j in range(row, row + kept + 1)
+            ]))
+            row += num_drafts + 1
         return samples

@@ -78,7 +78,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             for r in request.new_requests
         ]
         scheduled = [
-            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens, s.mask_follows)
+            ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens, s.mask_follows,
+                              list(s.draft_token_ids))
             for s in request.scheduled
         ]
         masks = (lambda: self._wait_for_masks(request.step_id)) if request.masks_follow else None
@@ -99,9 +100,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             ],
             samples=[
                 pb.Sample(request_id=s.request_id, tokens=[pb.SampledToken(
-                    token_id=s.token_id, logprob=s.logprob,
-                    top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in s.top_tokens],
-                )])
+                    token_id=t.token_id, logprob=t.logprob,
+                    top_tokens=[pb.TopToken(token_id=i, logprob=lp) for i, lp in t.top_tokens],
+                ) for t in s.tokens])
                 for s in output.samples
             ],
             forward_ns=output.forward_ns,

@@ -5,6 +5,8 @@ test_generate_matches_transformers.py.)"""
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 import pytest
 
@@ -62,9 +64,18 @@ def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_shard", [1, 2])
+@pytest.mark.parametrize("num_shard, speculate", [(1, 0), (2, 0), (1, 3)])
 async def test_smollm2_gguf_greedy_output_equals_transformers_also_from_cached_prefixes(
-    smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard
+    smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard, speculate
 ):
-    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", num_shard=num_shard) as server:
+    """Also with speculative decoding (`--speculate 3`): its n-gram proposals, kept and rejected,
+    change no token."""
+    args = ("--max-batch-prefill-tokens", "512", "--speculate", str(speculate))
+    with running_server(str(smollm2_gguf), hf_home, *args, num_shard=num_shard) as server:
         await assert_greedy_equals_transformers_with_cached_prefixes(server.url, smollm2_tokenizer_dir, smollm2_expected)
+        if speculate:
+            async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
+                metrics = await response.text()
+            proposed, accepted = (sum(float(v) for v in re.findall(rf"^tgi_speculative_{kind}_tokens_total{{.*}} (\S+)$", metrics, re.M))
+                                  for kind in ("proposed", "accepted"))
+            assert proposed > accepted > 0

@@ -48,7 +48,7 @@ def generate_greedy(
         out = runner.step(finished, new, scheduled, lookahead=lookahead and len(joined) == len(PROMPTS))
         finished = []
         for sample in out.samples:
-            outputs[sample.request_id].append(sample.token_id)
+            outputs[sample.request_id].extend(t.token_id for t in sample.tokens)
             if len(outputs[sample.request_id]) == NEW_TOKENS[sample.request_id]:
                 finished.append(sample.request_id)
         step += 1
@@ -151,7 +151,7 @@ def assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt(runner: ModelRunne
         for k in range(num_new_tokens):
             out = runner.step([1] if k == 0 else [], new if k == 0 else [], [ScheduledSequence(
                 request_id, len(prompt) - cached if k == 0 else 1, blocks if k == 0 else [], k == num_new_tokens - 1)])
-            tokens.append(out.samples[0].token_id)
+            tokens.append(out.samples[0].tokens[0].token_id)
         return tokens
 
     whole = decode(2, 0, list(range(1 + blocks_per_seq, 1 + 2 * blocks_per_seq)))

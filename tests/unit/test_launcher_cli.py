@@ -71,6 +71,7 @@ OPTIONS = [
     ("DISABLE_GRAMMAR_SUPPORT", "--disable-grammar-support", "disable_grammar_support", None, True),
     ("PREFIX_CACHING", "--prefix-caching", "prefix_caching", "false", False),
     ("QUANTIZE", "--quantize", "quantize", "fp8", "fp8"),
+    ("SPECULATE", "--speculate", "speculate", "3", 3),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -84,13 +85,11 @@ NO_EFFECT_OPTIONS = [
     ("PROMETHEUS_PORT", "--prometheus-port", "9100", "`--prometheus-port` has no effect"),
     ("ENABLE_PREFILL_LOGPROBS", "--enable-prefill-logprobs", None, "`--enable-prefill-logprobs` has no effect"),
     ("USAGE_STATS", "--usage-stats", "off", None),  # nothing is ever sent
-    ("SPECULATE", "--speculate", "0", None),  # the one supported value
 ]
 
 # Values that fail with one line, the same by flag and by env var. (env var, flag, raw value, message)
 REJECTED_OPTIONS = [
     ("QUANTIZE", "--quantize", "eetq", "`--quantize eetq` is not supported: fp8, awq, gptq, compressed-tensors are implemented"),
-    ("SPECULATE", "--speculate", "2", "`--speculate 2` is not supported: speculative decoding is not implemented"),
     ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8", "`kv_cache_dtype` must be one of auto, fp8_e4m3fn, fp8_e5m2"),
     ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
     ("ROPE_SCALING", "--rope-scaling", "dynamic", "`--rope-scaling dynamic` is not supported"),

@@ -43,7 +43,7 @@ def test_greedy_samples_follow_transformers_and_requests_without_logprobs_get_no
     runner, hf_model = make_runner(tmp_path)
     prompt = [11, 12, 13, 14, 15]
     out = runner.step([], [NewSequence(4, prompt, SamplingParams(), 2)], [ScheduledSequence(4, 5, [1, 2])])
-    (sample,) = out.samples
+    ((sample,),) = [s.tokens for s in out.samples]
     assert out.prompt_logprobs == []
     assert sample.token_id == hf_logits(hf_model, prompt)[-1].argmax().item()
     assert [t for t, _ in sample.top_tokens][0] == sample.token_id and len(sample.top_tokens) == 2
@@ -69,7 +69,7 @@ def test_lookahead_plans_without_cuda_graphs_run_as_plain_steps(tmp_path):
     tokens = [runner.step([], [NewSequence(4, prompt, SamplingParams(), 0)], [ScheduledSequence(4, 5, [1, 2])], lookahead=True)]
     tokens.append(runner.step([], [], [ScheduledSequence(4, 1, [])], lookahead=True))
     tokens.append(runner.step([], [], [ScheduledSequence(4, 1, [], last_token=True)], lookahead=True))
-    ids = [out.samples[0].token_id for out in tokens]
+    ids = [out.samples[0].tokens[0].token_id for out in tokens]
     expected = []
     for _ in range(3):
         expected.append(hf_logits(hf_model, prompt + expected)[-1].argmax().item())
@@ -104,3 +104,28 @@ def test_an_fp8_kv_cache_takes_a_byte_per_value_and_keeps_prompt_logprobs_close(
     assert bytes_per_block[1] * 4 == bytes_per_block[0]  # fp32 -> one byte
     assert len(logprobs[1]) == len(prompt) - 1
     assert 0 < max(abs(a - b) for a, b in zip(*logprobs)) < tolerance
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(),
+    SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=7, repetition_penalty=1.3),
+], ids=["greedy", "seeded-sampling"])
+def test_verifying_proposed_tokens_returns_what_one_token_at_a_time_gives(tmp_path, sampling):
+    """Speculative steps: the proposals that agree with the samples before them are kept, plus the
+    token sampled after the last kept one; decoding then goes on over the rejected ones' stale KV.
+    The tokens equal plain one-at-a-time decoding's (greedy, and seeded sampling with penalties)."""
+    runner, _ = make_runner(tmp_path)
+    prompt, num_new = [11, 12, 13, 14, 15], 9
+    blocks = list(range(1, 5))  # 16 slots: the prompt, the tokens and the proposals
+    plain = [runner.step([], [NewSequence(1, prompt, sampling, 0)], [ScheduledSequence(1, 5, blocks)]).samples[0].tokens[0].token_id]
+    while len(plain) < num_new:
+        plain.append(runner.step([], [], [ScheduledSequence(1, 1, [])]).samples[0].tokens[0].token_id)
+
+    blocks = list(range(5, 9))
+    out = [runner.step([1], [NewSequence(2, prompt, sampling, 0)], [ScheduledSequence(2, 5, blocks)]).samples[0].tokens]
+    # two right proposals then a wrong one; all right; none right; then plain steps
+    for drafts in ([plain[1], plain[2], plain[3] + 1], plain[4:7], [plain[7] + 1]):
+        out.append(runner.step([], [], [ScheduledSequence(2, 1 + len(drafts), [], draft_token_ids=drafts)]).samples[0].tokens)
+    assert [len(tokens) for tokens in out] == [1, 3, 4, 1]
+    assert [t.token_id for tokens in out for t in tokens] == plain
+    assert runner.sequences[2].num_computed_tokens == len(prompt) + len(plain) - 1

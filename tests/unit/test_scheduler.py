@@ -443,3 +443,53 @@ def test_a_sample_is_cut_at_the_first_token_that_ends_its_request_and_the_blocks
     assert [t.token_id for t in new.tokens] == kept == request.output_token_ids and new.finish == finish
     assert (scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks) == (finish is not None)
     assert scheduler.has_work == (finish is None)
+
+
+def speculating_scheduler(speculate=3, **kwargs):
+    config = SchedulerConfig(max_batch_prefill_tokens=32, max_batch_size=8, speculate=speculate, **kwargs)
+    return Scheduler(config, BlockManager(64, BLOCK_SIZE))
+
+
+def decode_ready(scheduler, request, first_token):
+    """Admits `request`, runs its prompt and samples `first_token`: it decodes from the next plan."""
+    scheduler.add(request)
+    scheduler.update(scheduler.schedule(), StepResult([sample(request.id, first_token)]))
+
+
+def test_a_decoding_request_verifies_the_ngram_continuation_of_its_tokens_and_keeps_what_the_shards_accept():
+    scheduler = speculating_scheduler()
+    request = Request(id=1, prompt_token_ids=[5, 6, 7, 8, 9, 5, 6], max_new_tokens=10)
+    decode_ready(scheduler, request, 7)  # ... 5 6 7: proposes 8 9 5
+    plan = scheduler.schedule()
+    (chunk,) = plan.scheduled
+    assert chunk.draft_token_ids == (8, 9, 5) and chunk.num_tokens == 4 and chunk.samples and not plan.lookahead
+    assert len(request.block_ids) * BLOCK_SIZE >= request.num_tokens + 3  # slots for every proposal
+    blocks = list(request.block_ids)
+    (new,) = scheduler.update(plan, StepResult([sample(1, 8, 9, 4)]))  # two kept, then 4 sampled
+    assert [t.token_id for t in new.tokens] == [8, 9, 4] and request.output_token_ids == [7, 8, 9, 4]
+    assert request.num_computed_tokens == request.num_tokens - 1  # the last kept proposal's KV is the last computed
+    assert request.block_ids == blocks  # the shards' table keeps the rejected proposal's slot
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.num_tokens == 1 + len(chunk.draft_token_ids)
+
+
+@pytest.mark.parametrize("kwargs, max_new_tokens, expected", [
+    ({}, 3, (8,)),  # one token left after the sampled one: one proposal at most
+    ({}, 2, ()),  # the next token is the last
+    ({"max_speculative_batch": 0}, 10, ()),  # a batch above the limit: no proposals
+    ({"speculate": 0}, 10, ()),
+])
+def test_proposals_never_reach_past_max_new_tokens_nor_run_in_large_batches(kwargs, max_new_tokens, expected):
+    scheduler = speculating_scheduler(**{"speculate": 3, **kwargs})
+    request = Request(id=1, prompt_token_ids=[5, 6, 7, 8, 9, 5, 6], max_new_tokens=max_new_tokens)
+    decode_ready(scheduler, request, 7)
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.draft_token_ids == expected and chunk.num_tokens == 1 + len(expected)
+
+
+def test_a_request_under_a_grammar_gets_no_proposals():
+    scheduler = speculating_scheduler()
+    request = Request(id=1, prompt_token_ids=[5, 6, 7, 8, 9, 5, 6], max_new_tokens=10, is_constrained=True)
+    decode_ready(scheduler, request, 7)
+    (chunk,) = scheduler.schedule().scheduled
+    assert chunk.draft_token_ids == ()

@@ -65,7 +65,7 @@ def test_the_sample_follows_masks_sent_before_or_during_the_step(service, delay)
             thread.join()
         response = service.Step(step_request(step_id, request_id=token), Context())
         thread.join()
-        assert [(s.request_id, s.token_id) for s in response.samples] == [(token, token)]
+        assert [(s.request_id, [t.token_id for t in s.tokens]) for s in response.samples] == [(token, [token])]
     assert service._masks == {}  # nothing left behind
 
 

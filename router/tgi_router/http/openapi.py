@@ -135,6 +135,7 @@ SCHEMAS = {
         "model_dtype": STR, "model_device_type": STR, "kv_cache_dtype": STR, "max_batch_total_tokens": INT,
         "num_shard": INT, "model_implementation": STR, "prefix_caching": BOOL,
         "quantize": _nullable({"type": "string", "description": "The weights' quantization (--quantize), or null."}),
+        "speculate": _nullable({"type": "integer", "description": "Tokens proposed per step by speculative decoding (--speculate), or null when off."}),
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tgi_proto/generate/v1/generate.proto\x12\x15tgi_proto.generate.v1\"\r\n\x0bInfoRequest\"\xed\x01\n\x0cInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x08 \x01(\t\x12\x1c\n\x14model_implementation\x18\t \x01(\t\x12\x10\n\x08quantize\x18\n \x01(\t\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x83\x01\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xd4\x02\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x11\n\twatermark\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12L\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x38.tgi_proto.generate.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb2\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12;\n\x08sampling\x18\x03 \x01(\x0b\x32).tgi_proto.generate.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\x8b\x01\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x12\n\nlast_token\x18\x04 \x01(\x08\x12\x16\n\x0e\x61llowed_tokens\x18\x05 \x01(\x0c\x12\x14\n\x0cmask_follows\x18\x06 \x01(\x08\"\xd2\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66inished_ids\x18\x02 \x03(\x04\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.tgi_proto.generate.v1.NewRequest\x12:\n\tscheduled\x18\x04 \x03(\x0b\x32\'.tgi_proto.generate.v1.ScheduledRequest\x12\x11\n\tlookahead\x18\x05 \x01(\x08\x12\x14\n\x0cmasks_follow\x18\x06 \x01(\x08\"\xad\x01\n\x10StepMasksRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12R\n\x0e\x61llowed_tokens\x18\x02 \x03(\x0b\x32:.tgi_proto.generate.v1.StepMasksRequest.AllowedTokensEntry\x1a\x34\n\x12\x41llowedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11StepMasksResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"f\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\ntop_tokens\x18\x03 \x03(\x0b\x32\x1f.tgi_proto.generate.v1.TopToken\"Q\n\x06Sample\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x33\n\x06tokens\x18\x02 \x03(\x0b\x32#.tgi_proto.generate.v1.SampledToken\"E\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x92\x01\n\x0cStepResponse\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.tgi_proto.generate.v1.Sample\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.tgi_proto.generate.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\xaa\x04\n\x15TextGenerationService\x12O\n\x04Info\x12\".tgi_proto.generate.v1.InfoRequest\x1a#.tgi_proto.generate.v1.InfoResponse\x12U\n\x06Health\x12$.tgi_proto.generate.v1.HealthRequest\x1a%.tgi_proto.generate.v1.HealthResponse\x12U\n\x06Warmup\x12$.tgi_proto.generate.v1.WarmupRequest\x1a%.tgi_proto.generate.v1.WarmupResponse\x12O\n\x04Step\x12\".tgi_proto.generate.v1.StepRequest\x1a#.tgi_proto.generate.v1.StepResponse\x12^\n\tStepMasks\x12\'.tgi_proto.generate.v1.StepMasksRequest\x1a(.tgi_proto.generate.v1.StepMasksResponse\x12\x61\n\nClearCache\x12(.tgi_proto.generate.v1.ClearCacheRequest\x1a).tgi_proto.generate.v1.ClearCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tgi_proto/generate/v1/generate.proto\x12\x15tgi_proto.generate.v1\"\r\n\x0bInfoRequest\"\xed\x01\n\x0cInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x08 \x01(\t\x12\x1c\n\x14model_implementation\x18\t \x01(\t\x12\x10\n\x08quantize\x18\n \x01(\t\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x83\x01\n\rWarmupRequest\x12 \n\x18max_batch_prefill_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xd4\x02\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x11\n\twatermark\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12L\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x38.tgi_proto.generate.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb2\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12;\n\x08sampling\x18\x03 \x01(\x0b\x32).tgi_proto.generate.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\xa4\x01\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x12\n\nlast_token\x18\x04 \x01(\x08\x12\x16\n\x0e\x61llowed_tokens\x18\x05 \x01(\x0c\x12\x14\n\x0cmask_follows\x18\x06 \x01(\x08\x12\x17\n\x0f\x64raft_token_ids\x18\x07 \x03(\r\"\xd2\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66inished_ids\x18\x02 \x03(\x04\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.tgi_proto.generate.v1.NewRequest\x12:\n\tscheduled\x18\x04 \x03(\x0b\x32\'.tgi_proto.generate.v1.ScheduledRequest\x12\x11\n\tlookahead\x18\x05 \x01(\x08\x12\x14\n\x0cmasks_follow\x18\x06 \x01(\x08\"\xad\x01\n\x10StepMasksRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12R\n\x0e\x61llowed_tokens\x18\x02 \x03(\x0b\x32:.tgi_proto.generate.v1.StepMasksRequest.AllowedTokensEntry\x1a\x34\n\x12\x41llowedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11StepMasksResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"f\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\ntop_tokens\x18\x03 \x03(\x0b\x32\x1f.tgi_proto.generate.v1.TopToken\"Q\n\x06Sample\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x33\n\x06tokens\x18\x02 \x03(\x0b\x32#.tgi_proto.generate.v1.SampledToken\"E\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x92\x01\n\x0cStepResponse\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.tgi_proto.generate.v1.Sample\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.tgi_proto.generate.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\xaa\x04\n\x15TextGenerationService\x12O\n\x04Info\x12\".tgi_proto.generate.v1.InfoRequest\x1a#.tgi_proto.generate.v1.InfoResponse\x12U\n\x06Health\x12$.tgi_proto.generate.v1.HealthRequest\x1a%.tgi_proto.generate.v1.HealthResponse\x12U\n\x06Warmup\x12$.tgi_proto.generate.v1.WarmupRequest\x1a%.tgi_proto.generate.v1.WarmupResponse\x12O\n\x04Step\x12\".tgi_proto.generate.v1.StepRequest\x1a#.tgi_proto.generate.v1.StepResponse\x12^\n\tStepMasks\x12\'.tgi_proto.generate.v1.StepMasksRequest\x1a(.tgi_proto.generate.v1.StepMasksResponse\x12\x61\n\nClearCache\x12(.tgi_proto.generate.v1.ClearCacheRequest\x1a).tgi_proto.generate.v1.ClearCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWREQUEST']._serialized_start=889
   _globals['_NEWREQUEST']._serialized_end=1067
   _globals['_SCHEDULEDREQUEST']._serialized_start=1070
-  _globals['_SCHEDULEDREQUEST']._serialized_end=1209
-  _globals['_STEPREQUEST']._serialized_start=1212
-  _globals['_STEPREQUEST']._serialized_end=1422
-  _globals['_STEPMASKSREQUEST']._serialized_start=1425
-  _globals['_STEPMASKSREQUEST']._serialized_end=1598
-  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_start=1546
-  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_end=1598
-  _globals['_STEPMASKSRESPONSE']._serialized_start=1600
-  _globals['_STEPMASKSRESPONSE']._serialized_end=1619
-  _globals['_TOPTOKEN']._serialized_start=1621
-  _globals['_TOPTOKEN']._serialized_end=1666
-  _globals['_SAMPLEDTOKEN']._serialized_start=1668
-  _globals['_SAMPLEDTOKEN']._serialized_end=1770
-  _globals['_SAMPLE']._serialized_start=1772
-  _globals['_SAMPLE']._serialized_end=1853
-  _globals['_PROMPTLOGPROBS']._serialized_start=1855
-  _globals['_PROMPTLOGPROBS']._serialized_end=1924
-  _globals['_STEPRESPONSE']._serialized_start=1927
-  _globals['_STEPRESPONSE']._serialized_end=2073
-  _globals['_CLEARCACHEREQUEST']._serialized_start=2075
-  _globals['_CLEARCACHEREQUEST']._serialized_end=2094
-  _globals['_CLEARCACHERESPONSE']._serialized_start=2096
-  _globals['_CLEARCACHERESPONSE']._serialized_end=2116
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2119
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2673
+  _globals['_SCHEDULEDREQUEST']._serialized_end=1234
+  _globals['_STEPREQUEST']._serialized_start=1237
+  _globals['_STEPREQUEST']._serialized_end=1447
+  _globals['_STEPMASKSREQUEST']._serialized_start=1450
+  _globals['_STEPMASKSREQUEST']._serialized_end=1623
+  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_start=1571
+  _globals['_STEPMASKSREQUEST_ALLOWEDTOKENSENTRY']._serialized_end=1623
+  _globals['_STEPMASKSRESPONSE']._serialized_start=1625
+  _globals['_STEPMASKSRESPONSE']._serialized_end=1644
+  _globals['_TOPTOKEN']._serialized_start=1646
+  _globals['_TOPTOKEN']._serialized_end=1691
+  _globals['_SAMPLEDTOKEN']._serialized_start=1693
+  _globals['_SAMPLEDTOKEN']._serialized_end=1795
+  _globals['_SAMPLE']._serialized_start=1797
+  _globals['_SAMPLE']._serialized_end=1878
+  _globals['_PROMPTLOGPROBS']._serialized_start=1880
+  _globals['_PROMPTLOGPROBS']._serialized_end=1949
+  _globals['_STEPRESPONSE']._serialized_start=1952
+  _globals['_STEPRESPONSE']._serialized_end=2098
+  _globals['_CLEARCACHEREQUEST']._serialized_start=2100
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2119
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2121
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2141
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2144
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2698
 # @@protoc_insertion_point(module_scope)
