@@ -104,6 +104,29 @@ def time_decode(runner: ModelRunner, batch_size: int, prompt_len: int, num_steps
     }
 
 
+def time_verify(runner: ModelRunner, prompt_len: int, num_proposals: list[int], num_steps: int, first_id: int) -> list[dict]:
+    """One decoding request's speculative verify steps: the last token and k proposed ones in one
+    forward, sampled at each (`ScheduledSequence.draft_token_ids`), for each k; the proposals are
+    never right, so each step keeps one token (the request grows by one per step, as when decoding)."""
+    max_k = max(num_proposals)
+    blocks = list(range(1, 1 + -(-(prompt_len + max_k + num_steps * len(num_proposals) + 2) // BLOCK_SIZE)))
+    runner.step([], [NewSequence(first_id, [(5 * t) % 1000 + 1 for t in range(prompt_len)], SamplingParams(), 0)],
+                [ScheduledSequence(first_id, prompt_len, blocks)])
+    results = []
+    for k in num_proposals:
+        step_times = []
+        for _ in range(num_steps):
+            sequence = runner.sequences[first_id]
+            wrong = [(sequence.token_ids[-1] + 1 + j) % 1000 + 1 for j in range(k)]  # an unlikely continuation
+            start = time.perf_counter()
+            runner.step([], [], [ScheduledSequence(first_id, 1 + k, [], draft_token_ids=wrong)] if k else
+                        [ScheduledSequence(first_id, 1, [])])
+            step_times.append(time.perf_counter() - start)
+        results.append({"proposed_tokens": k, "step_median_ms": round(statistics.median(step_times) * 1000, 3)})
+    runner.step([first_id], [], [])
+    return results
+
+
 def profile(runner: ModelRunner, prompt_len: int, prefill_lens: list[int], batch_sizes: list[int]) -> None:
     """torch.profiler tables (to stderr) of 8 decode steps at each of `batch_sizes` and of lone
     prefills of each of `prefill_lens`."""
@@ -136,6 +159,8 @@ def main() -> None:
     parser.add_argument("--skinny-max-rows", type=int, help="Batches up to this many rows use the skinny linear kernel (default: the kernel's MAX_ROWS; 0: cuBLAS only).")
     parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of decode steps and prefills to stderr.")
     parser.add_argument("--profile-batch-sizes", default="1", help="Decode batch sizes to profile.")
+    parser.add_argument("--verify-lens", default="", help="Also time one request's speculative verify steps with these "
+                        "numbers of proposed tokens (0: a plain decode step), e.g. 0,1,2,4,8.")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "portable" if args.disable_custom_kernels else None
@@ -148,7 +173,8 @@ def main() -> None:
     max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
     profile_batch_sizes = [int(b) for b in args.profile_batch_sizes.split(",")] if args.profile else []
     decode_blocks = -(-(args.prompt_len + args.decode_steps + 1) // BLOCK_SIZE)
-    blocks_needed = max(batch_sizes + profile_batch_sizes) * decode_blocks + -(-max_total_tokens // BLOCK_SIZE) + 1
+    verify_blocks = -(-(args.prompt_len + args.decode_steps * 9 + 16) // BLOCK_SIZE)
+    blocks_needed = max(batch_sizes + profile_batch_sizes) * decode_blocks + -(-max_total_tokens // BLOCK_SIZE) + 1 + verify_blocks
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
         size for size in DEFAULT_CUDA_GRAPH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )
@@ -159,6 +185,8 @@ def main() -> None:
         time_decode(runner, b, args.prompt_len, args.decode_steps, first_id=1000 * (i + 1))
         for i, b in enumerate(batch_sizes)
     ]
+    verify_lens = [int(k) for k in args.verify_lens.split(",") if k]
+    verify = time_verify(runner, args.prompt_len, verify_lens, args.decode_steps, first_id=50_000) if verify_lens else []
     if args.profile:
         profile(runner, args.prompt_len, prefill_lens, profile_batch_sizes)
     print(json.dumps({
@@ -171,6 +199,7 @@ def main() -> None:
         "skinny_max_rows": args.skinny_max_rows,
         "prefill": prefills,
         "results": results,
+        "verify": verify,
     }, indent=2))
 
 

@@ -159,3 +159,24 @@ def assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt(runner: ModelRunne
     from_cache = decode(3, num_cached, donor_blocks[:3] + fresh[: blocks_per_seq - 3])
     assert from_cache == whole
     assert runner.sequences[3].block_table[:3] == donor_blocks[:3]
+
+
+def assert_verified_proposals_give_the_plain_tokens(runner, sampling) -> None:
+    """Speculative steps: the proposals that agree with the samples before them are kept, plus the
+    token sampled after the last kept one; decoding then goes on over the rejected ones' stale KV.
+    The tokens equal plain one-at-a-time decoding's (greedy, and seeded sampling with penalties)."""
+    prompt, num_new = [11, 12, 13, 14, 15], 9
+    blocks = list(range(1, 5))  # 16 slots: the prompt, the tokens and the proposals
+    first = runner.step([], [NewSequence(1, prompt, sampling, 0)], [ScheduledSequence(1, 5, blocks)])
+    plain = [first.samples[0].tokens[0].token_id]
+    while len(plain) < num_new:
+        plain.append(runner.step([], [], [ScheduledSequence(1, 1, [])]).samples[0].tokens[0].token_id)
+
+    blocks = list(range(5, 9))
+    out = [runner.step([1], [NewSequence(2, prompt, sampling, 0)], [ScheduledSequence(2, 5, blocks)]).samples[0].tokens]
+    # two right proposals then a wrong one; all right; none right
+    for drafts in ([plain[1], plain[2], plain[3] + 1], plain[4:7], [plain[7] + 1]):
+        out.append(runner.step([], [], [ScheduledSequence(2, 1 + len(drafts), [], draft_token_ids=drafts)]).samples[0].tokens)
+    assert [len(tokens) for tokens in out] == [1, 3, 4, 1]
+    assert [t.token_id for tokens in out for t in tokens] == plain
+    assert runner.sequences[2].num_computed_tokens == len(prompt) + len(plain) - 1

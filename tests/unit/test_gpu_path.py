@@ -13,6 +13,7 @@ from runner_helpers import (
     assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt,
     assert_greedy_under_transformers,
     assert_lookahead_gives_the_plain_tokens,
+    assert_verified_proposals_give_the_plain_tokens,
     every_fifth_token,
     generate_greedy,
 )
@@ -97,6 +98,15 @@ def test_quantized_checkpoints_under_kernels_graphs_and_lookahead_stay_near_thei
     runner = checkpoint_runner(tmp_path, dtype=torch.bfloat16)
     outputs = generate_greedy(runner, prefill_chunk=32, lookahead=True)
     assert_greedy_under_transformers(reference, outputs, slack=slack, exact_share=exact_share)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=7)],
+                         ids=["greedy", "seeded-sampling"])
+def test_verifying_proposals_with_kernels_and_mixed_graphs_gives_the_plain_tokens(sampling, tmp_path):
+    """Speculative verify steps (several tokens of one request, sampled at each) through the kernels and
+    the mixed-step CUDA graphs: the same tokens as one at a time."""
+    runner, _ = load_runner("llama", tmp_path)
+    assert_verified_proposals_give_the_plain_tokens(runner, sampling)
 
 
 def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):

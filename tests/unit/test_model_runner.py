@@ -4,7 +4,7 @@ against HF transformers."""
 import pytest
 import torch
 from model_helpers import hf_logits, save_tiny_model, tiny_config
-from runner_helpers import assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt
+from runner_helpers import assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt, assert_verified_proposals_give_the_plain_tokens
 
 from tgi_server.distributed import SINGLE
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -111,21 +111,5 @@ def test_an_fp8_kv_cache_takes_a_byte_per_value_and_keeps_prompt_logprobs_close(
     SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=7, repetition_penalty=1.3),
 ], ids=["greedy", "seeded-sampling"])
 def test_verifying_proposed_tokens_returns_what_one_token_at_a_time_gives(tmp_path, sampling):
-    """Speculative steps: the proposals that agree with the samples before them are kept, plus the
-    token sampled after the last kept one; decoding then goes on over the rejected ones' stale KV.
-    The tokens equal plain one-at-a-time decoding's (greedy, and seeded sampling with penalties)."""
     runner, _ = make_runner(tmp_path)
-    prompt, num_new = [11, 12, 13, 14, 15], 9
-    blocks = list(range(1, 5))  # 16 slots: the prompt, the tokens and the proposals
-    plain = [runner.step([], [NewSequence(1, prompt, sampling, 0)], [ScheduledSequence(1, 5, blocks)]).samples[0].tokens[0].token_id]
-    while len(plain) < num_new:
-        plain.append(runner.step([], [], [ScheduledSequence(1, 1, [])]).samples[0].tokens[0].token_id)
-
-    blocks = list(range(5, 9))
-    out = [runner.step([1], [NewSequence(2, prompt, sampling, 0)], [ScheduledSequence(2, 5, blocks)]).samples[0].tokens]
-    # two right proposals then a wrong one; all right; none right; then plain steps
-    for drafts in ([plain[1], plain[2], plain[3] + 1], plain[4:7], [plain[7] + 1]):
-        out.append(runner.step([], [], [ScheduledSequence(2, 1 + len(drafts), [], draft_token_ids=drafts)]).samples[0].tokens)
-    assert [len(tokens) for tokens in out] == [1, 3, 4, 1]
-    assert [t.token_id for tokens in out for t in tokens] == plain
-    assert runner.sequences[2].num_computed_tokens == len(prompt) + len(plain) - 1
+    assert_verified_proposals_give_the_plain_tokens(runner, sampling)
