@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=6, help="user messages per conversation (--multi-turn)")
     parser.add_argument("--system-prompt-len", type=int, default=2000,
                         help="tokens of the system prompt every conversation shares (--multi-turn)")
+    parser.add_argument("--rewrite", default=None, metavar="TEXT_FILE",
+                        help="input-grounded prompts: 'Repeat the following text exactly' and a slice of about "
+                        "--input-len tokens of this file (each prompt its own slice), for speculative decoding")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--launch", default=None, metavar="LAUNCHER_ARGS",
                         help="start `text-generation-launcher LAUNCHER_ARGS` first and stop it at the end")
@@ -333,14 +336,34 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float, log_path:
     raise SystemExit(f"server not healthy after {timeout:.0f} s (log: {log_path})")
 
 
+def rewrite_prompts(tokenize, text: str, num_prompts: int, input_len: int, output_len: int) -> list[Prompt]:
+    """Prompts asking to repeat a slice of `text` of about `input_len` tokens (slices start a tenth of
+    the text apart, wrapping around): the answer is grounded in the input, as a rewrite is."""
+    words = text.split()
+    prompts = []
+    for index in range(num_prompts):
+        start = index * max(1, len(words) // 10) % max(1, len(words))
+        chunk = " ".join((words[start:] + words[:start])[:input_len])  # a word is at least one token
+        offsets = tokenize(chunk)
+        if len(offsets) > input_len:
+            chunk = chunk[: offsets[input_len]]
+        body = f"Repeat the following text exactly, word for word:\n\n{chunk}\n\nThe text again:\n"
+        prompts.append(Prompt(body, len(tokenize(body)), output_len))
+    return prompts
+
+
 def benchmark(base_url: str, args) -> dict:
     tokenize = local_tokenize(load_tokenizer(args.tokenizer)) if args.tokenizer else remote_tokenize(base_url)
     if args.multi_turn:
         return _result(base_url, args, benchmark_conversations(base_url, tokenize, args))
     # Warm-up prompts come after the measured ones (same draws as a run without warm-up, and no prompt
     # the measurement sends has been seen by a prefix cache).
-    prompts = build_prompts(tokenize, args.num_prompts + args.warmup, args.input_len, args.output_len,
-                            args.random_range_ratio, args.seed)
+    if args.rewrite:
+        prompts = rewrite_prompts(tokenize, Path(args.rewrite).read_text(), args.num_prompts + args.warmup,
+                                  args.input_len, args.output_len)
+    else:
+        prompts = build_prompts(tokenize, args.num_prompts + args.warmup, args.input_len, args.output_len,
+                                args.random_range_ratio, args.seed)
     prompts, warmup_prompts = prompts[: args.num_prompts], prompts[args.num_prompts :]
     if warmup_prompts:
         warmup, _ = asyncio.run(run_requests(base_url, warmup_prompts, args, is_measured=False))  # no grammar

@@ -499,7 +499,8 @@ class ModelRunner:
         rows = [(request_id, seq, len(seq.token_ids) - seq.num_drafts + j)
                 for request_id, seq in to_sample for j in range(seq.num_drafts + 1)]
         batch = SamplingBatch.build(
-            [seq.sampling for _, seq, _ in rows], [seq.token_ids[:length] for _, seq, length in rows], self.device,
+            [seq.sampling for _, seq, _ in rows],
+            [seq.token_ids if length == len(seq.token_ids) else seq.token_ids[:length] for _, seq, length in rows], self.device,
             watermark=self.watermark, allowed_tokens=[seq.allowed_tokens for _, seq, _ in rows],
         )
         top_n = [seq.top_n_tokens for _, seq, _ in rows]
