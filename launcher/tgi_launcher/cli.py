@@ -8,6 +8,7 @@ down with a non-zero exit; SIGTERM or SIGINT stops the router, then the shards, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -22,7 +23,7 @@ from tgi_launcher.environment import environment_report
 from tgi_launcher.logs import LAUNCHER_TARGET, json_line, setup_logging
 from tgi_launcher.router import router_argv, router_env
 from tgi_launcher.shards import prepare_argv, shard_argv, shard_env
-from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, RouterSettings, ShardSettings, default_of, help_of
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, PrepareSettings, RouterSettings, ShardSettings, default_of, help_of
 
 log = logging.getLogger("tgi_launcher")
 # How the last line of `tgi_server prepare`'s error output starts when it fails for a reason the user can fix.
@@ -50,6 +51,7 @@ def launch(
     num_shard: Optional[int] = typer.Option(None, envvar="NUM_SHARD", help="Shard processes, one per GPU: the tensor-parallel degree (default: the visible GPUs, or 1)."),
     quantize: Optional[str] = typer.Option(None, envvar="QUANTIZE", help=help_of(ShardSettings, "quantize") + f" TGI's other values ({', '.join(q for q in TGI_QUANTIZE if q not in QUANTIZATIONS)}) are an error."),
     speculate: int = _passed(RouterSettings, "speculate", "SPECULATE"),
+    speculative_model: Optional[str] = typer.Option(None, envvar="SPECULATIVE_MODEL", help="Hub id, local directory or .gguf file of a draft model with the same tokenizer (e.g. a small model of the same family), run in the shards beside the model: it proposes --speculate tokens per step (default 3 with it), which the model verifies in one forward; the output stays the model's own."),
     dtype: Optional[str] = _passed(ShardSettings, "dtype", "DTYPE"),
     kv_cache_dtype: str = _passed(ShardSettings, "kv_cache_dtype", "KV_CACHE_DTYPE"),
     trust_remote_code: bool = typer.Option(False, envvar="TRUST_REMOTE_CODE", help="Accepted, no effect (a warning says so): only tgi-py's own model code runs, never code from the Hub."),
@@ -156,10 +158,13 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
     if port_problem is not None:  # found now, not after minutes of loading and warming up
         log.error("Cannot serve on %s:%d: %s; choose another --port", config.router.hostname, config.router.port, port_problem)
         return 1
-    prepared = _prepare(config, supervisor)
-    if prepared is None:
+    prepared = _prepare(config.prepare, supervisor)
+    draft = _prepare(config.prepare_draft, supervisor) if prepared is not None and config.prepare_draft else None
+    if prepared is None or config.prepare_draft is not None and draft is None:
         return 0 if supervisor.is_stop_requested else 1
     model_path, tokenizer_path = prepared
+    if draft is not None:
+        config = dataclasses.replace(config, shard=dataclasses.replace(config.shard, speculative_model=draft[0]))
     shards.remove_files(config.socket_paths)  # a stale socket would look like a ready shard
     router = failed = None
     try:
@@ -205,24 +210,24 @@ def _port_problem(hostname: str, port: int) -> str | None:
     return None
 
 
-def _prepare(config: LauncherConfig, supervisor: shards.Supervisor) -> tuple[str, str] | None:
+def _prepare(settings: PrepareSettings, supervisor: shards.Supervisor) -> tuple[str, str] | None:
     """Runs `tgi_server prepare`; returns (model_path, tokenizer_path), or None after a stop or error.
 
     Its stderr is shown only if it fails (as TGI does with its download step): just the message of a
     `PrepareError` (a missing model, revision or cache entry), else the last lines, traceback included.
     """
-    log.info("Preparing %s", config.model_id)
-    child = supervisor.run_to_completion("prepare", prepare_argv(config), is_stderr_forwarded=False)
+    log.info("Preparing %s", settings.model_id)
+    child = supervisor.run_to_completion("prepare", prepare_argv(settings), is_stderr_forwarded=False)
     if child is None:
         return None
     if child.exit_code != 0:
         reason = _prepare_error(child.stderr_tail)
         if reason is not None:
-            log.error("Could not prepare %s: %s", config.model_id, reason)
+            log.error("Could not prepare %s: %s", settings.model_id, reason)
         else:
             log.error(
                 "Could not prepare %s (exit code %s); its last error output:\n%s",
-                config.model_id, shards.describe_exit(child.exit_code), "\n".join(child.stderr_tail),
+                settings.model_id, shards.describe_exit(child.exit_code), "\n".join(child.stderr_tail),
             )
         return None
     lines = [line for line in child.stdout_tail if line.strip()]

@@ -103,6 +103,13 @@ class LauncherConfig:
     def prepare(self) -> PrepareSettings:
         return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache, self.num_shard)
 
+    @property
+    def prepare_draft(self) -> PrepareSettings | None:
+        """The draft model's `prepare` (--speculative-model, at its default revision), or None without one."""
+        if self.shard.speculative_model is None:
+            return None
+        return PrepareSettings(self.shard.speculative_model, None, self.huggingface_hub_cache, self.num_shard)
+
 
 def resolve_config(
     *,

@@ -23,7 +23,7 @@ from typing import IO
 
 from tgi_launcher.config import LauncherConfig
 from tgi_launcher.logs import child_line
-from tgi_proto.settings import to_argv
+from tgi_proto.settings import PrepareSettings, to_argv
 
 log = logging.getLogger("tgi_launcher")
 
@@ -61,9 +61,9 @@ def _die_with_parent(parent_pid: int):
     return preexec if _libc is not None else None
 
 
-def prepare_argv(config: LauncherConfig) -> list[str]:
-    """`tgi_server prepare`: resolves the model to local files; prints JSON as its last stdout line."""
-    return [sys.executable, "-m", "tgi_server", "prepare", *to_argv(config.prepare)]
+def prepare_argv(settings: PrepareSettings) -> list[str]:
+    """`tgi_server prepare`: resolves a model to local files; prints JSON as its last stdout line."""
+    return [sys.executable, "-m", "tgi_server", "prepare", *to_argv(settings)]
 
 
 def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:

@@ -108,6 +108,9 @@ class ShardSettings:
         "compressed-tensors: the checkpoint's own format (checkpoints stored quantized, fp8 or 4-bit, are detected from "
         "config.json without this flag).",
         choices=QUANTIZATIONS)
+    speculative_model: str | None = setting(
+        None, "Local directory or .gguf file of a draft model (from `tgi_server prepare`) that proposes tokens "
+        "for speculative decoding; it must share the model's tokenizer.")
     cuda_graphs: tuple[int, ...] | None = setting(
         None, "Decode batch sizes captured as CUDA graphs, comma-separated; an empty list disables them (default: "
         f"{', '.join(map(str, DEFAULT_CUDA_GRAPH_SIZES[:10]))}, ... {DEFAULT_CUDA_GRAPH_SIZES[-1]} up to the batch size).")
@@ -188,9 +191,10 @@ class RouterSettings:
         True, "Reuse the KV cache of prompt prefixes computed before (shared system prompts, chat history); "
         "off: every request computes its whole prompt.")
     speculate: int = setting(
-        0, "Speculative decoding: tokens proposed per decoding request and step by n-gram lookup over its own "
-        "prompt and output, verified by the model in the same forward (same output, fewer steps where text "
-        "repeats); 0: off. Only while at most 32 requests run.", minimum=0)
+        0, "Speculative decoding: tokens proposed per decoding request and step, by the draft model of "
+        "--speculative-model (default 3 with one) or else by n-gram lookup over the request's own prompt and "
+        "output, and verified by the model in the same forward (same output, fewer steps where the proposals "
+        "are right); 0: off. Only while at most 32 requests run.", minimum=0)
     disable_grammar_support: bool = setting(
         False, "Answer requests with a grammar (TGI's `grammar`) with 422 instead of constraining their output.")
     drain_timeout: float = setting(DEFAULT_DRAIN_TIMEOUT_SECONDS,

@@ -28,6 +28,8 @@ VERSION = "0.1.0"
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
 # On CPU a 4,096-token step (what warmup runs first) takes minutes; 512 keeps the start near 20 s.
 DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU = 512
+# Tokens a draft model proposes per step when --speculate is not given.
+DEFAULT_MODEL_DRAFTS = 3
 
 
 def serve(settings: RouterSettings) -> None:
@@ -55,7 +57,8 @@ async def _start(settings: RouterSettings) -> web.Application:
     blocks = BlockManager(limits.num_blocks, shard_info.block_size)
     scheduler = Scheduler(
         SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
-                        speculate=settings.speculate), blocks)
+                        speculate=_speculate(settings, shard_info), draft_model=bool(shard_info.speculative_model)),
+        blocks)
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,
         max_stop_sequences=settings.max_stop_sequences,
@@ -152,9 +155,15 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
         "prefix_caching": settings.prefix_caching,
-        "speculate": settings.speculate or None,
+        "speculate": _speculate(settings, shard_info) or None,
+        "speculative_model": shard_info.speculative_model or None,
         "quantize": shard_info.quantize or None,
     }
+
+
+def _speculate(settings: RouterSettings, shard_info: pb.InfoResponse) -> int:
+    """Tokens proposed per step: --speculate, by default DEFAULT_MODEL_DRAFTS with a draft model."""
+    return settings.speculate or (DEFAULT_MODEL_DRAFTS if shard_info.speculative_model else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
             pb.ScheduledRequest(
                 id=c.request.id, num_tokens=c.num_tokens, new_block_ids=c.new_block_ids, last_token=c.last_token,
                 mask_follows=c.request.id in plan.masked_ids, draft_token_ids=c.draft_token_ids,
+                num_model_drafts=c.num_model_drafts,
             )
             for c in plan.scheduled
         ],

@@ -271,7 +271,7 @@ class Engine:
         num_tokens = {sample.request_id: len(sample.tokens) for sample in result.samples}
         for chunk in plan.scheduled:
             num_accepted = num_tokens.get(chunk.request.id, 1) - 1
-            for position in range(1, len(chunk.draft_token_ids) + 1):
+            for position in range(1, chunk.num_proposed + 1):
                 self.metrics.speculative_proposed.labels(str(position)).inc()
                 if position <= num_accepted:
                     self.metrics.speculative_accepted.labels(str(position)).inc()

@@ -95,11 +95,18 @@ class ScheduledChunk:
     # Speculative decoding: proposed tokens after the request's known ones, computed in this chunk
     # too (`num_tokens` counts them) and verified by the shards.
     draft_token_ids: tuple[int, ...] = ()
+    # ... or the number of tokens the shards' draft model proposes (and verifies) instead.
+    num_model_drafts: int = 0
+
+    @property
+    def num_proposed(self) -> int:
+        """Proposed tokens this chunk verifies, from the router or the draft model."""
+        return len(self.draft_token_ids) + self.num_model_drafts
 
     @property
     def samples(self) -> bool:
         """Whether the request samples after this chunk (its known tokens are then all computed)."""
-        return self.request.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_tokens - self.num_proposed == self.request.num_tokens
 
 
 @dataclass
@@ -122,7 +129,7 @@ class StepPlan:
 
     @property
     def num_draft_tokens(self) -> int:
-        return sum(len(chunk.draft_token_ids) for chunk in self.scheduled)
+        return sum(chunk.num_proposed for chunk in self.scheduled)
 
 
 @dataclass(frozen=True)

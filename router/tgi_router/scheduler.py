@@ -42,8 +42,10 @@ class SchedulerConfig:
     max_batch_size: int
     # Reuse the KV of cached prefixes (see the module's docstring).
     prefix_caching: bool = True
-    # Speculative decoding: tokens proposed per decoding request and step (n-gram lookup), 0 = off.
+    # Speculative decoding: tokens proposed per decoding request and step (n-gram lookup, or the
+    # shards' draft model with `draft_model`), 0 = off.
     speculate: int = 0
+    draft_model: bool = False
     # ... only while the running batch is at most this large (beyond, a step is compute-bound and
     # verifying proposals costs more than it saves).
     max_speculative_batch: int = 32
@@ -98,7 +100,7 @@ class Scheduler:
         # A constrained request's next mask needs this step's token, and how many tokens a verifying
         # request keeps is known only after the step: nothing may start before its plan then.
         lookahead = (not self.waiting and not any(request.is_constrained for request in self.running)
-                     and not any(chunk.draft_token_ids for chunk in scheduled))
+                     and not any(chunk.num_proposed for chunk in scheduled))
         plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=lookahead)
         self._next_step_id += 1
         self._finished_ids = []
@@ -119,7 +121,7 @@ class Scheduler:
             request = chunk.request
             if self._live.get(request.id) is not request:
                 continue
-            request.num_computed_tokens += chunk.num_tokens - len(chunk.draft_token_ids)
+            request.num_computed_tokens += chunk.num_tokens - chunk.num_proposed
             self._cache_computed_blocks(request)
             if request.num_computed_tokens == request.num_tokens:
                 new = self._append(request, samples[request.id].tokens)
@@ -156,22 +158,25 @@ class Scheduler:
             if request not in self.running or budget == 0:
                 continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
-            drafts = self._propose(request, budget - 1) if speculating and num_tokens == request.num_uncomputed_tokens == 1 else ()
-            new_blocks, preempted = self._grow(request, num_tokens + len(drafts))
+            room = self._proposal_room(request, budget - 1) if speculating and num_tokens == request.num_uncomputed_tokens == 1 else 0
+            drafts = tuple(propose_ngram(request.all_token_ids, room)) if room and not self.config.draft_model else ()
+            num_model_drafts = room if self.config.draft_model else 0
+            num_tokens += len(drafts) + num_model_drafts
+            new_blocks, preempted = self._grow(request, num_tokens)
             did_preempt |= preempted
             if new_blocks is not None:
-                scheduled.append(ScheduledChunk(request, num_tokens + len(drafts), new_blocks, draft_token_ids=drafts))
-                budget -= num_tokens + len(drafts)
+                scheduled.append(ScheduledChunk(request, num_tokens, new_blocks, draft_token_ids=drafts,
+                                                num_model_drafts=num_model_drafts))
+                budget -= num_tokens
         return budget, did_preempt
 
-    def _propose(self, request: Request, budget: int) -> tuple[int, ...]:
-        """Tokens to verify after a decoding request's last one: n-gram lookup over its tokens, no more
-        than would reach max_new_tokens (the token sampled after them counts too); none under a grammar
-        (its masks need each token before the next)."""
-        room = min(self.config.speculate, request.max_new_tokens - len(request.output_token_ids) - 1, budget)
-        if request.is_constrained or room <= 0:
-            return ()
-        return tuple(propose_ngram(request.all_token_ids, room))
+    def _proposal_room(self, request: Request, budget: int) -> int:
+        """How many tokens may be proposed after a decoding request's last one: no more than would reach
+        max_new_tokens (the token sampled after them counts too); none under a grammar (its masks need
+        each token before the next)."""
+        if request.is_constrained:
+            return 0
+        return max(min(self.config.speculate, request.max_new_tokens - len(request.output_token_ids) - 1, budget), 0)
 
     def _grow(self, request: Request, num_tokens: int) -> tuple[list[int] | None, bool]:
         """Allocates the blocks `request` needs for `num_tokens` more tokens, preempting the newest
@@ -197,7 +202,7 @@ class Scheduler:
             return chunk  # a prompt chunk: nothing is sampled
         if len(request.output_token_ids) + 1 >= request.max_new_tokens:
             return dataclasses.replace(chunk, last_token=True)
-        if chunk.draft_token_ids:
+        if chunk.num_proposed:
             return chunk  # no lookahead step follows a verifying one
         if self.blocks.num_blocks_for(request.num_tokens + 1) > len(request.block_ids):
             new_blocks = self.blocks.allocate(1)

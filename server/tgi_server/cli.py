@@ -102,10 +102,14 @@ def _build_server(settings: ShardSettings):
     if not model.supports_cuda_graphs:
         log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
         graph_sizes = ()
+    kv_cache_dtype = _kv_cache_dtype(settings.kv_cache_dtype) or torch_dtype
+    watermark = Watermark(settings.watermark_gamma, settings.watermark_delta)
+    drafter = None
+    if settings.speculative_model is not None:
+        drafter = _load_drafter(settings, config, tp, torch_dtype, device, backend, kv_cache_dtype, watermark)
     runner = ModelRunner(
         model, config, tp, device, torch_dtype, settings.block_size, graph_sizes,
-        kv_cache_dtype=_kv_cache_dtype(settings.kv_cache_dtype),
-        watermark=Watermark(settings.watermark_gamma, settings.watermark_delta),
+        kv_cache_dtype=kv_cache_dtype, watermark=watermark, drafter=drafter,
     )
     info = pb.InfoResponse(
         architecture=model_architecture(config),
@@ -118,6 +122,7 @@ def _build_server(settings: ShardSettings):
         kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
         model_implementation=implementation(model_architecture(config)),
         quantize=weight_quantization(model),
+        speculative_model=model_architecture(drafter.config) if drafter is not None else "",
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)
@@ -130,6 +135,21 @@ def _build_server(settings: ShardSettings):
     log.info("serving %s on %s (%s, %s, KV cache %s)", settings.model_path, socket_path, device, torch_dtype,
              runner.kv_cache_dtype)
     return server
+
+
+def _load_drafter(settings: ShardSettings, config, tp, dtype, device, backend, kv_cache_dtype, watermark):
+    """The draft model of --speculative-model, on the model's devices and tensor-parallel group."""
+    from tgi_server.drafter import Drafter
+    from tgi_server.models.registry import UnsupportedModelError, load_model, model_architecture
+
+    model, draft_config = load_model(settings.speculative_model, tp, dtype, device, settings.load_format, backend)
+    if draft_config.vocab_size > config.vocab_size:
+        raise UnsupportedModelError(
+            f"the draft model {settings.speculative_model} has a vocabulary of {draft_config.vocab_size} tokens, more "
+            f"than the model's {config.vocab_size}: it must share the model's tokenizer")
+    log.info("draft model %s (%s) proposes tokens for speculative decoding", settings.speculative_model,
+             model_architecture(draft_config))
+    return Drafter(model, draft_config, device, settings.block_size, kv_cache_dtype, watermark)
 
 
 def _kv_cache_dtype(name: str):

@@ -23,13 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
-from tgi_server.attention_metadata import AttentionMetadata
-from tgi_server.forward_context import forward_context
+from tgi_server.drafter import Drafter
+from tgi_server.flat_batch import FlatBatch, Span, flatten, forward_flat
 from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 
@@ -49,6 +48,8 @@ class Sequence:
     mask_follows: bool = False
     # Proposed tokens at the end of `token_ids` that this step verifies (speculative decoding).
     num_drafts: int = 0
+    # Leading tokens whose KV the draft model has computed (`tgi_server.drafter`).
+    num_draft_computed: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class ScheduledSequence:
     mask_follows: bool = False
     # Proposed tokens to verify (speculative decoding; the proto's `draft_token_ids`).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Tokens the draft model proposes after the known ones, then verified (the proto's `num_model_drafts`).
+    num_model_drafts: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,19 +95,6 @@ class StepOutput:
     samples: list[Sample]
     prompt_logprobs: list[PromptLogprobs]
     forward_ns: int
-
-
-@dataclass
-class FlatBatch:
-    """A step's new tokens flattened in batch order, on the host."""
-
-    input_ids: np.ndarray  # [num_tokens] int64
-    positions: np.ndarray  # [num_tokens] int64
-    slots: np.ndarray  # [num_tokens] int64: block_id * block_size + offset
-    query_start_loc: list[int]  # [B + 1]: sequence i's tokens are rows [q[i], q[i + 1])
-    seq_lens: list[int]  # [B]: context length after this step
-    block_tables: np.ndarray  # [B, max_blocks] int32, padded with 0
-    sample_rows: list[int]  # rows whose sequence samples this step
 
 
 @dataclass
@@ -150,8 +140,10 @@ class ModelRunner:
         cuda_graph_sizes: tuple[int, ...] = (),
         kv_cache_dtype: torch.dtype | None = None,
         watermark: Watermark = Watermark(),
+        drafter: Drafter | None = None,
     ):
         self.model = model
+        self.drafter = drafter
         self.config = config
         self.tp = tp
         self.device = device
@@ -182,6 +174,8 @@ class ModelRunner:
             for spec in self.model.kv_cache_specs
         ]
         self.num_blocks = num_blocks
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks)
 
     def capture_cuda_graphs(self, max_total_tokens: int, max_batch_size: int, max_batch_tokens: int) -> None:
         """Captures, over the current KV cache, for sequences of up to `max_total_tokens` tokens:
@@ -200,6 +194,8 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool
         )
+        if self.drafter is not None:
+            self.drafter.capture_cuda_graphs(sizes, max_batch_size, max_blocks_per_seq, self.decode_graphs.pool)
 
     def _check_thread_device(self) -> None:
         """Refuses to run on a thread whose current CUDA device is another GPU: CUDA graphs would be
@@ -214,7 +210,8 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         elements = sum(math.prod(spec.shape(1, self.block_size)) for spec in self.model.kv_cache_specs)
-        return elements * self.kv_cache_dtype.itemsize
+        draft_bytes = self.drafter.kv_cache_bytes_per_block() if self.drafter is not None else 0
+        return elements * self.kv_cache_dtype.itemsize + draft_bytes
 
     def clear(self) -> None:
         self.sequences.clear()
@@ -255,15 +252,10 @@ class ModelRunner:
             sequence.block_table.extend(item.new_block_ids)
             sequence.allowed_tokens = item.allowed_tokens
             sequence.mask_follows = item.mask_follows
-            if item.draft_token_ids:
-                sequence.token_ids.extend(item.draft_token_ids)
-                sequence.num_drafts = len(item.draft_token_ids)
-                if sequence.num_computed_tokens + item.num_tokens != len(sequence.token_ids) or item.allowed_tokens or item.mask_follows:
-                    raise ValueError(f"request {item.id}: proposed tokens to verify on a step that does not sample "
-                                     "right after them, or under a grammar")
             batch.append((item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
+        self._add_proposals(scheduled)
         reused = self._take_started(started, batch) if started is not None else []
         reused_ids = {request_id for request_id, _, _ in reused}
         rest = [item for item in batch if item[0] not in reused_ids]
@@ -276,6 +268,31 @@ class ModelRunner:
         if lookahead and continuing and self._lookahead is None:
             self._start_lookahead(continuing)
         return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
+
+    def _add_proposals(self, scheduled: list[ScheduledSequence]) -> None:
+        """Appends the tokens each scheduled sequence verifies this step: the router's, or the draft
+        model's (proposed now, for all such sequences at once)."""
+        by_model = []
+        for item in scheduled:
+            sequence = self.sequences[item.id]
+            count = len(item.draft_token_ids) + item.num_model_drafts
+            if not count:
+                continue
+            if (item.draft_token_ids and item.num_model_drafts
+                    or sequence.num_computed_tokens + item.num_tokens != len(sequence.token_ids) + count
+                    or item.allowed_tokens or item.mask_follows):
+                raise ValueError(f"request {item.id}: proposed tokens to verify on a step that does not sample "
+                                 "right after them, or under a grammar, or from both the router and the draft model")
+            if item.num_model_drafts and self.drafter is None:
+                raise ValueError(f"request {item.id}: draft-model proposals asked of a shard without a draft model")
+            sequence.num_drafts = count
+            if item.draft_token_ids:
+                sequence.token_ids.extend(item.draft_token_ids)
+            else:
+                by_model.append((sequence, count))
+        if by_model:
+            for (sequence, _), proposed in zip(by_model, self.drafter.propose(by_model)):
+                sequence.token_ids.extend(proposed)
 
     @staticmethod
     def _take_started(started: _Lookahead, batch: list[tuple[int, Sequence, int]]) -> list[tuple[int, Sequence, int]]:
@@ -386,13 +403,7 @@ class ModelRunner:
         flat = self._flatten(batch)
         # Copied before the forward is queued, so the LM head's launch does not wait for it to finish.
         sample_rows = self._index_on_device(flat.sample_rows)
-        graphs = self.mixed_graphs
-        if graphs is not None and graphs.fits(len(flat.input_ids), len(batch), flat.block_tables.shape[1]):
-            hidden = graphs.run(flat)  # [num_tokens, hidden]
-        else:
-            input_ids, positions, attn = self._eager_inputs(flat)
-            with forward_context(attn, self.kv_caches):
-                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device)  # [num_tokens, hidden]
         prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc)
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:
@@ -450,39 +461,14 @@ class ModelRunner:
         return out
 
     def _flatten(self, batch: list[tuple[int, Sequence, int]]) -> FlatBatch:
-        block_size = self.block_size
-        input_ids, positions, slots, query_start_loc, seq_lens, sample_rows = [], [], [], [0], [], []
-        width = max(len(seq.block_table) for _, seq, _ in batch)
-        tables = np.zeros((len(batch), width), dtype=np.int32)
-        for row, (_, seq, num_tokens) in enumerate(batch):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
-            if end > len(seq.block_table) * block_size:
-                raise ValueError(f"block table of {len(seq.block_table)} blocks cannot hold {end} tokens")
-            tables[row, : len(seq.block_table)] = seq.block_table
-            span = np.arange(start, end)
-            input_ids.append(seq.token_ids[start:end])
-            positions.append(span)
-            slots.append(tables[row, span // block_size].astype(np.int64) * block_size + span % block_size)
-            query_start_loc.append(query_start_loc[-1] + num_tokens)
-            seq_lens.append(end)
-            if end == len(seq.token_ids):  # the last known token's row, and one per proposed token
-                sample_rows.extend(range(query_start_loc[-1] - 1 - seq.num_drafts, query_start_loc[-1]))
-        return FlatBatch(
-            input_ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids in input_ids]),
-            positions=np.concatenate(positions),
-            slots=np.concatenate(slots),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_tables=tables,
-            sample_rows=sample_rows,
-        )
-
-    def _eager_inputs(self, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        device = self.device
-        attn = AttentionMetadata.from_host(flat.slots, flat.query_start_loc, flat.seq_lens, flat.block_tables, device)
-        ids = torch.from_numpy(flat.input_ids).to(device)  # [num_tokens]
-        positions = torch.from_numpy(flat.positions).to(device)  # [num_tokens]
-        return ids, positions, attn
+        flat = flatten([
+            Span(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n], seq.num_computed_tokens, seq.block_table)
+            for _, seq, n in batch
+        ], self.block_size)
+        for (_, seq, n), end_row in zip(batch, flat.query_start_loc[1:]):
+            if seq.num_computed_tokens + n == len(seq.token_ids):  # the last known token's row, and one per proposal
+                flat.sample_rows.extend(range(end_row - 1 - seq.num_drafts, end_row))
+        return flat
 
     def _sample(self, logits: torch.Tensor, to_sample: list[tuple[int, Sequence]]) -> list[Sample]:
         if any(seq.mask_follows for _, seq in to_sample):
@@ -523,6 +509,7 @@ class ModelRunner:
             del seq.token_ids[base + kept:]
             seq.token_ids.append(token_ids[row + kept])
             seq.num_computed_tokens -= num_drafts - kept  # the rejected proposals' KV is stale
+            seq.num_draft_computed = min(seq.num_draft_computed, base + kept)  # ... in the draft's cache too
             seq.num_drafts = 0
             samples.append(Sample(request_id, [
                 SampledToken(token_ids[j], logprobs[j], tops[j]) for j in range(row, row + kept + 1)

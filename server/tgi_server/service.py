@@ -79,7 +79,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         ]
         scheduled = [
             ScheduledSequence(s.id, s.num_tokens, list(s.new_block_ids), s.last_token, s.allowed_tokens, s.mask_follows,
-                              list(s.draft_token_ids))
+                              list(s.draft_token_ids), s.num_model_drafts)
             for s in request.scheduled
         ]
         masks = (lambda: self._wait_for_masks(request.step_id)) if request.masks_follow else None

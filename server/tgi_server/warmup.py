@@ -1,8 +1,8 @@
 """Warmup: run the largest step the router may send, size the paged KV cache, capture CUDA graphs.
 
 The largest step is `max_batch_prefill_tokens` prompt tokens spread over as few requests as the
-per-request limit allows, with every sampling feature on, so peak activation memory is known before the
-KV cache takes what is left. Two tiny steps follow (1 and 17 tokens): Triton compiles a kernel once
+per-request limit allows, with every sampling feature on (and the draft model computing the same
+prompts, when there is one), so peak activation memory is known before the KV cache takes what is left. Two tiny steps follow (1 and 17 tokens): Triton compiles a kernel once
 per class of its integer arguments (one, a multiple of 16, any other), and a first request should not
 wait for that.
 """
@@ -39,6 +39,8 @@ def warmup(
     """Runs the largest allowed step, then allocates the KV cache (within `memory_fraction` of the
     GPU) and captures the decode CUDA graphs; returns the cache's number of blocks."""
     lengths = _warmup_lengths(max_batch_prefill_tokens, max(max_total_tokens - 1, 1), max_batch_size)
+    if runner.drafter is not None:
+        runner.drafter.max_tokens = max_batch_prefill_tokens
     for step_lengths in (lengths, [1], [17]):
         _run_step(runner, step_lengths)
     if max_batch_total_tokens:
@@ -59,15 +61,18 @@ def warmup(
 def _run_step(runner: ModelRunner, lengths: list[int]) -> None:
     """One step prefilling `lengths` prompts on a cache just big enough; leaves no cache behind."""
     block_size = runner.block_size
-    runner.allocate_kv_cache(1 + sum(-(-n // block_size) for n in lengths))
+    # A slot for each sampled token too: the draft model's catch-up computes it.
+    runner.allocate_kv_cache(1 + sum(-(-(n + 1) // block_size) for n in lengths))
     new, scheduled, next_block = [], [], 1
     for request_id, length in enumerate(lengths):
-        count = -(-length // block_size)
+        count = -(-(length + 1) // block_size)
         token_ids = [(request_id * 31 + i) % 100 + 1 for i in range(length)]
         new.append(NewSequence(request_id, token_ids, _WARMUP_SAMPLING, top_n_tokens=5, wants_prompt_logprobs=True))
         scheduled.append(ScheduledSequence(request_id, length, list(range(next_block, next_block + count))))
         next_block += count
     runner.step([], new, scheduled)
+    if runner.drafter is not None:  # the draft model computes the same prompts before its first proposals
+        runner.drafter.catch_up(list(runner.sequences.values()))
     runner.clear()
     runner.allocate_kv_cache(0)
 

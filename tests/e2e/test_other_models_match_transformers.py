@@ -64,16 +64,17 @@ def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_shard, speculate", [(1, 0), (2, 0), (1, 3)])
+@pytest.mark.parametrize("num_shard, speculation", [(2, "off"), (1, "ngram"), (2, "draft-model")])
 async def test_smollm2_gguf_greedy_output_equals_transformers_also_from_cached_prefixes(
-    smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard, speculate
+    smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard, speculation
 ):
-    """Also with speculative decoding (`--speculate 3`): its n-gram proposals, kept and rejected,
-    change no token."""
-    args = ("--max-batch-prefill-tokens", "512", "--speculate", str(speculate))
-    with running_server(str(smollm2_gguf), hf_home, *args, num_shard=num_shard) as server:
+    """Also with speculative decoding: n-gram proposals (`--speculate 3`), kept and rejected, and the
+    proposals of a draft model (`--speculative-model`: the GGUF itself, loaded twice) change no token.
+    (The plain single-shard path runs in the n-gram case, between proposals, and everywhere else.)"""
+    args = {"off": (), "ngram": ("--speculate", "3"), "draft-model": ("--speculative-model", str(smollm2_gguf))}[speculation]
+    with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", *args, num_shard=num_shard) as server:
         await assert_greedy_equals_transformers_with_cached_prefixes(server.url, smollm2_tokenizer_dir, smollm2_expected)
-        if speculate:
+        if speculation != "off":
             async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
                 metrics = await response.text()
             proposed, accepted = (sum(float(v) for v in re.findall(rf"^tgi_speculative_{kind}_tokens_total{{.*}} (\S+)$", metrics, re.M))

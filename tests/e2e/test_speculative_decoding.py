@@ -1,14 +1,17 @@
-"""`--speculate N`: n-gram proposals verified in the same forward change nothing a client sees. The
-same requests against a server without speculation and one with it (a tiny random Llama, one shard and
-two) give the same tokens: greedy, seeded sampling with penalties, stop sequences and max_new_tokens cut
-exactly, one stream event per token; /metrics shows proposals made and accepted. (SmolLM2 with
-speculation against transformers, proposals kept and rejected: test_other_models_match_transformers.py.)"""
+"""Speculative decoding changes nothing a client sees: proposals verified in the same forward, from
+n-gram lookup (`--speculate 3`) or from a draft model (`--speculative-model`, here a perturbed copy of
+the model, so its proposals are often but not always right). The same requests against a server
+without speculation and one with it (a tiny random Llama, one shard and two) give the same tokens:
+greedy, seeded sampling with penalties, stop sequences and max_new_tokens cut exactly, one stream event
+per token; /metrics shows proposals made and accepted. (SmolLM2 with speculation against transformers,
+proposals kept and rejected: test_other_models_match_transformers.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import shutil
 
 import aiohttp
 import pytest
@@ -32,6 +35,24 @@ REQUESTS = [
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, smollm2_tokenizer_dir):
     return save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tiny_llama, tmp_path_factory):
+    """The tiny Llama with noise on every weight: a draft model that agrees with it often, not always."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std() * 0.5)
+    path = tmp_path_factory.mktemp("tiny") / "draft"
+    model.save_pretrained(path)
+    for tokenizer_file in tiny_llama.glob("tokenizer*"):  # the same tokenizer, as a real draft model has
+        shutil.copy(tokenizer_file, path)
+    return path
 
 
 async def _generate_all(url: str, requests: list[dict]) -> list[dict]:
@@ -81,9 +102,12 @@ def _stop_requests(answers: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("num_shard", [1, 2])
-async def test_speculation_changes_no_token_greedy_seeded_stopped_or_streamed(tiny_llama, hf_home, plain_answers, num_shard):
+@pytest.mark.parametrize("proposer", ["ngram", "draft-model"])
+async def test_speculation_changes_no_token_greedy_seeded_stopped_or_streamed(
+        tiny_llama, tiny_draft, hf_home, plain_answers, proposer, num_shard):
     expected, expected_stream = plain_answers
-    with running_server(str(tiny_llama), hf_home, *SMALL_CACHE, *SPECULATE, num_shard=num_shard) as server:
+    args = SPECULATE if proposer == "ngram" else ("--speculative-model", str(tiny_draft))
+    with running_server(str(tiny_llama), hf_home, *SMALL_CACHE, *args, num_shard=num_shard) as server:
         first = await _generate_all(server.url, REQUESTS)
         answers = await _generate_all(server.url, REQUESTS + _stop_requests(first))
         streamed = await _stream_tokens(server.url, REQUESTS[len(PROMPTS)])
@@ -96,4 +120,7 @@ async def test_speculation_changes_no_token_greedy_seeded_stopped_or_streamed(ti
         assert (ours["generated_text"], ours["details"]["finish_reason"]) == (theirs["generated_text"], theirs["details"]["finish_reason"])
     assert streamed == expected_stream and len(streamed) == REQUESTS[len(PROMPTS)]["parameters"]["max_new_tokens"]
     assert info["speculate"] == 3
+    assert info["speculative_model"] == (None if proposer == "ngram" else "LlamaForCausalLM")
     assert proposed >= accepted > 0  # (rejections through HTTP: SmolLM2's test; in the shard: test_model_runner.py)
+    if proposer == "draft-model":
+        assert accepted < proposed

@@ -180,3 +180,31 @@ def assert_verified_proposals_give_the_plain_tokens(runner, sampling) -> None:
     assert [len(tokens) for tokens in out] == [1, 3, 4, 1]
     assert [t.token_id for tokens in out for t in tokens] == plain
     assert runner.sequences[2].num_computed_tokens == len(prompt) + len(plain) - 1
+
+
+def generate_with_draft_model(runner: ModelRunner, prompts: list[list[int]], num_new: int, sampling: SamplingParams,
+                              num_drafts: int) -> tuple[list[list[int]], list[list[int]]]:
+    """`num_new` tokens after each of `prompts`, decoded together as the router plans speculative
+    steps: every decoding step verifies `num_drafts` draft-model proposals per sequence (fewer near
+    its last token; none with 0). Returns the tokens, and for each sequence the tokens each step gave."""
+    block_size = runner.block_size
+    blocks_per_seq = -(-(max(map(len, prompts)) + num_new + num_drafts) // block_size)
+    new = [NewSequence(i, prompt, sampling, 0) for i, prompt in enumerate(prompts)]
+    scheduled = [ScheduledSequence(i, len(prompt), list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)))
+                 for i, prompt in enumerate(prompts)]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    per_step: list[list[int]] = [[] for _ in prompts]
+    finished: list[int] = []
+    while scheduled:
+        out = runner.step(finished, new, scheduled)
+        for sample in out.samples:
+            outputs[sample.request_id] += [t.token_id for t in sample.tokens]
+            per_step[sample.request_id].append(len(sample.tokens))
+        finished = [item.id for item in scheduled if len(outputs[item.id]) == num_new]
+        new, scheduled = [], []
+        for i, output in enumerate(outputs):
+            room = num_new - len(output)
+            if room > 0:
+                drafts = min(num_drafts, room - 1)
+                scheduled.append(ScheduledSequence(i, 1 + drafts, [], last_token=room == 1, num_model_drafts=drafts))
+    return outputs, per_step

@@ -16,9 +16,11 @@ from runner_helpers import (
     assert_verified_proposals_give_the_plain_tokens,
     every_fifth_token,
     generate_greedy,
+    generate_with_draft_model,
 )
 
 from tgi_server.distributed import SINGLE
+from tgi_server.drafter import Drafter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.registry import load_model
 from tgi_server.sampler import SamplingParams
@@ -33,11 +35,15 @@ def load_runner(variant: str, tmp_path, kv_cache_dtype: torch.dtype | None = Non
 
 
 def checkpoint_runner(model_dir, kv_cache_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
-                      quantize: str | None = None) -> ModelRunner:
+                      quantize: str | None = None, draft_dir=None) -> ModelRunner:
     device = torch.device("cuda")
     model, config = load_model(str(model_dir), SINGLE, dtype, device, quantize=quantize)
+    drafter = None
+    if draft_dir is not None:
+        draft, draft_config = load_model(str(draft_dir), SINGLE, dtype, device)
+        drafter = Drafter(draft, draft_config, device, BLOCK_SIZE, kv_cache_dtype or dtype)
     runner = ModelRunner(model, config, SINGLE, device, dtype, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8),
-                         kv_cache_dtype=kv_cache_dtype)
+                         kv_cache_dtype=kv_cache_dtype, drafter=drafter)
     warmup(runner, max_batch_prefill_tokens=256, max_total_tokens=128, max_batch_size=8)
     assert runner.decode_graphs is not None
     return runner
@@ -107,6 +113,22 @@ def test_verifying_proposals_with_kernels_and_mixed_graphs_gives_the_plain_token
     the mixed-step CUDA graphs: the same tokens as one at a time."""
     runner, _ = load_runner("llama", tmp_path)
     assert_verified_proposals_give_the_plain_tokens(runner, sampling)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=7)],
+                         ids=["greedy", "seeded-sampling"])
+def test_draft_model_proposals_under_kernels_and_graphs_give_the_plain_tokens(sampling, tmp_path):
+    """A draft model (the model itself, so its proposals are right) proposing through its own decode
+    and mixed-step CUDA graphs: the tokens of plain decoding, and nearly every proposal kept."""
+    save_tiny_model(tiny_config("llama"), tmp_path)
+    runner = checkpoint_runner(tmp_path, draft_dir=tmp_path)
+    assert runner.drafter.decode_graphs is not None and runner.drafter.mixed_graphs is not None
+    prompts = PROMPTS[:4]
+    plain, _ = generate_with_draft_model(runner, prompts, 16, sampling, 0)
+    runner.clear()
+    drafted, steps = generate_with_draft_model(runner, prompts, 16, sampling, 3)
+    assert drafted == plain
+    assert sum(map(len, steps)) <= 1.2 * len(prompts) * (1 + 15 / 4)  # a prompt's token, then 4 a step
 
 
 def test_gpu_greedy_with_eager_prefill_follows_transformers(tmp_path):

@@ -72,6 +72,7 @@ OPTIONS = [
     ("PREFIX_CACHING", "--prefix-caching", "prefix_caching", "false", False),
     ("QUANTIZE", "--quantize", "quantize", "fp8", "fp8"),
     ("SPECULATE", "--speculate", "speculate", "3", 3),
+    ("SPECULATIVE_MODEL", "--speculative-model", "speculative_model", "org/draft", "org/draft"),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -330,8 +331,8 @@ def test_visible_gpus_are_counted_with_nvidia_smi(monkeypatch, tmp_path):
 
 
 def test_prepare_argv_passes_revision_and_hub_cache_only_when_set():
-    assert prepare_argv(resolve_config(model_id="org/m", num_shard=1))[1:] == ["-m", "tgi_server", "prepare", "org/m"]
-    argv = prepare_argv(resolve_config(model_id="org/m", num_shard=1, revision="refs/pr/2", huggingface_hub_cache="/data/hub"))
+    assert prepare_argv(resolve_config(model_id="org/m", num_shard=1).prepare)[1:] == ["-m", "tgi_server", "prepare", "org/m"]
+    argv = prepare_argv(resolve_config(model_id="org/m", num_shard=1, revision="refs/pr/2", huggingface_hub_cache="/data/hub").prepare)
     assert argv[0] == sys.executable and argv[5:] == ["--revision", "refs/pr/2", "--cache-dir", "/data/hub"]
 
 

@@ -4,9 +4,13 @@ against HF transformers."""
 import pytest
 import torch
 from model_helpers import hf_logits, save_tiny_model, tiny_config
-from runner_helpers import assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt, assert_verified_proposals_give_the_plain_tokens
+from runner_helpers import (
+    assert_a_cached_prefix_gives_the_tokens_of_a_whole_prompt, assert_verified_proposals_give_the_plain_tokens,
+    generate_with_draft_model,
+)
 
 from tgi_server.distributed import SINGLE
+from tgi_server.drafter import Drafter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.registry import load_model
 from tgi_server.sampler import SamplingParams
@@ -113,3 +117,50 @@ def test_an_fp8_kv_cache_takes_a_byte_per_value_and_keeps_prompt_logprobs_close(
 def test_verifying_proposed_tokens_returns_what_one_token_at_a_time_gives(tmp_path, sampling):
     runner, _ = make_runner(tmp_path)
     assert_verified_proposals_give_the_plain_tokens(runner, sampling)
+
+
+class _DraftFromScratch(Drafter):
+    """A reference: the draft recomputes every sequence's cache before proposing."""
+
+    def propose(self, rows):
+        for seq, _ in rows:
+            seq.num_draft_computed = 0
+        return super().propose(rows)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(),
+    SamplingParams(do_sample=True, temperature=1.5, top_k=20, seed=7, repetition_penalty=1.3),
+], ids=["greedy", "seeded-sampling"])
+def test_draft_model_proposals_leave_the_tokens_of_one_at_a_time_decoding(tmp_path, sampling):
+    """A draft model proposes 3 tokens a step; the target keeps what it would have sampled. The draft
+    being the target itself, every proposal is kept (its cache and noise match the target's); a
+    perturbed copy of the target has some proposals kept, the same as when its cache is recomputed
+    from scratch every step (what it computed for rejected proposals is not reused); the tokens are
+    the plain ones either way."""
+    prompts, num_new, k = [[11, 12, 13, 14, 15], list(range(30, 52)), [7]], 12, 3
+    save_tiny_model(tiny_config("llama"), tmp_path / "target")
+    near = save_tiny_model(tiny_config("llama"), tmp_path / "near")
+    with torch.no_grad():
+        for parameter in near.parameters():
+            parameter.add_(0.03 * torch.randn_like(parameter))
+    near.save_pretrained(tmp_path / "near")
+
+    def runner_with(draft_dir, drafter_type=Drafter):
+        model, config = load_model(str(tmp_path / "target"), SINGLE, torch.float32, torch.device("cpu"))
+        drafter = None
+        if draft_dir is not None:
+            draft, draft_config = load_model(str(tmp_path / draft_dir), SINGLE, torch.float32, torch.device("cpu"))
+            drafter = drafter_type(draft, draft_config, torch.device("cpu"), BLOCK_SIZE, torch.float32)
+        runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE, drafter=drafter)
+        runner.allocate_kv_cache(40)
+        return runner
+
+    plain, _ = generate_with_draft_model(runner_with(None), prompts, num_new, sampling, 0)
+    itself, steps = generate_with_draft_model(runner_with("target"), prompts, num_new, sampling, k)
+    near, near_steps = generate_with_draft_model(runner_with("near"), prompts, num_new, sampling, k)
+    _, reference_steps = generate_with_draft_model(runner_with("near", _DraftFromScratch), prompts, num_new, sampling, k)
+    assert itself == near == plain
+    assert steps == [[1, 4, 4, 3]] * len(prompts)  # the prompt's token, then every proposal and one more
+    assert near_steps == reference_steps
+    assert sum(map(len, steps)) < sum(map(len, near_steps)) < len(prompts) * num_new

@@ -493,3 +493,20 @@ def test_a_request_under_a_grammar_gets_no_proposals():
     decode_ready(scheduler, request, 7)
     (chunk,) = scheduler.schedule().scheduled
     assert chunk.draft_token_ids == ()
+
+
+@pytest.mark.parametrize("max_new_tokens, is_constrained, expected", [(10, False, 3), (3, False, 1), (10, True, 0)])
+def test_with_a_draft_model_a_decoding_request_asks_the_shards_for_proposals_and_keeps_what_they_accept(
+        max_new_tokens, is_constrained, expected):
+    scheduler = speculating_scheduler(draft_model=True)
+    request = Request(id=1, prompt_token_ids=[5, 6, 7], max_new_tokens=max_new_tokens, is_constrained=is_constrained)
+    decode_ready(scheduler, request, 40)
+    plan = scheduler.schedule()
+    (chunk,) = plan.scheduled
+    assert (chunk.num_model_drafts, chunk.draft_token_ids, chunk.num_tokens) == (expected, (), 1 + expected)
+    assert chunk.samples and not (expected and plan.lookahead)  # nothing starts before a verify step is done
+    assert len(request.block_ids) * BLOCK_SIZE >= request.num_tokens + expected  # slots for every proposal
+    kept = [41, 42][:expected]
+    (new,) = scheduler.update(plan, StepResult([sample(1, *kept, 43)]))
+    assert [t.token_id for t in new.tokens] == [*kept, 43] and request.output_token_ids == [40, *kept, 43]
+    assert request.num_computed_tokens == request.num_tokens - 1

@@ -136,6 +136,7 @@ SCHEMAS = {
         "num_shard": INT, "model_implementation": STR, "prefix_caching": BOOL,
         "quantize": _nullable({"type": "string", "description": "The weights' quantization (--quantize), or null."}),
         "speculate": _nullable({"type": "integer", "description": "Tokens proposed per step by speculative decoding (--speculate), or null when off."}),
+        "speculative_model": _nullable({"type": "string", "description": "The architecture of the draft model proposing them (--speculative-model), or null for n-gram proposals or none."}),
     }),
     "SimpleToken": SIMPLE_TOKEN,
     "ChatRequest": _obj({

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize")
+    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize", "speculative_model")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class InfoResponse(_message.Message):
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     dtype: str
     device_type: str
@@ -32,7 +33,8 @@ class InfoResponse(_message.Message):
     kv_cache_dtype: str
     model_implementation: str
     quantize: str
-    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ...) -> None: ...
+    speculative_model: str
+    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ..., speculative_model: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -112,7 +114,7 @@ class NewRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ScheduledRequest(_message.Message):
-    __slots__ = ("id", "num_tokens", "new_block_ids", "last_token", "allowed_tokens", "mask_follows", "draft_token_ids")
+    __slots__ = ("id", "num_tokens", "new_block_ids", "last_token", "allowed_tokens", "mask_follows", "draft_token_ids", "num_model_drafts")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class ScheduledRequest(_message.Message):
     ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MASK_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_MODEL_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     num_tokens: int
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -127,7 +130,8 @@ class ScheduledRequest(_message.Message):
     allowed_tokens: bytes
     mask_follows: bool
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., last_token: _Optional[bool] = ..., allowed_tokens: _Optional[bytes] = ..., mask_follows: _Optional[bool] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_model_drafts: int
+    def __init__(self, id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., last_token: _Optional[bool] = ..., allowed_tokens: _Optional[bytes] = ..., mask_follows: _Optional[bool] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., num_model_drafts: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "finished_ids", "new_requests", "scheduled", "lookahead", "masks_follow")
