@@ -28,6 +28,7 @@ C128_SWEEP=${C128_SWEEP:-}  # more --max-batch-prefill-tokens values to run the 
 KV_CACHE_DTYPE=${KV_CACHE_DTYPE:-auto}  # the shard's --kv-cache-dtype
 NUM_SHARD=${NUM_SHARD:-1}  # tensor-parallel shards for the http part, one GPU each
 SHARD_ARGS=${SHARD_ARGS:-}  # more `tgi_server serve` flags for the http part, e.g. --disable-custom-all-reduce
+ROUTER_ARGS=${ROUTER_ARGS:-}  # more `tgi_router` flags for the http part, e.g. --speculate 4
 C128=${C128:-1}  # 0: the http part skips the 128-concurrent workload
 SHAPE=${SHAPE:-llama-3.1-8b}
 QUANTIZATION=${QUANTIZATION:-}  # the http part's model declares a checkpoint quantized so (bench/make_model_dir.py: fp8, awq, gptq)
@@ -121,7 +122,7 @@ if has http; then
     start_router() {  # start_router PREFILL_TOKENS LOG_TAG
         $PY -m tgi_router --tokenizer-path "$MODEL_DIR" --model-id "$SHAPE-dummy" --shard-uds-path "$SOCKET" --num-shard "$NUM_SHARD" \
             --port "$PORT" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens "$1" \
-            --max-batch-size 256 --max-concurrent-requests 1024 > "$LOGS/router$2.log" 2>&1 &
+            --max-batch-size 256 --max-concurrent-requests 1024 ${ROUTER_ARGS:-} > "$LOGS/router$2.log" 2>&1 &
         ROUTER=$!
         until curl -sf "localhost:$PORT/health" > /dev/null; do
             # shellcheck disable=SC2086

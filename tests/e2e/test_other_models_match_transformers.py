@@ -79,4 +79,7 @@ async def test_smollm2_gguf_greedy_output_equals_transformers_also_from_cached_p
                 metrics = await response.text()
             proposed, accepted = (sum(float(v) for v in re.findall(rf"^tgi_speculative_{kind}_tokens_total{{.*}} (\S+)$", metrics, re.M))
                                   for kind in ("proposed", "accepted"))
-            assert proposed > accepted > 0
+            if speculation == "ngram":
+                assert proposed > accepted > 0
+            else:  # the model drafting for itself: its proposals are what the model picks
+                assert proposed >= accepted > 0.9 * proposed

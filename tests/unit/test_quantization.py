@@ -45,12 +45,16 @@ def test_rows_quantize_to_fp8_with_each_rows_maximum_at_448():
 
 
 def test_the_fp8_tensor_core_matmul_gives_the_portable_reference():
+    """On the GPU where there is one (torch's CPU `_scaled_mm` takes row-wise scales in some builds only)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 64, generator=generator)
-    weight, scales = quantize_fp8_rows(torch.randn(48, 64, generator=generator))
-    bias = torch.randn(48, generator=generator)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(7, 64, generator=generator).to(device)
+    weight, scales = quantize_fp8_rows(torch.randn(48, 64, generator=generator).to(device))
+    bias = torch.randn(48, generator=generator).to(device)
     expected = portable.linear(x, weight, bias, scales.squeeze(1))
-    torch.testing.assert_close(triton_backend.linear(x, weight, bias, scales.squeeze(1)), expected, rtol=1e-5, atol=1e-5)
+    # (The GPU kernel sums in its own order and rounds on its own: within 1%, not bit-equal.)
+    tolerance = 2e-2 if device == "cuda" else 1e-5
+    torch.testing.assert_close(triton_backend.linear(x, weight, bias, scales.squeeze(1)), expected, rtol=tolerance, atol=tolerance)
     # Only the activations' rounding to fp8 separates it from the dequantized weight's plain product.
     plain = torch.nn.functional.linear(x, weight.float() * scales, bias)
     assert (expected - plain).abs().max() < 0.05 * plain.abs().max()
