@@ -27,6 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from tgi_server.models.architectures import IN_PROJECT_ARCHITECTURES
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 # Fetched only from a repository without safetensors weights (TGI skips training files like these too).
 BIN_PATTERNS = ["pytorch_model*.bin"]
@@ -81,7 +83,7 @@ def _check_servable(directory: Path, num_shard: int) -> None:
             f"shards asked for (each shard holds whole KV heads); use --num-shard {num_kv_heads} or fewer"
         )
     architectures = config.get("architectures") or []
-    if architectures:
+    if architectures and architectures[0] not in IN_PROJECT_ARCHITECTURES:  # else nothing to check (and no torch to import)
         from tgi_server.models.registry import UnsupportedModelError, check_architecture
 
         try:

@@ -10,6 +10,7 @@ from tgi_server.distributed import TPGroup
 from tgi_server.layers.linear import quantize_linears
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
+from tgi_server.models.architectures import IN_PROJECT_ARCHITECTURES
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
@@ -30,6 +31,10 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3TextOnlyForCausalLM,  # text only
 }
+
+
+if set(ARCHITECTURES) != IN_PROJECT_ARCHITECTURES:  # prepare's torch-free copy of the names
+    raise ImportError(f"architectures.py and ARCHITECTURES differ: {sorted(set(ARCHITECTURES) ^ IN_PROJECT_ARCHITECTURES)}")
 
 
 def model_architecture(config: PretrainedConfig) -> str:
