@@ -23,15 +23,19 @@ class ForwardContext:
     attn: AttentionMetadata
     # one per attention layer, shaped by the model's `kv_cache_specs`
     kv_caches: list[torch.Tensor]
+    # LoRA: (adapter slot, first row, end row) of each run of the flat batch's rows that an adapter
+    # applies to (`tgi_server.lora`); empty: none
+    lora_segments: tuple[tuple[int, int, int], ...] = ()
 
 
 _current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("forward_context", default=None)
 
 
 @contextlib.contextmanager
-def forward_context(attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> Iterator[ForwardContext]:
-    """The step's metadata and caches, for the forward passes run inside the block."""
-    token = _current.set(ForwardContext(attn, kv_caches))
+def forward_context(attn: AttentionMetadata, kv_caches: list[torch.Tensor],
+                    lora_segments: tuple[tuple[int, int, int], ...] = ()) -> Iterator[ForwardContext]:
+    """The step's metadata, caches and adapter rows, for the forward passes run inside the block."""
+    token = _current.set(ForwardContext(attn, kv_caches, lora_segments))
     try:
         yield _current.get()
     finally:

@@ -50,6 +50,8 @@ class Sequence:
     num_drafts: int = 0
     # Leading tokens whose KV the draft model has computed (`tgi_server.drafter`).
     num_draft_computed: int = 0
+    # The LoRA adapter slot its tokens go through (`tgi_server.lora`); 0: the base model.
+    adapter_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class NewSequence:
     # Leading tokens whose KV is in the cache already (a shared prefix), in the first blocks the
     # sequence's first ScheduledSequence brings.
     num_cached_tokens: int = 0
+    adapter_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ class ModelRunner:
             self.sequences[request.id] = Sequence(
                 list(request.token_ids), request.sampling, request.top_n_tokens,
                 num_prompt_tokens=len(request.token_ids), wants_prompt_logprobs=request.wants_prompt_logprobs,
-                num_computed_tokens=request.num_cached_tokens,
+                num_computed_tokens=request.num_cached_tokens, adapter_slot=request.adapter_slot,
             )
         batch, continuing = [], []
         for item in scheduled:
@@ -351,6 +354,7 @@ class ModelRunner:
         return (
             seq.num_computed_tokens == len(seq.token_ids) - 1  # decoding, not prefilling
             and not seq.top_n_tokens  # top-n needs a host sync inside sampling
+            and not seq.adapter_slot  # adapters run eagerly
             and position < len(seq.block_table) * self.block_size  # a slot for the token
             and len(seq.block_table) <= self.decode_graphs.max_blocks_per_seq
         )
@@ -403,7 +407,9 @@ class ModelRunner:
         flat = self._flatten(batch)
         # Copied before the forward is queued, so the LM head's launch does not wait for it to finish.
         sample_rows = self._index_on_device(flat.sample_rows)
-        hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device)  # [num_tokens, hidden]
+        lora_segments = tuple((seq.adapter_slot, start, stop) for (_, seq, _), start, stop
+                              in zip(batch, flat.query_start_loc, flat.query_start_loc[1:]) if seq.adapter_slot)
+        hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device, lora_segments)
         prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc)
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:
@@ -421,7 +427,7 @@ class ModelRunner:
             graphs is not None
             and graphs.padded_size(len(batch)) is not None
             and all(
-                n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids)
+                n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and not seq.adapter_slot
                 and seq.num_computed_tokens < len(seq.block_table) * self.block_size <= graphs.max_blocks_per_seq * self.block_size
                 for _, seq, n in batch
             )

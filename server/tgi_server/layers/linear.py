@@ -17,6 +17,7 @@ from torch import nn
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.quantized_weights import read_fp8, read_int4
 from tgi_server.ops import select_ops
+from tgi_server.lora import LoraStacks
 from tgi_server.quantization import FP8_DTYPE, INT4_PER_INT32, quantize_fp8_rows, stored_weight_format
 from tgi_server.weights import WeightSource
 
@@ -37,6 +38,11 @@ class _QuantizableLinear(nn.Module):
     def __init__(self, num_out: int, num_in: int, group_size_in: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.ops = select_ops(device)
+        self.dtype, self.device = dtype, device
+        # LoRA: the checkpoint modules this linear holds, with this rank's rows of each (set when loaded),
+        # and their adapter weights once allocated (`tgi_server.lora`).
+        self.lora_targets: list[tuple[str, list[tuple[int, int]] | None]] = []
+        self.lora: LoraStacks | None = None
         self.weight_format = stored_weight_format()
         self.register_parameter("weight_scale", None)
         self.register_buffer("input_perm", None)
@@ -55,6 +61,16 @@ class _QuantizableLinear(nn.Module):
         if stores_fp8:
             self.weight_scale = _parameter(torch.empty(num_out, dtype=torch.float32, device=device))
         self.matmul = self._dense_matmul
+
+    def allocate_lora(self, num_slots: int, max_rank: int) -> None:
+        num_out = sum(self.output_sizes_per_rank) if hasattr(self, "output_sizes_per_rank") else self.out_features
+        input_range = getattr(self, "input_range", None)
+        self.lora = LoraStacks(self.lora_targets, num_out, self.in_features, input_range, num_slots, max_rank,
+                               self.dtype, self.device)
+
+    def _matmul_with_adapters(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = self.matmul(x, bias)
+        return self.lora.add_delta(x, out) if self.lora is not None else out
 
     def _dense_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.ops.linear(x, self.weight, bias, self.weight_scale)
@@ -148,6 +164,7 @@ class ColumnParallelLinear(_QuantizableLinear):
             self.weight.copy_(self._read_parts(weights, [f"{p}.weight" for p in prefixes], (self.in_features,)))
         if self.bias is not None:
             self.bias.copy_(self._read_parts(weights, [f"{p}.bias" for p in prefixes], ()))
+        self.lora_targets = [(prefix, [rows]) for prefix, rows in zip(prefixes, self.part_ranges)]
 
     def _read_parts(self, weights: WeightSource, names: list[str], trailing: tuple[int, ...]) -> torch.Tensor:
         shards = [
@@ -171,10 +188,11 @@ class ColumnParallelLinear(_QuantizableLinear):
         self.weight.copy_(torch.cat(shards))
         if self.bias is not None:
             raise ValueError(f"{prefix}: fused checkpoint projections with a bias are not supported")
+        self.lora_targets = [(prefix, [(offset + start, offset + stop) for offset, (start, stop) in zip(offsets, self.part_ranges)])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in_features] -> [num_tokens, sum(output_sizes_per_rank)]."""
-        return self.matmul(x, self.bias)
+        return self._matmul_with_adapters(x, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -234,10 +252,11 @@ class RowParallelLinear(_QuantizableLinear):
             self.weight.copy_(weights.get_range(f"{prefix}.weight", 1, *self.input_range, (out_features, self.in_features)))
         if self.bias is not None:
             self.bias.copy_(weights.get(f"{prefix}.bias", (out_features,)))
+        self.lora_targets = [(prefix, None)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, num_in_per_rank] -> [num_tokens, out_features], the same on all ranks."""
-        out = self.tp.all_reduce(self.matmul(x, None))
+        out = self.tp.all_reduce(self._matmul_with_adapters(x, None))
         if self.bias is not None:
             out = out + self.bias
         return out

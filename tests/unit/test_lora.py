@@ -1,0 +1,131 @@
+"""LoRA adapters in the shard's runner against peft: tiny PEFT adapters built here on a tiny model,
+greedy tokens equal to peft's merged model, adapters and the base model mixed in one batch."""
+
+import pytest
+import torch
+from model_helpers import save_tiny_model, tiny_config
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tgi_server.distributed import SINGLE
+from tgi_server.lora import LoraAdapterError, allocate_lora, load_adapter, read_adapter
+from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
+from tgi_server.models.registry import load_model
+from tgi_server.sampler import SamplingParams
+
+BLOCK_SIZE = 4
+PROMPTS = [[11, 12, 13, 14, 15], list(range(30, 52)), [7, 8]]
+ADAPTERS = {  # name: (rank, alpha, target modules, rsLoRA)
+    "attention": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
+    "everything": (8, 4, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+}
+
+
+def save_adapter(base_dir, out, rank, alpha, targets, rslora, seed):
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # large enough to change the greedy tokens
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+
+
+def peft_greedy(base_dir, adapter_dir, prompt, num_new):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=num_new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def generate(runner, prompts, slots, num_new):
+    blocks = -(-(max(map(len, prompts)) + num_new) // BLOCK_SIZE)
+    new = [NewSequence(i, p, SamplingParams(), 0, adapter_slot=slot) for i, (p, slot) in enumerate(zip(prompts, slots))]
+    scheduled = [ScheduledSequence(i, len(p), list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i, p in enumerate(prompts)]
+    outputs = [[] for _ in prompts]
+    while scheduled:
+        for sample in runner.step([], new, scheduled).samples:
+            outputs[sample.request_id] += [t.token_id for t in sample.tokens]
+        new, scheduled = [], [ScheduledSequence(i, 1, []) for i, out in enumerate(outputs) if len(out) < num_new]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    save_tiny_model(tiny_config("llama3_biased"), root / "base")
+    for seed, (name, spec) in enumerate(ADAPTERS.items(), 1):
+        save_adapter(root / "base", root / name, *spec, seed=seed)
+    return root
+
+
+def runner_with_adapters(root, names):
+    model, config = load_model(str(root / "base"), SINGLE, torch.float32, torch.device("cpu"))
+    allocate_lora(model, num_slots=1 + len(names), max_rank=8)
+    for slot, name in enumerate(names, 1):
+        load_adapter(model, slot, read_adapter(name, root / name))
+    runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+    runner.allocate_kv_cache(128)
+    return runner
+
+
+def test_a_batch_mixing_adapters_and_the_base_model_gives_each_peft_merged_models_tokens(checkpoints):
+    names = list(ADAPTERS)
+    runner = runner_with_adapters(checkpoints, names)
+    # every prompt through every adapter and none, all in one batch
+    prompts = [prompt for prompt in PROMPTS for _ in range(len(names) + 1)]
+    slots = [slot for _ in PROMPTS for slot in range(len(names) + 1)]
+    outputs = generate(runner, prompts, slots, 10)
+    directories = [None] + [checkpoints / name for name in names]
+    expected = [peft_greedy(checkpoints / "base", directories[slot], prompt, 10) for prompt, slot in zip(prompts, slots)]
+    assert outputs == expected
+    assert len({tuple(out) for out in outputs[: len(names) + 1]}) == len(names) + 1  # the adapters change the tokens
+
+
+def test_an_adapter_for_modules_the_model_lacks_or_of_too_high_a_rank_is_refused_and_leaves_its_slot_empty(checkpoints, tmp_path):
+    model, _ = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cpu"))
+    allocate_lora(model, num_slots=2, max_rank=4)
+    with pytest.raises(LoraAdapterError, match="rank 8 is above the server's maximum 4"):
+        load_adapter(model, 1, read_adapter("everything", checkpoints / "everything"))
+    assert all(layer.lora.a[1].abs().sum() == 0 for layer in model.modules() if getattr(layer, "lora", None) is not None)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens"]}')
+    with pytest.raises(LoraAdapterError, match="target_modules \\['embed_tokens'\\] are not supported"):
+        read_adapter("embeddings", tmp_path)
+
+
+def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
+    """One of two gloo ranks: the batch of the single-rank test, with half of every adapted linear."""
+    from pathlib import Path
+
+    from tgi_server.distributed import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    tp = init_distributed(rank, 2, "127.0.0.1", port, torch.device("cpu"))
+    try:
+        root, names = Path(root), list(ADAPTERS)
+        model, config = load_model(str(root / "base"), tp, torch.float32, torch.device("cpu"))
+        allocate_lora(model, num_slots=1 + len(names), max_rank=8)
+        for slot, name in enumerate(names, 1):
+            load_adapter(model, slot, read_adapter(name, root / name))
+        runner = ModelRunner(model, config, tp, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+        runner.allocate_kv_cache(128)
+        torch.save(generate(runner, [p for p in PROMPTS for _ in range(3)], [0, 1, 2] * len(PROMPTS), 10), f"{out}/rank{rank}.pt")
+    finally:
+        shutdown_distributed(tp)
+
+
+def test_two_ranks_split_the_adapters_with_their_linears_and_give_the_single_rank_tokens(checkpoints, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(checkpoints), str(tmp_path)), nprocs=2, join=True)
+    expected = generate(runner_with_adapters(checkpoints, list(ADAPTERS)), [p for p in PROMPTS for _ in range(3)],
+                        [0, 1, 2] * len(PROMPTS), 10)
+    assert torch.load(tmp_path / "rank0.pt") == torch.load(tmp_path / "rank1.pt") == expected
