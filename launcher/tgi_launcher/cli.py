@@ -93,7 +93,7 @@ def launch(
     prefix_caching: Optional[str] = typer.Option(None, envvar="PREFIX_CACHING", metavar="true|false", help=help_of(RouterSettings, "prefix_caching") + " (default: true)"),
     env: bool = typer.Option(False, "--env", "-e", help="Print the runtime environment (versions, GPUs, this configuration), then launch."),
     max_client_batch_size: int = _passed(RouterSettings, "max_client_batch_size", "MAX_CLIENT_BATCH_SIZE"),
-    lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="Not supported (an error when set): LoRA adapters are not implemented."),
+    lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="LoRA adapters to serve beside the model, comma-separated: `id`, `name=id`, `id@revision` or `name=id@revision`, each a Hub id or a local PEFT directory (adapter_config.json, adapter_model.safetensors; targets q/k/v/o and gate/up/down). Requests pick one by name: TGI's `parameters.adapter_id`, or OpenAI's `model`."),
     usage_stats: str = typer.Option("on", envvar="USAGE_STATS", help="on, off or no-stack; accepted, no effect: no usage statistics are ever sent."),
     payload_limit: int = _passed(RouterSettings, "payload_limit", "PAYLOAD_LIMIT"),
     enable_prefill_logprobs: bool = typer.Option(False, envvar="ENABLE_PREFILL_LOGPROBS", help="Accepted, no effect (a warning says so): prompt logprobs (decoder_input_details) are always available."),
@@ -160,11 +160,17 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         return 1
     prepared = _prepare(config.prepare, supervisor)
     draft = _prepare(config.prepare_draft, supervisor) if prepared is not None and config.prepare_draft else None
-    if prepared is None or config.prepare_draft is not None and draft is None:
+    adapters = []
+    for name, settings in config.prepare_adapters if prepared is not None else []:
+        answer = _run_prepare(settings, supervisor)
+        adapters.append(f"{name}={answer['adapter_path']}" if answer else None)
+    if prepared is None or config.prepare_draft is not None and draft is None or None in adapters:
         return 0 if supervisor.is_stop_requested else 1
     model_path, tokenizer_path = prepared
+    shard = dataclasses.replace(config.shard, lora_adapters=tuple(adapters))
     if draft is not None:
-        config = dataclasses.replace(config, shard=dataclasses.replace(config.shard, speculative_model=draft[0]))
+        shard = dataclasses.replace(shard, speculative_model=draft[0])
+    config = dataclasses.replace(config, shard=shard)
     shards.remove_files(config.socket_paths)  # a stale socket would look like a ready shard
     router = failed = None
     try:
@@ -211,7 +217,13 @@ def _port_problem(hostname: str, port: int) -> str | None:
 
 
 def _prepare(settings: PrepareSettings, supervisor: shards.Supervisor) -> tuple[str, str] | None:
-    """Runs `tgi_server prepare`; returns (model_path, tokenizer_path), or None after a stop or error.
+    """Runs `tgi_server prepare`; returns (model_path, tokenizer_path), or None after a stop or error."""
+    answer = _run_prepare(settings, supervisor)
+    return (answer["model_path"], answer["tokenizer_path"]) if answer is not None else None
+
+
+def _run_prepare(settings: PrepareSettings, supervisor: shards.Supervisor) -> dict | None:
+    """Runs `tgi_server prepare`; returns the JSON object it ends with, or None after a stop or error.
 
     Its stderr is shown only if it fails (as TGI does with its download step): just the message of a
     `PrepareError` (a missing model, revision or cache entry), else the last lines, traceback included.
@@ -231,12 +243,15 @@ def _prepare(settings: PrepareSettings, supervisor: shards.Supervisor) -> tuple[
             )
         return None
     lines = [line for line in child.stdout_tail if line.strip()]
+    expected = ("adapter_path",) if settings.adapter else ("model_path", "tokenizer_path")
     try:
-        prepared = json.loads(lines[-1])
-        return prepared["model_path"], prepared["tokenizer_path"]
-    except (IndexError, ValueError, KeyError, TypeError):
-        log.error("`tgi_server prepare` did not end with a JSON line {model_path, tokenizer_path}")
-        return None
+        answer = json.loads(lines[-1])
+        if all(key in answer for key in expected):
+            return answer
+    except (IndexError, ValueError, TypeError):
+        pass
+    log.error("`tgi_server prepare` did not end with a JSON line {%s}", ", ".join(expected))
+    return None
 
 
 def _prepare_error(stderr_lines) -> str | None:

@@ -44,7 +44,6 @@ log = logging.getLogger("tgi_launcher")
 
 # TGI options not implemented here: option -> (the values that mean "off", why another value fails).
 UNSUPPORTED = {
-    "lora_adapters": ((None, ""), "LoRA adapters are not implemented"),
     "rope_scaling": ((None,), "RoPE scaling comes from the model's config.json only"),
     "rope_factor": ((None,), "RoPE scaling comes from the model's config.json only"),
     "weights_cache_override": ((None,), "point --model-id at the directory holding the weights instead"),
@@ -102,6 +101,18 @@ class LauncherConfig:
     @property
     def prepare(self) -> PrepareSettings:
         return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache, self.num_shard)
+
+    @property
+    def prepare_adapters(self) -> list[tuple[str, PrepareSettings]]:
+        """(name, its `prepare --adapter`) of each --lora-adapters entry: `id`, `name=id`, `id@revision`
+        or `name=id@revision`, the name defaulting to the id."""
+        out = []
+        for spec in self.shard.lora_adapters:
+            name, _, source = spec.rpartition("=")
+            adapter_id, _, revision = source.partition("@")
+            out.append((name or adapter_id, PrepareSettings(adapter_id, revision or None, self.huggingface_hub_cache,
+                                                            self.num_shard, adapter=True)))
+        return out
 
     @property
     def prepare_draft(self) -> PrepareSettings | None:
@@ -162,6 +173,10 @@ def resolve_config(
         settings["quantize"] = quantize
     if prefix_caching is not None:
         settings["prefix_caching"] = parse_bool("prefix_caching", prefix_caching)
+    if isinstance(settings.get("lora_adapters"), str):
+        settings["lora_adapters"] = tuple(spec.strip() for spec in settings["lora_adapters"].split(",") if spec.strip())
+    elif settings.get("lora_adapters") is None:
+        settings.pop("lora_adapters", None)
     if aip_http_port is not None:  # Vertex AI picks the port
         settings["port"] = aip_http_port
     grace = settings.get("graceful_termination_timeout", default_of(LauncherConfig, "graceful_termination_timeout"))

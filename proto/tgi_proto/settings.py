@@ -78,6 +78,7 @@ class PrepareSettings:
     cache_dir: str | None = setting(None, "Hub cache directory (default: huggingface_hub's, HF_HOME/hub).",
                                     env="HUGGINGFACE_HUB_CACHE")
     num_shard: int = setting(1, "Shards the model will be split over (checked against its KV heads).", minimum=1)
+    adapter: bool = setting(False, "MODEL_ID is a PEFT LoRA adapter: print {adapter_path}.")
 
     def __post_init__(self):
         check_fields(self)
@@ -108,6 +109,9 @@ class ShardSettings:
         "compressed-tensors: the checkpoint's own format (checkpoints stored quantized, fp8 or 4-bit, are detected from "
         "config.json without this flag).",
         choices=QUANTIZATIONS)
+    lora_adapters: tuple[str, ...] = setting(
+        (), "LoRA adapters to load, comma-separated `name=directory` (PEFT: adapter_config.json and "
+        "adapter_model.safetensors, from `tgi_server prepare --adapter`); requests pick one by name.")
     speculative_model: str | None = setting(
         None, "Local directory or .gguf file of a draft model (from `tgi_server prepare`) that proposes tokens "
         "for speculative decoding; it must share the model's tokenizer.")

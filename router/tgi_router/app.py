@@ -126,6 +126,7 @@ class Router:
                 ignore_eos=valid.ignore_eos,
                 prompt_logprobs=valid.decoder_input_details,
                 constraint=None if valid.grammar is None else self.grammars.matcher(valid.grammar),
+                adapter_slot=valid.adapter_slot,
             )
         )
 

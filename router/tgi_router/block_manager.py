@@ -24,6 +24,13 @@ from collections.abc import Sequence
 ROOT_HASH = b""
 
 
+def root_hash(adapter_slot: int) -> bytes:
+    """The parent of the first block of a sequence computed through LoRA adapter slot `adapter_slot`
+    (its KV differs from the base model's; 0: the base model, ROOT_HASH). Adapters are loaded once, at
+    start, so a slot always holds the same adapter."""
+    return ROOT_HASH if not adapter_slot else hashlib.sha256(b"lora-slot:%d" % adapter_slot).digest()
+
+
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """The hash of a block holding `token_ids` after the blocks whose chained hash is `parent`."""
     return hashlib.sha256(parent + array("I", token_ids).tobytes()).digest()

@@ -67,6 +67,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         max_total_tokens=limits.max_total_tokens,
         grammar_support=not settings.disable_grammar_support,
         vocab_size=shard_info.vocab_size,
+        lora_adapters=tuple(shard_info.lora_adapters),
     )
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     if not settings.disable_grammar_support:
@@ -157,6 +158,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "prefix_caching": settings.prefix_caching,
         "speculate": _speculate(settings, shard_info) or None,
         "speculative_model": shard_info.speculative_model or None,
+        "lora_adapters": list(shard_info.lora_adapters),
         "quantize": shard_info.quantize or None,
     }
 

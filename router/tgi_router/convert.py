@@ -52,6 +52,7 @@ def _new_request(request: Request) -> pb.NewRequest:
         prompt_logprobs=request.prompt_logprobs is not None,
         # A joining request's computed tokens are its cached prefix (plans are converted when sent).
         num_cached_tokens=request.num_computed_tokens,
+        adapter_slot=request.adapter_slot,
     )
 
 

@@ -42,6 +42,8 @@ class GenerationInput:
     prompt_logprobs: bool = False
     # The grammar this request's tokens must follow (a fresh matcher of its own), or None.
     constraint: Constraint | None = None
+    # The shards' LoRA adapter slot its tokens go through (0: the base model).
+    adapter_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class Engine:
             prompt_logprobs=[math.nan] * len(generation.input_ids) if generation.prompt_logprobs else None,
             is_constrained=generation.constraint is not None,
             stop_token_ids=frozenset() if generation.ignore_eos else self.tokenizer.eos_token_ids,
+            adapter_slot=generation.adapter_slot,
         )
         self.scheduler.add(request)
         self._wakeup.set()

@@ -65,6 +65,6 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("logit_bias", "object", "Token id (as a string) to a bias in [-100, 100] added to its logit, greedy "
               "decoding included (OpenAI's extension).",
               schema={"additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
-    Parameter("adapter_id", "string", "A LoRA adapter; none can be loaded yet, so naming one gets 422."),
+    Parameter("adapter_id", "string", "The LoRA adapter (--lora-adapters) to generate with; one not loaded gets 422 naming those that are."),
 )
 BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}

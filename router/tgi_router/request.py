@@ -69,6 +69,8 @@ class Request:
     is_constrained: bool = False
     # The token ids that end it (the tokenizer's end-of-sequence ids; none with ignore_eos).
     stop_token_ids: frozenset[int] = frozenset()
+    # The shards' LoRA adapter slot its tokens go through (0: the base model); part of its blocks' hashes.
+    adapter_slot: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from tgi_router.block_manager import ROOT_HASH, BlockManager, block_hash
+from tgi_router.block_manager import BlockManager, block_hash, root_hash
 from tgi_router.speculation import propose_ngram
 from tgi_router.request import FinishReason, NewTokens, Request, ScheduledChunk, StepPlan, StepResult
 
@@ -280,7 +280,7 @@ class Scheduler:
             token_ids = request.all_token_ids
             while len(hashes) < num_blocks:
                 start = len(hashes) * size
-                hashes.append(block_hash(hashes[-1] if hashes else ROOT_HASH, token_ids[start : start + size]))
+                hashes.append(block_hash(hashes[-1] if hashes else root_hash(request.adapter_slot), token_ids[start : start + size]))
         return hashes[:num_blocks]
 
     def _preempt(self, request: Request) -> None:

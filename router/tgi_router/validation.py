@@ -38,6 +38,17 @@ class ValidationConfig:
     grammar_support: bool = True
     # The model's logits width: `logit_bias` ids must be below it (0: unchecked).
     vocab_size: int = 0
+    # The LoRA adapters the shards hold, by name; `adapter_id` picks one (adapter i: slot i + 1).
+    lora_adapters: tuple[str, ...] = ()
+
+    def adapter_slot(self, adapter_id: str | None) -> int:
+        """The shards' slot of `adapter_id` (0: none given); ValidationError for one not loaded."""
+        if not adapter_id:
+            return 0
+        if adapter_id not in self.lora_adapters:
+            loaded = ", ".join(f"`{name}`" for name in self.lora_adapters) or "none"
+            raise ValidationError(f"adapter `{adapter_id}` is not loaded (loaded: {loaded})")
+        return self.lora_adapters.index(adapter_id) + 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,8 @@ class ValidRequest:
     ignore_eos: bool = False
     # The grammar the output must follow (compiled by the router before the request is queued).
     grammar: GrammarSpec | None = None
+    # The shards' LoRA adapter slot of `adapter_id` (0: the base model).
+    adapter_slot: int = 0
 
 
 _KIND_NAMES = {"boolean": "a boolean", "string": "a string", "strings": "a list of strings", "object": "an object"}
@@ -214,8 +227,8 @@ def validate_parameters(params: GenerateParameters, config: ValidationConfig, is
         (params.seed is not None and best_of > 1, "`seed` must not be set when `best_of` > 1"),
         (top_n_tokens is not None and top_n_tokens > config.max_top_n_tokens,
          f"`top_n_tokens` must be >= 0 and <= {config.max_top_n_tokens}. Given: {top_n_tokens}"),
-        (bool(params.adapter_id), f"adapter `{params.adapter_id}` is not loaded: this server has no LoRA adapters"),
     ]
+    config.adapter_slot(params.adapter_id)
     for is_failed, message in checks:
         if is_failed:
             raise ValidationError(message)
@@ -292,6 +305,7 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         watermark=params.watermark,
         ignore_eos=params.ignore_eos,
         grammar=grammar,
+        adapter_slot=config.adapter_slot(params.adapter_id),
     )
 
 

@@ -30,14 +30,18 @@ USAGE = "usage: tgi_server {prepare,serve} ... (`tgi_server serve --help` lists 
 def prepare(settings: PrepareSettings) -> None:
     """Resolve the model to local files; prints one JSON line {model_path, tokenizer_path}. A model
     that cannot be prepared for a reason the user can fix ends with one line, `PrepareError: ...`."""
-    from tgi_server.prepare import PrepareError, prepare as resolve
+    from tgi_server.prepare import PrepareError, prepare as resolve, prepare_adapter
 
     try:
-        prepared = resolve(settings.model_id, settings.revision, settings.cache_dir, settings.num_shard)
+        if settings.adapter:
+            answer = {"adapter_path": prepare_adapter(settings.model_id, settings.revision, settings.cache_dir)}
+        else:
+            prepared = resolve(settings.model_id, settings.revision, settings.cache_dir, settings.num_shard)
+            answer = {"model_path": prepared.model_path, "tokenizer_path": prepared.tokenizer_path}
     except PrepareError as error:
         print(f"PrepareError: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(json.dumps({"model_path": prepared.model_path, "tokenizer_path": prepared.tokenizer_path}), flush=True)
+    print(json.dumps(answer), flush=True)
 
 
 def serve(settings: ShardSettings) -> None:
@@ -45,13 +49,15 @@ def serve(settings: ShardSettings) -> None:
     # Progress bars (transformers' GGUF dequantizer draws one) become dozens of log lines through a pipe.
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {settings.rank} %(levelname)s %(message)s")
+    from tgi_server.lora import LoraAdapterError
     from tgi_server.models.registry import UnsupportedModelError
     from tgi_server.quantization import QuantizationConfigError
     from tgi_server.weights import WeightShapeError
 
     try:
         server = _build_server(settings)
-    except (WeightShapeError, UnsupportedModelError, QuantizationConfigError, KeyError, FileNotFoundError) as error:
+    except (WeightShapeError, UnsupportedModelError, QuantizationConfigError, LoraAdapterError, KeyError,
+            FileNotFoundError) as error:
         # A checkpoint that does not fit its config or this server: one line that names the tensor, file or format.
         log.error("cannot load %s: %s", settings.model_path, error.args[0] if isinstance(error, KeyError) else error)
         sys.exit(1)
@@ -98,6 +104,7 @@ def _build_server(settings: ShardSettings):
     model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend,
                                settings.quantize)
     log.info("model %s runs on the %s implementation", model_architecture(config), implementation(model_architecture(config)))
+    adapter_names = _load_adapters(model, settings.lora_adapters)
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
     if not model.supports_cuda_graphs:
         log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
@@ -123,6 +130,7 @@ def _build_server(settings: ShardSettings):
         model_implementation=implementation(model_architecture(config)),
         quantize=weight_quantization(model),
         speculative_model=model_architecture(drafter.config) if drafter is not None else "",
+        lora_adapters=adapter_names,
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)
@@ -135,6 +143,27 @@ def _build_server(settings: ShardSettings):
     log.info("serving %s on %s (%s, %s, KV cache %s)", settings.model_path, socket_path, device, torch_dtype,
              runner.kv_cache_dtype)
     return server
+
+
+def _load_adapters(model, specs: tuple[str, ...]) -> list[str]:
+    """Loads the `name=directory` LoRA adapters into slots 1, 2, ... of the model; returns their names."""
+    from tgi_server.lora import LoraAdapterError, allocate_lora, load_adapter, read_adapter
+
+    if not specs:
+        return []
+    adapters = []
+    for spec in specs:
+        name, separator, directory = spec.partition("=")
+        if not separator or not name or not directory:
+            raise LoraAdapterError(f"--lora-adapters entry {spec!r} is not `name=directory`")
+        adapters.append(read_adapter(name, directory))
+    if len({adapter.name for adapter in adapters}) < len(adapters):
+        raise LoraAdapterError(f"--lora-adapters names an adapter twice: {[adapter.name for adapter in adapters]}")
+    allocate_lora(model, num_slots=1 + len(adapters), max_rank=max(adapter.rank for adapter in adapters))
+    for slot, adapter in enumerate(adapters, 1):
+        load_adapter(model, slot, adapter)
+        log.info("LoRA adapter %s (rank %d) in slot %d", adapter.name, adapter.rank, slot)
+    return [adapter.name for adapter in adapters]
 
 
 def _load_drafter(settings: ShardSettings, config, tp, dtype, device, backend, kv_cache_dtype, watermark):

@@ -70,6 +70,26 @@ def prepare(
     return PreparedModel(str(ensure_safetensors(directory, cache_dir)), str(directory))
 
 
+def prepare_adapter(adapter_id: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+    """The local directory of the PEFT LoRA adapter `adapter_id` (a directory, or a Hub repository
+    fetched into the cache), with adapter_config.json and adapter_model.safetensors."""
+    path = Path(adapter_id).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        _report(f"Fetching adapter {adapter_id} (revision {revision or 'main'}) from the Hub or its cache")
+        try:
+            path = Path(snapshot_download(adapter_id, revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
+        except (OSError, ValueError) as error:
+            raise PrepareError(_hub_error_message(error, adapter_id, revision, cache_dir)) from error
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise PrepareError(f"{adapter_id}: no {name} (a PEFT LoRA adapter has adapter_config.json and "
+                               "adapter_model.safetensors)")
+    return str(path)
+
+
 def _check_servable(directory: Path, num_shard: int) -> None:
     """What would otherwise fail only in the shards or the router, found before they start."""
     if not (directory / "tokenizer.json").exists():

@@ -74,7 +74,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     def Step(self, request: pb.StepRequest, context):
         new = [
             NewSequence(r.id, list(r.token_ids), _sampling_from_pb(r.sampling), r.top_n_tokens, r.prompt_logprobs,
-                        r.num_cached_tokens)
+                        r.num_cached_tokens, r.adapter_slot)
             for r in request.new_requests
         ]
         scheduled = [

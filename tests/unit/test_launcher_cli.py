@@ -73,6 +73,7 @@ OPTIONS = [
     ("QUANTIZE", "--quantize", "quantize", "fp8", "fp8"),
     ("SPECULATE", "--speculate", "speculate", "3", 3),
     ("SPECULATIVE_MODEL", "--speculative-model", "speculative_model", "org/draft", "org/draft"),
+    ("LORA_ADAPTERS", "--lora-adapters", "lora_adapters", "a=org/x, org/y@v2", ("a=org/x", "org/y@v2")),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
@@ -92,7 +93,6 @@ NO_EFFECT_OPTIONS = [
 REJECTED_OPTIONS = [
     ("QUANTIZE", "--quantize", "eetq", "`--quantize eetq` is not supported: fp8, awq, gptq, compressed-tensors are implemented"),
     ("KV_CACHE_DTYPE", "--kv-cache-dtype", "fp8", "`kv_cache_dtype` must be one of auto, fp8_e4m3fn, fp8_e5m2"),
-    ("LORA_ADAPTERS", "--lora-adapters", "org/adapter", "`--lora-adapters org/adapter` is not supported"),
     ("ROPE_SCALING", "--rope-scaling", "dynamic", "`--rope-scaling dynamic` is not supported"),
     ("ROPE_FACTOR", "--rope-factor", "2.0", "`--rope-factor 2.0` is not supported"),
     ("WEIGHTS_CACHE_OVERRIDE", "--weights-cache-override", "/w", "`--weights-cache-override /w` is not supported"),
@@ -505,3 +505,10 @@ def test_launcher_and_shard_reject_a_bad_shard_setting_with_the_same_line(captur
     with pytest.raises(SystemExit) as exited:
         shard_main(["serve", "/weights", *shard_args])
     assert exited.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_lora_adapters_are_prepared_by_name_id_and_revision():
+    config = resolve_config(model_id="org/m", num_shard=1, lora_adapters="support=org/support@v2,org/sql")
+    assert [(name, s.model_id, s.revision, s.adapter) for name, s in config.prepare_adapters] == [
+        ("support", "org/support", "v2", True), ("org/sql", "org/sql", None, True)]
+    assert prepare_argv(config.prepare_adapters[0][1])[4:] == ["org/support", "--revision", "v2", "--adapter"]

@@ -74,7 +74,9 @@ RULES = [
     ({"grammar": {"type": "json", "value": "{not json"}}, {}, "grammar `value` is not valid JSON: "
      "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ({"grammar": {"type": "json", "value": [1]}}, {}, "a JSON schema must be an object, got list"),
-    ({"adapter_id": "customer-a"}, {}, "adapter `customer-a` is not loaded: this server has no LoRA adapters"),
+    ({"adapter_id": "customer-a"}, {}, "adapter `customer-a` is not loaded (loaded: none)"),
+    ({"adapter_id": "customer-a"}, {"config": dataclasses.replace(CONFIG, lora_adapters=("b", "c"))},
+     "adapter `customer-a` is not loaded (loaded: `b`, `c`)"),
     ({"best_of": 2}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"best_of": 0}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"decoder_input_details": True}, {"is_stream": True},

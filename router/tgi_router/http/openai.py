@@ -44,8 +44,12 @@ def add_routes(app: web.Application) -> None:
 
 
 async def models(request: web.Request) -> web.Response:
-    model_id = get_router(request).info["model_id"]
+    """The model, then each LoRA adapter (a `model` a request may name)."""
+    router = get_router(request)
+    model_id = router.info["model_id"]
     data = [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": model_id, "parent": model_id}
+             for name in router.validation.lora_adapters]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -97,7 +101,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     num_choices = _num_choices(router, body, len(prompts))
     is_stream = body.get("stream") is True
     with router.admit():
-        valids = [await router.validate(_completion_request(body, prompt), is_stream) for prompt in prompts]
+        valids = [await router.validate(_completion_request(router, body, prompt), is_stream) for prompt in prompts]
         # OpenAI's order: the n choices of the first prompt, then those of the next.
         valids = [choice for valid in valids for choice in _choices(valid, num_choices)]
         streams = [router.submit(valid) for valid in valids]
@@ -134,7 +138,7 @@ def chat_request(router: Router, body: dict) -> tuple[GenerateRequest, ChatOutpu
         raise ValidationError("`response_format` cannot be combined with `tools` (unless `tool_choice` is none)")
     prompt = render_conversation(tokenizer, [_message(m) for m in messages], tools, _template_kwargs(body))
     _check_types(body, _CHAT_FIELDS)
-    parameters = _sampling_parameters(body)
+    parameters = _sampling_parameters(body, router)
     parameters["top_n_tokens"] = body.get("top_logprobs")
     if body.get("presence_penalty") is not None:
         parameters["repetition_penalty"] = _number(body, "presence_penalty") + 2.0  # TGI's mapping
@@ -159,12 +163,12 @@ def _template_kwargs(body: dict) -> dict:
     return kwargs
 
 
-def _completion_request(body: dict, prompt: str) -> GenerateRequest:
+def _completion_request(router: Router, body: dict, prompt: str) -> GenerateRequest:
     if body.get("suffix") is not None:
         raise InferError("Suffix is not supported and can be achieved by preprocessing the prompt.", 422,
                          "suffix not supported")
     _check_types(body, _TYPED_FIELDS)
-    parameters = _sampling_parameters(body)
+    parameters = _sampling_parameters(body, router)
     parameters["repetition_penalty"] = body.get("repetition_penalty")
     parameters["top_n_tokens"] = _completion_logprobs_count(body) or None
     return parse_generate_request({"inputs": prompt, "parameters": parameters})
@@ -179,8 +183,10 @@ def _completion_logprobs_count(body: dict) -> int | None:
     return count
 
 
-def _sampling_parameters(body: dict) -> dict:
-    """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request)."""
+def _sampling_parameters(body: dict, router: Router) -> dict:
+    """OpenAI fields as TGI generate parameters (types are checked by parse_generate_request); a
+    `model` naming a LoRA adapter picks it (any other model name is ignored, as TGI does)."""
+    model = body.get("model")
     temperature = body.get("temperature")
     is_greedy = temperature == 0 and not isinstance(temperature, bool)
     stop = body.get("stop")
@@ -197,6 +203,7 @@ def _sampling_parameters(body: dict) -> dict:
         "logit_bias": body.get("logit_bias"),
         "grammar": _response_format_grammar(body.get("response_format")),
         "details": True,
+        **({"adapter_id": model} if isinstance(model, str) and model in router.validation.lora_adapters else {}),
     }
 
 

@@ -136,6 +136,7 @@ SCHEMAS = {
         "num_shard": INT, "model_implementation": STR, "prefix_caching": BOOL,
         "quantize": _nullable({"type": "string", "description": "The weights' quantization (--quantize), or null."}),
         "speculate": _nullable({"type": "integer", "description": "Tokens proposed per step by speculative decoding (--speculate), or null when off."}),
+        "lora_adapters": _array(STR),
         "speculative_model": _nullable({"type": "string", "description": "The architecture of the draft model proposing them (--speculative-model), or null for n-gram proposals or none."}),
     }),
     "SimpleToken": SIMPLE_TOKEN,
@@ -170,7 +171,8 @@ SCHEMAS = {
         "index": INT, "text": STR, "logprobs": COMPLETION_LOGPROBS, "finish_reason": STR})), "usage": USAGE}),
     "CompletionChunk": _obj({**HEAD, "choices": _array(_obj({
         "index": INT, "text": STR, "logprobs": COMPLETION_LOGPROBS, "finish_reason": STR}))}, ("choices",)),
-    "ModelList": _obj({"object": STR, "data": _array(_obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}))}),
+    "ModelList": _obj({"object": STR, "data": _array(_obj({"id": STR, "object": STR, "created": INT, "owned_by": STR,
+                                                           "parent": {"type": "string", "description": "For a LoRA adapter: its base model."}}))}),
     "ChatTokenizeResponse": _obj({"tokenize_response": _array(_ref("SimpleToken")), "templated_text": STR}),
     "VertexInstance": _obj({"inputs": NON_EMPTY_STR, "parameters": _nullable(_ref("GenerateParameters"))},
                            ("inputs",)),

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize", "speculative_model")
+    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize", "speculative_model", "lora_adapters")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class InfoResponse(_message.Message):
     MODEL_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     dtype: str
     device_type: str
@@ -34,7 +35,8 @@ class InfoResponse(_message.Message):
     model_implementation: str
     quantize: str
     speculative_model: str
-    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ..., speculative_model: _Optional[str] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ..., speculative_model: _Optional[str] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -98,20 +100,22 @@ class SamplingParameters(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., watermark: _Optional[bool] = ..., min_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class NewRequest(_message.Message):
-    __slots__ = ("id", "token_ids", "sampling", "top_n_tokens", "prompt_logprobs", "num_cached_tokens")
+    __slots__ = ("id", "token_ids", "sampling", "top_n_tokens", "prompt_logprobs", "num_cached_tokens", "adapter_slot")
     ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOT_FIELD_NUMBER: _ClassVar[int]
     id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParameters
     top_n_tokens: int
     prompt_logprobs: bool
     num_cached_tokens: int
-    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    adapter_slot: int
+    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., adapter_slot: _Optional[int] = ...) -> None: ...
 
 class ScheduledRequest(_message.Message):
     __slots__ = ("id", "num_tokens", "new_block_ids", "last_token", "allowed_tokens", "mask_follows", "draft_token_ids", "num_model_drafts")
