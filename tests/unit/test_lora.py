@@ -62,12 +62,12 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-def runner_with_adapters(root, names):
-    model, config = load_model(str(root / "base"), SINGLE, torch.float32, torch.device("cpu"))
+def runner_with_adapters(root, names, tp=SINGLE):
+    model, config = load_model(str(root / "base"), tp, torch.float32, torch.device("cpu"))
     allocate_lora(model, num_slots=1 + len(names), max_rank=8)
     for slot, name in enumerate(names, 1):
         load_adapter(model, slot, read_adapter(name, root / name))
-    runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+    runner = ModelRunner(model, config, tp, torch.device("cpu"), torch.float32, BLOCK_SIZE)
     runner.allocate_kv_cache(128)
     return runner
 
@@ -105,13 +105,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     tp = init_distributed(rank, 2, "127.0.0.1", port, torch.device("cpu"))
     try:
-        root, names = Path(root), list(ADAPTERS)
-        model, config = load_model(str(root / "base"), tp, torch.float32, torch.device("cpu"))
-        allocate_lora(model, num_slots=1 + len(names), max_rank=8)
-        for slot, name in enumerate(names, 1):
-            load_adapter(model, slot, read_adapter(name, root / name))
-        runner = ModelRunner(model, config, tp, torch.device("cpu"), torch.float32, BLOCK_SIZE)
-        runner.allocate_kv_cache(128)
+        runner = runner_with_adapters(Path(root), list(ADAPTERS), tp)
         torch.save(generate(runner, [p for p in PROMPTS for _ in range(3)], [0, 1, 2] * len(PROMPTS), 10), f"{out}/rank{rank}.pt")
     finally:
         shutdown_distributed(tp)
