@@ -13,7 +13,6 @@ from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
 from tgi_server.models.architectures import IN_PROJECT_ARCHITECTURES
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
-from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
 from tgi_server.ops import building_with
 from tgi_server.quantization import FP8_DTYPE, FP8_MAX, MIN_FP8_CAPABILITY, WeightFormat, building_with_weights, weight_format
 from tgi_server.weights import load_config, open_weights
@@ -54,6 +53,9 @@ def model_class(architecture: str, num_shard: int = 1) -> type:
     is supported otherwise."""
     if architecture in ARCHITECTURES:
         return ARCHITECTURES[architecture]
+    # Imported only for the fallback: its transformers modules add most of a second to every shard's start.
+    from tgi_server.models.transformers_fallback import TransformersCausalLM, fallback_class, has_tensor_parallel_plan
+
     if fallback_class(architecture) is None:
         raise UnsupportedModelError(
             f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(ARCHITECTURES))}, "
@@ -104,6 +106,7 @@ def load_model(
     config = load_config(model_path)
     architecture = model_architecture(config)
     model_cls = model_class(architecture, tp.world_size)
+    is_fallback = architecture not in ARCHITECTURES
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     is_dummy = load_format == "dummy"
@@ -112,25 +115,25 @@ def load_model(
         quantization = quantization.to_dict()
     found = weight_format(quantization, quantize, tp.world_size)
     if found is not None:
-        _check_quantized_model(found, model_cls, device)
+        _check_quantized_model(found, model_cls, is_fallback, device)
     with building_with(backend), building_with_weights(found):
-        if model_cls is TransformersCausalLM:  # transformers reads its own checkpoints
-            model = TransformersCausalLM(config, tp, dtype, device, None if is_dummy else model_path)
+        if is_fallback:  # transformers reads its own checkpoints
+            model = model_cls(config, tp, dtype, device, None if is_dummy else model_path)
         else:
             model = model_cls(config, tp, dtype, device)
     if is_dummy:
         fill_random_weights(model, seed=tp.rank)
-    elif model_cls is not TransformersCausalLM:
+    elif not is_fallback:
         model.load_weights(open_weights(model_path, config, dtype))
     if found is not None and not found.checkpoint:
         quantize_linears(model)
     return model.eval(), model.config  # a multimodal checkpoint's text config where only its text model runs
 
 
-def _check_quantized_model(found: WeightFormat, model_cls: type, device: torch.device) -> None:
+def _check_quantized_model(found: WeightFormat, model_cls: type, is_fallback: bool, device: torch.device) -> None:
     """Refuses, before any weight is read, quantized weights that this model or device cannot run."""
     how = "--quantize fp8" if not found.checkpoint else f"a {found.name}-quantized checkpoint"
-    if model_cls is TransformersCausalLM:
+    if is_fallback:
         raise UnsupportedModelError(f"{how} needs an in-project model; this architecture runs on the transformers fallback")
     if found.checkpoint and model_cls is MixtralForCausalLM:
         raise UnsupportedModelError(f"{how} of a mixture-of-experts model is not supported yet: its experts are quantized")
