@@ -4,6 +4,8 @@ and the runner (their own module, so kernels stay leaves)."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -62,3 +64,14 @@ class KVCacheSpec:
     def shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """(2, num_blocks, block_size, num_kv_heads, head_dim): index 0 of the first dim holds K, 1 holds V."""
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+
+def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """A zeroed cache per attention layer, each [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    return [torch.zeros(spec.shape(num_blocks, block_size), dtype=dtype, device=device) for spec in specs]
+
+
+def kv_cache_bytes_per_block(specs: list[KVCacheSpec], block_size: int, dtype: torch.dtype) -> int:
+    """What one block costs across every layer's cache."""
+    return sum(math.prod(spec.shape(1, block_size)) for spec in specs) * dtype.itemsize

@@ -20,12 +20,11 @@ every rank.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from tgi_server.attention_metadata import allocate_kv_caches, kv_cache_bytes_per_block
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
-from tgi_server.flat_batch import Span, flatten, forward_flat
+from tgi_server.flat_batch import Span, decode_slots, flatten, forward_flat
 from tgi_server.sampler import SamplingBatch, Watermark, sample
 
 # Tokens in one catch-up forward at most, until `Drafter.max_tokens` is set (warmup sets the step's budget).
@@ -51,15 +50,12 @@ class Drafter:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.decode_graphs = self.mixed_graphs = None  # graphs address the old cache
-        self.kv_caches = []
-        self.kv_caches = [
-            torch.zeros(spec.shape(num_blocks, self.block_size), dtype=self.kv_cache_dtype, device=self.device)
-            for spec in self.model.kv_cache_specs
-        ]
+        self.kv_caches = []  # free the old cache before allocating the new one
+        self.kv_caches = allocate_kv_caches(self.model.kv_cache_specs, num_blocks, self.block_size, self.kv_cache_dtype,
+                                            self.device)
 
     def kv_cache_bytes_per_block(self) -> int:
-        elements = sum(math.prod(spec.shape(1, self.block_size)) for spec in self.model.kv_cache_specs)
-        return elements * self.kv_cache_dtype.itemsize
+        return kv_cache_bytes_per_block(self.model.kv_cache_specs, self.block_size, self.kv_cache_dtype)
 
     def capture_cuda_graphs(self, batch_sizes: list[int], max_seqs: int, max_blocks_per_seq: int, pool) -> None:
         """Captures the proposal forwards (one token per sequence) at `batch_sizes`, and catch-up
@@ -124,12 +120,9 @@ class Drafter:
         graphs = self.decode_graphs
         if (graphs is not None and graphs.padded_size(len(sequences)) is not None
                 and all(len(seq.block_table) <= graphs.max_blocks_per_seq for seq in sequences)):
-            block_size = self.block_size
-            logits = graphs.run(
-                [drafted[-1] for drafted in proposals], positions,
-                [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)],
-                [seq.block_table for seq in sequences],
-            )
+            tables = [seq.block_table for seq in sequences]
+            logits = graphs.run([drafted[-1] for drafted in proposals], positions,
+                                decode_slots(tables, positions, self.block_size), tables)
             self.num_forwards += 1
             for seq, position in zip(sequences, positions):
                 seq.num_draft_computed = position + 1

@@ -37,6 +37,11 @@ class FlatBatch:
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits are scored (the runner's)
 
 
+def decode_slots(block_tables: list[list[int]], positions: list[int], block_size: int) -> list[int]:
+    """The KV slot of each sequence's token at positions[i] (one token per sequence, a decode step)."""
+    return [table[p // block_size] * block_size + p % block_size for table, p in zip(block_tables, positions)]
+
+
 def flatten(spans: list[Span], block_size: int) -> FlatBatch:
     input_ids, positions, slots, query_start_loc, seq_lens = [], [], [], [0], []
     tables = np.zeros((len(spans), max(len(span.block_table) for span in spans)), dtype=np.int32)

@@ -18,7 +18,6 @@ so they are never chained.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ import torch
 from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.drafter import Drafter
-from tgi_server.flat_batch import FlatBatch, Span, flatten, forward_flat
+from tgi_server.attention_metadata import allocate_kv_caches, kv_cache_bytes_per_block
+from tgi_server.flat_batch import FlatBatch, Span, decode_slots, flatten, forward_flat
 from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
 
 
@@ -171,11 +171,8 @@ class ModelRunner:
         self._lookahead = None
         self.decode_graphs = self.mixed_graphs = None  # graphs address the old cache
         self.kv_caches = []  # free the old cache before allocating the new one
-        self.kv_caches = [
-            # [2, num_blocks, block_size, num_kv_heads, head_dim]
-            torch.zeros(spec.shape(num_blocks, self.block_size), dtype=self.kv_cache_dtype, device=self.device)
-            for spec in self.model.kv_cache_specs
-        ]
+        self.kv_caches = allocate_kv_caches(self.model.kv_cache_specs, num_blocks, self.block_size, self.kv_cache_dtype,
+                                            self.device)
         self.num_blocks = num_blocks
         if self.drafter is not None:
             self.drafter.allocate_kv_cache(num_blocks)
@@ -212,9 +209,8 @@ class ModelRunner:
                 )
 
     def kv_cache_bytes_per_block(self) -> int:
-        elements = sum(math.prod(spec.shape(1, self.block_size)) for spec in self.model.kv_cache_specs)
         draft_bytes = self.drafter.kv_cache_bytes_per_block() if self.drafter is not None else 0
-        return elements * self.kv_cache_dtype.itemsize + draft_bytes
+        return kv_cache_bytes_per_block(self.model.kv_cache_specs, self.block_size, self.kv_cache_dtype) + draft_bytes
 
     def clear(self) -> None:
         self.sequences.clear()
@@ -365,13 +361,9 @@ class ModelRunner:
     def _launch_decode(
         self, sequences: list[Sequence], positions: list[int], input_ids: list[int], device_input_ids=None
     ) -> _Lookahead:
-        block_size = self.block_size
+        tables = [seq.block_table for seq in sequences]
         logits = self.decode_graphs.run(
-            input_ids,
-            positions,
-            [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)],
-            [seq.block_table for seq in sequences],
-            device_input_ids=device_input_ids,
+            input_ids, positions, decode_slots(tables, positions, self.block_size), tables, device_input_ids=device_input_ids
         )
         # A chained row's history lacks the token being sampled before it (it has no penalties).
         batch = SamplingBatch.build(
@@ -434,11 +426,10 @@ class ModelRunner:
         )
 
     def _decode_with_graph(self, batch: list[tuple[int, Sequence, int]]) -> list[Sample]:
-        block_size = self.block_size
         positions = [seq.num_computed_tokens for _, seq, _ in batch]
-        slots = [seq.block_table[p // block_size] * block_size + p % block_size for (_, seq, _), p in zip(batch, positions)]
+        tables = [seq.block_table for _, seq, _ in batch]
         logits = self.decode_graphs.run(
-            [seq.token_ids[-1] for _, seq, _ in batch], positions, slots, [seq.block_table for _, seq, _ in batch]
+            [seq.token_ids[-1] for _, seq, _ in batch], positions, decode_slots(tables, positions, self.block_size), tables
         )
         for _, seq, _ in batch:
             seq.num_computed_tokens += 1

@@ -35,10 +35,13 @@ class _QuantizableLinear(nn.Module):
     dtype, `group_size`, and `input_perm` (act-order: the input order whose groups are contiguous).
     """
 
+    # This rank's [start, stop) of the input features (a row-parallel linear's); None: all of them.
+    input_range: tuple[int, int] | None = None
+
     def __init__(self, num_out: int, num_in: int, group_size_in: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.ops = select_ops(device)
-        self.dtype, self.device = dtype, device
+        self.num_out, self.dtype, self.device = num_out, dtype, device
         # LoRA: the checkpoint modules this linear holds, with this rank's rows of each (set when loaded),
         # and their adapter weights once allocated (`tgi_server.lora`).
         self.lora_targets: list[tuple[str, list[tuple[int, int]] | None]] = []
@@ -63,9 +66,7 @@ class _QuantizableLinear(nn.Module):
         self.matmul = self._dense_matmul
 
     def allocate_lora(self, num_slots: int, max_rank: int) -> None:
-        num_out = sum(self.output_sizes_per_rank) if hasattr(self, "output_sizes_per_rank") else self.out_features
-        input_range = getattr(self, "input_range", None)
-        self.lora = LoraStacks(self.lora_targets, num_out, self.in_features, input_range, num_slots, max_rank,
+        self.lora = LoraStacks(self.lora_targets, self.num_out, self.in_features, self.input_range, num_slots, max_rank,
                                self.dtype, self.device)
 
     def _matmul_with_adapters(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
