@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from tgi_server.gguf_file import metadata_dir
 from tgi_server.models.architectures import IN_PROJECT_ARCHITECTURES
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
@@ -59,7 +59,7 @@ def prepare(
     path = Path(model_id).expanduser()
     gguf = _gguf_file(path)
     if gguf is not None:
-        return PreparedModel(str(gguf), str(_export_gguf_metadata(gguf, cache_dir)))
+        return PreparedModel(str(gguf), str(metadata_dir(gguf, cache_dir)))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise PrepareError(f"{path} has no config.json and no .gguf file")
@@ -290,26 +290,3 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 def _report(message: str) -> None:
     print(message, flush=True)
-
-
-def _export_gguf_metadata(gguf: Path, cache_dir: str | None) -> Path:
-    """Writes tokenizer and config files for `gguf` once; later calls reuse them."""
-    from huggingface_hub import constants
-    from transformers import AutoConfig, AutoTokenizer
-
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(cache_dir or os.path.join(constants.HF_HOME, "tgi-gguf"))
-    out = root / f"{gguf.stem}-{key}"
-    if (out / "tokenizer.json").exists():
-        return out
-    staging = root / f".{out.name}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config.to_json_file(staging / "config.json")
-    try:
-        staging.rename(out)
-    except OSError:  # another process exported it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return out

@@ -1,18 +1,20 @@
 """Checkpoint readers: tensors, or one rank's slice of them, by their Hugging Face names.
 
 Layers load themselves from a `WeightSource`, so they never see file formats; a safetensors
-directory is read lazily (each rank reads only its slice), a GGUF file is dequantized whole.
+directory is read lazily (each rank reads only its slice), a GGUF file tensor by tensor.
 """
 
-import logging
 import os
 from glob import glob
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from tgi_server.gguf_file import metadata_dir, read_tensor_index
 
 
 class WeightShapeError(ValueError):
@@ -47,9 +49,8 @@ def _check_shape(name: str, actual, expected: tuple[int, ...]) -> None:
 
 def load_config(model_path: str) -> PretrainedConfig:
     """The HF config of a model directory (config.json) or of a `.gguf` file (its metadata)."""
-    if model_path.endswith(".gguf"):
-        directory, filename = os.path.split(os.path.abspath(model_path))
-        return AutoConfig.from_pretrained(directory, gguf_file=filename)
+    if model_path.endswith(".gguf"):  # as `prepare` exported it, under the launcher's hub cache
+        return AutoConfig.from_pretrained(metadata_dir(Path(model_path), os.environ.get("HUGGINGFACE_HUB_CACHE")))
     return AutoConfig.from_pretrained(model_path)
 
 
@@ -117,28 +118,54 @@ def _route_tensor_names(directory: str) -> dict[str, str]:
 
 
 class GGUFWeights:
-    """A GGUF file, dequantized in memory under HF names by transformers' GGUF reader.
+    """A GGUF file's tensors under HF names, each dequantized by gguf-py when a layer reads it.
 
-    transformers maps GGUF names to HF ones through a model instance, so a weightless (meta
-    device) HF model of the same config is built for it; it also undoes llama.cpp's q/k row
-    permutation.
+    Names map through gguf-py's tensor-name table of the file's architecture, and each tensor goes
+    through transformers' fix-up for that architecture (llama.cpp permutes llama's q/k rows and
+    stores Gemma's norms plus one). An architecture whose fix-up splits or merges tensors (MoE
+    experts) is dequantized whole by transformers' own loader instead.
     """
 
     def __init__(self, path: str, config: PretrainedConfig, dtype: torch.dtype):
-        logging.getLogger("tgi_server").info("dequantizing the tensors of %s", path)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        parsed = load_gguf_checkpoint(
-            path, return_tensors=True, model_to_load=skeleton, torch_dtype=dtype
-        )
-        self.path = path
-        self.name_to_tensor = parsed["tensors"]
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.path, self.dtype = path, dtype
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        architecture, self.tensors = read_tensor_index(self.data)
+        processor_cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+        self.whole: dict[str, torch.Tensor] | None = None
+        if processor_cls.__name__ not in _PER_TENSOR_PROCESSORS:
+            self.whole = _load_whole_gguf(path, config, dtype)
+            return
+        self.processor = processor_cls(config=config.to_dict())
+        text_config = config.get_text_config()
+        arch = next(key for key, value in MODEL_ARCH_NAMES.items() if value == architecture)
+        self.name_map = get_tensor_name_map(arch, text_config.num_hidden_layers)
+
+    def _info(self, name: str):
+        gguf_name = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        return self.tensors.get(gguf_name) if gguf_name is not None else None
 
     def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
-        if name not in self.name_to_tensor:
+        from gguf import dequantize
+        from gguf.quants import quant_shape_to_byte_shape
+
+        if self.whole is not None:
+            tensor = self.whole.get(name)
+        else:
+            info = self._info(name)
+            if info is not None:
+                byte_shape = quant_shape_to_byte_shape(info.shape, info.qtype)
+                raw = self.data[info.offset:info.offset + int(np.prod(byte_shape))].reshape(byte_shape)
+                values = self.processor.process(weights=dequantize(raw, info.qtype), name=info.name).weights
+                tensor = torch.from_numpy(np.array(values, dtype=np.float32)).to(self.dtype)
+            else:
+                tensor = None
+        if tensor is None:
             raise KeyError(f"tensor {name!r} is not in GGUF file {self.path}")
-        _check_shape(name, self.name_to_tensor[name].shape, shape)
-        return self.name_to_tensor[name]
+        _check_shape(name, tensor.shape, shape)
+        return tensor
 
     def get_range(
         self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
@@ -146,4 +173,21 @@ class GGUFWeights:
         return self.get(name, shape).narrow(dim, start, stop - start)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
-        return tuple(self.name_to_tensor[name].shape) if name in self.name_to_tensor else None
+        if self.whole is not None:
+            return tuple(self.whole[name].shape) if name in self.whole else None
+        info = self._info(name)
+        return info.shape if info is not None else None
+
+
+# transformers' GGUF fix-ups that map one tensor to one tensor of the same name.
+_PER_TENSOR_PROCESSORS = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor"}
+
+
+def _load_whole_gguf(path: str, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of `path`, dequantized at once by transformers (which maps names through a
+    weightless model of `config`)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton, torch_dtype=dtype)["tensors"]

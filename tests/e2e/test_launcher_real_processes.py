@@ -55,15 +55,17 @@ async def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_ze
                         if response.status == 503:
                             refusals.append(await response.json())
                 text += (await stream.content.read()).decode()
+                drained_at = time.monotonic()
         code = await asyncio.to_thread(server.process.wait, 30)
-        elapsed = time.monotonic() - stopped_at
+        exited_after_drain = time.monotonic() - drained_at
     finally:
         server.stop()
     assert refusals == [{"error": "Server is shutting down", "error_type": "shutting_down"}]
     events = sse_events(text)
     assert len(events) == 600 and events[-1]["generated_text"] is not None  # the in-flight request finished
     assert code == 0
-    assert elapsed < 10
+    # How long the 600 tokens take depends on the machine; once they are sent, the processes stop promptly.
+    assert exited_after_drain < 10
     assert "did not stop" not in server.log  # nothing needed SIGKILL
     assert glob.glob(uds + "-*") == []
     assert shard_pids(uds) == []

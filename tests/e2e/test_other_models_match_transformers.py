@@ -64,13 +64,14 @@ def smollm2_expected(smollm2_transformers, smollm2_tokenizer_dir) -> list[list[i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_shard, speculation", [(2, "off"), (1, "ngram"), (2, "draft-model")])
+@pytest.mark.parametrize("num_shard, speculation", [(2, "off"), (1, "ngram"), (1, "draft-model")])
 async def test_smollm2_gguf_greedy_output_equals_transformers_also_from_cached_prefixes(
     smollm2_gguf, smollm2_expected, smollm2_tokenizer_dir, hf_home, num_shard, speculation
 ):
     """Also with speculative decoding: n-gram proposals (`--speculate 3`), kept and rejected, and the
     proposals of a draft model (`--speculative-model`: the GGUF itself, loaded twice) change no token.
-    (The plain single-shard path runs in the n-gram case, between proposals, and everywhere else.)"""
+    (The plain single-shard path runs in the n-gram case, between proposals, and everywhere else; a
+    draft model over two shards runs in tests/e2e/test_speculative_decoding.py.)"""
     args = {"off": (), "ngram": ("--speculate", "3"), "draft-model": ("--speculative-model", str(smollm2_gguf))}[speculation]
     with running_server(str(smollm2_gguf), hf_home, "--max-batch-prefill-tokens", "512", *args, num_shard=num_shard) as server:
         await assert_greedy_equals_transformers_with_cached_prefixes(server.url, smollm2_tokenizer_dir, smollm2_expected)
