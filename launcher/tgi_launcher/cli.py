@@ -94,6 +94,8 @@ def launch(
     env: bool = typer.Option(False, "--env", "-e", help="Print the runtime environment (versions, GPUs, this configuration), then launch."),
     max_client_batch_size: int = _passed(RouterSettings, "max_client_batch_size", "MAX_CLIENT_BATCH_SIZE"),
     lora_adapters: Optional[str] = typer.Option(None, envvar="LORA_ADAPTERS", help="LoRA adapters to serve beside the model, comma-separated: `id`, `name=id`, `id@revision` or `name=id@revision`, each a Hub id or a local PEFT directory (adapter_config.json, adapter_model.safetensors; targets q/k/v/o and gate/up/down). Requests pick one by name: TGI's `parameters.adapter_id`, or OpenAI's `model`."),
+    max_loras: Optional[int] = _passed(ShardSettings, "max_loras", "MAX_LORAS"),
+    max_lora_rank: int = _passed(ShardSettings, "max_lora_rank", "MAX_LORA_RANK"),
     usage_stats: str = typer.Option("on", envvar="USAGE_STATS", help="on, off or no-stack; accepted, no effect: no usage statistics are ever sent."),
     payload_limit: int = _passed(RouterSettings, "payload_limit", "PAYLOAD_LIMIT"),
     enable_prefill_logprobs: bool = typer.Option(False, envvar="ENABLE_PREFILL_LOGPROBS", help="Accepted, no effect (a warning says so): prompt logprobs (decoder_input_details) are always available."),

@@ -112,6 +112,12 @@ class ShardSettings:
     lora_adapters: tuple[str, ...] = setting(
         (), "LoRA adapters to load, comma-separated `name=directory` (PEFT: adapter_config.json and "
         "adapter_model.safetensors, from `tgi_server prepare --adapter`); requests pick one by name.")
+    max_loras: int | None = setting(
+        None, "GPU slots for LoRA adapters: how many different adapters one step can run; more adapters (loaded at "
+        "start or at run time) wait in CPU memory and take the least recently used free slot when a request needs "
+        "them. 0 turns LoRA off (default: as many as --lora-adapters).", minimum=0)
+    max_lora_rank: int = setting(
+        16, "Highest rank of an adapter loaded at run time (the slots' width; --lora-adapters may raise it).", minimum=1)
     speculative_model: str | None = setting(
         None, "Local directory or .gguf file of a draft model (from `tgi_server prepare`) that proposes tokens "
         "for speculative decoding; it must share the model's tokenizer.")

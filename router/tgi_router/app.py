@@ -126,7 +126,7 @@ class Router:
                 ignore_eos=valid.ignore_eos,
                 prompt_logprobs=valid.decoder_input_details,
                 constraint=None if valid.grammar is None else self.grammars.matcher(valid.grammar),
-                adapter_slot=valid.adapter_slot,
+                adapter_id=valid.adapter_id,
             )
         )
 
@@ -292,7 +292,7 @@ class MalformedRequestLogFilter(logging.Filter):
 
 
 def build_app(router: Router) -> web.Application:
-    from tgi_router.http import cloud, openai, openapi, tgi
+    from tgi_router.http import cloud, lora, openai, openapi, tgi
 
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
@@ -301,6 +301,7 @@ def build_app(router: Router) -> web.Application:
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
     openai.add_routes(app)
+    lora.add_routes(app)
     cloud.add_routes(app)
     openapi.add_routes(app)
     if router.predict_route:

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 ROOT_HASH = b""
 
 
-def root_hash(adapter_slot: int) -> bytes:
-    """The parent of the first block of a sequence computed through LoRA adapter slot `adapter_slot`
-    (its KV differs from the base model's; 0: the base model, ROOT_HASH). Adapters are loaded once, at
-    start, so a slot always holds the same adapter."""
-    return ROOT_HASH if not adapter_slot else hashlib.sha256(b"lora-slot:%d" % adapter_slot).digest()
+def root_hash(adapter_id: int) -> bytes:
+    """The parent of the first block of a sequence computed through LoRA adapter `adapter_id` (its KV
+    differs from the base model's; 0: the base model, ROOT_HASH). Adapter ids are never reused, so
+    an adapter unloaded and loaded again finds none of its old blocks."""
+    return ROOT_HASH if not adapter_id else hashlib.sha256(b"lora-adapter:%d" % adapter_id).digest()
 
 
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:

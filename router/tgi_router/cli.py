@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_proto.settings import RouterSettings, parse_argv
+from tgi_router.adapters import LoraAdapters
 from tgi_router.app import Router, build_app
 from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
@@ -55,10 +56,11 @@ async def _start(settings: RouterSettings) -> web.Application:
     await shards.clear_cache()
     limits = await _warmup(settings, shards, shard_info, tokenizer)
     blocks = BlockManager(limits.num_blocks, shard_info.block_size)
+    adapters = LoraAdapters(tuple(shard_info.lora_adapters), shard_info.max_loras)
     scheduler = Scheduler(
         SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
                         speculate=_speculate(settings, shard_info), draft_model=bool(shard_info.speculative_model)),
-        blocks)
+        blocks, adapters)
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,
         max_stop_sequences=settings.max_stop_sequences,
@@ -67,7 +69,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         max_total_tokens=limits.max_total_tokens,
         grammar_support=not settings.disable_grammar_support,
         vocab_size=shard_info.vocab_size,
-        lora_adapters=tuple(shard_info.lora_adapters),
+        lora=adapters,
     )
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     if not settings.disable_grammar_support:
@@ -158,7 +160,8 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "prefix_caching": settings.prefix_caching,
         "speculate": _speculate(settings, shard_info) or None,
         "speculative_model": shard_info.speculative_model or None,
-        "lora_adapters": list(shard_info.lora_adapters),
+        "lora_adapters": list(shard_info.lora_adapters),  # kept current by the /info route
+        "max_loras": shard_info.max_loras,
         "quantize": shard_info.quantize or None,
     }
 

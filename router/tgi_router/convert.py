@@ -23,6 +23,8 @@ def step_request(plan: StepPlan) -> pb.StepRequest:
         ],
         lookahead=plan.lookahead,
         masks_follow=bool(plan.masked_ids),
+        adapter_placements=[pb.AdapterPlacement(slot=slot, adapter_id=adapter_id)
+                            for slot, adapter_id in plan.adapter_placements],
     )
 
 

@@ -42,8 +42,8 @@ class GenerationInput:
     prompt_logprobs: bool = False
     # The grammar this request's tokens must follow (a fresh matcher of its own), or None.
     constraint: Constraint | None = None
-    # The shards' LoRA adapter slot its tokens go through (0: the base model).
-    adapter_slot: int = 0
+    # The LoRA adapter its tokens go through (`LoraAdapters` id; 0: the base model).
+    adapter_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class Engine:
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
+        self._last_call: asyncio.Future | None = None
         self.num_steps = 0
 
     def submit(self, generation: GenerationInput) -> RequestStream:
@@ -141,7 +142,7 @@ class Engine:
             prompt_logprobs=[math.nan] * len(generation.input_ids) if generation.prompt_logprobs else None,
             is_constrained=generation.constraint is not None,
             stop_token_ids=frozenset() if generation.ignore_eos else self.tokenizer.eos_token_ids,
-            adapter_slot=generation.adapter_slot,
+            adapter_id=generation.adapter_id,
         )
         self.scheduler.add(request)
         self._wakeup.set()
@@ -204,7 +205,13 @@ class Engine:
         if constraints:
             masks = asyncio.ensure_future(self._send_masks(plan.step_id, constraints))
             call = asyncio.ensure_future(_after_masks(call, masks))
+        self._last_call = call
         return _InFlight(plan, call, method, time.perf_counter())
+
+    async def wait_for_sent_steps(self) -> None:
+        """Returns once every step sent so far is done, well or not (one is in flight at most)."""
+        if self._last_call is not None and not self._last_call.done():
+            await asyncio.wait([self._last_call])
 
     def _masked(self, plan: StepPlan) -> dict[int, Constraint]:
         """The constraint of every constrained request that samples in `plan`, by request id; they

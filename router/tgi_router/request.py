@@ -69,7 +69,9 @@ class Request:
     is_constrained: bool = False
     # The token ids that end it (the tokenizer's end-of-sequence ids; none with ignore_eos).
     stop_token_ids: frozenset[int] = frozenset()
-    # The shards' LoRA adapter slot its tokens go through (0: the base model); part of its blocks' hashes.
+    # The LoRA adapter its tokens go through (`LoraAdapters` ids; 0: the base model), part of its
+    # blocks' hashes, and the shards' slot holding it while the request runs (given by the scheduler).
+    adapter_id: int = 0
     adapter_slot: int = 0
 
     @property
@@ -124,6 +126,8 @@ class StepPlan:
     # The constrained requests that sample this step: their grammar masks follow the step (the
     # proto's `ScheduledRequest.mask_follows`; the engine fills this in and sends the masks).
     masked_ids: set[int] = field(default_factory=set)
+    # (slot, adapter id): LoRA adapters the shards copy into GPU slots before the step.
+    adapter_placements: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from tgi_router.adapters import LoraAdapters
 from tgi_router.block_manager import BlockManager, block_hash, root_hash
 from tgi_router.speculation import propose_ngram
 from tgi_router.request import FinishReason, NewTokens, Request, ScheduledChunk, StepPlan, StepResult
@@ -52,9 +53,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, adapters: LoraAdapters | None = None):
         self.config = config
         self.blocks = block_manager
+        self.adapters = adapters if adapters is not None else LoraAdapters()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._live: dict[int, Request] = {}
@@ -74,6 +76,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self._live[request.id] = request
+        self.adapters.hold(request.adapter_id)
         self.waiting.append(request)
 
     def finish(self, request_id: int) -> None:
@@ -86,6 +89,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self._release(request)
+        self.adapters.drop(request.adapter_id)
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_batch_prefill_tokens
@@ -101,7 +105,8 @@ class Scheduler:
         # request keeps is known only after the step: nothing may start before its plan then.
         lookahead = (not self.waiting and not any(request.is_constrained for request in self.running)
                      and not any(chunk.num_proposed for chunk in scheduled))
-        plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=lookahead)
+        plan = StepPlan(self._next_step_id, self._finished_ids, new_requests, scheduled, lookahead=lookahead,
+                        adapter_placements=self.adapters.take_placements())
         self._next_step_id += 1
         self._finished_ids = []
         return plan
@@ -219,13 +224,20 @@ class Scheduler:
             if cached is None:  # its next block is being computed: join once it is cached
                 deferred.append(self.waiting.popleft())
                 continue
+            slot = self.adapters.acquire(request.adapter_id) if request.adapter_id else 0
+            if slot is None:  # every adapter slot is held by running requests of other adapters
+                deferred.append(self.waiting.popleft())
+                continue
             # Admit only when the whole remaining prompt fits, keeping one spare block per running
             # request so admissions do not immediately force preemptions.
             num_reserved = (self.blocks.num_blocks_for(request.num_tokens) - len(cached)
                             + self.blocks.num_free_among(cached) + len(self.running))
             if num_reserved > self.blocks.num_free_blocks:
+                if slot:
+                    self.adapters.release(slot)
                 break
             self.waiting.popleft()
+            request.adapter_slot = slot
             scheduled.append(self._admit(request, cached, budget))
             budget -= scheduled[-1].num_tokens
         self.waiting.extendleft(reversed(deferred))
@@ -280,7 +292,7 @@ class Scheduler:
             token_ids = request.all_token_ids
             while len(hashes) < num_blocks:
                 start = len(hashes) * size
-                hashes.append(block_hash(hashes[-1] if hashes else root_hash(request.adapter_slot), token_ids[start : start + size]))
+                hashes.append(block_hash(hashes[-1] if hashes else root_hash(request.adapter_id), token_ids[start : start + size]))
         return hashes[:num_blocks]
 
     def _preempt(self, request: Request) -> None:
@@ -298,6 +310,9 @@ class Scheduler:
                 del self._computing[value]
         request.block_ids = []
         request.num_cached_blocks = 0
+        if request.adapter_slot:
+            self.adapters.release(request.adapter_slot)
+            request.adapter_slot = 0
         if request.is_on_shards:
             self._finished_ids.append(request.id)
             request.is_on_shards = False

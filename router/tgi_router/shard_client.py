@@ -41,6 +41,22 @@ class ShardClient:
     async def clear_cache(self) -> None:
         await self._all("ClearCache", pb.ClearCacheRequest())
 
+    async def load_adapter(self, adapter_id: int, name: str, path: str) -> int:
+        """Every shard reads the LoRA adapter at `path` as `adapter_id`; returns its rank. ShardError
+        with the shard's reason (e.g. an adapter that does not fit), after which no shard keeps it."""
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, name=name, path=path)
+        # Not _all: every shard finishes reading (none is cancelled half-way) before the clean-up.
+        results = await asyncio.gather(*(stub.LoadAdapter(request) for stub in self._stubs), return_exceptions=True)
+        errors = [error for error in results if isinstance(error, BaseException)]
+        if errors:
+            await self.unload_adapter(adapter_id)
+            error = errors[0]
+            raise ShardError(error.details() if isinstance(error, grpc.aio.AioRpcError) else repr(error)) from error
+        return results[0].rank
+
+    async def unload_adapter(self, adapter_id: int) -> None:
+        await self._all("UnloadAdapter", pb.UnloadAdapterRequest(adapter_id=adapter_id))
+
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         responses = await self._all("Warmup", request)
         # Ranks may size their caches differently; every rank can hold the smallest.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tgi_router.adapters import LoraAdapters
 from tgi_router.errors import ValidationError
 from tgi_router.grammar import GrammarSpec
 from tgi_router.parameters import BY_NAME
@@ -38,17 +39,17 @@ class ValidationConfig:
     grammar_support: bool = True
     # The model's logits width: `logit_bias` ids must be below it (0: unchecked).
     vocab_size: int = 0
-    # The LoRA adapters the shards hold, by name; `adapter_id` picks one (adapter i: slot i + 1).
-    lora_adapters: tuple[str, ...] = ()
+    # The LoRA adapters the shards hold (loaded at start or at run time); `adapter_id` picks one by name.
+    lora: LoraAdapters = field(default_factory=LoraAdapters)
 
-    def adapter_slot(self, adapter_id: str | None) -> int:
-        """The shards' slot of `adapter_id` (0: none given); ValidationError for one not loaded."""
+    def adapter_number(self, adapter_id: str | None) -> int:
+        """The id of the adapter named `adapter_id` (0: none given); ValidationError for one not loaded."""
         if not adapter_id:
             return 0
-        if adapter_id not in self.lora_adapters:
-            loaded = ", ".join(f"`{name}`" for name in self.lora_adapters) or "none"
+        if adapter_id not in self.lora.ids:
+            loaded = ", ".join(f"`{name}`" for name in self.lora.ids) or "none"
             raise ValidationError(f"adapter `{adapter_id}` is not loaded (loaded: {loaded})")
-        return self.lora_adapters.index(adapter_id) + 1
+        return self.lora.ids[adapter_id]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class GenerateParameters:
     # dropped when sampling; {token id: bias} added to the logits before anything else.
     min_p: float | None = None
     logit_bias: dict | None = None
-    # No LoRA adapter can be loaded yet: naming one is a 422, never a silent answer from the base model.
+    # The LoRA adapter to generate with, by name; one not loaded is a 422, never the base model's answer.
     adapter_id: str | None = None
 
     @property
@@ -129,8 +130,8 @@ class ValidRequest:
     ignore_eos: bool = False
     # The grammar the output must follow (compiled by the router before the request is queued).
     grammar: GrammarSpec | None = None
-    # The shards' LoRA adapter slot of `adapter_id` (0: the base model).
-    adapter_slot: int = 0
+    # The LoRA adapter of `adapter_id` (`LoraAdapters` id; 0: the base model).
+    adapter_id: int = 0
 
 
 _KIND_NAMES = {"boolean": "a boolean", "string": "a string", "strings": "a list of strings", "object": "an object"}
@@ -228,7 +229,7 @@ def validate_parameters(params: GenerateParameters, config: ValidationConfig, is
         (top_n_tokens is not None and top_n_tokens > config.max_top_n_tokens,
          f"`top_n_tokens` must be >= 0 and <= {config.max_top_n_tokens}. Given: {top_n_tokens}"),
     ]
-    config.adapter_slot(params.adapter_id)
+    config.adapter_number(params.adapter_id)
     for is_failed, message in checks:
         if is_failed:
             raise ValidationError(message)
@@ -305,7 +306,7 @@ def validate_input_ids(request: GenerateRequest, input_ids: list[int], config: V
         watermark=params.watermark,
         ignore_eos=params.ignore_eos,
         grammar=grammar,
-        adapter_slot=config.adapter_slot(params.adapter_id),
+        adapter_id=config.adapter_number(params.adapter_id),
     )
 
 

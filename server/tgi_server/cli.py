@@ -104,7 +104,7 @@ def _build_server(settings: ShardSettings):
     model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend,
                                settings.quantize)
     log.info("model %s runs on the %s implementation", model_architecture(config), implementation(model_architecture(config)))
-    adapter_names = _load_adapters(model, settings.lora_adapters)
+    adapters = _load_adapters(model, settings)
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
     if not model.supports_cuda_graphs:
         log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
@@ -130,10 +130,11 @@ def _build_server(settings: ShardSettings):
         model_implementation=implementation(model_architecture(config)),
         quantize=weight_quantization(model),
         speculative_model=model_architecture(drafter.config) if drafter is not None else "",
-        lora_adapters=adapter_names,
+        lora_adapters=[spec.partition("=")[0] for spec in settings.lora_adapters],
+        max_loras=adapters.num_slots if adapters is not None else 0,
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
-    service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction)
+    service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters)
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     socket_path = settings.socket_paths[rank]
     if os.path.exists(socket_path):
@@ -145,25 +146,30 @@ def _build_server(settings: ShardSettings):
     return server
 
 
-def _load_adapters(model, specs: tuple[str, ...]) -> list[str]:
-    """Loads the `name=directory` LoRA adapters into slots 1, 2, ... of the model; returns their names."""
-    from tgi_server.lora import LoraAdapterError, allocate_lora, load_adapter, read_adapter
+def _load_adapters(model, settings: ShardSettings):
+    """The shard's LoRA adapter store (None: LoRA is off), holding the `name=directory` adapters of
+    --lora-adapters under ids 1, 2, ... (in CPU memory; the router places them in GPU slots)."""
+    from tgi_server.lora import AdapterStore, LoraAdapterError, read_adapter
 
-    if not specs:
-        return []
     adapters = []
-    for spec in specs:
+    for spec in settings.lora_adapters:
         name, separator, directory = spec.partition("=")
         if not separator or not name or not directory:
             raise LoraAdapterError(f"--lora-adapters entry {spec!r} is not `name=directory`")
         adapters.append(read_adapter(name, directory))
     if len({adapter.name for adapter in adapters}) < len(adapters):
         raise LoraAdapterError(f"--lora-adapters names an adapter twice: {[adapter.name for adapter in adapters]}")
-    allocate_lora(model, num_slots=1 + len(adapters), max_rank=max(adapter.rank for adapter in adapters))
-    for slot, adapter in enumerate(adapters, 1):
-        load_adapter(model, slot, adapter)
-        log.info("LoRA adapter %s (rank %d) in slot %d", adapter.name, adapter.rank, slot)
-    return [adapter.name for adapter in adapters]
+    num_slots = settings.max_loras if settings.max_loras is not None else len(adapters)
+    if not num_slots:
+        if adapters:
+            raise LoraAdapterError("--max-loras 0 turns LoRA off, but --lora-adapters names adapters")
+        return None
+    store = AdapterStore(model, num_slots, max_rank=max([settings.max_lora_rank, *(adapter.rank for adapter in adapters)]))
+    for adapter_id, adapter in enumerate(adapters, 1):
+        store.add(adapter_id, adapter)
+        log.info("LoRA adapter %s (rank %d) read as adapter %d", adapter.name, adapter.rank, adapter_id)
+    log.info("LoRA: %d GPU slot(s) of rank %d", num_slots, store.max_rank)
+    return store
 
 
 def _load_drafter(settings: ShardSettings, config, tp, dtype, device, backend, kv_cache_dtype, watermark):

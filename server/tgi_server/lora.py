@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def read_adapter(name: str, directory: str | Path) -> LoraAdapter:
     weights_path = directory / "adapter_model.safetensors"
     if not weights_path.is_file():
         raise LoraAdapterError(f"adapter {name}: {weights_path} does not exist")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise LoraAdapterError(f"adapter {name}: cannot read {weights_path}: {error}") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
@@ -113,15 +117,13 @@ class LoraStacks:
         self.a = torch.zeros(num_slots, width, num_in, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, num_out, width, dtype=dtype, device=device)
 
-    def set(self, slot: int, adapter: LoraAdapter | None) -> set[str]:
-        """Fills `slot` with `adapter`'s weights for this linear (zeros where it has none, or for
-        None); returns the adapter's module names it used."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        used, row = set(), 0
+    def _parts(self, adapter: LoraAdapter):
+        """(columns, rows of the output, A, B scaled) for each part of this linear that `adapter`
+        targets, cut to this rank's share; LoraAdapterError where one does not fit."""
+        row = 0
         for part, (module, rows) in enumerate(self.targets):
             num_rows = sum(stop - start for start, stop in rows) if rows is not None else self.b.shape[1]
-            pair = adapter.weights.get(module) if adapter is not None else None
+            pair = adapter.weights.get(module)
             if pair is not None:
                 a, b = pair
                 if a.shape[1] != self.in_features or (rows is not None and b.shape[0] < max(stop for _, stop in rows)):
@@ -129,17 +131,27 @@ class LoraStacks:
                                            f"{list(b.shape)}, which do not fit the model's [{self.in_features} in] projection")
                 if adapter.rank > self.max_rank:
                     raise LoraAdapterError(f"adapter {adapter.name}: rank {adapter.rank} is above the server's "
-                                           f"maximum {self.max_rank}")
+                                           f"maximum {self.max_rank} (--max-lora-rank)")
                 if self.input_range is not None:
                     a = a[:, self.input_range[0] : self.input_range[1]]
                 if rows is not None:
                     b = torch.cat([b[start:stop] for start, stop in rows])
                 columns = slice(part * self.max_rank, part * self.max_rank + adapter.rank)
-                self.a[slot, columns] = a.to(self.a.dtype)
-                self.b[slot, row : row + num_rows, columns] = (b.float() * adapter.scaling).to(self.b.dtype)
-                used.add(module)
+                yield columns, slice(row, row + num_rows), a, b.float() * adapter.scaling
             row += num_rows
-        return used
+
+    def check(self, adapter: LoraAdapter) -> None:
+        """Raises LoraAdapterError if `adapter` does not fit this linear."""
+        for _ in self._parts(adapter):
+            pass
+
+    def set(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Fills `slot` with `adapter`'s weights for this linear (zeros where it has none, or for None)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        for columns, rows, a, b in self._parts(adapter) if adapter is not None else ():
+            self.a[slot, columns] = a.to(self.a.dtype)
+            self.b[slot, rows, columns] = b.to(self.b.dtype)
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` [num_tokens, out] plus each adapted row run's s B A x, x [num_tokens, in] (this rank's)."""
@@ -149,28 +161,46 @@ class LoraStacks:
         return out
 
 
-def allocate_lora(model: torch.nn.Module, num_slots: int, max_rank: int) -> None:
-    """Gives every linear that can take an adapter empty stacks of `num_slots` slots (slot 0: none)."""
-    for layer in model.modules():
-        targets = getattr(layer, "lora_targets", None)
-        if targets and all(module.rpartition(".")[2] in TARGET_MODULES for module, _ in targets):
-            layer.allocate_lora(num_slots, max_rank)
+class AdapterStore:
+    """A shard's LoRA adapters: every adapter read (in CPU memory, by the router's adapter id) and
+    which one each GPU slot holds. Reading and checking an adapter (`add`) may run beside a step;
+    `place` runs between steps."""
 
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_rank: int):
+        self.layers = [layer for layer in model.modules() if getattr(layer, "lora_targets", None)
+                       and all(module.rpartition(".")[2] in TARGET_MODULES for module, _ in layer.lora_targets)]
+        for layer in self.layers:
+            layer.allocate_lora(num_slots + 1, max_rank)  # slot 0: no adapter
+        self.known_modules = {module for layer in self.layers for module, _ in layer.lora.targets}
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self._adapters: dict[int, LoraAdapter] = {}
+        self._lock = threading.Lock()
 
-def load_adapter(model: torch.nn.Module, slot: int, adapter: LoraAdapter | None) -> None:
-    """Puts `adapter` (None: nothing) in `slot` of every adapted linear. An adapter that does not fit
-    (a module the model lacks, a shape or rank that does not fit) raises LoraAdapterError and leaves
-    the slot empty."""
-    layers = [layer for layer in model.modules() if getattr(layer, "lora", None) is not None]
-    known = {module for layer in layers for module, _ in layer.lora.targets}
-    if adapter is not None and set(adapter.weights) - known:
-        unknown = sorted(set(adapter.weights) - known)
-        raise LoraAdapterError(f"adapter {adapter.name}: the model has no projection {unknown[0]}"
-                               + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    try:
-        for layer in layers:
+    def add(self, adapter_id: int, adapter: LoraAdapter) -> None:
+        """Keeps `adapter` under `adapter_id`, once it is checked against every adapted linear: a
+        module the model lacks, a shape or a rank that does not fit raise LoraAdapterError."""
+        unknown = sorted(set(adapter.weights) - self.known_modules)
+        if unknown:
+            raise LoraAdapterError(f"adapter {adapter.name}: the model has no projection {unknown[0]}"
+                                   + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        for layer in self.layers:
+            layer.lora.check(adapter)
+        with self._lock:
+            if adapter_id in self._adapters:
+                raise LoraAdapterError(f"adapter id {adapter_id} is taken (by {self._adapters[adapter_id].name})")
+            self._adapters[adapter_id] = adapter
+
+    def remove(self, adapter_id: int) -> None:
+        with self._lock:
+            self._adapters.pop(adapter_id, None)
+
+    def place(self, slot: int, adapter_id: int) -> None:
+        """Copies adapter `adapter_id` into GPU slot `slot` of every adapted linear."""
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"adapter slot {slot} is not between 1 and {self.num_slots}")
+        with self._lock:
+            adapter = self._adapters.get(adapter_id)
+        if adapter is None:
+            raise ValueError(f"no adapter has id {adapter_id}")
+        for layer in self.layers:
             layer.lora.set(slot, adapter)
-    except LoraAdapterError:
-        for layer in layers:
-            layer.lora.set(slot, None)
-        raise

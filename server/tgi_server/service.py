@@ -7,6 +7,7 @@ follow runs its forward, then waits for its StepMasks call (which may also come 
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import grpc
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
+from tgi_server.lora import AdapterStore, LoraAdapterError, read_adapter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 from tgi_server.warmup import warmup
@@ -24,8 +26,10 @@ MASKS_TIMEOUT_SECONDS = 60.0
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int, memory_fraction: float = 1.0):
+    def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int, memory_fraction: float = 1.0,
+                 adapters: AdapterStore | None = None):
         self.runner = runner
+        self.adapters = adapters
         self.memory_fraction = memory_fraction
         self.info = info
         self.rank = rank
@@ -85,6 +89,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         masks = (lambda: self._wait_for_masks(request.step_id)) if request.masks_follow else None
         with self._lock:
             try:
+                for placement in request.adapter_placements:
+                    if self.adapters is None:
+                        raise ValueError("LoRA is off on this shard (max_loras 0)")
+                    self.adapters.place(placement.slot, placement.adapter_id)
                 output = self.runner.step(list(request.finished_ids), new, scheduled, request.lookahead, masks)
             except (KeyError, ValueError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id}: {error!r}")
@@ -112,6 +120,27 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         with self._lock:
             self.runner.clear()
         return pb.ClearCacheResponse()
+
+    def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
+        """Reads and checks the adapter beside any running step (the step lock is not taken)."""
+        from tgi_server.prepare import PrepareError, prepare_adapter
+
+        if self.adapters is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoRA is off: start with --max-loras N (or --lora-adapters)")
+        source, _, revision = request.path.rpartition("@") if "@" in request.path and not os.path.isdir(request.path) \
+            else (request.path, "", "")
+        try:
+            directory = prepare_adapter(source, revision or None, os.environ.get("HUGGINGFACE_HUB_CACHE"))
+            adapter = read_adapter(request.name, directory)
+            self.adapters.add(request.adapter_id, adapter)
+        except (PrepareError, LoraAdapterError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.LoadAdapterResponse(rank=adapter.rank)
+
+    def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
+        if self.adapters is not None:
+            self.adapters.remove(request.adapter_id)
+        return pb.UnloadAdapterResponse()
 
 
 @dataclass

@@ -2,7 +2,10 @@
 Llama, served beside the base model with one shard and two. Each request's greedy tokens equal peft's
 merged model of its adapter (or the base model's), all requests in flight at once and twice over (the
 second time from cached prefixes, which are cached per adapter); OpenAI's `model` names an adapter;
-/v1/models lists them; an adapter not loaded gets 422 naming the loaded ones."""
+/v1/models lists them; an adapter not loaded gets 422 naming the loaded ones. At run time (vLLM's
+/v1/load_lora_adapter and /v1/unload_lora_adapter, behind the API key): more adapters than GPU slots
+take turns in them with the same tokens, an adapter that does not fit is refused while the server
+keeps serving, and unloading waits for the requests using the adapter."""
 
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ def expected(checkpoints):
     return out
 
 
-async def _generate(session, url, prompt, adapter_id):
-    parameters = {"max_new_tokens": MAX_NEW_TOKENS, "details": True, **({"adapter_id": adapter_id} if adapter_id else {})}
+async def _generate(session, url, prompt, adapter_id, max_new_tokens=MAX_NEW_TOKENS, **extra):
+    parameters = {"max_new_tokens": max_new_tokens, "details": True, **extra,
+                  **({"adapter_id": adapter_id} if adapter_id else {})}
     async with session.post(url + "/generate", json={"inputs": prompt, "parameters": parameters}) as response:
         assert response.status == 200, await response.text()
         return token_ids((await response.json())["details"])
@@ -102,3 +106,70 @@ async def test_an_adapter_that_does_not_fit_the_model_stops_the_launcher_naming_
     with pytest.raises(RuntimeError, match=r"target_modules \['lm_head'\] are not supported"):
         with running_server(str(checkpoints / "base"), hf_home, "--lora-adapters", f"bad={tmp_path}"):
             pass
+
+
+async def _post(session, url, route, body):
+    async with session.post(url + route, json=body) as response:
+        return response.status, await response.text()
+
+
+@pytest.mark.parametrize("num_shard", [1, 2])
+async def test_adapters_loaded_at_run_time_take_turns_in_fewer_slots_and_unload_after_their_requests(
+    checkpoints, expected, hf_home, tmp_path, num_shard
+):
+    args = ("--lora-adapters", f"support={checkpoints / 'support'}", "--max-loras", "1", "--api-key", "k")
+    _save_wide_adapter(checkpoints / "base", tmp_path, rank=32)
+    with running_server(str(checkpoints / "base"), hf_home, *args, num_shard=num_shard) as server:
+        url = server.url
+        async with aiohttp.ClientSession() as anonymous:
+            refused = await _post(anonymous, url, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(checkpoints / "sql")})
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as session:
+            loaded = await _post(session, url, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(checkpoints / "sql")})
+            again = await _post(session, url, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(checkpoints / "sql")})
+            too_wide = await _post(session, url, "/v1/load_lora_adapter", {"lora_name": "wide", "lora_path": str(tmp_path)})
+            # one slot, two adapters and the base model, all at once: the adapters take turns in the slot
+            names = [None, "support", "sql"]
+            got = await asyncio.gather(*(_generate(session, url, prompt, name) for name in names for prompt in PROMPTS))
+            for i, name in enumerate(names):
+                assert got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)] == expected[name], name
+            async with session.get(url + "/v1/models") as response:
+                models = [m["id"] for m in (await response.json())["data"]][1:]
+            # unloading waits for the request using the adapter, which finishes with its tokens
+            long = asyncio.ensure_future(_generate(session, url, PROMPTS[0], "sql", 300, ignore_eos=True))
+            await asyncio.sleep(0.5)
+            unloaded = await _post(session, url, "/v1/unload_lora_adapter", {"lora_name": "sql"})
+            long_done_first = long.done()
+            long_tokens = await long
+            after = await _post(session, url, "/generate", {"inputs": "hi", "parameters": {"adapter_id": "sql"}})
+            missing = await _post(session, url, "/v1/unload_lora_adapter", {"lora_name": "sql"})
+            # the same adapter under a new name: a new adapter, its own cached blocks, the same tokens
+            reloaded = await _post(session, url, "/v1/load_lora_adapter", {"lora_name": "sql-2", "lora_path": str(checkpoints / "sql")})
+            sql_again = await asyncio.gather(*(_generate(session, url, prompt, "sql-2") for prompt in PROMPTS))
+            async with session.get(url + "/info") as response:
+                info = await response.json()
+    assert refused[0] == 401
+    assert loaded == (200, "Success: LoRA adapter 'sql' (rank 8) added successfully.")
+    assert again[0] == 400 and "`sql` has already been loaded" in again[1]
+    assert too_wide[0] == 400 and "rank 32 is above the server's maximum 16 (--max-lora-rank)" in too_wide[1]
+    assert models == ["support", "sql"]
+    assert unloaded == (200, "Success: LoRA adapter 'sql' removed successfully.") and long_done_first
+    assert len(long_tokens) == 300 and long_tokens[:MAX_NEW_TOKENS] == expected["sql"][0]
+    assert after[0] == 422 and "adapter `sql` is not loaded (loaded: `support`)" in after[1]
+    assert missing[0] == 404
+    assert reloaded[0] == 200 and sql_again == expected["sql"]
+    assert info["lora_adapters"] == ["support", "sql-2"] and info["max_loras"] == 1
+
+
+def _save_wide_adapter(base_dir, out, rank):
+    """A PEFT adapter of `rank` on the first layer's q_proj, written by hand (peft would do the same)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = json.loads((base_dir / "config.json").read_text())["hidden_size"]
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{module}.lora_A.weight": torch.zeros(rank, hidden), f"{module}.lora_B.weight": torch.zeros(hidden, rank)},
+              str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8,
+                                                        "target_modules": ["q_proj"]}))

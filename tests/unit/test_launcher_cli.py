@@ -74,6 +74,8 @@ OPTIONS = [
     ("SPECULATE", "--speculate", "speculate", "3", 3),
     ("SPECULATIVE_MODEL", "--speculative-model", "speculative_model", "org/draft", "org/draft"),
     ("LORA_ADAPTERS", "--lora-adapters", "lora_adapters", "a=org/x, org/y@v2", ("a=org/x", "org/y@v2")),
+    ("MAX_LORAS", "--max-loras", "max_loras", "3", 3),
+    ("MAX_LORA_RANK", "--max-lora-rank", "max_lora_rank", "64", 64),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tgi_server.distributed import SINGLE
-from tgi_server.lora import LoraAdapterError, allocate_lora, load_adapter, read_adapter
+from tgi_server.lora import AdapterStore, LoraAdapterError, read_adapter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.models.registry import load_model
 from tgi_server.sampler import SamplingParams
@@ -64,9 +64,10 @@ def checkpoints(tmp_path_factory):
 
 def runner_with_adapters(root, names, tp=SINGLE):
     model, config = load_model(str(root / "base"), tp, torch.float32, torch.device("cpu"))
-    allocate_lora(model, num_slots=1 + len(names), max_rank=8)
-    for slot, name in enumerate(names, 1):
-        load_adapter(model, slot, read_adapter(name, root / name))
+    store = AdapterStore(model, num_slots=len(names), max_rank=8)
+    for slot, name in enumerate(names, 1):  # adapter ids 11, 12, ... in slots 1, 2, ...
+        store.add(10 + slot, read_adapter(name, root / name))
+        store.place(slot, 10 + slot)
     runner = ModelRunner(model, config, tp, torch.device("cpu"), torch.float32, BLOCK_SIZE)
     runner.allocate_kv_cache(128)
     return runner
@@ -85,12 +86,14 @@ def test_a_batch_mixing_adapters_and_the_base_model_gives_each_peft_merged_model
     assert len({tuple(out) for out in outputs[: len(names) + 1]}) == len(names) + 1  # the adapters change the tokens
 
 
-def test_an_adapter_for_modules_the_model_lacks_or_of_too_high_a_rank_is_refused_and_leaves_its_slot_empty(checkpoints, tmp_path):
+def test_an_adapter_for_modules_the_model_lacks_or_of_too_high_a_rank_is_refused_and_not_kept(checkpoints, tmp_path):
     model, _ = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cpu"))
-    allocate_lora(model, num_slots=2, max_rank=4)
+    store = AdapterStore(model, num_slots=1, max_rank=4)
     with pytest.raises(LoraAdapterError, match="rank 8 is above the server's maximum 4"):
-        load_adapter(model, 1, read_adapter("everything", checkpoints / "everything"))
-    assert all(layer.lora.a[1].abs().sum() == 0 for layer in model.modules() if getattr(layer, "lora", None) is not None)
+        store.add(1, read_adapter("everything", checkpoints / "everything"))
+    with pytest.raises(ValueError, match="no adapter has id 1"):
+        store.place(1, 1)
+    assert all(layer.lora.a.abs().sum() == 0 for layer in store.layers)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens"]}')
     with pytest.raises(LoraAdapterError, match="target_modules \\['embed_tokens'\\] are not supported"):
         read_adapter("embeddings", tmp_path)

@@ -1,10 +1,12 @@
 """Scheduler and block allocator, driven by hand-built step results (no model, no shards)."""
 
+import dataclasses
 import math
 import random
 
 import pytest
 
+from tgi_router.adapters import LoraAdapters
 from tgi_router.block_manager import BlockManager
 from tgi_router.request import FinishReason, Request, Sample, SampledToken, StepResult
 from tgi_router.scheduler import Scheduler, SchedulerConfig
@@ -510,3 +512,39 @@ def test_with_a_draft_model_a_decoding_request_asks_the_shards_for_proposals_and
     (new,) = scheduler.update(plan, StepResult([sample(1, *kept, 43)]))
     assert [t.token_id for t in new.tokens] == [*kept, 43] and request.output_token_ids == [40, *kept, 43]
     assert request.num_computed_tokens == request.num_tokens - 1
+
+
+def test_adapters_take_the_least_recently_used_free_slot_and_one_finding_none_waits_while_others_go_ahead():
+    adapters = LoraAdapters(("a", "b", "c"), num_slots=2)
+    scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=64, max_batch_size=8),
+                          BlockManager(64, BLOCK_SIZE), adapters)
+    for request_id, adapter_id in enumerate([1, 2, 3, 0, 1], 1):  # prompts of their own: nothing shared
+        scheduler.add(Request(id=request_id, prompt_token_ids=[100 * request_id + i for i in range(5)], max_new_tokens=2,
+                              adapter_id=adapter_id))
+    plan, _ = run_step(scheduler)
+    # adapter 3 finds both slots held: it waits; the base-model request and adapter 1's second go ahead
+    assert [(c.request.id, c.request.adapter_slot) for c in plan.scheduled] == [(1, 1), (2, 2), (4, 0), (5, 1)]
+    assert plan.adapter_placements == [(1, 1), (2, 2)]
+    assert [r.id for r in scheduler.waiting] == [3]
+    plan, _ = run_step(scheduler)  # the last tokens: every request but 3 ends, freeing both slots
+    assert [c.request.id for c in plan.scheduled] == [1, 2, 4, 5] and plan.adapter_placements == []
+    plan, _ = run_step(scheduler)
+    # slot 1 was used last by request 5: adapter 3 evicts adapter 2 from slot 2, the least recently used
+    assert [(c.request.id, c.request.adapter_slot) for c in plan.scheduled] == [(3, 2)]
+    assert plan.adapter_placements == [(2, 3)]
+    again = dataclasses.replace(make_request(6, 5), adapter_id=1)
+    scheduler.add(again)
+    plan, _ = run_step(scheduler)
+    assert again.adapter_slot == 1 and plan.adapter_placements == []  # still in its slot
+
+
+def test_an_adapters_blocks_hash_from_its_own_root():
+    scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=32, max_batch_size=8), BlockManager(64, BLOCK_SIZE),
+                          LoraAdapters(("a",), num_slots=1))
+    computed = []
+    for request_id, adapter_id in enumerate([0, 1, 0, 1], 1):  # one prompt of 9 tokens, two whole blocks
+        scheduler.add(dataclasses.replace(make_request(request_id, 9, max_new_tokens=1), adapter_id=adapter_id))
+        plan, _ = run_step(scheduler)
+        computed.append(plan.scheduled[0].num_tokens)
+    # the base model's blocks serve neither the adapter's first request nor the other way round
+    assert computed == [9, 9, 1, 1]

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from tgi_router.adapters import LoraAdapters
 from tgi_router.errors import ValidationError
 from tgi_router.parameters import PARAMETERS
 from tgi_router.validation import (
@@ -75,7 +76,7 @@ RULES = [
      "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ({"grammar": {"type": "json", "value": [1]}}, {}, "a JSON schema must be an object, got list"),
     ({"adapter_id": "customer-a"}, {}, "adapter `customer-a` is not loaded (loaded: none)"),
-    ({"adapter_id": "customer-a"}, {"config": dataclasses.replace(CONFIG, lora_adapters=("b", "c"))},
+    ({"adapter_id": "customer-a"}, {"config": dataclasses.replace(CONFIG, lora=LoraAdapters(("b", "c"), num_slots=1))},
      "adapter `customer-a` is not loaded (loaded: `b`, `c`)"),
     ({"best_of": 2}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),
     ({"best_of": 0}, {"is_stream": True}, "`best_of` != 1 is not supported when streaming tokens"),

@@ -49,7 +49,7 @@ async def models(request: web.Request) -> web.Response:
     model_id = router.info["model_id"]
     data = [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]
     data += [{"id": name, "object": "model", "created": 0, "owned_by": model_id, "parent": model_id}
-             for name in router.validation.lora_adapters]
+             for name in router.validation.lora.names]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -203,7 +203,7 @@ def _sampling_parameters(body: dict, router: Router) -> dict:
         "logit_bias": body.get("logit_bias"),
         "grammar": _response_format_grammar(body.get("response_format")),
         "details": True,
-        **({"adapter_id": model} if isinstance(model, str) and model in router.validation.lora_adapters else {}),
+        **({"adapter_id": model} if isinstance(model, str) and model in router.validation.lora.ids else {}),
     }
 
 

@@ -137,6 +137,7 @@ SCHEMAS = {
         "quantize": _nullable({"type": "string", "description": "The weights' quantization (--quantize), or null."}),
         "speculate": _nullable({"type": "integer", "description": "Tokens proposed per step by speculative decoding (--speculate), or null when off."}),
         "lora_adapters": _array(STR),
+        "max_loras": {"type": "integer", "minimum": 0, "description": "GPU slots for LoRA adapters (--max-loras); 0: LoRA is off."},
         "speculative_model": _nullable({"type": "string", "description": "The architecture of the draft model proposing them (--speculative-model), or null for n-gram proposals or none."}),
     }),
     "SimpleToken": SIMPLE_TOKEN,
@@ -237,6 +238,13 @@ PATHS = {
     "/v1/completions": _post("OpenAI completions", _ref("CompletionRequest"),
                              {**_json(_ref("Completion")), **COMPLETION_SSE}),
     "/v1/models": _get("Models served", _json(_ref("ModelList"))),
+    "/v1/load_lora_adapter": _post(
+        "Load a LoRA adapter at run time (vLLM's route); 400 when it cannot be read, does not fit the model, "
+        "its name is taken, or LoRA is off", _obj({"lora_name": STR, "lora_path": STR}, ("lora_name", "lora_path")),
+        {"text/plain": {"schema": STR}}, REQUEST_ERRORS),
+    "/v1/unload_lora_adapter": _post(
+        "Unload a LoRA adapter (vLLM's route), once the requests using it are done; 404 when none has that name",
+        _obj({"lora_name": STR}, ("lora_name",)), {"text/plain": {"schema": STR}}, (*REQUEST_ERRORS, 404)),
     "/tokenize": _post("Tokenize inputs", _ref("GenerateRequest"), _json(_array(_ref("SimpleToken"))), REQUEST_ERRORS),
     "/chat_tokenize": _post("Render the chat template and tokenize it", _ref("ChatRequest"),
                             _json(_ref("ChatTokenizeResponse")), REQUEST_ERRORS),

@@ -140,7 +140,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return web.json_response(get_router(request).info)
+    router = get_router(request)
+    return web.json_response({**router.info, "lora_adapters": router.validation.lora.names})
 
 
 async def _validate(router: Router, body: dict, is_compat: bool = False) -> ValidRequest:

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize", "speculative_model", "lora_adapters")
+    __slots__ = ("architecture", "dtype", "device_type", "block_size", "vocab_size", "max_position_embeddings", "world_size", "kv_cache_dtype", "model_implementation", "quantize", "speculative_model", "lora_adapters", "max_loras")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class InfoResponse(_message.Message):
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     dtype: str
     device_type: str
@@ -36,7 +37,8 @@ class InfoResponse(_message.Message):
     quantize: str
     speculative_model: str
     lora_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ..., speculative_model: _Optional[str] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_loras: int
+    def __init__(self, architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., world_size: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., model_implementation: _Optional[str] = ..., quantize: _Optional[str] = ..., speculative_model: _Optional[str] = ..., lora_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -138,20 +140,30 @@ class ScheduledRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., last_token: _Optional[bool] = ..., allowed_tokens: _Optional[bytes] = ..., mask_follows: _Optional[bool] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., num_model_drafts: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "finished_ids", "new_requests", "scheduled", "lookahead", "masks_follow")
+    __slots__ = ("step_id", "finished_ids", "new_requests", "scheduled", "lookahead", "masks_follow", "adapter_placements")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FINISHED_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
     MASKS_FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     finished_ids: _containers.RepeatedScalarFieldContainer[int]
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     scheduled: _containers.RepeatedCompositeFieldContainer[ScheduledRequest]
     lookahead: bool
     masks_follow: bool
-    def __init__(self, step_id: _Optional[int] = ..., finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledRequest, _Mapping]]] = ..., lookahead: _Optional[bool] = ..., masks_follow: _Optional[bool] = ...) -> None: ...
+    adapter_placements: _containers.RepeatedCompositeFieldContainer[AdapterPlacement]
+    def __init__(self, step_id: _Optional[int] = ..., finished_ids: _Optional[_Iterable[int]] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledRequest, _Mapping]]] = ..., lookahead: _Optional[bool] = ..., masks_follow: _Optional[bool] = ..., adapter_placements: _Optional[_Iterable[_Union[AdapterPlacement, _Mapping]]] = ...) -> None: ...
+
+class AdapterPlacement(_message.Message):
+    __slots__ = ("slot", "adapter_id")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    adapter_id: int
+    def __init__(self, slot: _Optional[int] = ..., adapter_id: _Optional[int] = ...) -> None: ...
 
 class StepMasksRequest(_message.Message):
     __slots__ = ("step_id", "allowed_tokens")
@@ -223,5 +235,31 @@ class ClearCacheRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClearCacheResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "name", "path")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: int
+    name: str
+    path: str
+    def __init__(self, adapter_id: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class LoadAdapterResponse(_message.Message):
+    __slots__ = ("rank",)
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    def __init__(self, rank: _Optional[int] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: int
+    def __init__(self, adapter_id: _Optional[int] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

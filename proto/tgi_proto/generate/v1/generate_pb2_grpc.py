@@ -64,6 +64,16 @@ class TextGenerationServiceStub:
                 request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheRequest.SerializeToString,
                 response_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/tgi_proto.generate.v1.TextGenerationService/LoadAdapter',
+                request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/tgi_proto.generate.v1.TextGenerationService/UnloadAdapter',
+                request_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServiceServicer:
@@ -112,6 +122,23 @@ class TextGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Reads a LoRA adapter into the shard's (CPU) memory under a new id, checked against the model;
+        StepRequest.adapter_placements later copies it into a GPU slot. INVALID_ARGUMENT, naming what
+        is wrong, for an adapter that cannot be read or does not fit (the shard keeps serving).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Forgets an adapter. The router unloads only adapters that no request uses and no slot is
+        placed for in a step still to come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +171,16 @@ def add_TextGenerationServiceServicer_to_server(servicer, server):
                     servicer.ClearCache,
                     request_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheRequest.FromString,
                     response_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +345,60 @@ class TextGenerationService:
             '/tgi_proto.generate.v1.TextGenerationService/ClearCache',
             tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheRequest.SerializeToString,
             tgi__proto_dot_generate_dot_v1_dot_generate__pb2.ClearCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tgi_proto.generate.v1.TextGenerationService/LoadAdapter',
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tgi_proto.generate.v1.TextGenerationService/UnloadAdapter',
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+            tgi__proto_dot_generate_dot_v1_dot_generate__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
