@@ -11,7 +11,7 @@ import torch
 
 from tgi_server.attention_metadata import AttentionMetadata
 from tgi_server.cuda_graphs import MixedGraphs
-from tgi_server.forward_context import forward_context
+from tgi_server.forward_context import LoraRows, forward_context
 
 
 @dataclass(frozen=True)
@@ -76,5 +76,6 @@ def forward_flat(model, kv_caches: list[torch.Tensor], flat: FlatBatch, graphs: 
     attn = AttentionMetadata.from_host(flat.slots, flat.query_start_loc, flat.seq_lens, flat.block_tables, device)
     input_ids = torch.from_numpy(flat.input_ids).to(device)  # [num_tokens]
     positions = torch.from_numpy(flat.positions).to(device)  # [num_tokens]
-    with forward_context(attn, kv_caches, lora_segments):
+    lora = LoraRows.from_segments(lora_segments, len(flat.input_ids), device) if lora_segments else None
+    with forward_context(attn, kv_caches, lora):
         return model(input_ids, positions)

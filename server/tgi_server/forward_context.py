@@ -19,13 +19,30 @@ from tgi_server.attention_metadata import AttentionMetadata
 
 
 @dataclass(frozen=True)
+class LoraRows:
+    """Which rows of the flat batch go through which LoRA adapter slot (`tgi_server.lora`), two ways:
+    runs of rows for the portable product, and a slot per row (0: none) for the kernels."""
+
+    # (adapter slot, first row, end row) of each run of rows an adapter applies to
+    segments: tuple[tuple[int, int, int], ...]
+    # [num_tokens] int32 on the model's device
+    token_slots: torch.Tensor
+
+    @classmethod
+    def from_segments(cls, segments: tuple[tuple[int, int, int], ...], num_tokens: int, device: torch.device) -> LoraRows:
+        token_slots = torch.zeros(num_tokens, dtype=torch.int32)
+        for slot, start, stop in segments:
+            token_slots[start:stop] = slot
+        return cls(segments, token_slots.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     attn: AttentionMetadata
     # one per attention layer, shaped by the model's `kv_cache_specs`
     kv_caches: list[torch.Tensor]
-    # LoRA: (adapter slot, first row, end row) of each run of the flat batch's rows that an adapter
-    # applies to (`tgi_server.lora`); empty: none
-    lora_segments: tuple[tuple[int, int, int], ...] = ()
+    # the rows that LoRA adapters apply to; None: none
+    lora: LoraRows | None = None
 
 
 _current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("forward_context", default=None)
@@ -33,9 +50,9 @@ _current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar
 
 @contextlib.contextmanager
 def forward_context(attn: AttentionMetadata, kv_caches: list[torch.Tensor],
-                    lora_segments: tuple[tuple[int, int, int], ...] = ()) -> Iterator[ForwardContext]:
+                    lora: LoraRows | None = None) -> Iterator[ForwardContext]:
     """The step's metadata, caches and adapter rows, for the forward passes run inside the block."""
-    token = _current.set(ForwardContext(attn, kv_caches, lora_segments))
+    token = _current.set(ForwardContext(attn, kv_caches, lora))
     try:
         yield _current.get()
     finally:

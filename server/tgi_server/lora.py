@@ -11,7 +11,8 @@ Tensor parallel: a column-parallel linear keeps A whole and its own output rows 
 linear keeps its input columns of A and all of B, and adds its partial delta before the all-reduce,
 which sums the ranks' shares like the base product's.
 
-The delta here is the portable reference, one product pair per run of rows of the same adapter.
+The products run on the layer's backend: a product pair per run of rows of one adapter (portable), or
+two launches that gather each row's adapter by its slot (`kernels.lora`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class LoraStacks:
 
     def __init__(self, targets: list[tuple[str, list[tuple[int, int]] | None]], num_out: int, in_features: int,
                  input_range: tuple[int, int] | None, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, ops):
         self.targets = targets
+        self.ops = ops  # the layer's backend (`tgi_server.ops`): its `lora_delta` adds the adapters' products
         self.input_range = input_range
         self.in_features = in_features
         self.max_rank = max_rank
@@ -154,11 +156,9 @@ class LoraStacks:
             self.b[slot, rows, columns] = b.to(self.b.dtype)
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` [num_tokens, out] plus each adapted row run's s B A x, x [num_tokens, in] (this rank's)."""
-        for slot, start, stop in current().lora_segments:
-            rows = x[start:stop]
-            out[start:stop] += (rows @ self.a[slot].T) @ self.b[slot].T
-        return out
+        """`out` [num_tokens, out] plus each adapted row's s B A x, x [num_tokens, in] (this rank's)."""
+        lora = current().lora
+        return self.ops.lora_delta(x, self.a, self.b, lora, out) if lora is not None else out
 
 
 class AdapterStore:

@@ -67,7 +67,7 @@ class _QuantizableLinear(nn.Module):
 
     def allocate_lora(self, num_slots: int, max_rank: int) -> None:
         self.lora = LoraStacks(self.lora_targets, self.num_out, self.in_features, self.input_range, num_slots, max_rank,
-                               self.dtype, self.device)
+                               self.dtype, self.device, self.ops)
 
     def _matmul_with_adapters(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = self.matmul(x, bias)

@@ -1,7 +1,7 @@
 """The compute backend of a model's layers, chosen once when the model is built.
 
 Two sibling modules offer the same functions (`linear`, `rms_norm`, `gated_activation`,
-`route_experts`, `fused_moe`, `attention`): `ops.portable` (PyTorch, any device; the reference) and
+`route_experts`, `fused_moe`, `attention`, `lora_delta`): `ops.portable` (PyTorch, any device; the reference) and
 `ops.triton_backend` (the Triton kernels of `tgi_server.kernels`, for CUDA). A layer calls `select_ops(device)` in its
 constructor and keeps the module it gets, so no forward pass branches on the backend.
 `building_with(name)` forces one backend for the models built inside it (`--disable-custom-kernels`

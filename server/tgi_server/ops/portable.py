@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.forward_context import LoraRows
 from tgi_server.quantization import dequantize_int4, quantize_fp8_rows
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -36,6 +37,14 @@ def int4_linear(
     [out, in / 8], scales and zeros [out, in / group_size]), dequantized in float32 and rounded to x's
     dtype, as a W4A16 kernel does in registers."""
     return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size).to(x.dtype), bias)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
+    """`out` plus each adapted run of rows' B A x, a [slots, width, in], b [slots, out, width]: a
+    product pair per run (the reference for the kernels' per-token gather)."""
+    for slot, start, stop in lora.segments:
+        out[start:stop] += (x[start:stop] @ a[slot].T) @ b[slot].T
+    return out
 
 
 def rms_norm(

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from tgi_server.attention_metadata import AttentionMetadata, KVCacheSpec
+from tgi_server.forward_context import LoraRows
 from tgi_server.kernels import fused, skinny, w4a16
+from tgi_server.kernels import lora as lora_kernels
 from tgi_server.kernels.attention import paged_attention
 from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
 from tgi_server.quantization import quantize_fp8_rows
@@ -37,6 +39,11 @@ def int4_linear(
 ) -> torch.Tensor:
     """The W4A16 kernel: the 4-bit weight dequantized in registers, at any number of rows."""
     return w4a16.int4_linear(x, qweight, scales, zeros, group_size, bias)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
+    """Every row through its own slot's adapter in two launches (`kernels.lora`)."""
+    return lora_kernels.lora_delta(x, a, b, lora.token_slots, out)
 
 
 def rms_norm(
