@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
+import sys
 from typing import Optional
 
 import typer
@@ -264,6 +266,32 @@ def _prepare_error(stderr_lines) -> str | None:
     return None
 
 
+# SageMaker's variables and the launcher's they stand for, as TGI's sagemaker-entrypoint.sh maps them.
+SAGEMAKER_VARIABLES = {"HF_MODEL_ID": "MODEL_ID", "HF_MODEL_REVISION": "REVISION", "SM_NUM_GPUS": "NUM_SHARD",
+                       "HF_MODEL_QUANTIZE": "QUANTIZE", "HF_MODEL_TRUST_REMOTE_CODE": "TRUST_REMOTE_CODE"}
+SAGEMAKER_PORT = 8080
+
+
+def sagemaker_arguments(environ: dict) -> list[str]:
+    """SageMaker starts a hosting container as `<entrypoint> serve`: the launcher then reads SageMaker's
+    variables (HF_MODEL_ID, required; HF_MODEL_REVISION, SM_NUM_GPUS, HF_MODEL_QUANTIZE,
+    HF_MODEL_TRUST_REMOTE_CODE) in place of TGI's, as TGI's SageMaker image does, and serves on port
+    8080. Sets them in `environ`; returns the arguments to launch with."""
+    if not environ.get("HF_MODEL_ID"):
+        raise ConfigError("`serve` (SageMaker) needs HF_MODEL_ID: the Hub id or local path of the model")
+    for sagemaker_name, name in SAGEMAKER_VARIABLES.items():
+        if environ.get(sagemaker_name):
+            environ[name] = environ[sagemaker_name]
+    return ["--port", str(SAGEMAKER_PORT)]
+
+
 def main() -> None:
     """Console entry point of `text-generation-launcher`."""
+    if sys.argv[1:] == ["serve"]:
+        try:
+            arguments = sagemaker_arguments(os.environ)
+        except ConfigError as error:
+            typer.echo(f"Error: {error}", err=True)
+            raise SystemExit(2) from None
+        app(args=arguments, prog_name="text-generation-launcher")
     app()

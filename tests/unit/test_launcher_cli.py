@@ -514,3 +514,31 @@ def test_lora_adapters_are_prepared_by_name_id_and_revision():
     assert [(name, s.model_id, s.revision, s.adapter) for name, s in config.prepare_adapters] == [
         ("support", "org/support", "v2", True), ("org/sql", "org/sql", None, True)]
     assert prepare_argv(config.prepare_adapters[0][1])[4:] == ["org/support", "--revision", "v2", "--adapter"]
+
+
+def test_sagemakers_serve_reads_its_variables_in_place_of_tgis_and_serves_on_port_8080(captured, monkeypatch, caplog):
+    """SageMaker runs a hosting container as `<entrypoint> serve` with HF_MODEL_ID and friends (TGI's
+    sagemaker-entrypoint.sh maps the same ones)."""
+    configs = []
+    monkeypatch.setattr(cli, "run", lambda config: configs.append(config) or 0)
+    monkeypatch.setattr(sys, "argv", ["text-generation-launcher", "serve"])
+    sagemaker = {"HF_MODEL_ID": "org/model", "HF_MODEL_REVISION": "v2", "SM_NUM_GPUS": "2", "HF_MODEL_QUANTIZE": "fp8",
+                 "HF_MODEL_TRUST_REMOTE_CODE": "true", "PORT": "3000"}
+    for name, value in sagemaker.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited, caplog.at_level(logging.WARNING):
+        cli.main()
+    assert exited.value.code == 0
+    config = configs[-1]
+    assert (config.model_id, config.revision, config.num_shard, config.shard.quantize, config.router.port) == \
+        ("org/model", "v2", 2, "fp8", 8080)
+    assert any("--trust-remote-code` has no effect" in record.getMessage() for record in caplog.records)
+
+
+def test_sagemakers_serve_without_hf_model_id_fails_with_one_line(captured, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["text-generation-launcher", "serve"])
+    monkeypatch.delenv("HF_MODEL_ID", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "Error: `serve` (SageMaker) needs HF_MODEL_ID: the Hub id or local path of the model\n"
