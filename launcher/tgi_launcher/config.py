@@ -52,8 +52,6 @@ UNSUPPORTED = {
 # TGI options accepted for compatibility that change nothing here: option -> (default, why).
 NO_EFFECT = {
     "trust_remote_code": (False, "only tgi-py's own model code ever runs, never code from the Hub"),
-    "otlp_endpoint": (None, "no OpenTelemetry traces are exported"),
-    "otlp_service_name": ("text-generation-inference.router", "no OpenTelemetry traces are exported"),
     "prometheus_port": (9000, "Prometheus metrics are served at /metrics on --port"),
     "enable_prefill_logprobs": (False, "prompt logprobs (decoder_input_details) are always available"),
 }

@@ -48,6 +48,9 @@ class SettingsError(ValueError):
     """A value a process cannot run with; the message is one line naming the setting."""
 
 
+# TGI's default --otlp-service-name (the router's; shards trace as `tracing.shard_service_name` of it).
+DEFAULT_SERVICE_NAME = "text-generation-inference.router"
+
 def setting(default, help: str, *, choices: tuple = (), minimum: float | None = None, env: str | None = None,
             is_secret: bool = False, is_positional: bool = False, is_required: bool = False):
     """A settings field: its default, the help text of its flag and what `check_fields` enforces.
@@ -130,6 +133,11 @@ class ShardSettings:
     disable_custom_all_reduce: bool = setting(
         False, "Sum every all-reduce through NCCL (default: small ones, as in decode steps, through the GPUs' "
         "peer-to-peer memory where every GPU can reach the others).")
+    otlp_endpoint: str | None = setting(
+        None, "OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://collector:4317 (default: none, "
+        "no tracing).")
+    otlp_service_name: str = setting(DEFAULT_SERVICE_NAME, "The router's service name in traces (the shards' ends in "
+                                     "`.server` instead of `.router`).")
     watermark_gamma: float = setting(0.5, "Share of the vocabulary on the green list of `watermark` requests.")
     watermark_delta: float = setting(2.0, "Logit boost of green-list tokens for `watermark` requests.", minimum=0)
 
@@ -193,6 +201,11 @@ class RouterSettings:
                                   env="API_KEY", is_secret=True)
     cors_allow_origin: tuple[str, ...] = setting((), "Origins allowed by CORS, comma-separated (`*` for any).")
     payload_limit: int = setting(2_000_000, "Largest request body in bytes (413 beyond).", minimum=1)
+    otlp_endpoint: str | None = setting(
+        None, "OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://collector:4317 (default: none, "
+        "no tracing).")
+    otlp_service_name: str = setting(DEFAULT_SERVICE_NAME, "The router's service name in traces (the shards' ends in "
+                                     "`.server` instead of `.router`).")
     aip_predict_route: str | None = setting(None, "Vertex AI: extra route answering like /vertex.")
     aip_health_route: str | None = setting(None, "Vertex AI: extra route answering like /health.")
     docker_label: str | None = setting(None, "/info's docker_label: the label the image was built with.",

@@ -21,6 +21,7 @@ from tgi_router.metrics import Metrics
 from tgi_router.errors import InferError, OverloadedError, ShuttingDownError, ValidationError
 from tgi_router.grammar import Grammars
 from tgi_router.tokenizer import Tokenizer
+from tgi_router.tracing import record_request, tracing_middleware
 from tgi_router.validation import (
     GenerateRequest,
     ValidationConfig,
@@ -66,6 +67,8 @@ class Router:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
     # Compiles request grammars and makes their matchers (None: no grammar can be served).
     grammars: Grammars | None = None
+    # An OpenTelemetry tracer (--otlp-endpoint): requests and steps get spans (`tracing`); None: off.
+    tracer: object | None = None
     num_in_flight: int = 0
     # Set on SIGTERM: new requests get 503 while the in-flight ones finish.
     is_draining: bool = False
@@ -141,6 +144,10 @@ def timing_headers(router: Router, valid: ValidRequest, stream: RequestStream, s
     num_generated = len(request.output_token_ids)
     inference = now - scheduled_at
     _observe_request(router.engine.metrics, valid, started_at, validated_at, scheduled_at, now, num_generated)
+    if router.tracer is not None:
+        record_request(router.tracer, started_at, validated_at, request.arrival_time, scheduled_at, request.first_token_time,
+                       now, {"input_tokens": len(valid.input_ids), "generated_tokens": num_generated,
+                             "max_new_tokens": valid.max_new_tokens})
     return {
         "x-compute-type": router.compute_type,
         "x-compute-time": f"{now - started_at:.6f}",
@@ -297,7 +304,8 @@ def build_app(router: Router) -> web.Application:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
         server_log.addFilter(MalformedRequestLogFilter())
-    app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=router.payload_limit)
+    middlewares = [auth_middleware, errors_middleware] + ([tracing_middleware] if router.tracer is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=router.payload_limit)
     app[ROUTER_KEY] = router
     tgi.add_routes(app)
     openai.add_routes(app)

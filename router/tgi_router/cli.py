@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_proto.settings import RouterSettings, parse_argv
+from tgi_proto.tracing import start_tracing
 from tgi_router.adapters import LoraAdapters
 from tgi_router.app import Router, build_app
 from tgi_router.block_manager import BlockManager
@@ -74,9 +75,12 @@ async def _start(settings: RouterSettings) -> web.Application:
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     if not settings.disable_grammar_support:
         grammars.preload()
+    engine = Engine(scheduler, shards, tokenizer, Metrics(limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens))
+    if settings.otlp_endpoint:
+        engine.tracer = start_tracing(settings.otlp_endpoint, settings.otlp_service_name)
+        log.info("exporting traces to %s as %s", settings.otlp_endpoint, settings.otlp_service_name)
     router = Router(
-        engine=Engine(scheduler, shards, tokenizer, Metrics(
-            limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens)),
+        engine=engine,
         tokenizer=tokenizer,
         validation=validation,
         info=_info(settings, limits, shard_info, blocks.capacity_tokens),
@@ -89,6 +93,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         health_route=settings.aip_health_route,
         drain_timeout=settings.drain_timeout,
         grammars=grammars,
+        tracer=engine.tracer,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     log.info("serving on http://%s:%d", settings.hostname, settings.port)

@@ -23,6 +23,7 @@ from tgi_router.request import FinishReason, NewTokens, Request, SamplingParams,
 from tgi_router.scheduler import Scheduler
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
+from tgi_router.tracing import start_step
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class _InFlight:
     call: asyncio.Future
     method: str  # "prefill" or "decode", the metrics' label
     started: float  # time.perf_counter() when sent
+    span: object | None = None  # the step's span, with tracing
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Engine:
         self._ids = itertools.count()
         self._wakeup = asyncio.Event()
         self._last_call: asyncio.Future | None = None
+        self.tracer = None  # an OpenTelemetry tracer: steps get spans (`tracing`)
         self.num_steps = 0
 
     def submit(self, generation: GenerationInput) -> RequestStream:
@@ -201,12 +204,15 @@ class Engine:
         constraints = self._masked(plan)
         decode_tokens = len(plan.scheduled) + plan.num_draft_tokens  # a token each, and the proposals verified
         method = "prefill" if plan.new_requests or plan.num_batched_tokens > decode_tokens else "decode"
-        call = asyncio.ensure_future(self.shards.step(plan))
+        span = metadata = None
+        if self.tracer is not None:
+            span, metadata = start_step(self.tracer, plan.step_id, method, len(plan.scheduled), plan.num_batched_tokens)
+        call = asyncio.ensure_future(self.shards.step(plan, metadata))
         if constraints:
             masks = asyncio.ensure_future(self._send_masks(plan.step_id, constraints))
             call = asyncio.ensure_future(_after_masks(call, masks))
         self._last_call = call
-        return _InFlight(plan, call, method, time.perf_counter())
+        return _InFlight(plan, call, method, time.perf_counter(), span)
 
     async def wait_for_sent_steps(self) -> None:
         """Returns once every step sent so far is done, well or not (one is in flight at most)."""
@@ -239,6 +245,9 @@ class Engine:
         except Exception:
             self.metrics.step_failure.labels(step.method).inc()
             raise
+        finally:
+            if step.span is not None:
+                step.span.end()
         self.num_steps += 1
         self._observe_step(step.plan, step.method, time.perf_counter() - step.started, result.forward_ns)
         if step.plan.num_draft_tokens:

@@ -62,8 +62,9 @@ class Request:
     # Logprob of each prompt token (NaN until computed; the first never is), when asked for.
     prompt_logprobs: list[float] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    # When the request first joined a batch (the end of its queue time).
+    # When the request first joined a batch (the end of its queue time), and got its first token.
     first_scheduled_time: float | None = None
+    first_token_time: float | None = None
     # A grammar constrains its tokens: the engine sends a mask whenever it samples, and no step that
     # runs it may be started ahead of its plan (the mask needs the token sampled before).
     is_constrained: bool = False

@@ -137,6 +137,8 @@ class Scheduler:
         return advanced
 
     def _append(self, request: Request, tokens) -> NewTokens:
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
         finish = None
         for kept, token in enumerate(tokens, 1):
             request.output_token_ids.append(token.token_id)

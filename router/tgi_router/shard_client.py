@@ -62,10 +62,11 @@ class ShardClient:
         # Ranks may size their caches differently; every rank can hold the smallest.
         return min(responses, key=lambda r: r.num_blocks)
 
-    def step(self, plan: StepPlan) -> Awaitable[StepResult]:
+    def step(self, plan: StepPlan, metadata: list[tuple[str, str]] | None = None) -> Awaitable[StepResult]:
         """Sends the step to every shard before returning (the engine does Python work for the last
-        step while this one runs); the awaitable gives rank 0's result."""
-        return self._step_result(self._start("Step", convert.step_request(plan)))
+        step while this one runs); the awaitable gives rank 0's result. `metadata`: the gRPC call's
+        (a trace context, with tracing)."""
+        return self._step_result(self._start("Step", convert.step_request(plan), metadata))
 
     async def step_masks(self, step_id: int, masks: dict[int, bytes]) -> None:
         """The grammar masks of a step sent with `masked_ids`, to every shard."""
@@ -81,9 +82,9 @@ class ShardClient:
     async def _all(self, method: str, request):
         return await self._gather(method, self._start(method, request))
 
-    def _start(self, method: str, request) -> list:
+    def _start(self, method: str, request, metadata: list[tuple[str, str]] | None = None) -> list:
         """Starts the call on every rank (grpc.aio sends it on the event loop's next turn)."""
-        return [asyncio.ensure_future(getattr(stub, method)(request)) for stub in self._stubs]
+        return [asyncio.ensure_future(getattr(stub, method)(request, metadata=metadata)) for stub in self._stubs]
 
     async def _gather(self, method: str, calls: list):
         try:

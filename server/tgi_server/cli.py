@@ -15,6 +15,7 @@ import threading
 from concurrent import futures
 
 from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, PrepareSettings, ShardSettings, parse_argv
+from tgi_proto.tracing import shard_service_name, start_tracing, stop_tracing
 
 log = logging.getLogger("tgi_server")
 
@@ -69,6 +70,7 @@ def serve(settings: ShardSettings) -> None:
     server.stop(grace=STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
     # Exit without joining the gRPC worker threads: one may be blocked for good in a collective whose
     # peer is gone (NCCL never returns then), and the launcher wants this process gone either way.
+    stop_tracing()
     logging.shutdown()
     os._exit(0)
 
@@ -135,6 +137,8 @@ def _build_server(settings: ShardSettings):
     )
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters)
+    if settings.otlp_endpoint:
+        service.tracer = start_tracing(settings.otlp_endpoint, shard_service_name(settings.otlp_service_name))
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     socket_path = settings.socket_paths[rank]
     if os.path.exists(socket_path):

@@ -15,6 +15,7 @@ import grpc
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
+from tgi_proto.tracing import extract
 from tgi_server.lora import AdapterStore, LoraAdapterError, read_adapter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
@@ -30,6 +31,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                  adapters: AdapterStore | None = None):
         self.runner = runner
         self.adapters = adapters
+        self.tracer = None  # an OpenTelemetry tracer (--otlp-endpoint): each step gets a span under the router's
         self.memory_fraction = memory_fraction
         self.info = info
         self.rank = rank
@@ -87,6 +89,17 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             for s in request.scheduled
         ]
         masks = (lambda: self._wait_for_masks(request.step_id)) if request.masks_follow else None
+        if self.tracer is None:
+            return self._step(request, new, scheduled, masks, context)
+        parent = extract(context.invocation_metadata())
+        attributes = {"step_id": request.step_id, "rank": self.rank, "batch_size": len(scheduled),
+                      "new_requests": len(new), "batch_tokens": sum(s.num_tokens for s in scheduled)}
+        with self.tracer.start_as_current_span("step", context=parent, attributes=attributes) as span:
+            response = self._step(request, new, scheduled, masks, context)
+            span.set_attribute("forward_ms", response.forward_ns / 1e6)
+            return response
+
+    def _step(self, request: pb.StepRequest, new, scheduled, masks, context) -> pb.StepResponse:
         with self._lock:
             try:
                 for placement in request.adapter_placements:

@@ -75,6 +75,8 @@ OPTIONS = [
     ("SPECULATIVE_MODEL", "--speculative-model", "speculative_model", "org/draft", "org/draft"),
     ("LORA_ADAPTERS", "--lora-adapters", "lora_adapters", "a=org/x, org/y@v2", ("a=org/x", "org/y@v2")),
     ("MAX_LORAS", "--max-loras", "max_loras", "3", 3),
+    ("OTLP_ENDPOINT", "--otlp-endpoint", "otlp_endpoint", "http://collector:4317", "http://collector:4317"),
+    ("OTLP_SERVICE_NAME", "--otlp-service-name", "otlp_service_name", "svc", "svc"),
     ("MAX_LORA_RANK", "--max-lora-rank", "max_lora_rank", "64", 64),
 ]
 # Environment an option's row needs besides its own variable.
@@ -84,8 +86,6 @@ OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
 # (env var, flag, raw value or None for a boolean flag, warning)
 NO_EFFECT_OPTIONS = [
     ("TRUST_REMOTE_CODE", "--trust-remote-code", None, "`--trust-remote-code` has no effect"),
-    ("OTLP_ENDPOINT", "--otlp-endpoint", "http://collector:4317", "`--otlp-endpoint` has no effect"),
-    ("OTLP_SERVICE_NAME", "--otlp-service-name", "svc", "`--otlp-service-name` has no effect"),
     ("PROMETHEUS_PORT", "--prometheus-port", "9100", "`--prometheus-port` has no effect"),
     ("ENABLE_PREFILL_LOGPROBS", "--enable-prefill-logprobs", None, "`--enable-prefill-logprobs` has no effect"),
     ("USAGE_STATS", "--usage-stats", "off", None),  # nothing is ever sent
