@@ -126,3 +126,23 @@ def test_two_ranks_split_the_adapters_with_their_linears_and_give_the_single_ran
     expected = generate(runner_with_adapters(checkpoints, list(ADAPTERS)), [p for p in PROMPTS for _ in range(3)],
                         [0, 1, 2] * len(PROMPTS), 10)
     assert torch.load(tmp_path / "rank0.pt") == torch.load(tmp_path / "rank1.pt") == expected
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixed_batch(checkpoints):
+    """fp32 on CUDA: the Triton backend (the gather kernels among the model's others) against the
+    portable one, every prompt through every adapter and none in one batch."""
+    names = list(ADAPTERS)
+    prompts = [prompt for prompt in PROMPTS for _ in range(len(names) + 1)]
+    slots = [slot for _ in PROMPTS for slot in range(len(names) + 1)]
+    outputs = {}
+    for backend in ("portable", "triton"):
+        model, config = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cuda"), backend=backend)
+        store = AdapterStore(model, num_slots=len(names), max_rank=8)
+        for slot, name in enumerate(names, 1):
+            store.add(slot, read_adapter(name, checkpoints / name))
+            store.place(slot, slot)
+        runner = ModelRunner(model, config, SINGLE, torch.device("cuda"), torch.float32, BLOCK_SIZE, cuda_graph_sizes=())
+        runner.allocate_kv_cache(128)
+        outputs[backend] = generate(runner, prompts, slots, 10)
+    assert outputs["triton"] == outputs["portable"]
