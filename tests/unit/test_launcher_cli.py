@@ -526,6 +526,7 @@ def test_sagemakers_serve_reads_its_variables_in_place_of_tgis_and_serves_on_por
                  "HF_MODEL_TRUST_REMOTE_CODE": "true", "PORT": "3000"}
     for name, value in sagemaker.items():
         monkeypatch.setenv(name, value)
+    forget_after_the_test(monkeypatch, cli.SAGEMAKER_VARIABLES.values())
     with pytest.raises(SystemExit) as exited, caplog.at_level(logging.WARNING):
         cli.main()
     assert exited.value.code == 0
@@ -533,6 +534,14 @@ def test_sagemakers_serve_reads_its_variables_in_place_of_tgis_and_serves_on_por
     assert (config.model_id, config.revision, config.num_shard, config.shard.quantize, config.router.port) == \
         ("org/model", "v2", 2, "fp8", 8080)
     assert any("--trust-remote-code` has no effect" in record.getMessage() for record in caplog.records)
+
+
+def forget_after_the_test(monkeypatch, names) -> None:
+    """`main()` sets these in os.environ itself: monkeypatch restores them (unset) after the test, so
+    that no later test in this process (nor a server it starts) inherits them."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_sagemakers_serve_without_hf_model_id_fails_with_one_line(captured, monkeypatch, capsys):
