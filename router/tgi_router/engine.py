@@ -207,7 +207,7 @@ class Engine:
         span = metadata = None
         if self.tracer is not None:
             span, metadata = start_step(self.tracer, plan.step_id, method, len(plan.scheduled), plan.num_batched_tokens)
-        call = asyncio.ensure_future(self.shards.step(plan, metadata))
+        call = asyncio.ensure_future(self.shards.step(plan) if metadata is None else self.shards.step(plan, metadata))
         if constraints:
             masks = asyncio.ensure_future(self._send_masks(plan.step_id, constraints))
             call = asyncio.ensure_future(_after_masks(call, masks))

@@ -84,7 +84,8 @@ class ShardClient:
 
     def _start(self, method: str, request, metadata: list[tuple[str, str]] | None = None) -> list:
         """Starts the call on every rank (grpc.aio sends it on the event loop's next turn)."""
-        return [asyncio.ensure_future(getattr(stub, method)(request, metadata=metadata)) for stub in self._stubs]
+        extra = {"metadata": metadata} if metadata else {}
+        return [asyncio.ensure_future(getattr(stub, method)(request, **extra)) for stub in self._stubs]
 
     async def _gather(self, method: str, calls: list):
         try:
