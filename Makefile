@@ -50,7 +50,7 @@ run: $(INSTALLED)
 	$(VENV)/bin/text-generation-launcher
 
 # Two workers, a test file each at a time (module fixtures stay in one process): the e2e tests
-# mostly wait on servers starting, so two workers beat one; the suite took 1018 s here on 2026-12-07 (3f166a3).
+# mostly wait on servers starting, so two workers beat one; the suite took 1060 s here on 2026-12-07 (76e99cc).
 test: $(INSTALLED) $(TOKENIZER_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
