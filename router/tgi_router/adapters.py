@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, OrderedDict
 
+from tgi_router.errors import ValidationError
+
 
 class LoraAdapters:
     def __init__(self, names: tuple[str, ...] = (), num_slots: int = 0):
@@ -48,8 +50,11 @@ class LoraAdapters:
         return self.ids.pop(name)
 
     def hold(self, adapter_id: int) -> None:
-        """A request naming `adapter_id` arrived."""
+        """A request naming `adapter_id` arrived; ValidationError if the adapter was unloaded since
+        the request was validated (the shards may be forgetting it)."""
         if adapter_id:
+            if adapter_id not in self.ids.values():
+                raise ValidationError("the request's adapter was unloaded while it was being validated")
             self._users[adapter_id] += 1
 
     def drop(self, adapter_id: int) -> None:

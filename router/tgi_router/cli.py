@@ -165,7 +165,6 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "prefix_caching": settings.prefix_caching,
         "speculate": _speculate(settings, shard_info) or None,
         "speculative_model": shard_info.speculative_model or None,
-        "lora_adapters": list(shard_info.lora_adapters),  # kept current by the /info route
         "max_loras": shard_info.max_loras,
         "quantize": shard_info.quantize or None,
     }

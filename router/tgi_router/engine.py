@@ -135,7 +135,6 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer, generation.input_ids),
             StopSequenceMatcher(list(generation.stop_sequences)),
         )
-        self._streams[request_id] = stream
         request = Request(
             id=request_id,
             prompt_token_ids=list(generation.input_ids),
@@ -147,7 +146,8 @@ class Engine:
             stop_token_ids=frozenset() if generation.ignore_eos else self.tokenizer.eos_token_ids,
             adapter_id=generation.adapter_id,
         )
-        self.scheduler.add(request)
+        self.scheduler.add(request)  # first: it may refuse the request (an adapter unloaded meanwhile)
+        self._streams[request_id] = stream
         self._wakeup.set()
         return RequestStream(self, request, stream.events)
 

@@ -75,8 +75,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
+        self.adapters.hold(request.adapter_id)  # first: it refuses an adapter unloaded meanwhile
         self._live[request.id] = request
-        self.adapters.hold(request.adapter_id)
         self.waiting.append(request)
 
     def finish(self, request_id: int) -> None:

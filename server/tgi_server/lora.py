@@ -119,10 +119,11 @@ class LoraStacks:
         self.a = torch.zeros(num_slots, width, num_in, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, num_out, width, dtype=dtype, device=device)
 
-    def _parts(self, adapter: LoraAdapter):
-        """(columns, rows of the output, A, B scaled) for each part of this linear that `adapter`
-        targets, cut to this rank's share; LoraAdapterError where one does not fit."""
-        row = 0
+    def fit(self, adapter: LoraAdapter) -> list[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+        """(columns, rows of the output, A, B scaled) in the stacks' dtype for each part of this linear
+        that `adapter` targets, cut to this rank's share: what `set` copies into a slot.
+        LoraAdapterError where one does not fit."""
+        parts, row = [], 0
         for part, (module, rows) in enumerate(self.targets):
             num_rows = sum(stop - start for start, stop in rows) if rows is not None else self.b.shape[1]
             pair = adapter.weights.get(module)
@@ -139,21 +140,18 @@ class LoraStacks:
                 if rows is not None:
                     b = torch.cat([b[start:stop] for start, stop in rows])
                 columns = slice(part * self.max_rank, part * self.max_rank + adapter.rank)
-                yield columns, slice(row, row + num_rows), a, b.float() * adapter.scaling
+                parts.append((columns, slice(row, row + num_rows), a.to(self.a.dtype).contiguous(),
+                              (b.float() * adapter.scaling).to(self.b.dtype)))
             row += num_rows
+        return parts
 
-    def check(self, adapter: LoraAdapter) -> None:
-        """Raises LoraAdapterError if `adapter` does not fit this linear."""
-        for _ in self._parts(adapter):
-            pass
-
-    def set(self, slot: int, adapter: LoraAdapter | None) -> None:
-        """Fills `slot` with `adapter`'s weights for this linear (zeros where it has none, or for None)."""
+    def set(self, slot: int, parts: list[tuple[slice, slice, torch.Tensor, torch.Tensor]]) -> None:
+        """Fills `slot` with an adapter's `fit` parts for this linear (zeros elsewhere)."""
         self.a[slot].zero_()
         self.b[slot].zero_()
-        for columns, rows, a, b in self._parts(adapter) if adapter is not None else ():
-            self.a[slot, columns] = a.to(self.a.dtype)
-            self.b[slot, rows, columns] = b.to(self.b.dtype)
+        for columns, rows, a, b in parts:
+            self.a[slot, columns] = a
+            self.b[slot, rows, columns] = b
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` [num_tokens, out] plus each adapted row's s B A x, x [num_tokens, in] (this rank's)."""
@@ -173,22 +171,23 @@ class AdapterStore:
             layer.allocate_lora(num_slots + 1, max_rank)  # slot 0: no adapter
         self.known_modules = {module for layer in self.layers for module, _ in layer.lora.targets}
         self.num_slots, self.max_rank = num_slots, max_rank
-        self._adapters: dict[int, LoraAdapter] = {}
+        # adapter id -> (its name, each adapted linear's `fit` parts, in `layers` order)
+        self._adapters: dict[int, tuple[str, list[list]]] = {}
         self._lock = threading.Lock()
 
     def add(self, adapter_id: int, adapter: LoraAdapter) -> None:
-        """Keeps `adapter` under `adapter_id`, once it is checked against every adapted linear: a
-        module the model lacks, a shape or a rank that does not fit raise LoraAdapterError."""
+        """Keeps `adapter` under `adapter_id`, cut to every adapted linear's share once (placing it in a
+        slot later only copies): a module the model lacks, a shape or a rank that does not fit raise
+        LoraAdapterError."""
         unknown = sorted(set(adapter.weights) - self.known_modules)
         if unknown:
             raise LoraAdapterError(f"adapter {adapter.name}: the model has no projection {unknown[0]}"
                                    + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-        for layer in self.layers:
-            layer.lora.check(adapter)
+        parts = [layer.lora.fit(adapter) for layer in self.layers]
         with self._lock:
             if adapter_id in self._adapters:
-                raise LoraAdapterError(f"adapter id {adapter_id} is taken (by {self._adapters[adapter_id].name})")
-            self._adapters[adapter_id] = adapter
+                raise LoraAdapterError(f"adapter id {adapter_id} is taken (by {self._adapters[adapter_id][0]})")
+            self._adapters[adapter_id] = (adapter.name, parts)
 
     def remove(self, adapter_id: int) -> None:
         with self._lock:
@@ -202,5 +201,5 @@ class AdapterStore:
             adapter = self._adapters.get(adapter_id)
         if adapter is None:
             raise ValueError(f"no adapter has id {adapter_id}")
-        for layer in self.layers:
-            layer.lora.set(slot, adapter)
+        for layer, parts in zip(self.layers, adapter[1]):
+            layer.lora.set(slot, parts)

@@ -15,6 +15,7 @@ import grpc
 
 from tgi_proto.generate.v1 import generate_pb2 as pb
 from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
+from tgi_proto.settings import split_revision
 from tgi_proto.tracing import extract
 from tgi_server.lora import AdapterStore, LoraAdapterError, read_adapter
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
@@ -140,10 +141,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
         if self.adapters is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoRA is off: start with --max-loras N (or --lora-adapters)")
-        source, _, revision = request.path.rpartition("@") if "@" in request.path and not os.path.isdir(request.path) \
-            else (request.path, "", "")
         try:
-            directory = prepare_adapter(source, revision or None, os.environ.get("HUGGINGFACE_HUB_CACHE"))
+            directory = prepare_adapter(*split_revision(request.path), os.environ.get("HUGGINGFACE_HUB_CACHE"))
             adapter = read_adapter(request.name, directory)
             self.adapters.add(request.adapter_id, adapter)
         except (PrepareError, LoraAdapterError) as error:

@@ -8,6 +8,7 @@ import pytest
 
 from tgi_router.adapters import LoraAdapters
 from tgi_router.block_manager import BlockManager
+from tgi_router.errors import ValidationError
 from tgi_router.request import FinishReason, Request, Sample, SampledToken, StepResult
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 
@@ -548,3 +549,14 @@ def test_an_adapters_blocks_hash_from_its_own_root():
         computed.append(plan.scheduled[0].num_tokens)
     # the base model's blocks serve neither the adapter's first request nor the other way round
     assert computed == [9, 9, 1, 1]
+
+
+def test_a_request_whose_adapter_was_unloaded_after_its_validation_is_refused_and_not_queued():
+    adapters = LoraAdapters(("a",), num_slots=1)
+    scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=32, max_batch_size=8), BlockManager(64, BLOCK_SIZE),
+                          adapters)
+    adapter_id = adapters.remove("a")  # between the request's validation and its submission
+    with pytest.raises(ValidationError, match="unloaded"):
+        scheduler.add(dataclasses.replace(make_request(1, 5), adapter_id=adapter_id))
+    assert not scheduler.has_work
+    scheduler.finish(1)  # unknown to it: nothing happens

@@ -140,7 +140,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    router = get_router(request)
+    router = get_router(request)  # the adapters change at run time: listed as they are now
     return web.json_response({**router.info, "lora_adapters": router.validation.lora.names})
 
 
