@@ -17,6 +17,8 @@ commit and device.
     # multi-turn chat: 64 conversations of 6 turns over one 2,000-token system prompt, each turn a
     # 100-token user message after the conversation so far (TTFT of first and later turns apart)
     python bench/serving.py --multi-turn 64 --turns 6 --system-prompt-len 2000 --input-len 100 --output-len 100
+    # the same, conversations starting 4 a second and users pausing 2 s on average between turns
+    python bench/serving.py --multi-turn 64 --request-rate 4 --think-time 2 ...
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -87,9 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=6, help="user messages per conversation (--multi-turn)")
     parser.add_argument("--system-prompt-len", type=int, default=2000,
                         help="tokens of the system prompt every conversation shares (--multi-turn)")
+    parser.add_argument("--think-time", type=float, default=0.0, metavar="SECONDS",
+                        help="mean pause between an answer and the next user message, exponentially distributed "
+                        "(--multi-turn; 0: none). With a finite --request-rate, conversations also start as a "
+                        "Poisson process at that rate instead of all at once")
     parser.add_argument("--rewrite", default=None, metavar="TEXT_FILE",
                         help="input-grounded prompts: 'Repeat the following text exactly' and a slice of about "
                         "--input-len tokens of this file (each prompt its own slice), for speculative decoding")
+    parser.add_argument("--adapters", default="", metavar="ID,ID,...",
+                        help="LoRA adapters the server has loaded: measured request i names adapter i %% N "
+                        "(TGI's parameters.adapter_id, or the OpenAI model field on the chat route); none: the base model")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--launch", default=None, metavar="LAUNCHER_ARGS",
                         help="start `text-generation-launcher LAUNCHER_ARGS` first and stop it at the end")
@@ -113,9 +123,11 @@ def schema_for(index: int | None, args: argparse.Namespace) -> dict | None:
 def request_for(prompt: Prompt, args: argparse.Namespace, index: int | None = None) -> tuple[str, dict]:
     """The route and body of one benchmark request: exactly `num_output_tokens` tokens, EOS ignored."""
     schema = schema_for(index, args)
+    adapters = args.adapters.split(",") if args.adapters else []
+    adapter = adapters[index % len(adapters)] if adapters and index is not None else None
     if args.endpoint == "chat":
         body = {
-            "model": "tgi", "messages": [{"role": "user", "content": prompt.text}],
+            "model": adapter or "tgi", "messages": [{"role": "user", "content": prompt.text}],
             "max_tokens": prompt.num_output_tokens, "ignore_eos": True, "temperature": args.temperature,
             "stream": True, "stream_options": {"include_usage": True},
         }
@@ -128,6 +140,8 @@ def request_for(prompt: Prompt, args: argparse.Namespace, index: int | None = No
         parameters.update(do_sample=True, temperature=args.temperature)
     if schema is not None:
         parameters["grammar"] = {"type": "json", "value": schema}
+    if adapter is not None:
+        parameters["adapter_id"] = adapter
     return "/generate_stream", {"inputs": prompt.text, "parameters": parameters}
 
 
@@ -218,15 +232,23 @@ async def run_requests(base_url: str, prompts: list[Prompt], args, is_measured: 
 
 
 async def run_conversations(base_url: str, system: str, conversations: list[list[Prompt]], args) -> tuple[list[list[RequestResult]], float]:
-    """Every conversation at once (at most `--max-concurrency` requests in flight), its turns one after
-    the other: turn k sends the system prompt, the first k user messages and the k - 1 answers."""
+    """Every conversation at once (at most `--max-concurrency` requests in flight), or starting as a
+    Poisson process at `--request-rate`; its turns one after the other, `--think-time` apart on average:
+    turn k sends the system prompt, the first k user messages and the k - 1 answers."""
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
+    rng = random.Random(args.seed + 1)
+    starts = list(itertools.accumulate(rng.expovariate(args.request_rate) if math.isfinite(args.request_rate) else 0.0
+                                       for _ in conversations))
+    pauses = [[rng.expovariate(1 / args.think_time) if args.think_time > 0 else 0.0 for _ in turns] for turns in conversations]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
-        async def converse(turns: list[Prompt]) -> list[RequestResult]:
+        async def converse(turns: list[Prompt], start: float, pauses: list[float]) -> list[RequestResult]:
+            await asyncio.sleep(start)
             messages, results = [{"role": "system", "content": system}], []
-            for turn in turns:
+            for i, turn in enumerate(turns):
+                if i:
+                    await asyncio.sleep(pauses[i])
                 messages.append({"role": "user", "content": turn.text})
                 body = {"model": "tgi", "messages": messages, "max_tokens": turn.num_output_tokens, "ignore_eos": True,
                         "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
@@ -239,7 +261,7 @@ async def run_conversations(base_url: str, system: str, conversations: list[list
             return results
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(converse(turns) for turns in conversations))
+        results = await asyncio.gather(*(converse(turns, start, pause) for turns, start, pause in zip(conversations, starts, pauses)))
     return results, time.perf_counter() - started
 
 
