@@ -6,28 +6,62 @@ than the L2 cache holds, as a decode step walking 32 layers does): bf16 through 
 fp8 kernel or `torch._scaled_mm`, activations quantized per token inside), and 4-bit weights (group
 128) through the W4A16 kernel; prints each one's time and the weight bandwidth it reaches, as JSON.
 
+With --sweep, also every tile configuration of the skinny kernel on fp8 weights and of the W4A16 GEMV
+kernel at each row count up to their row limits (results checked against float32 on the dequantized
+weight), with the best one per shape and the best single config over all shapes (the sum of times).
+
     python bench/quantized_linear.py --rows 1,16
+    python bench/quantized_linear.py --rows 1 --sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
 import torch
 
-from skinny_linear import L2_FLUSH_BYTES, SHAPES, time_calls
+from skinny_linear import L2_FLUSH_BYTES, SHAPES, fits, time_calls
+from tgi_server.kernels import skinny, w4a16
 from tgi_server.ops import triton_backend
-from tgi_server.quantization import pack_int4, quantize_fp8_rows
+from tgi_server.quantization import dequantize_int4, pack_int4, quantize_fp8_rows
 
 GROUP_SIZE = 128
+FP8_CONFIGS = list(itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16)))
+GEMV_CONFIGS = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8, 16)))
+
+
+def sweep(kind: str, x: torch.Tensor, weights: list, reference: torch.Tensor, configs: list) -> dict:
+    """{str(config): ms or 'wrong: ...'} for every config that keeps the accumulator in registers."""
+    if kind == "fp8":
+        call = lambda w, c: skinny.skinny_linear(x, w[0], config=c, weight_scale=w[1])  # noqa: E731
+    else:
+        call = lambda w, c: w4a16.int4_linear(x, *w, GROUP_SIZE, gemv_config=c)  # noqa: E731
+    m_block = triton_next_power_of_2(x.shape[0])
+    timed = {}
+    for config in configs:
+        if not fits(m_block, config):  # the float32 accumulator tile of both kernels: [m, BLOCK_N, BLOCK_K]
+            continue
+        try:
+            error = ((call(weights[0], config).float() - reference).norm() / reference.norm()).item()
+        except Exception as e:  # a config Triton cannot compile (shared memory, registers)
+            timed[str(config)] = f"failed: {type(e).__name__}"
+            continue
+        timed[str(config)] = round(time_calls(lambda w: call(w, config), weights), 4) if error < 1e-2 else f"wrong: {error:.3g}"
+    return timed
+
+
+def triton_next_power_of_2(m: int) -> int:
+    return max(1, 1 << (m - 1).bit_length())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--shapes", default="qkv_proj,o_proj,gate_up_proj,down_proj")
+    parser.add_argument("--sweep", action="store_true", help="also every tile config of the few-row kernels")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -54,10 +88,32 @@ def main() -> None:
                 row[f"{kind}_tb_s"] = round(weight_bytes[kind] / ms / 1e9, 3)
             row["fp8_over_bf16"] = round(times["bf16"] / times["fp8"], 2)
             row["int4_over_bf16"] = round(times["bf16"] / times["int4"], 2)
+            if args.sweep:
+                if m <= skinny.MAX_ROWS:
+                    reference = x.float() @ (fp8[0][0].float() * fp8[0][1]).t()
+                    row["fp8_configs"] = sweep("fp8", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_CONFIGS)
+                if m <= w4a16.GEMV_MAX_ROWS:
+                    reference = x.float() @ dequantize_int4(*int4[0], GROUP_SIZE).to(x.dtype).float().t()
+                    row["int4_configs"] = sweep("int4", x, int4, reference, GEMV_CONFIGS)
+                for kind in ("fp8", "int4"):
+                    timed = {c: t for c, t in row.get(f"{kind}_configs", {}).items() if isinstance(t, float)}
+                    if timed:
+                        best = min(timed, key=timed.get)
+                        row[f"{kind}_best"], row[f"{kind}_best_tb_s"] = best, round(weight_bytes[kind] / timed[best] / 1e9, 3)
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         del dense, fp8, int4
-    print(json.dumps({"benchmark": "quantized_linear", "device": torch.cuda.get_device_name(), "results": results}))
+    overall = {}
+    for kind in ("fp8", "int4"):
+        for m in {r["m"] for r in results if f"{kind}_configs" in r}:
+            rows = [r for r in results if r["m"] == m and f"{kind}_configs" in r]
+            common = set.intersection(*({c for c, t in r[f"{kind}_configs"].items() if isinstance(t, float)} for r in rows))
+            if common:  # the one config best over every shape together (sum of times)
+                best = min(common, key=lambda c: sum(r[f"{kind}_configs"][c] for r in rows))
+                overall[f"{kind}_m{m}"] = {"config": best, "ms_sum": round(sum(r[f"{kind}_configs"][best] for r in rows), 4),
+                                           "per_shape_best_ms_sum": round(sum(min(t for t in r[f"{kind}_configs"].values() if isinstance(t, float)) for r in rows), 4)}
+                print(f"{kind} m={m}: best overall {overall[f'{kind}_m{m}']}", file=sys.stderr, flush=True)
+    print(json.dumps({"benchmark": "quantized_linear", "device": torch.cuda.get_device_name(), "results": results, "best_overall": overall}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The fp8 skinny kernel (batch-1 decode under `--quantize fp8`) computes the portable fp8 linear.
+"""The skinny kernel on fp8 weights (batch-1 decode under `--quantize fp8`) computes x times the
+dequantized weight, x in its own dtype (weight-only fp8).
 
-e4m3 products are exact in float32, so kernel and reference differ only in summation order (and, in
-bf16, in the final rounding: the interpreter truncates where GPUs round).
+The reference is float32 arithmetic on the dequantized weight; kernel and reference differ only in
+summation order (and, in bf16, in the final rounding: the interpreter truncates where GPUs round).
 """
 
 import os
@@ -13,7 +14,6 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU the kernels need TRITON_INTERPRET=1 set before triton is imported (conftest.py)", allow_module_level=True)
 
-from tgi_server.ops import portable  # noqa: E402
 from tgi_server.quantization import quantize_fp8_rows  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("k", [64, 300])
 @pytest.mark.parametrize("num_rows", [1, 2, 5])
-def test_fp8_skinny_kernel_matches_the_portable_fp8_linear(num_rows, k, with_bias, dtype):
+def test_fp8_weights_through_the_skinny_kernel_give_x_times_the_dequantized_weight(num_rows, k, with_bias, dtype):
     """Ragged edges: N = 37 not a multiple of BLOCK_N, K = 300 not one of any tile, M = 5 not a power
     of two; the default tiles (one K step) and small ones (several K steps, a ragged last one)."""
-    from tgi_server.kernels.skinny import skinny_fp8_linear
+    from tgi_server.kernels.skinny import skinny_linear
 
     generator = torch.Generator().manual_seed(1000 * num_rows + k)
     n = 37
@@ -38,14 +38,14 @@ def test_fp8_skinny_kernel_matches_the_portable_fp8_linear(num_rows, k, with_bia
     weight, weight_scale = weight.to(DEVICE), weight_scale.squeeze(1).to(DEVICE)
     bias = (torch.randn(n, generator=generator) * 10).to(DEVICE, dtype) if with_bias else None
 
-    expected = portable.linear(x, weight, bias, weight_scale)
-    x_fp8, x_scales = quantize_fp8_rows(x)
+    dequantized = weight.float() * weight_scale[:, None]
+    expected = (x.float() @ dequantized.t() + (bias.float() if with_bias else 0)).to(dtype)
     scale = expected.float().abs().max().item()
     if dtype == torch.float32:
         tolerance = {"atol": 1e-4 * scale, "rtol": 1e-4}
     else:
         tolerance = {"atol": 1e-4 * scale, "rtol": 2**-7}
     for config in (None, (8, 128, 4)):
-        y = skinny_fp8_linear(x_fp8, x_scales, weight, weight_scale, bias, out_dtype=dtype, config=config)
+        y = skinny_linear(x, weight, bias, config=config, weight_scale=weight_scale)
         assert y.shape == (num_rows, n) and y.dtype == dtype
         torch.testing.assert_close(y, expected, **tolerance)

@@ -59,10 +59,14 @@ def test_int4_linear_kernel_matches_the_dequantized_linear(m, n, k, group_size, 
         torch.testing.assert_close(actual, F.linear(x, weight, bias), **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("config", [(16, 32, 128, 4), (32, 16, 16, 4)])
-def test_int4_linear_kernel_is_exact_for_any_tiling(config):
-    """A tile config other than `_config`'s: BLOCK_K = 16 below group_size (several K tiles per group),
-    and a 128-deep tile holding four 32-wide groups. Small integer-valued data, so every sum is exact."""
+@pytest.mark.parametrize("config, gemv_config", [
+    ((16, 32, 128, 4), None), ((32, 16, 16, 4), None),  # the tensor-core kernel
+    (None, (4, 64, 4)), (None, (1, 128, 2)), (None, (8, 32, 4)),  # the GEMV kernel at 5 rows
+])
+def test_int4_linear_kernels_are_exact_for_any_tiling(config, gemv_config):
+    """Tile configs other than the defaults: BLOCK_K = 16 or 32 at or below group_size (several K tiles
+    per group), and 64- and 128-deep tiles holding two or four 32-wide groups; N = 40 ragged for 8-row
+    tiles. Small integer-valued data, so every sum is exact."""
     from tgi_server.kernels.w4a16 import int4_linear
 
     generator = torch.Generator().manual_seed(1)
@@ -71,7 +75,7 @@ def test_int4_linear_kernel_is_exact_for_any_tiling(config):
     scales = torch.randint(1, 4, zeros.shape, generator=generator).float().to(DEVICE)
     x = torch.randint(-3, 4, (m, k), generator=generator).float().to(DEVICE)
     expected = F.linear(x, dequantize_int4(qweight, scales, zeros, group_size))
-    actual = int4_linear(x, qweight, scales, zeros, group_size, config=config)
+    actual = int4_linear(x, qweight, scales, zeros, group_size, config=config, gemv_config=gemv_config)
     torch.testing.assert_close(actual, expected, atol=0, rtol=0)
 
 

@@ -19,10 +19,15 @@ divides group_size, one [BLOCK_N] column per tile; when group_size divides BLOCK
 [BLOCK_N, BLOCK_K // group_size] groups, broadcast over the group. Any other group size (per-channel
 quantization of a K that is no multiple of BLOCK_K, say) gathers them per element.
 
-The tile sizes in `_config` are conventional values, untuned (they were chosen without a GPU): 16-row
-tiles (the smallest `tl.dot` takes) and narrow N tiles for decode, so that even a 4096-wide projection
-spreads over more than a hundred programs; larger square-ish tiles for prefill. Tune them on the
-target GPU before relying on the speed.
+A few rows (decode at small batch, up to GEMV_MAX_ROWS) take `_int4_gemv_kernel` instead, shaped like
+the skinny bf16 kernel (`kernels.skinny`): no tensor cores, each program streams BLOCK_N whole weight
+rows in long BLOCK_K steps and multiplies every dequantized tile by the rows of x into a float32
+accumulator tile summed over K once at the end. There the cost is the arithmetic per weight, not the
+bytes: a nibble becomes a float by OR-ing it into the mantissa of 2^23 (one integer op, where an
+int-to-float conversion runs at a fraction of the FP32 rate), and 2^23 is folded into the zero point,
+so a weight costs a shift, an OR, a subtract, a multiply by its scale and a multiply-add per row of x.
+
+The tile sizes in `_config` and `GEMV_CONFIG` come from bench/quantized_linear.py --sweep.
 """
 
 from __future__ import annotations
@@ -96,6 +101,69 @@ def _int4_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
+    M, N, K, group_size,
+    stride_x, stride_q, stride_s, stride_z, stride_y,
+    HAS_BIAS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[m, n] for every row m < M (M <= BLOCK_M) and the BLOCK_N columns of program_id(0).
+    GROUPS_PER_TILE: as `_int4_linear_kernel`'s, never 0 (the caller picks BLOCK_K so groups tile K)."""
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
+    mask_n = rows_n < N
+    mask_m = rows_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4
+    n64 = rows_n.to(tl.int64)
+    x_ptrs = x_ptr + rows_m[:, None] * stride_x + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    q_ptrs = qweight_ptr + n64[:, None] * stride_q + offs_word[None, :]  # [BLOCK_N, BLOCK_K // 8]
+    s_ptrs = scales_ptr + n64[:, None] * stride_s  # [BLOCK_N, 1]
+    z_ptrs = zeros_ptr + n64[:, None] * stride_z
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        word_mask = mask_n[:, None] & ((k0 // 8 + offs_word) < K // 8)[None, :]
+        packed = tl.load(q_ptrs + k0 // 8, mask=word_mask, other=0)  # [BLOCK_N, BLOCK_K // 8] int32
+        # 2^23 + nibble, exactly: the nibble ORed into the mantissa of 2^23 (0x4B000000)
+        biased = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
+        biased = tl.reshape(biased.to(tl.float32, bitcast=True), (BLOCK_N, GROUPS_PER_TILE, BLOCK_K // GROUPS_PER_TILE))
+        groups = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)  # [GROUPS_PER_TILE]
+        group_mask = mask_n[:, None] & (groups < K // group_size)[None, :]
+        scale = tl.load(s_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS_PER_TILE]
+        zero = tl.load(z_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32) + 8388608.0
+        w = tl.reshape((biased - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model dtype, as the reference's weight
+        acc += x[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows_m[:, None] * stride_y + rows_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, BLOCK_K, num_warps) for
+# one row (more rows divide BLOCK_K by the power of two above them, keeping the accumulator's size).
+# Untuned.
+GEMV_MAX_ROWS = 4
+GEMV_CONFIG = (4, 1024, 4)
+
+
+def _gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int] | None:
+    """(BLOCK_N, BLOCK_K, num_warps) for the GEMV kernel, BLOCK_K cut so that scale groups tile K (a
+    whole number of groups per step, or a whole number of steps per group); None when no power of two
+    >= 64 does."""
+    block_n, block_k, num_warps = GEMV_CONFIG
+    block_k = max(block_k // triton.next_power_of_2(m), 64)
+    while block_k >= 64 and block_k % group_size and group_size % block_k:
+        block_k //= 2
+    return (block_n, block_k, num_warps) if block_k >= 64 else None
+
+
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [n, k]^T product. Untuned (see the module
     docstring). Decode (m <= 16): one 16-row tile, 32-wide N tiles up to n = 8192 (>= 128 programs for
@@ -126,11 +194,15 @@ def _groups_per_tile(group_size: int, block_k: int) -> int:
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
     bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+    gemv_config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] (K contiguous) @ W.T (+ bias [N]) -> [M, N] in x's dtype, for the 4-bit weight W [N, K]
     given as qweight [N, K // 8] int32, scales and zeros [N, K // group_size] (`tgi_server.quantization`).
 
-    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) instead of `_config`'s (powers of two, each >= 16).
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the tensor-core kernel instead of `_config`'s
+    (powers of two, each >= 16); gemv_config: (BLOCK_N, BLOCK_K, num_warps) of the GEMV kernel, at any
+    number of rows (BLOCK_K such that scale groups tile K). Without either: the GEMV kernel up to
+    GEMV_MAX_ROWS rows where groups allow, the tensor-core kernel otherwise.
     """
     m, k = x.shape
     n = qweight.shape[0]
@@ -138,10 +210,22 @@ def int4_linear(
     assert k % INT4_PER_INT32 == 0 and group_size % INT4_PER_INT32 == 0 and k % group_size == 0, (k, group_size)
     assert scales.shape == zeros.shape == (n, k // group_size), (scales.shape, zeros.shape)
     assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
-    block_m, block_n, block_k, num_warps = config or _config(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    gemv = gemv_config or (_gemv_config(m, n, k, group_size) if m <= GEMV_MAX_ROWS and config is None else None)
+    if gemv is not None:
+        block_n, block_k, num_warps = gemv
+        assert _groups_per_tile(group_size, block_k) > 0, (group_size, block_k)
+        _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, qweight, scales, zeros, bias if bias is not None else scales, y,
+            m, n, k, group_size,
+            x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, GROUPS_PER_TILE=_groups_per_tile(group_size, block_k),
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        )
+        return y
+    block_m, block_n, block_k, num_warps = config or _config(m, n, k)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _int4_linear_kernel[grid](

@@ -19,13 +19,13 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """F.linear, except that a few rows go through the skinny kernel, which reads the weight faster
-    than cuBLAS does at that size. An fp8 weight (with its `weight_scale`) multiplies x quantized to
-    fp8 per token: a few rows in the skinny kernel's fp8 variant, more on the fp8 tensor cores
-    (`torch._scaled_mm`, row-wise scales)."""
+    than cuBLAS does at that size. An fp8 weight (with its `weight_scale`): a few rows through the
+    skinny kernel, x in its own dtype (weight-only fp8); more rows quantized to fp8 per token on the
+    fp8 tensor cores (`torch._scaled_mm`, row-wise scales), as the portable reference computes them."""
     if weight_scale is not None:
+        if x.shape[0] <= skinny.MAX_ROWS and x.stride(-1) == 1:
+            return skinny.skinny_linear(x, weight, bias, weight_scale=weight_scale)
         x_fp8, x_scales = quantize_fp8_rows(x)
-        if x.shape[0] <= skinny.MAX_ROWS:
-            return skinny.skinny_fp8_linear(x_fp8, x_scales, weight, weight_scale, bias, out_dtype=x.dtype)
         out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scales, scale_b=weight_scale[None, :], out_dtype=x.dtype)
         return out if bias is None else out + bias
     if x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= skinny.MAX_ROWS:
