@@ -61,6 +61,26 @@ def open_weights(model_path: str, config: PretrainedConfig, dtype: torch.dtype) 
     return SafetensorsWeights(model_path, dtype)
 
 
+class UnsetWeights:
+    """Every tensor a model asks for, of the shape it asks for, its values unset (`--load-format
+    dummy`): the model's own loading path runs, so whatever a layer learns from it (the checkpoint
+    names its LoRA adapters address) is as with real weights; the values are filled afterwards."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+
+    def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
+    ) -> torch.Tensor:
+        return self.get(name, (*shape[:dim], stop - start, *shape[dim + 1 :]))
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return None
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 

@@ -15,7 +15,7 @@ from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.ops import building_with
 from tgi_server.quantization import FP8_DTYPE, FP8_MAX, MIN_FP8_CAPABILITY, WeightFormat, building_with_weights, weight_format
-from tgi_server.weights import load_config, open_weights
+from tgi_server.weights import UnsetWeights, load_config, open_weights
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -122,6 +122,8 @@ def load_model(
         else:
             model = model_cls(config, tp, dtype, device)
     if is_dummy:
+        if not is_fallback and found is None:  # quantized layouts check their stored values: filled only
+            model.load_weights(UnsetWeights(dtype, device))
         fill_random_weights(model, seed=tp.rank)
     elif not is_fallback:
         model.load_weights(open_weights(model_path, config, dtype))
