@@ -4,6 +4,9 @@
 alone, so it is captured once per size in `batch_sizes`, forward plus LM head; a step of n sequences
 replays the smallest captured size >= n with the extra rows padded. Padding rows write their K/V to
 slot 0 (block 0 is reserved as padding and never holds a sequence's tokens) and attend to that slot.
+With LoRA adapters (`lora=True`) each size is captured twice: as above, and with every linear's
+adapter kernels reading each row's adapter slot from a device buffer (0: none), which a step whose
+rows name an adapter replays; a step without adapters keeps the plain graph and pays nothing.
 
 `MixedGraphs`: any other step (prefill chunks with or without decodes) is captured per token count
 bucket, for up to `max_seqs` sequences; the attention kernel reads the batch layout from the device
@@ -19,12 +22,12 @@ from __future__ import annotations
 import torch
 
 from tgi_server.attention_metadata import AttentionMetadata
-from tgi_server.forward_context import forward_context
+from tgi_server.forward_context import LoraRows, forward_context
 
 # Mixed-step buckets up to this many tokens are powers of two, and always replayed (see `fits`).
 _SMALL_BUCKET = 512
-# Rows of the packed input buffer: input id, position, KV slot, sequence length.
-_IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+# Rows of the packed input buffer: input id, position, KV slot, sequence length, LoRA adapter slot.
+_IDS, _POSITIONS, _SLOTS, _SEQ_LENS, _ADAPTERS = range(5)
 
 
 class DecodeGraphs:
@@ -36,21 +39,24 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         device: torch.device,
         pool=None,
+        lora: bool = False,
     ):
         self.batch_sizes = sorted(set(batch_sizes))
         max_size = self.batch_sizes[-1]
         # One host buffer (pinned) and one device buffer, so a step's inputs cross in one copy.
-        self._host = torch.zeros(4, max_size, dtype=torch.int64, pin_memory=True)  # [4, max_size]
+        self._host = torch.zeros(5, max_size, dtype=torch.int64, pin_memory=True)  # [5, max_size]
         self._host_rows = self._host.numpy()
-        self._inputs = torch.zeros(4, max_size, dtype=torch.int64, device=device)  # [4, max_size]
+        self._inputs = torch.zeros(5, max_size, dtype=torch.int64, device=device)  # [5, max_size]
         self._host_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self._block_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, device=device)
         self._query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)  # 1 token each
         self.max_blocks_per_seq = max_blocks_per_seq
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}  # [size, vocab_size] float32, written by each replay
+        # (size, with adapters) -> its graph, and the logits [size, vocab_size] float32 each replay writes
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._inputs_read = torch.cuda.Event()  # the pinned buffer may be rewritten after this
         self.pool = pool
+        self.lora = lora
         self._capture(model, kv_caches)
 
     def _metadata(self, size: int) -> AttentionMetadata:
@@ -68,14 +74,17 @@ class DecodeGraphs:
     def _capture(self, model, kv_caches: list[torch.Tensor]) -> None:
         self._inputs[_SEQ_LENS].fill_(1)  # padding rows: slot 0, one key
         for size in reversed(self.batch_sizes):  # largest first: the smaller ones reuse its memory
+            for with_lora in (False, True) if self.lora else (False,):
 
-            def forward(size=size):
-                # Fresh metadata each call: what kernels derive from it must be computed in the graph.
-                with forward_context(self._metadata(size), kv_caches):
-                    hidden = model(self._inputs[_IDS, :size], self._inputs[_POSITIONS, :size])
-                return model.compute_logits(hidden)
+                def forward(size=size, with_lora=with_lora):
+                    # Fresh metadata each call: what kernels derive from it must be computed in the graph.
+                    lora = LoraRows(None, self._inputs[_ADAPTERS, :size]) if with_lora else None
+                    with forward_context(self._metadata(size), kv_caches, lora):
+                        hidden = model(self._inputs[_IDS, :size], self._inputs[_POSITIONS, :size])
+                    return model.compute_logits(hidden)
 
-            self._graphs[size], self._logits[size], self.pool = capture(forward, self.pool)
+                key = size, with_lora
+                self._graphs[key], self._logits[key], self.pool = capture(forward, self.pool)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured batch size a step of `num_seqs` decodes runs at, or None if it is too big."""
@@ -91,12 +100,14 @@ class DecodeGraphs:
         slots: list[int],
         block_tables: list[list[int]],
         device_input_ids: torch.Tensor | None = None,
+        adapter_slots: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits [num_seqs, vocab_size] of one decode step; sequence i's new token sits at
-        positions[i] and goes to KV slot slots[i], its context is positions[i] + 1 tokens. With
-        `device_input_ids` ([num_seqs] int64 on the device) the input ids come from there, in stream
-        order (e.g. from the step before, still running), and `input_ids` is ignored. Copies inputs
-        without a host sync."""
+        positions[i] and goes to KV slot slots[i], its context is positions[i] + 1 tokens, and it goes
+        through the LoRA adapter in slot adapter_slots[i] (0 or None: the base model; only with
+        `lora`). With `device_input_ids` ([num_seqs] int64 on the device) the input ids come from
+        there, in stream order (e.g. from the step before, still running), and `input_ids` is
+        ignored. Copies inputs without a host sync."""
         num_seqs = len(input_ids)
         size = self.padded_size(num_seqs)
         self._inputs_read.synchronize()  # the previous step's inputs have left the pinned buffers
@@ -108,6 +119,10 @@ class DecodeGraphs:
         host[_SEQ_LENS, :num_seqs] += 1
         host[:, num_seqs:size] = 0
         host[_SEQ_LENS, num_seqs:size] = 1
+        with_lora = bool(adapter_slots) and any(adapter_slots)
+        if with_lora:
+            assert self.lora, "adapter rows in decode graphs captured without LoRA"
+            host[_ADAPTERS, :num_seqs] = adapter_slots
         tables = self._host_tables.numpy()
         tables[:size] = 0  # padding rows read block 0
         for row, table in enumerate(block_tables):
@@ -117,8 +132,8 @@ class DecodeGraphs:
         self._inputs_read.record()
         if device_input_ids is not None:
             self._inputs[_IDS, :num_seqs].copy_(device_input_ids)
-        self._graphs[size].replay()
-        return self._logits[size][:num_seqs]
+        self._graphs[size, with_lora].replay()
+        return self._logits[size, with_lora][:num_seqs]
 
 
 def capture(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:

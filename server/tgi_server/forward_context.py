@@ -23,9 +23,10 @@ class LoraRows:
     """Which rows of the flat batch go through which LoRA adapter slot (`tgi_server.lora`), two ways:
     runs of rows for the portable product, and a slot per row (0: none) for the kernels."""
 
-    # (adapter slot, first row, end row) of each run of rows an adapter applies to
-    segments: tuple[tuple[int, int, int], ...]
-    # [num_tokens] int32 on the model's device
+    # (adapter slot, first row, end row) of each run of rows an adapter applies to; None: known on
+    # the device only (a CUDA graph replayed with the slots of its step)
+    segments: tuple[tuple[int, int, int], ...] | None
+    # [num_tokens] int32 (or int64) on the model's device
     token_slots: torch.Tensor
 
     @classmethod

@@ -191,8 +191,9 @@ class ModelRunner:
         self.mixed_graphs = MixedGraphs(
             self.model, self.kv_caches, token_buckets(max_batch_tokens), max_batch_size, max_blocks_per_seq, self.device
         )
+        has_lora = any(getattr(layer, "lora", None) is not None for layer in self.model.modules())
         self.decode_graphs = DecodeGraphs(
-            self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool
+            self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool, lora=has_lora
         )
         if self.drafter is not None:
             self.drafter.capture_cuda_graphs(sizes, max_batch_size, max_blocks_per_seq, self.decode_graphs.pool)
@@ -350,7 +351,7 @@ class ModelRunner:
         return (
             seq.num_computed_tokens == len(seq.token_ids) - 1  # decoding, not prefilling
             and not seq.top_n_tokens  # top-n needs a host sync inside sampling
-            and not seq.adapter_slot  # adapters run eagerly
+            and (not seq.adapter_slot or self.decode_graphs.lora)  # graphs captured with the adapter kernels
             and position < len(seq.block_table) * self.block_size  # a slot for the token
             and len(seq.block_table) <= self.decode_graphs.max_blocks_per_seq
         )
@@ -363,7 +364,8 @@ class ModelRunner:
     ) -> _Lookahead:
         tables = [seq.block_table for seq in sequences]
         logits = self.decode_graphs.run(
-            input_ids, positions, decode_slots(tables, positions, self.block_size), tables, device_input_ids=device_input_ids
+            input_ids, positions, decode_slots(tables, positions, self.block_size), tables, device_input_ids=device_input_ids,
+            adapter_slots=[seq.adapter_slot for seq in sequences],
         )
         # A chained row's history lacks the token being sampled before it (it has no penalties).
         batch = SamplingBatch.build(
@@ -419,7 +421,7 @@ class ModelRunner:
             graphs is not None
             and graphs.padded_size(len(batch)) is not None
             and all(
-                n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and not seq.adapter_slot
+                n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and (not seq.adapter_slot or graphs.lora)
                 and seq.num_computed_tokens < len(seq.block_table) * self.block_size <= graphs.max_blocks_per_seq * self.block_size
                 for _, seq, n in batch
             )
@@ -429,7 +431,8 @@ class ModelRunner:
         positions = [seq.num_computed_tokens for _, seq, _ in batch]
         tables = [seq.block_table for _, seq, _ in batch]
         logits = self.decode_graphs.run(
-            [seq.token_ids[-1] for _, seq, _ in batch], positions, decode_slots(tables, positions, self.block_size), tables
+            [seq.token_ids[-1] for _, seq, _ in batch], positions, decode_slots(tables, positions, self.block_size), tables,
+            adapter_slots=[seq.adapter_slot for _, seq, _ in batch],
         )
         for _, seq, _ in batch:
             seq.num_computed_tokens += 1

@@ -146,3 +146,74 @@ def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixe
         runner.allocate_kv_cache(128)
         outputs[backend] = generate(runner, prompts, slots, 10)
     assert outputs["triton"] == outputs["portable"]
+
+
+def generate_with_lookahead(runner, prompts, slots, num_new):
+    """`generate`, every step but the last of each request telling the runner to start the next one."""
+    blocks = -(-(max(map(len, prompts)) + num_new + 1) // BLOCK_SIZE)
+    new = [NewSequence(i, p, SamplingParams(), 0, adapter_slot=slot) for i, (p, slot) in enumerate(zip(prompts, slots))]
+    scheduled = [ScheduledSequence(i, len(p), list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i, p in enumerate(prompts)]
+    outputs = [[] for _ in prompts]
+    while scheduled:
+        lookahead = all(len(outputs[s.request_id]) + 1 < num_new for s in scheduled)
+        for sample in runner.step([], new, scheduled, lookahead).samples:
+            outputs[sample.request_id] += [t.token_id for t in sample.tokens]
+        new, scheduled = [], [ScheduledSequence(i, 1, []) for i, out in enumerate(outputs) if len(out) < num_new]
+    return outputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["portable", "triton"])
+def test_on_the_gpu_adapter_rows_in_cuda_graphs_and_lookahead_give_each_peft_merged_models_tokens(checkpoints, backend):
+    """fp32 on CUDA, decode steps replayed from the graphs captured with the adapter kernels (and the
+    plain ones for base-only steps), chained lookahead: every prompt through every adapter and none
+    in one batch equals peft's merged models, as on the CPU."""
+    names = list(ADAPTERS)
+    prompts = [prompt for prompt in PROMPTS for _ in range(len(names) + 1)]
+    slots = [slot for _ in PROMPTS for slot in range(len(names) + 1)]
+    model, config = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cuda"), backend=backend)
+    store = AdapterStore(model, num_slots=len(names), max_rank=8)
+    for slot, name in enumerate(names, 1):
+        store.add(slot, read_adapter(name, checkpoints / name))
+        store.place(slot, slot)
+    runner = ModelRunner(model, config, SINGLE, torch.device("cuda"), torch.float32, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8, 16))
+    runner.allocate_kv_cache(256)
+    runner.capture_cuda_graphs(max_total_tokens=64, max_batch_size=16, max_batch_tokens=128)
+    assert runner.decode_graphs.lora
+    outputs = generate_with_lookahead(runner, prompts, slots, 10)
+    assert runner.num_lookahead_rows_used > 0
+    directories = [None] + [checkpoints / name for name in names]
+    assert outputs == [peft_greedy(checkpoints / "base", directories[slot], prompt, 10) for prompt, slot in zip(prompts, slots)]
+    # base-only decode steps replay the plain graphs: the same tokens
+    assert generate_with_lookahead(runner, PROMPTS, [0] * len(PROMPTS), 10) == [outputs[i * 3] for i in range(len(PROMPTS))]
+
+
+def test_adapter_rows_known_on_the_device_only_get_the_same_portable_delta_as_runs_of_rows():
+    """The portable product under a CUDA graph (slots per row, no runs) equals its per-run product."""
+    from tgi_server.forward_context import LoraRows
+    from tgi_server.ops import portable
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, generator=generator)
+    a, b = torch.randn(3, 4, 12, generator=generator), torch.randn(3, 10, 4, generator=generator)
+    a[0], b[0] = 0, 0
+    segments = ((2, 0, 3), (1, 4, 6))
+    runs = LoraRows.from_segments(segments, 7, torch.device("cpu"))
+    expected = portable.lora_delta(x, a, b, runs, torch.zeros(7, 10))
+    actual = portable.lora_delta(x, a, b, LoraRows(None, runs.token_slots), torch.zeros(7, 10))
+    torch.testing.assert_close(actual, expected)
+    assert expected[3].abs().sum() == 0 and expected[0].abs().sum() > 0
+
+
+def test_a_model_with_dummy_weights_takes_the_adapters_a_checkpoint_would(checkpoints):
+    """`--load-format dummy` (benchmarks) still learns each projection's checkpoint name: the adapter
+    loads and changes the tokens."""
+    model, config = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cpu"), load_format="dummy")
+    store = AdapterStore(model, num_slots=1, max_rank=8)
+    store.add(1, read_adapter("everything", checkpoints / "everything"))
+    store.place(1, 1)
+    runner = ModelRunner(model, config, SINGLE, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+    runner.allocate_kv_cache(128)
+    # random weights this small give flat logits; the adapter's large ones still move the argmax
+    base, adapted = generate(runner, [PROMPTS[1], PROMPTS[1]], [0, 1], 4)
+    assert base != adapted

@@ -41,7 +41,13 @@ def int4_linear(
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
     """`out` plus each adapted run of rows' B A x, a [slots, width, in], b [slots, out, width]: a
-    product pair per run (the reference for the kernels' per-token gather)."""
+    product pair per run (the reference for the kernels' per-token gather). Rows known on the device
+    only (a CUDA graph): every slot's product over every row, kept where the row's slot is that one."""
+    if lora.segments is None:
+        for slot in range(1, a.shape[0]):
+            rows = (lora.token_slots == slot)[:, None]
+            out += torch.where(rows, (x @ a[slot].T) @ b[slot].T, 0).to(out.dtype)
+        return out
     for slot, start, stop in lora.segments:
         out[start:stop] += (x[start:stop] @ a[slot].T) @ b[slot].T
     return out
