@@ -11,7 +11,7 @@ TOKENIZERS_DIR := tests/assets/tokenizers
 TOKENIZERS := gemma3 qwen3 llama3_1
 TOKENIZER_STAMP := $(TOKENIZERS_DIR)/.fetched
 
-.PHONY: install proto run test test-fast bench lint docker tokenizers
+.PHONY: install proto run test test-fast bench lint docker tokenizers browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -51,8 +51,14 @@ run: $(INSTALLED)
 
 # Two workers, a test file each at a time (module fixtures stay in one process): the e2e tests
 # mostly wait on servers starting, so two workers beat one; the suite took 1060 s here on 2026-12-07 (76e99cc).
-test: $(INSTALLED) $(TOKENIZER_STAMP)
+test: $(INSTALLED) $(TOKENIZER_STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+
+# Headless Chromium from Debian's packages, for the playground's browser test (tests/e2e/test_playground.py;
+# Playwright drives it: its own browser downloads do not work offline). Installed where apt-get can (root).
+browser:
+	@command -v chromium > /dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq chromium > /dev/null) ; } || echo "no chromium: the browser test is skipped"
 
 test-fast: $(TOKENIZER_STAMP)
 	$(PY) -m pytest -q -m "not slow"

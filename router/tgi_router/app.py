@@ -299,7 +299,7 @@ class MalformedRequestLogFilter(logging.Filter):
 
 
 def build_app(router: Router) -> web.Application:
-    from tgi_router.http import cloud, lora, openai, openapi, tgi
+    from tgi_router.http import cloud, lora, openai, openapi, playground, tgi
 
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestLogFilter) for f in server_log.filters):
@@ -312,6 +312,7 @@ def build_app(router: Router) -> web.Application:
     lora.add_routes(app)
     cloud.add_routes(app)
     openapi.add_routes(app)
+    playground.add_routes(app)
     if router.predict_route:
         add_post(app, router.predict_route, cloud.vertex)
     if router.health_route:

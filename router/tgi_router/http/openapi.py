@@ -229,7 +229,10 @@ GENERATE_LIST = {**_json(_array(_ref("GenerateResponse"))), **GENERATE_SSE}
 INVOCATION = {"anyOf": [_ref("CompatGenerateRequest"), _ref("ChatRequest"), _ref("CompletionRequest")]}
 PATHS = {
     "/": {**_post("Generate (a one-element list), or stream with `stream: true`", _ref("CompatGenerateRequest"),
-                  GENERATE_LIST), **_get("Health", None)},
+                  GENERATE_LIST),
+          "get": {"summary": "The chat playground (an HTML page), with the health check's status",
+                  "responses": {"200": {"description": "the page; the shards are healthy", "content": {"text/html": {"schema": {"type": "string"}}}},
+                                "503": {"description": "the page; a shard is unhealthy", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
     "/generate": _post("Generate text", _ref("GenerateRequest"), _json(_ref("GenerateResponse"))),
     "/generate_stream": _post("Generate a stream of tokens (SSE of StreamResponse)", _ref("GenerateRequest"),
                               GENERATE_SSE),

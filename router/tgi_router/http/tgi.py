@@ -23,7 +23,6 @@ def add_routes(app: web.Application) -> None:
     add_post(app, "/generate", generate)
     add_post(app, "/generate_stream", generate_stream)
     add_post(app, "/", compat_generate)
-    app.router.add_get("/", health)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
