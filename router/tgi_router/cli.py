@@ -96,8 +96,20 @@ async def _start(settings: RouterSettings) -> web.Application:
         tracer=engine.tracer,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
-    log.info("serving on http://%s:%d", settings.hostname, settings.port)
+    url = client_url(settings.hostname, settings.port)
+    log.info("serving on http://%s:%d: open %s/ in a browser for the chat playground; TGI clients take %s, "
+             "OpenAI clients %s/v1", settings.hostname, settings.port, url, url, url)
     return build_app(router)
+
+
+def client_url(hostname: str, port: int) -> str:
+    """Where a client on this machine reaches a server listening on hostname:port (all interfaces:
+    localhost)."""
+    if hostname in ("", "0.0.0.0", "::", "[::]"):
+        hostname = "localhost"
+    elif ":" in hostname and not hostname.startswith("["):
+        hostname = f"[{hostname}]"  # an IPv6 address
+    return f"http://{hostname}:{port}"
 
 
 @dataclass(frozen=True)

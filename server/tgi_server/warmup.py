@@ -9,7 +9,9 @@ wait for that.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import torch
 
@@ -21,6 +23,8 @@ CUDA_KV_FRACTION = 0.9
 # On CPU the cache lives in RAM next to everything else: take a modest share, bounded.
 CPU_KV_FRACTION = 0.2
 CPU_KV_MAX_BYTES = 1 << 30
+
+log = logging.getLogger(__name__)
 
 _WARMUP_SAMPLING = SamplingParams(
     do_sample=True, temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9,
@@ -41,8 +45,11 @@ def warmup(
     lengths = _warmup_lengths(max_batch_prefill_tokens, max(max_total_tokens - 1, 1), max_batch_size)
     if runner.drafter is not None:
         runner.drafter.max_tokens = max_batch_prefill_tokens
+    started = time.monotonic()
     for step_lengths in (lengths, [1], [17]):
         _run_step(runner, step_lengths)
+    log.info("warmup steps (%d prompt tokens in %d requests, then 1 and 17) took %.1f s",
+             sum(lengths), len(lengths), time.monotonic() - started)
     if max_batch_total_tokens:
         num_blocks = 1 + -(-max_batch_total_tokens // runner.block_size)
     else:
@@ -54,7 +61,14 @@ def warmup(
         # CUDA graphs allocate from a private pool, which cannot use blocks the caching allocator
         # holds for the warmup steps' tensors: hand those back first (a 30B MoE on 80 GB ran out).
         torch.cuda.empty_cache()
+    started = time.monotonic()
     runner.capture_cuda_graphs(max_total_tokens, max_batch_size, max_batch_prefill_tokens)
+    decode, mixed = runner.decode_graphs, runner.mixed_graphs
+    if decode is not None:
+        log.info("CUDA graphs captured in %.1f s: %d decode (batch sizes %d to %d%s), %d mixed steps (up to %d tokens)",
+                 time.monotonic() - started, len(decode.batch_sizes) * (2 if decode.lora else 1), decode.batch_sizes[0],
+                 decode.batch_sizes[-1], ", each also with LoRA adapters" if decode.lora else "",
+                 len(mixed.token_buckets), mixed.token_buckets[-1])
     return num_blocks
 
 

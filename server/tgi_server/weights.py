@@ -4,7 +4,9 @@ Layers load themselves from a `WeightSource`, so they never see file formats; a 
 directory is read lazily (each rank reads only its slice), a GGUF file tensor by tensor.
 """
 
+import logging
 import os
+import time
 from glob import glob
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +17,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from tgi_server.gguf_file import metadata_dir, read_tensor_index
+
+log = logging.getLogger(__name__)
 
 
 class WeightShapeError(ValueError):
@@ -61,6 +65,42 @@ def open_weights(model_path: str, config: PretrainedConfig, dtype: torch.dtype) 
     return SafetensorsWeights(model_path, dtype)
 
 
+class LoadProgress:
+    """A weight source that logs how far loading is: a line at every tenth of the checkpoint's tensors
+    read (a progress bar that reads the same in plain and JSON logs), and `done()` the total."""
+
+    def __init__(self, source: WeightSource, num_tensors: int | None, label: str = "loading weights"):
+        self.source, self.num_tensors, self.label = source, num_tensors, label
+        self.read: set[str] = set()
+        self.started = time.monotonic()
+        self._next_tenth = 1
+
+    def _count(self, name: str) -> None:
+        self.read.add(name)
+        if self.num_tensors and len(self.read) * 10 >= self._next_tenth * self.num_tensors:
+            self._next_tenth = len(self.read) * 10 // self.num_tensors + 1
+            log.info("%s: %3d%% (%d of %d tensors, %.1f s)", self.label, 100 * len(self.read) // self.num_tensors,
+                     len(self.read), self.num_tensors, time.monotonic() - self.started)
+
+    def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
+        tensor = self.source.get(name, shape, keep_dtype)
+        self._count(name)
+        return tensor
+
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, shape: tuple[int, ...], keep_dtype: bool = False
+    ) -> torch.Tensor:
+        tensor = self.source.get_range(name, dim, start, stop, shape, keep_dtype)
+        self._count(name)
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.source.shape(name)
+
+    def done(self) -> None:
+        log.info("%s: done, %d tensors in %.1f s", self.label, len(self.read), time.monotonic() - self.started)
+
+
 class UnsetWeights:
     """Every tensor a model asks for, of the shape it asks for, its values unset (`--load-format
     dummy`): the model's own loading path runs, so whatever a layer learns from it (the checkpoint
@@ -92,6 +132,7 @@ class SafetensorsWeights:
         self.directory = directory
         self.dtype = dtype
         self.name_to_file = _route_tensor_names(directory)
+        self.num_tensors = len(self.name_to_file)
         self._file_to_handle = {}
 
     def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
@@ -153,6 +194,7 @@ class GGUFWeights:
         self.path, self.dtype = path, dtype
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
         architecture, self.tensors = read_tensor_index(self.data)
+        self.num_tensors = len(self.tensors)
         processor_cls = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
         self.whole: dict[str, torch.Tensor] | None = None
         if processor_cls.__name__ not in _PER_TENSOR_PROCESSORS:

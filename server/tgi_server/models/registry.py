@@ -15,7 +15,7 @@ from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
 from tgi_server.ops import building_with
 from tgi_server.quantization import FP8_DTYPE, FP8_MAX, MIN_FP8_CAPABILITY, WeightFormat, building_with_weights, weight_format
-from tgi_server.weights import UnsetWeights, load_config, open_weights
+from tgi_server.weights import LoadProgress, UnsetWeights, load_config, open_weights
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -126,7 +126,11 @@ def load_model(
             model.load_weights(UnsetWeights(dtype, device))
         fill_random_weights(model, seed=tp.rank)
     elif not is_fallback:
-        model.load_weights(open_weights(model_path, config, dtype))
+        source = open_weights(model_path, config, dtype)
+        progress = LoadProgress(source, getattr(source, "num_tensors", None),
+                                f"rank {tp.rank}: loading weights" if tp.world_size > 1 else "loading weights")
+        model.load_weights(progress)
+        progress.done()
     if found is not None and not found.checkpoint:
         quantize_linears(model)
     return model.eval(), model.config  # a multimodal checkpoint's text config where only its text model runs
