@@ -1,5 +1,6 @@
 """The chat playground at GET /, in a real browser: Debian's headless Chromium driven by Playwright,
-against a real server (a tiny Llama with SmolLM2's tokenizer and chat template) that needs an API key.
+against the real SmolLM2-135M-Instruct server (the embedded default, as `make run` serves it) with an
+API key.
 
 The oracle for the streamed answer is the server's own non-streamed /v1/chat/completions with the same
 messages and greedy sampling, sent here without the page."""
@@ -13,7 +14,7 @@ import shutil
 
 import pytest
 import requests
-from server_helpers import running_server, save_tiny_model, tiny_config
+from server_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -22,14 +23,14 @@ if CHROMIUM is None:
     pytest.skip("needs Chromium (apt-get install chromium, or `make browser`)", allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api")
 
+pytestmark = pytest.mark.slow
 KEY = "playground-secret"
 SYSTEM = "You answer briefly."
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, hf_home, smollm2_tokenizer_dir):
-    model = save_tiny_model(tiny_config("llama"), smollm2_tokenizer_dir, tmp_path_factory.mktemp("playground") / "llama")
-    with running_server(str(model), hf_home, "--api-key", KEY) as running:
+def server(hf_home, smollm2_gguf, smollm2_tokenizer_dir):
+    with running_server(str(smollm2_gguf), hf_home, "--api-key", KEY, "--max-batch-prefill-tokens", "512") as running:
         yield running
 
 
@@ -41,7 +42,7 @@ def browser():
         browser.close()
 
 
-def test_the_page_streams_a_chat_answer_with_its_speed_and_needs_the_api_key(server, browser):
+def test_the_page_streams_a_chat_answer_with_its_speed_and_needs_the_api_key(server, browser, tmp_path):
     page = browser.new_page()
     requests_sent = []
     page.on("request", lambda r: requests_sent.append(r.post_data) if r.url.endswith("/v1/chat/completions") else None)
@@ -60,17 +61,23 @@ def test_the_page_streams_a_chat_answer_with_its_speed_and_needs_the_api_key(ser
     assert "401" in error.text_content()
 
     page.fill("#api-key", KEY)
+    page.fill("#max-tokens", "24")
     page.fill("#prompt", "Hello there")
     page.press("#prompt", "Enter")
+    # streamed: text shows while the answer is still coming (the Stop button is up)
+    page.wait_for_function("""() => {
+        const answer = document.querySelector('.assistant:not(.error)');
+        return answer && answer.textContent.length > 0 && !document.getElementById('stop').hidden;
+    }""", timeout=60_000)
     stats = page.locator(".assistant:not(.error) .stats")
-    stats.wait_for(timeout=60_000)
-    assert "TTFT" in stats.text_content() and "tokens/s" in stats.text_content() and "6 tokens" in stats.text_content()
+    stats.wait_for(timeout=120_000)
+    assert "TTFT" in stats.text_content() and "tokens/s" in stats.text_content() and " tokens" in stats.text_content()
     answer = page.locator(".assistant:not(.error)").evaluate("node => node.firstChild.textContent")
 
     expected = requests.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
         "model": "tgi", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}],
-        "max_tokens": 6, "temperature": 0}, timeout=60).json()
-    assert answer == expected["choices"][0]["message"]["content"]
+        "max_tokens": 24, "temperature": 0}, timeout=120).json()
+    assert answer == expected["choices"][0]["message"]["content"] and len(answer) > 10
     sent = json.loads(requests_sent[-1])
     assert sent["stream"] is True and sent["messages"][0] == {"role": "system", "content": SYSTEM}
     assert "response_format" not in sent
@@ -80,11 +87,14 @@ def test_the_page_streams_a_chat_answer_with_its_speed_and_needs_the_api_key(ser
     page.fill("#schema", json.dumps(schema))
     page.fill("#prompt", "Where?")
     page.keyboard.press("Enter")
-    page.locator(".assistant:not(.error) .stats").nth(1).wait_for(timeout=60_000)
+    page.locator(".assistant:not(.error) .stats").nth(1).wait_for(timeout=120_000)
     sent = json.loads(requests_sent[-1])
     assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
     assert sent["messages"][2]["content"] == answer
+    shot = tmp_path / "playground.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page.close()
 
 
