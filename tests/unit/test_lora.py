@@ -149,16 +149,16 @@ def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixe
 
 
 def generate_with_lookahead(runner, prompts, slots, num_new):
-    """`generate`, every step but the last of each request telling the runner to start the next one."""
+    """`generate`, every step telling the runner to start the next one (but for rows at their last token)."""
     blocks = -(-(max(map(len, prompts)) + num_new + 1) // BLOCK_SIZE)
     new = [NewSequence(i, p, SamplingParams(), 0, adapter_slot=slot) for i, (p, slot) in enumerate(zip(prompts, slots))]
     scheduled = [ScheduledSequence(i, len(p), list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i, p in enumerate(prompts)]
     outputs = [[] for _ in prompts]
     while scheduled:
-        lookahead = all(len(outputs[s.request_id]) + 1 < num_new for s in scheduled)
-        for sample in runner.step([], new, scheduled, lookahead).samples:
+        for sample in runner.step([], new, scheduled, lookahead=True).samples:
             outputs[sample.request_id] += [t.token_id for t in sample.tokens]
-        new, scheduled = [], [ScheduledSequence(i, 1, []) for i, out in enumerate(outputs) if len(out) < num_new]
+        new, scheduled = [], [ScheduledSequence(i, 1, [], last_token=len(out) + 1 == num_new)
+                              for i, out in enumerate(outputs) if len(out) < num_new]
     return outputs
 
 

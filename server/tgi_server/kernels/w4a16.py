@@ -147,10 +147,12 @@ def _int4_gemv_kernel(
 
 
 # Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, BLOCK_K, num_warps) for
-# one row (more rows divide BLOCK_K by the power of two above them, keeping the accumulator's size).
-# Untuned.
+# one row (more rows divide BLOCK_K by the power of two above them, keeping the accumulator's size):
+# the best single config over the 8B's projections on an H100 (bench/quantized_linear.py --rows 1
+# --sweep, 2026-12-07), 0.261 ms for the four against the bf16 kernel's 0.152: still bound by the
+# arithmetic per weight, not by the bytes.
 GEMV_MAX_ROWS = 4
-GEMV_CONFIG = (4, 1024, 4)
+GEMV_CONFIG = (4, 512, 4)
 
 
 def _gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int] | None:
