@@ -112,12 +112,14 @@ class EagerDecodeSteps:
     def __init__(self, model, kv_caches: list[torch.Tensor], max_batch_size: int, max_blocks_per_seq: int, device):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.max_batch_size, self.max_blocks_per_seq = max_batch_size, max_blocks_per_seq
+        self.lora = False  # adapter rows stay on the runner's eager path
 
     def padded_size(self, num_seqs: int) -> int | None:
         return num_seqs if num_seqs <= self.max_batch_size else None
 
     @torch.inference_mode()
-    def run(self, input_ids, positions, slots, block_tables, device_input_ids=None) -> torch.Tensor:
+    def run(self, input_ids, positions, slots, block_tables, device_input_ids=None, adapter_slots=None) -> torch.Tensor:
+        assert not any(adapter_slots or ()), "adapter rows in eager decode steps without LoRA"
         num_seqs = len(positions)
         ids = device_input_ids if device_input_ids is not None else torch.tensor(input_ids, device=self.device)
         tables = [table + [0] * (self.max_blocks_per_seq - len(table)) for table in block_tables]
