@@ -119,7 +119,7 @@ class DecodeGraphs:
         host[_SEQ_LENS, :num_seqs] += 1
         host[:, num_seqs:size] = 0
         host[_SEQ_LENS, num_seqs:size] = 1
-        with_lora = bool(adapter_slots) and any(adapter_slots)
+        with_lora = any(adapter_slots or ())
         if with_lora:
             assert self.lora, "adapter rows in decode graphs captured without LoRA"
             host[_ADAPTERS, :num_seqs] = adapter_slots

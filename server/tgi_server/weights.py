@@ -30,6 +30,9 @@ class WeightSource(Protocol):
     model's config implies it: a tensor of another shape raises WeightShapeError naming it (a config
     that disagrees with its weights fails at load, not at the first request)."""
 
+    # how many tensors the checkpoint holds (loading progress is counted against it)
+    num_tensors: int
+
     def get(self, name: str, shape: tuple[int, ...], keep_dtype: bool = False) -> torch.Tensor:
         """The whole tensor `name`; KeyError if the checkpoint lacks it. `keep_dtype`: as stored, not cast
         (quantized values and their scales)."""
@@ -69,8 +72,8 @@ class LoadProgress:
     """A weight source that logs how far loading is: a line at every tenth of the checkpoint's tensors
     read (a progress bar that reads the same in plain and JSON logs), and `done()` the total."""
 
-    def __init__(self, source: WeightSource, num_tensors: int | None, label: str = "loading weights"):
-        self.source, self.num_tensors, self.label = source, num_tensors, label
+    def __init__(self, source: WeightSource, label: str = "loading weights"):
+        self.source, self.num_tensors, self.label = source, source.num_tensors, label
         self.read: set[str] = set()
         self.started = time.monotonic()
         self._next_tenth = 1
@@ -105,6 +108,8 @@ class UnsetWeights:
     """Every tensor a model asks for, of the shape it asks for, its values unset (`--load-format
     dummy`): the model's own loading path runs, so whatever a layer learns from it (the checkpoint
     names its LoRA adapters address) is as with real weights; the values are filled afterwards."""
+
+    num_tensors = 0  # no checkpoint behind it
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device

@@ -41,15 +41,18 @@ def peft_greedy(base_dir, adapter_dir, prompt, num_new):
     return out[0, len(prompt):].tolist()
 
 
-def generate(runner, prompts, slots, num_new):
-    blocks = -(-(max(map(len, prompts)) + num_new) // BLOCK_SIZE)
+def generate(runner, prompts, slots, num_new, lookahead=False):
+    """Greedy tokens of each prompt through its adapter slot; with `lookahead`, every step tells the
+    runner to start the next one (but for rows at their last token)."""
+    blocks = -(-(max(map(len, prompts)) + num_new + 1) // BLOCK_SIZE)  # + the lookahead token
     new = [NewSequence(i, p, SamplingParams(), 0, adapter_slot=slot) for i, (p, slot) in enumerate(zip(prompts, slots))]
     scheduled = [ScheduledSequence(i, len(p), list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i, p in enumerate(prompts)]
     outputs = [[] for _ in prompts]
     while scheduled:
-        for sample in runner.step([], new, scheduled).samples:
+        for sample in runner.step([], new, scheduled, lookahead=lookahead).samples:
             outputs[sample.request_id] += [t.token_id for t in sample.tokens]
-        new, scheduled = [], [ScheduledSequence(i, 1, []) for i, out in enumerate(outputs) if len(out) < num_new]
+        new, scheduled = [], [ScheduledSequence(i, 1, [], last_token=len(out) + 1 == num_new)
+                              for i, out in enumerate(outputs) if len(out) < num_new]
     return outputs
 
 
@@ -148,19 +151,6 @@ def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixe
     assert outputs["triton"] == outputs["portable"]
 
 
-def generate_with_lookahead(runner, prompts, slots, num_new):
-    """`generate`, every step telling the runner to start the next one (but for rows at their last token)."""
-    blocks = -(-(max(map(len, prompts)) + num_new + 1) // BLOCK_SIZE)
-    new = [NewSequence(i, p, SamplingParams(), 0, adapter_slot=slot) for i, (p, slot) in enumerate(zip(prompts, slots))]
-    scheduled = [ScheduledSequence(i, len(p), list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i, p in enumerate(prompts)]
-    outputs = [[] for _ in prompts]
-    while scheduled:
-        for sample in runner.step([], new, scheduled, lookahead=True).samples:
-            outputs[sample.request_id] += [t.token_id for t in sample.tokens]
-        new, scheduled = [], [ScheduledSequence(i, 1, [], last_token=len(out) + 1 == num_new)
-                              for i, out in enumerate(outputs) if len(out) < num_new]
-    return outputs
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton"])
@@ -181,12 +171,12 @@ def test_on_the_gpu_adapter_rows_in_cuda_graphs_and_lookahead_give_each_peft_mer
     runner.allocate_kv_cache(256)
     runner.capture_cuda_graphs(max_total_tokens=64, max_batch_size=16, max_batch_tokens=128)
     assert runner.decode_graphs.lora
-    outputs = generate_with_lookahead(runner, prompts, slots, 10)
+    outputs = generate(runner, prompts, slots, 10, lookahead=True)
     assert runner.num_lookahead_rows_used > 0
     directories = [None] + [checkpoints / name for name in names]
     assert outputs == [peft_greedy(checkpoints / "base", directories[slot], prompt, 10) for prompt, slot in zip(prompts, slots)]
     # base-only decode steps replay the plain graphs: the same tokens
-    assert generate_with_lookahead(runner, PROMPTS, [0] * len(PROMPTS), 10) == [outputs[i * 3] for i in range(len(PROMPTS))]
+    assert generate(runner, PROMPTS, [0] * len(PROMPTS), 10, lookahead=True) == [outputs[i * 3] for i in range(len(PROMPTS))]
 
 
 def test_adapter_rows_known_on_the_device_only_get_the_same_portable_delta_as_runs_of_rows():

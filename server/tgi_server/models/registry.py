@@ -127,8 +127,7 @@ def load_model(
         fill_random_weights(model, seed=tp.rank)
     elif not is_fallback:
         source = open_weights(model_path, config, dtype)
-        progress = LoadProgress(source, getattr(source, "num_tensors", None),
-                                f"rank {tp.rank}: loading weights" if tp.world_size > 1 else "loading weights")
+        progress = LoadProgress(source, f"rank {tp.rank}: loading weights" if tp.world_size > 1 else "loading weights")
         model.load_weights(progress)
         progress.done()
     if found is not None and not found.checkpoint:
