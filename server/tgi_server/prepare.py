@@ -14,7 +14,8 @@ else in a cache directory that links the other files. Shared tensors (tied embed
 the dropped names recorded in the safetensors metadata.
 
 Failures the user can fix (a missing model, revision or cache entry) raise `PrepareError`, whose
-message is one line. Progress goes to stdout as plain lines; `tgi_server prepare` prints its JSON last.
+message is one line. Progress goes to stdout as plain lines (downloads' too: `hub_progress`);
+`tgi_server prepare` prints its JSON last.
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def prepare_adapter(adapter_id: str, revision: str | None = None, cache_dir: str
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
+        from tgi_server.hub_progress import download_progress
+
         _report(f"Fetching adapter {adapter_id} (revision {revision or 'main'}) from the Hub or its cache")
         try:
-            path = Path(snapshot_download(adapter_id, revision=revision, cache_dir=cache_dir,
-                                          allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
+            with download_progress(adapter_id) as progress:
+                path = Path(snapshot_download(adapter_id, revision=revision, cache_dir=cache_dir, tqdm_class=progress,
+                                              allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
         except (OSError, ValueError) as error:
             raise PrepareError(_hub_error_message(error, adapter_id, revision, cache_dir)) from error
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -130,13 +134,17 @@ def _download(model_id: str, revision: str | None, cache_dir: str | None) -> Pat
     there are no safetensors (a second call, which only fetches what the first did not)."""
     from huggingface_hub import snapshot_download
 
+    from tgi_server.hub_progress import download_progress
+
     _report(f"Fetching {model_id} (revision {revision or 'main'}) from the Hub or its cache")
     try:
-        local = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+        with download_progress(model_id) as progress:
+            local = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir,
+                                           allow_patterns=HUB_PATTERNS, tqdm_class=progress))
         if not _safetensors_files(local):
-            local = Path(snapshot_download(
-                model_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS + BIN_PATTERNS
-            ))
+            with download_progress(model_id) as progress:
+                local = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir,
+                                               allow_patterns=HUB_PATTERNS + BIN_PATTERNS, tqdm_class=progress))
     except (OSError, ValueError) as error:  # what huggingface_hub raises, HTTP errors included
         raise PrepareError(_hub_error_message(error, model_id, revision, cache_dir)) from error
     return local

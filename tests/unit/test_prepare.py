@@ -338,3 +338,39 @@ def test_launcher_reports_a_missing_model_in_one_line_without_traceback(tmp_path
         "Could not prepare org/missing: model org/missing not found on the Hub (a private or gated model needs HF_TOKEN)"
     )
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_hub_download_progress_is_printed_as_plain_lines_once_per_file_set(tmp_path, hub):
+    """huggingface_hub's bars (files fetched, bytes written) become lines on stdout, which the launcher
+    forwards; a second prepare finds everything cached and prints no byte counts."""
+    weights = os.urandom(3_000_000)
+    hub.add("org/tiny", {"config.json": b"{}", "tokenizer.json": b"{}", "model.safetensors": weights})
+    env = hub_env(tmp_path, hub.url)
+    del env["HF_HUB_DISABLE_PROGRESS_BARS"]
+    result = run_prepare(env, "org/tiny")
+    prepared_paths(result)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("Downloading org/tiny: ")]
+    assert "Downloading org/tiny: 3 of 3 files done" in lines
+    size = len(weights) + 4
+    assert any(line.startswith(f"Downloading org/tiny: {size / 1e6:.1f} MB of {size / 1e6:.1f} MB (100%) in ")
+               for line in lines), lines
+    again = run_prepare(env, "org/tiny")
+    assert " MB" not in again.stdout and "3 of 3 files done" in again.stdout
+    silenced = run_prepare({**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, "org/tiny")
+    assert "Downloading" not in silenced.stdout
+
+
+def test_launcher_json_output_carries_download_progress_as_prepare_records(tmp_path, hub):
+    hub.add("org/mqa", {"config.json": b'{"num_key_value_heads": 1}', "tokenizer.json": b"{}",
+                         "model.safetensors": os.urandom(100_000)})
+    env = hub_env(tmp_path, hub.url, CUDA_VISIBLE_DEVICES="")
+    del env["HF_HUB_DISABLE_PROGRESS_BARS"]
+    result = subprocess.run([sys.executable, "-m", "tgi_launcher", "--model-id", "org/mqa", "--num-shard", "2",
+                             "--json-output"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # fails on any non-JSON line
+    progress = [(record["target"], record["level"], record["message"]) for record in records
+                if record["message"].startswith("Downloading org/mqa: ")]
+    assert progress[0] == ("prepare", "INFO", "Downloading org/mqa: 3 of 3 files done")
+    assert progress[1][2].startswith("Downloading org/mqa: 100.0 kB of 100.0 kB (100%) in ") and len(progress) == 2
+    assert records[-1]["level"] == "ERROR" and "num_key_value_heads is 1" in records[-1]["message"]
