@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from tgi_launcher import shards
+from tgi_launcher import nodes, shards
 from tgi_launcher.config import DEFAULT_SHARD_UDS_PATH, QUANTIZATIONS, TGI_QUANTIZE, ConfigError, LauncherConfig, resolve_config
 from tgi_launcher.environment import environment_report
 from tgi_launcher.logs import LAUNCHER_TARGET, json_line, setup_logging
@@ -73,6 +73,10 @@ def launch(
     hostname: str = _passed(RouterSettings, "hostname", "HOSTNAME"),
     port: int = _passed(RouterSettings, "port", "PORT", "--port", "-p"),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),
+    nnodes: int = _passed(ShardSettings, "nnodes", "NNODES"),
+    node_rank: int = typer.Option(0, envvar="NODE_RANK", help="This node's rank among --nnodes: node 0 runs the router and listens for the other nodes' launchers on --master-port + 1."),
+    shard_listen_addr: Optional[str] = typer.Option(None, envvar="SHARD_LISTEN_ADDR", help="Nodes 1 and up: where this node's shards serve gRPC for node 0's router, HOST or HOST:PORT (PORT plus the shard's rank on the node; default 0.0.0.0 and any free port)."),
+    shard_secret: Optional[str] = typer.Option(None, envvar="SHARD_SECRET", help="Shared by the router and every shard (required with --nnodes > 1, the same on every node): a shard refuses calls without it, and a node's launcher joins node 0's only with it."),
     master_addr: str = _passed(ShardSettings, "master_addr", "MASTER_ADDR"),
     master_port: Optional[int] = typer.Option(None, envvar="MASTER_PORT", help="torch.distributed rendezvous port (default: 29500, or a free port with several shards)."),
     huggingface_hub_cache: Optional[str] = typer.Option(None, envvar="HUGGINGFACE_HUB_CACHE", help="Hub cache directory for downloads and the shards (default: huggingface_hub's, HF_HOME/hub)."),
@@ -157,11 +161,48 @@ def run(config: LauncherConfig) -> int:
 
 
 def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
-    """Prepare, shards, router, then wait; everything is stopped and the sockets removed on return."""
-    port_problem = _port_problem(config.router.hostname, config.router.port)
-    if port_problem is not None:  # found now, not after minutes of loading and warming up
-        log.error("Cannot serve on %s:%d: %s; choose another --port", config.router.hostname, config.router.port, port_problem)
+    """Prepare, shards, router (on node 0), then wait; everything is stopped and the sockets removed on
+    return. With several nodes, node 0's launcher first listens for the others', which join it (`nodes`),
+    and the one that stops tells the others why."""
+    if config.node_rank == 0:
+        port_problem = _port_problem(config.router.hostname, config.router.port)
+        if port_problem is not None:  # found now, not after minutes of loading and warming up
+            log.error("Cannot serve on %s:%d: %s; choose another --port", config.router.hostname, config.router.port,
+                      port_problem)
+            return 1
+    try:
+        link = _link_nodes(config, supervisor)
+    except (nodes.NodeError, OSError) as error:
+        log.error("Node %d cannot join the deployment: %s", config.node_rank, error)
         return 1
+    code, outcome = 1, "failed"
+    try:
+        code, outcome = _serve_node(config, supervisor, link)
+        return code
+    finally:
+        if link is not None:
+            link.close(outcome, is_failure=code != 0)
+
+
+def _link_nodes(config: LauncherConfig, supervisor: shards.Supervisor):
+    """None on a single node; else node 0's hub that the others join, or node k's link to node 0, either
+    watched by `supervisor` like a child (a node gone fails the deployment)."""
+    if not config.is_multi_node:
+        return None
+    port = nodes.link_port(config.shard.master_port)
+    if config.node_rank == 0:
+        hub = nodes.NodeHub(config.shard.nnodes, config.shard.shard_secret, port).start()
+        supervisor.watch(lambda: hub.peers)
+        return hub
+    link = nodes.join(config.shard.master_addr, port, config.node_rank, config.shard.shard_secret,
+                      config.shard_ready_timeout, supervisor.pause)
+    supervisor.watch(lambda: [link])
+    return link
+
+
+def _serve_node(config: LauncherConfig, supervisor: shards.Supervisor, link) -> tuple[int, str]:
+    """Prepares the model (and draft model, adapters), then runs this node's children; returns the exit
+    code and what happened, for the other nodes."""
     prepared = _prepare(config.prepare, supervisor)
     draft = _prepare(config.prepare_draft, supervisor) if prepared is not None and config.prepare_draft else None
     adapters = []
@@ -169,42 +210,60 @@ def serve(config: LauncherConfig, supervisor: shards.Supervisor) -> int:
         answer = _run_prepare(settings, supervisor)
         adapters.append(f"{name}={answer['adapter_path']}" if answer else None)
     if prepared is None or config.prepare_draft is not None and draft is None or None in adapters:
-        return 0 if supervisor.is_stop_requested else 1
+        return (0, "stopped on request") if supervisor.is_stop_requested else (1, "could not prepare the model")
     model_path, tokenizer_path = prepared
     shard = dataclasses.replace(config.shard, lora_adapters=tuple(adapters))
     if draft is not None:
         shard = dataclasses.replace(shard, speculative_model=draft[0])
-    config = dataclasses.replace(config, shard=shard)
-    shards.remove_files(config.socket_paths)  # a stale socket would look like a ready shard
+    return _run_children(dataclasses.replace(config, shard=shard), supervisor, link, model_path, tokenizer_path)
+
+
+def _run_children(config: LauncherConfig, supervisor: shards.Supervisor, link, model_path: str,
+                  tokenizer_path: str) -> tuple[int, str]:
+    """Starts this node's shards, then the router (node 0) or the shards' report to node 0 (node k), and
+    waits for a failure or a stop."""
+    shards.remove_files(config.ready_paths)  # a stale socket would look like a ready shard
     router = failed = None
+    targets: tuple[str, ...] = ()  # the router's shard addresses, when some are on other nodes
     try:
-        log.info("Starting %d shard(s)", config.num_shard)
+        log.info("Starting %d shard(s)%s", len(config.local_ranks), f" (ranks {config.local_ranks.start} to "
+                 f"{config.local_ranks.stop - 1} of {config.num_shard})" if config.is_multi_node else "")
         shard_children = [
             supervisor.start(f"shard {rank}", shard_argv(config, model_path, rank), shard_env(config, rank))
-            for rank in range(config.num_shard)
+            for rank in config.local_ranks
         ]
-        supervisor.wait_until_ready(dict(zip(shard_children, config.socket_paths)), config.shard_ready_timeout)
+        supervisor.wait_until_ready(dict(zip(shard_children, config.ready_paths)), config.shard_ready_timeout)
+        if isinstance(link, nodes.NodeHub):
+            remote = supervisor.wait_for(link.shard_targets, config.shard_ready_timeout, lambda: ", ".join(link.missing()))
+            targets = () if remote is None else (*(f"unix:{path}" for path in config.ready_paths), *remote)
+        elif link is not None:
+            nodes.report_shards(link, [open(path).read() for path in config.ready_paths])
         if supervisor.is_stop_requested:
-            return 0
-        log.info("Starting the router on %s:%d", config.router.hostname, config.router.port)
-        router = supervisor.start("router", router_argv(config, tokenizer_path), router_env(config))
+            return 0, "stopped on request"
+        if config.node_rank == 0:
+            log.info("Starting the router on %s:%d", config.router.hostname, config.router.port)
+            router = supervisor.start("router", router_argv(config, tokenizer_path, targets), router_env(config))
         failed = supervisor.wait()
+        if failed is not None and getattr(failed, "is_clean_stop", False):
+            log.info("%s %s; shutting down", failed.name.capitalize(), failed.failure())
+            failed = None
+            return 0, "stopped with the others"
         if failed is not None:
             log.error("%s %s; shutting down", failed.name.capitalize(), failed.failure())
-            return 1
+            return 1, f"stopped: {failed.name} {failed.failure()}"
         log.info("Stop requested; shutting down")
-        return 0
+        return 0, "stopped on request"
     except shards.StartupError as error:
         failed = supervisor.first_failed()
         log.error("%s; shutting down", error)
-        return 1
+        return 1, f"stopped: {error}"
     finally:
         # On a requested stop the router goes first; after a failure everything stops at once, soon.
         if failed is not None:
             supervisor.abort(failed)
         else:
             supervisor.shutdown(first=router if supervisor.is_stop_requested else None)
-        shards.remove_files(config.socket_paths)
+        shards.remove_files(config.ready_paths)
 
 
 def _port_problem(hostname: str, port: int) -> str | None:

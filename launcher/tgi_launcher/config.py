@@ -82,20 +82,39 @@ class LauncherConfig:
     graceful_termination_timeout: float = 90.0
     # The launcher's log lines, and the child output it forwards, as one JSON object per line.
     json_output: bool = False
+    # This launcher's node among `shard.nnodes`: node 0 runs the router, every node its share of the shards.
+    node_rank: int = 0
 
     def __post_init__(self):
         if self.shard_ready_timeout <= 0:
             raise ConfigError(f"`shard_ready_timeout` must be > 0, got {self.shard_ready_timeout}")
         if self.graceful_termination_timeout < 0:
             raise ConfigError(f"`graceful_termination_timeout` must be >= 0, got {self.graceful_termination_timeout}")
+        if not 0 <= self.node_rank < self.shard.nnodes:
+            raise ConfigError(f"`node_rank` must be in 0..{self.shard.nnodes - 1} (`nnodes` {self.shard.nnodes}), "
+                              f"got {self.node_rank}")
+        if self.node_rank == 0 and self.shard.shard_listen_addr is not None:
+            raise ConfigError("`shard_listen_addr` is for nodes 1 and up: node 0's shards serve the router beside "
+                              "them on Unix sockets")
 
     @property
     def num_shard(self) -> int:
         return self.shard.num_shard
 
     @property
-    def socket_paths(self) -> list[str]:
-        return self.shard.socket_paths
+    def is_multi_node(self) -> bool:
+        return self.shard.nnodes > 1
+
+    @property
+    def local_ranks(self) -> range:
+        """The ranks of the shards this launcher runs."""
+        per_node = self.shard.num_local_shards
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+    @property
+    def ready_paths(self) -> list[str]:
+        """What each local shard creates once it serves (`ShardSettings.ready_paths`), in `local_ranks` order."""
+        return [self.shard.ready_paths[rank] for rank in self.local_ranks]
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -150,15 +169,25 @@ def resolve_config(
     if max_input_tokens is not None and max_input_length is not None:
         raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
     model_id = model_id if model_id is not None else default_model_id()
-    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard)
+    nnodes = settings.get("nnodes") or 1
+    if nnodes > 1 and not settings.get("shard_secret"):
+        raise ConfigError("`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET, the same on every "
+                          "node): shards serve other nodes over TCP, and only callers holding it may use them")
+    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, nnodes)
     num_gpus = num_visible_gpus()
-    if 0 < num_gpus < num_shard:  # on CPU (no GPU visible) any number of shards share the cores
-        raise ConfigError(f"`num_shard` is {num_shard} but only {num_gpus} CUDA device(s) are visible: each shard needs its own GPU")
+    if 0 < num_gpus < num_shard // nnodes:  # on CPU (no GPU visible) any number of shards share the cores
+        per_node = f" ({num_shard // nnodes} per node)" if nnodes > 1 else ""
+        raise ConfigError(f"`num_shard` is {num_shard}{per_node} but only {num_gpus} CUDA device(s) are visible: each "
+                          "shard needs its own GPU")
+    if nnodes > 1 and settings.get("node_rank") and settings.get("shard_listen_addr") is None:
+        settings["shard_listen_addr"] = "0.0.0.0"  # the router, on node 0, reaches this node's shards over TCP
     settings.update(
         num_shard=num_shard,
         max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,
         shard_uds_path=shard_uds_path if shard_uds_path is not None else f"{DEFAULT_SHARD_UDS_PATH}-{os.getpid()}",
-        master_port=master_port if master_port is not None else free_port() if num_shard > 1 else DEFAULT_MASTER_PORT,
+        # Every node must agree on the rendezvous port: a free one is picked only for a single node.
+        master_port=master_port if master_port is not None else free_port() if 1 < num_shard == num_shard // nnodes
+        else DEFAULT_MASTER_PORT,
     )
     if isinstance(cuda_graphs, str):
         settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
@@ -255,17 +284,17 @@ def parse_bool(name: str, value: bool | str | None) -> bool | None:
     raise ConfigError(f"`{name}` must be true or false, got {value!r}")
 
 
-def resolve_num_shard(sharded: bool | None, num_shard: int | None) -> int:
+def resolve_num_shard(sharded: bool | None, num_shard: int | None, nnodes: int = 1) -> int:
     """TGI's rule: `num_shard` if given, else the visible GPUs (1 without any; 1 when `sharded` is
-    false). Contradictions fail: `sharded` true with one shard or one visible GPU, and (stricter than
-    TGI, which starts `num_shard` shards) `sharded` false with several shards."""
+    false), times `nnodes` (every node alike). Contradictions fail: `sharded` true with one shard or one
+    visible GPU, and (stricter than TGI, which starts `num_shard` shards) `sharded` false with several shards."""
     if num_shard is None:
         if sharded is False:
             return 1
         num_gpus = num_visible_gpus()
-        if sharded and num_gpus <= 1:
+        if sharded and num_gpus * nnodes <= 1:
             raise ConfigError(f"`sharded` is true but only {num_gpus} CUDA device(s) are visible; set `num_shard`")
-        return max(num_gpus, 1)
+        return max(num_gpus, 1) * nnodes
     if sharded is True and num_shard <= 1:
         raise ConfigError(f"`sharded` is true but `num_shard` is {num_shard}")
     if sharded is False and num_shard > 1:

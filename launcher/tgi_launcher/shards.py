@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO
+from collections.abc import Callable
+from typing import IO, TypeVar
 
 from tgi_launcher.config import LauncherConfig
 from tgi_launcher.logs import child_line
-from tgi_proto.settings import PrepareSettings, to_argv
+from tgi_proto.settings import PrepareSettings, env_of, to_argv
 
 log = logging.getLogger("tgi_launcher")
+T = TypeVar("T")
 
 # Seconds a child gets to exit after SIGTERM before SIGKILL (the launcher passes its own,
 # --graceful-termination-timeout); the router drains in-flight requests for a little less.
@@ -73,13 +75,15 @@ def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
 
 
 def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    """The variables torch.distributed reads, and the hub cache if set, on top of the launcher's environment."""
+    """The variables torch.distributed reads, the shard secret (kept out of argv, which `ps` shows) and the
+    hub cache if set, on top of the launcher's environment."""
     env = {
         "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
+        "LOCAL_RANK": str(rank % config.shard.num_local_shards),
         "WORLD_SIZE": str(config.num_shard),
         "MASTER_ADDR": config.shard.master_addr,
         "MASTER_PORT": str(config.shard.master_port),
+        **env_of(config.shard),
     }
     if config.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
@@ -217,6 +221,16 @@ class Supervisor:
         self.grace = grace
         self.json_output = json_output
         self._stop_requested = threading.Event()
+        # Functions giving more things to watch like children (`name`, `failure()`): other nodes' launchers.
+        self._watched: list[Callable[[], list]] = []
+
+    def watch(self, source: Callable[[], list]) -> None:
+        """Makes whatever `source()` returns (then and later) count as children in `first_failed`."""
+        self._watched.append(source)
+
+    def pause(self, seconds: float) -> bool:
+        """Sleeps up to `seconds`; True (at once) when a stop was requested."""
+        return self._stop_requested.wait(seconds)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child.start(name, argv, env, json_output=self.json_output)
@@ -271,9 +285,26 @@ class Supervisor:
                 next_report = now + WAITING_LOG_SECONDS
             self._stop_requested.wait(POLL_SECONDS)
 
+    def wait_for(self, get: Callable[[], T | None], timeout: float, missing: Callable[[], str]) -> T | None:
+        """Polls `get()` until it gives something, which it returns; None once a stop is requested.
+        StartupError if a child fails first, or after `timeout` seconds (naming `missing()`)."""
+        started = time.monotonic()
+        while not self.is_stop_requested:
+            value = get()
+            if value is not None:
+                return value
+            dead = self.first_failed()
+            if dead is not None:
+                raise StartupError(f"{dead.name.capitalize()} {dead.failure()}")
+            if time.monotonic() - started > timeout:
+                raise StartupError(f"{missing()} not ready after {timeout:g} s")
+            self._stop_requested.wait(POLL_SECONDS)
+        return None
+
     def first_failed(self) -> Child | None:
-        """The first child that exited or hangs (see `Child.failure`), if any."""
-        return next((child for child in self.children if child.failure() is not None), None)
+        """The first child (or watched thing) that exited or hangs (see `Child.failure`), if any."""
+        watched = [item for source in self._watched for item in source()]
+        return next((child for child in [*self.children, *watched] if child.failure() is not None), None)
 
     def wait(self) -> Child | None:
         """Blocks until a child fails (returns it; `failure()` says how) or a stop is requested

@@ -98,13 +98,22 @@ class PrepareSettings:
 
 @dataclass(frozen=True)
 class ShardSettings:
-    """`tgi_server serve`: load the model and serve one shard's gRPC API on `{shard_uds_path}-{rank}`."""
+    """`tgi_server serve`: load the model and serve one shard's gRPC API on `{shard_uds_path}-{rank}`
+    (or on TCP, `shard_listen_addr`, writing the address it serves on to `{shard_uds_path}-{rank}.address`)."""
 
     model_path: str = setting("", "Local model directory or .gguf file (from `tgi_server prepare`).",
                               is_positional=True, is_required=True)
     rank: int = setting(0, "This shard's rank in the tensor-parallel group.", minimum=0)
-    num_shard: int = setting(1, "Number of shards (the tensor-parallel degree).", minimum=1)
+    num_shard: int = setting(1, "Number of shards (the tensor-parallel degree), over all nodes.", minimum=1)
+    nnodes: int = setting(1, "Nodes (hosts) the shards are spread over, num_shard / nnodes on each: ranks "
+                          "[k * per node, (k + 1) * per node) run on node k.", minimum=1)
     shard_uds_path: str = setting(DEFAULT_SHARD_UDS_PATH, "Socket path prefix; shard r binds {path}-{r}.")
+    shard_listen_addr: str | None = setting(
+        None, "Serve gRPC on TCP instead of the Unix socket, at HOST or HOST:PORT (PORT plus the shard's rank on its "
+        "node; none or 0: any free port): what a router on another node reaches. Needs the shard secret.")
+    shard_secret: str | None = setting(
+        None, "Calls without `authorization: Bearer <secret>` in their metadata are refused (UNAUTHENTICATED).",
+        env="SHARD_SECRET", is_secret=True)
     master_addr: str = setting("localhost", "torch.distributed rendezvous address.")
     master_port: int = setting(DEFAULT_MASTER_PORT, "torch.distributed rendezvous port.", minimum=0)
     dtype: str | None = setting(None, "float16, bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU).",
@@ -162,6 +171,14 @@ class ShardSettings:
             raise SettingsError(f"`cuda_graphs` sizes must be >= 1, got {self.cuda_graphs}")
         if self.master_port > 65535:
             raise SettingsError(f"`master_port` must be in 0..65535, got {self.master_port}")
+        if self.num_shard % self.nnodes:
+            raise SettingsError(f"`num_shard` must be a multiple of `nnodes` (the same number of shards on every "
+                                f"node), got {self.num_shard} and {self.nnodes}")
+        if self.shard_listen_addr is not None:
+            split_host_port(self.shard_listen_addr, "shard_listen_addr")
+            if not self.shard_secret:
+                raise SettingsError("`shard_listen_addr` needs a shard secret (SHARD_SECRET): a shard's TCP port "
+                                    "must not run steps for anyone who reaches it")
         if len(self.socket_paths[-1].encode()) > MAX_SOCKET_PATH_BYTES:
             raise SettingsError(
                 f"`shard_uds_path` is too long for a Unix socket ({self.socket_paths[-1]!r} is over "
@@ -172,6 +189,22 @@ class ShardSettings:
     def socket_paths(self) -> list[str]:
         """The Unix socket each shard binds once its model is loaded: `{shard_uds_path}-{rank}`."""
         return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
+
+    @property
+    def num_local_shards(self) -> int:
+        return self.num_shard // self.nnodes
+
+    @property
+    def local_rank(self) -> int:
+        """This shard's rank on its node: its GPU's index."""
+        return self.rank % self.num_local_shards
+
+    @property
+    def ready_paths(self) -> list[str]:
+        """What each shard creates once it serves, the launcher's sign that it is ready: its Unix socket,
+        or with `shard_listen_addr` a file holding the HOST:PORT it serves on."""
+        suffix = ".address" if self.shard_listen_addr is not None else ""
+        return [path + suffix for path in self.socket_paths]
 
 
 @dataclass(frozen=True)
@@ -185,6 +218,11 @@ class RouterSettings:
     model_id: str = setting("", "Model name shown by /info, /v1/models and OpenAI responses.")
     shard_uds_path: str = setting(DEFAULT_SHARD_UDS_PATH, "Shard socket prefix; shard r listens on {path}-{r}.")
     num_shard: int = setting(1, "Number of shards.", minimum=1)
+    shard_addresses: tuple[str, ...] = setting(
+        (), "The gRPC address of every shard in rank order, comma-separated: unix:PATH or HOST:PORT (default: the "
+        "Unix sockets {shard_uds_path}-{r}).")
+    shard_secret: str | None = setting(None, "Sent to the shards as `authorization: Bearer <secret>` on every call.",
+                                       env="SHARD_SECRET", is_secret=True)
     hostname: str = setting("0.0.0.0", "Address the HTTP server binds.")
     port: int = setting(3000, "HTTP port.", minimum=0)
     max_concurrent_requests: int = setting(128, "Requests in flight before new ones get 429.", minimum=1)
@@ -236,16 +274,36 @@ class RouterSettings:
         check_fields(self)
         if self.port > 65535:
             raise SettingsError(f"`port` must be in 0..65535, got {self.port}")
+        if self.shard_addresses and len(self.shard_addresses) != self.num_shard:
+            raise SettingsError(f"`shard_addresses` must name {self.num_shard} shards (`num_shard`), got "
+                                f"{len(self.shard_addresses)}")
         _check_below("max_input_tokens", self.max_input_tokens, "max_total_tokens", self.max_total_tokens, strict=True)
         _check_below("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
         _check_below("max_batch_prefill_tokens", self.max_batch_prefill_tokens,
                      "max_batch_total_tokens", self.max_batch_total_tokens)
 
     @property
+    def shard_targets(self) -> list[str]:
+        """The gRPC target of each shard, in rank order."""
+        if self.shard_addresses:
+            return list(self.shard_addresses)
+        return [f"unix:{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
+
+    @property
     def is_waiting_tuned(self) -> bool:
         """Whether TGI's batching knobs, which chunked prefill makes meaningless, were changed."""
         return (self.waiting_served_ratio, self.max_waiting_tokens) != (default_of(RouterSettings, "waiting_served_ratio"),
                                                                         default_of(RouterSettings, "max_waiting_tokens"))
+
+
+def split_host_port(address: str, name: str) -> tuple[str, int]:
+    """`HOST[:PORT]` (a bracketed IPv6 host too) as (host, port); no port is 0."""
+    host, separator, port = address.rpartition(":") if not address.endswith("]") else (address, "", "")
+    if not separator or "]" in port or (":" in host and not host.startswith("[")):
+        host, port = address, "0"  # no port (or a bare IPv6 address)
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"`{name}` must be HOST or HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def _check_below(small_name: str, small: int | None, large_name: str, large: int | None, strict: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from tgi_router.engine import Engine
 from tgi_router.grammar import Grammars
 from tgi_router.metrics import Metrics
 from tgi_router.scheduler import Scheduler, SchedulerConfig
-from tgi_router.shard_client import ShardClient
+from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
 from tgi_router.validation import ValidationConfig
 
@@ -38,10 +39,14 @@ def serve(settings: RouterSettings) -> None:
     """Serve the HTTP API in front of running shards."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     # handler_cancellation: a client that disconnects cancels its handler, which frees its request.
-    web.run_app(
-        _start(settings), host=settings.hostname, port=settings.port, print=None, access_log=None,
-        handler_cancellation=True,
-    )
+    try:
+        web.run_app(
+            _start(settings), host=settings.hostname, port=settings.port, print=None, access_log=None,
+            handler_cancellation=True,
+        )
+    except ShardError as error:  # before serving: shards unreachable, or refusing this router (its secret)
+        log.error("cannot start: %s", error)
+        sys.exit(1)
 
 
 async def _start(settings: RouterSettings) -> web.Application:
@@ -52,7 +57,7 @@ async def _start(settings: RouterSettings) -> web.Application:
     if settings.is_waiting_tuned:
         log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
     tokenizer = Tokenizer.from_dir(settings.tokenizer_path)
-    shards = ShardClient(settings.shard_uds_path, settings.num_shard)
+    shards = ShardClient(settings.shard_targets, settings.shard_secret)
     shard_info = await shards.info()
     await shards.clear_cache()
     limits = await _warmup(settings, shards, shard_info, tokenizer)

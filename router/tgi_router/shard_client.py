@@ -27,10 +27,13 @@ class ShardError(Exception):
 
 
 class ShardClient:
-    def __init__(self, uds_path: str, num_shards: int):
-        self.socket_paths = [f"{uds_path}-{rank}" for rank in range(num_shards)]
-        self._channels = [grpc.aio.insecure_channel(f"unix://{p}", options=_CHANNEL_OPTIONS) for p in self.socket_paths]
+    def __init__(self, targets: list[str], secret: str | None = None):
+        """`targets`: each shard's gRPC address in rank order (`unix:PATH`, `HOST:PORT`); `secret`: sent
+        as `authorization: Bearer <secret>` on every call (shards serving on TCP refuse calls without it)."""
+        self.targets = targets
+        self._channels = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for target in targets]
         self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
+        self._metadata = (("authorization", f"Bearer {secret}"),) if secret else ()
 
     async def info(self) -> pb.InfoResponse:
         return (await self._all("Info", pb.InfoRequest()))[0]
@@ -46,7 +49,8 @@ class ShardClient:
         with the shard's reason (e.g. an adapter that does not fit), after which no shard keeps it."""
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, name=name, path=path)
         # Not _all: every shard finishes reading (none is cancelled half-way) before the clean-up.
-        results = await asyncio.gather(*(stub.LoadAdapter(request) for stub in self._stubs), return_exceptions=True)
+        results = await asyncio.gather(*(stub.LoadAdapter(request, metadata=self._metadata) for stub in self._stubs),
+                                       return_exceptions=True)
         errors = [error for error in results if isinstance(error, BaseException)]
         if errors:
             await self.unload_adapter(adapter_id)
@@ -84,8 +88,8 @@ class ShardClient:
 
     def _start(self, method: str, request, metadata: list[tuple[str, str]] | None = None) -> list:
         """Starts the call on every rank (grpc.aio sends it on the event loop's next turn)."""
-        extra = {"metadata": metadata} if metadata else {}
-        return [asyncio.ensure_future(getattr(stub, method)(request, **extra)) for stub in self._stubs]
+        metadata = (*self._metadata, *(metadata or ()))
+        return [asyncio.ensure_future(getattr(stub, method)(request, metadata=metadata)) for stub in self._stubs]
 
     async def _gather(self, method: str, calls: list):
         try:

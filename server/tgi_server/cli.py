@@ -1,11 +1,14 @@
 """`text-generation-server`: `prepare` resolves a model to local files; `serve` runs one shard.
 
 A shard binds its Unix socket `{shard_uds_path}-{rank}` only after its model is loaded: the launcher reads
-the socket's existence as readiness.
+the socket's existence as readiness. A shard serving on TCP (`shard_listen_addr`, for a router on another
+node) writes the HOST:PORT it serves on to `{shard_uds_path}-{rank}.address` instead, and refuses every
+call without the shard secret.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -14,7 +17,7 @@ import sys
 import threading
 from concurrent import futures
 
-from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, PrepareSettings, ShardSettings, parse_argv
+from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES, PrepareSettings, ShardSettings, parse_argv, split_host_port
 from tgi_proto.tracing import shard_service_name, start_tracing, stop_tracing
 
 log = logging.getLogger("tgi_server")
@@ -90,7 +93,7 @@ def _build_server(settings: ShardSettings):
 
     rank, world_size = settings.rank, settings.num_shard
     if torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", settings.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -100,7 +103,7 @@ def _build_server(settings: ShardSettings):
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tp = init_distributed(
         rank, world_size, settings.master_addr, settings.master_port, device, torch_dtype,
-        custom_all_reduce=not settings.disable_custom_all_reduce,
+        custom_all_reduce=not settings.disable_custom_all_reduce and settings.nnodes == 1,  # peer memory is one host's
     )
     backend = "portable" if settings.disable_custom_kernels else None
     model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend,
@@ -135,19 +138,59 @@ def _build_server(settings: ShardSettings):
         lora_adapters=[spec.partition("=")[0] for spec in settings.lora_adapters],
         max_loras=adapters.num_slots if adapters is not None else 0,
     )
-    server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS))
+    interceptors = [secret_check(settings.shard_secret)] if settings.shard_secret else []
+    server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS), interceptors=interceptors)
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters)
     if settings.otlp_endpoint:
         service.tracer = start_tracing(settings.otlp_endpoint, shard_service_name(settings.otlp_service_name))
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
-    socket_path = settings.socket_paths[rank]
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    server.add_insecure_port(f"unix://{socket_path}")
-    server.start()
-    log.info("serving %s on %s (%s, %s, KV cache %s)", settings.model_path, socket_path, device, torch_dtype,
+    address = _listen(server, settings)
+    log.info("serving %s on %s (%s, %s, KV cache %s)", settings.model_path, address, device, torch_dtype,
              runner.kv_cache_dtype)
     return server
+
+
+def _listen(server, settings: ShardSettings) -> str:
+    """Binds the shard's Unix socket, or its TCP port (then writes HOST:PORT to its `.address` file, atomically,
+    once serving); starts the server; returns where it serves."""
+    socket_path = settings.socket_paths[settings.rank]
+    if settings.shard_listen_addr is None:
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        server.add_insecure_port(f"unix://{socket_path}")
+        server.start()
+        return socket_path
+    host, port = split_host_port(settings.shard_listen_addr, "shard_listen_addr")
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    bound = server.add_insecure_port(f"{host}:{port + settings.local_rank if port else 0}")
+    if not bound:
+        raise OSError(f"cannot listen on {settings.shard_listen_addr} (port in use?)")
+    server.start()
+    address = f"{host}:{bound}"
+    ready_path = settings.ready_paths[settings.rank]
+    with open(ready_path + ".tmp", "w") as f:
+        f.write(address)
+    os.replace(ready_path + ".tmp", ready_path)
+    return address
+
+
+def secret_check(secret: str):
+    """A gRPC server interceptor: calls without `authorization: Bearer <secret>` get UNAUTHENTICATED."""
+    import grpc
+
+    expected = f"Bearer {secret}".encode()
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing shard secret")
+
+    refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    class SecretCheck(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            given = dict(details.invocation_metadata).get("authorization", "")
+            return continuation(details) if hmac.compare_digest(given.encode(), expected) else refusal
+
+    return SecretCheck()
 
 
 def _load_adapters(model, settings: ShardSettings):

@@ -52,7 +52,7 @@ def shard(tiny_llama, tmp_path_factory):
 @contextlib.asynccontextmanager
 async def running_engine(uds: str, tokenizer_dir, max_batch_total_tokens: int = 4096, max_batch_size: int = 16,
                          prefix_caching: bool = True):
-    shards = ShardClient(uds, 1)
+    shards = ShardClient([f"unix:{uds}-0"])
     await shards.clear_cache()
     warmed = await shards.warmup(
         pb.WarmupRequest(

@@ -78,9 +78,15 @@ OPTIONS = [
     ("OTLP_ENDPOINT", "--otlp-endpoint", "otlp_endpoint", "http://collector:4317", "http://collector:4317"),
     ("OTLP_SERVICE_NAME", "--otlp-service-name", "otlp_service_name", "svc", "svc"),
     ("MAX_LORA_RANK", "--max-lora-rank", "max_lora_rank", "64", 64),
+    ("NNODES", "--nnodes", "nnodes", "2", 2),
+    ("NODE_RANK", "--node-rank", "node_rank", "1", 1),
+    ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "shard_listen_addr", "10.0.0.2:7000", "10.0.0.2:7000"),
+    ("SHARD_SECRET", "--shard-secret", "shard_secret", "s3cret", "s3cret"),
 ]
 # Environment an option's row needs besides its own variable.
-OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}}
+OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}, "NNODES": {"SHARD_SECRET": "s"},
+              "NODE_RANK": {"NNODES": "2", "SHARD_SECRET": "s"},
+              "SHARD_LISTEN_ADDR": {"NNODES": "2", "NODE_RANK": "1", "SHARD_SECRET": "s"}}
 
 # TGI options that cannot change anything here: accepted, with a warning (None: silently).
 # (env var, flag, raw value or None for a boolean flag, warning)
@@ -108,6 +114,9 @@ REJECTED_OPTIONS = [
     ("VALIDATION_WORKERS", "--validation-workers", "0", "`validation_workers` must be >= 1"),
     ("MAX_CLIENT_BATCH_SIZE", "--max-client-batch-size", "0", "`max_client_batch_size` must be >= 1"),
     ("WAITING_SERVED_RATIO", "--waiting-served-ratio", "-1", "`waiting_served_ratio` must be >= 0"),
+    ("NNODES", "--nnodes", "2", "`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET"),
+    ("NODE_RANK", "--node-rank", "1", "`node_rank` must be in 0..0 (`nnodes` 1), got 1"),
+    ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "0.0.0.0", "`shard_listen_addr` needs a shard secret"),
 ]
 ALL_ENV_VARS = {row[0] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
 
@@ -259,11 +268,40 @@ def test_several_shards_get_a_free_master_port_unless_one_is_given(captured):
     assert config.shard.master_port == 29500
 
 
+def test_each_node_runs_its_share_of_the_ranks_and_nodes_after_the_first_serve_on_tcp(captured, monkeypatch):
+    secret = {"SHARD_SECRET": "s"}
+    _, node0 = captured(["--model-id", "m", "--nnodes", "2", "--num-shard", "4"], env=secret)
+    _, node1 = captured(["--model-id", "m", "--nnodes", "2", "--node-rank", "1", "--num-shard", "4"], env=secret)
+    assert (list(node0.local_ranks), list(node1.local_ranks)) == ([0, 1], [2, 3])
+    assert node0.shard.master_port == node1.shard.master_port == 29500  # both nodes must agree on it
+    assert node0.shard.shard_listen_addr is None and node1.shard.shard_listen_addr == "0.0.0.0"
+    uds = node1.shard.shard_uds_path
+    assert node1.ready_paths == [f"{uds}-2.address", f"{uds}-3.address"]
+    argv, env = shard_argv(node1, "/model", 3), shard_env(node1, 3)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["SHARD_SECRET"]) == ("3", "1", "4", "s")
+    assert "s" not in argv
+    monkeypatch.setenv("SHARD_SECRET", env["SHARD_SECRET"])  # as the shard gets it
+    assert parse_argv(ShardSettings, argv[4:]).local_rank == 1
+    _, by_gpus = captured(["--model-id", "m", "--nnodes", "2"], env={**secret, "CUDA_VISIBLE_DEVICES": "0,1,2"})
+    assert by_gpus.num_shard == 6  # the visible GPUs on every node
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--num-shard", "3"], "`num_shard` must be a multiple of `nnodes`"),
+    (["--nnodes", "2", "--node-rank", "2"], "`node_rank` must be in 0..1"),
+    (["--nnodes", "2", "--shard-listen-addr", "0.0.0.0"], "`shard_listen_addr` is for nodes 1 and up"),
+    (["--nnodes", "2", "--node-rank", "1", "--shard-listen-addr", "host:port"], "`shard_listen_addr` must be HOST or HOST:PORT"),
+])
+def test_inconsistent_multi_node_settings_fail_with_one_line(captured, args, message):
+    result, config = captured(["--model-id", "m", *args], env={"SHARD_SECRET": "s"})
+    assert result.exit_code == 2 and config is None and message in result.output, result.output
+
+
 def test_default_socket_path_is_unique_per_launcher(captured):
     _, config = captured(["--model-id", "m"])
     uds_path = config.shard.shard_uds_path
     assert uds_path.startswith("/tmp/text-generation-server-") and uds_path != "/tmp/text-generation-server"
-    assert config.socket_paths == [uds_path + "-0"]
+    assert config.ready_paths == [uds_path + "-0"]
 
 
 @pytest.mark.parametrize("args, message", [

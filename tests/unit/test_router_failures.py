@@ -121,7 +121,7 @@ class Rank:
         self.behaviour = behaviour
         self.was_cancelled = False
 
-    async def Step(self, request):
+    async def Step(self, request, metadata=()):
         if self.behaviour == "fail":
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="Socket closed")
         try:
@@ -134,7 +134,7 @@ class Rank:
 
 async def test_a_failed_shard_call_fails_at_once_and_cancels_the_ranks_still_waiting():
     client = ShardClient.__new__(ShardClient)
-    client._stubs = [Rank("hang"), Rank("fail"), Rank("answer")]
+    client._stubs, client._metadata = [Rank("hang"), Rank("fail"), Rank("answer")], ()
     with pytest.raises(ShardError, match="Step failed on shard 1: Socket closed"):
         await asyncio.wait_for(client._all("Step", None), 2)
     assert client._stubs[0].was_cancelled
