@@ -73,6 +73,7 @@ def launch(
     hostname: str = _passed(RouterSettings, "hostname", "HOSTNAME"),
     port: int = _passed(RouterSettings, "port", "PORT", "--port", "-p"),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),
+    data_parallel_size: int = _passed(RouterSettings, "data_parallel_size", "DATA_PARALLEL_SIZE"),
     nnodes: int = _passed(ShardSettings, "nnodes", "NNODES"),
     node_rank: int = typer.Option(0, envvar="NODE_RANK", help="This node's rank among --nnodes: node 0 runs the router and listens for the other nodes' launchers on --master-port + 1."),
     shard_listen_addr: Optional[str] = typer.Option(None, envvar="SHARD_LISTEN_ADDR", help="Nodes 1 and up: where this node's shards serve gRPC for node 0's router, HOST or HOST:PORT (PORT plus the shard's rank on the node; default 0.0.0.0 and any free port)."),
@@ -226,11 +227,14 @@ def _run_children(config: LauncherConfig, supervisor: shards.Supervisor, link, m
     router = failed = None
     targets: tuple[str, ...] = ()  # the router's shard addresses, when some are on other nodes
     try:
-        log.info("Starting %d shard(s)%s", len(config.local_ranks), f" (ranks {config.local_ranks.start} to "
-                 f"{config.local_ranks.stop - 1} of {config.num_shard})" if config.is_multi_node else "")
+        log.info("Starting %d shard(s)%s%s", len(config.local_ranks) * config.num_replicas,
+                 f" (ranks {config.local_ranks.start} to {config.local_ranks.stop - 1} of {config.num_shard})"
+                 if config.is_multi_node else "",
+                 f": {config.num_replicas} replicas of {config.num_shard}" if config.num_replicas > 1 else "")
         shard_children = [
-            supervisor.start(f"shard {rank}", shard_argv(config, model_path, rank), shard_env(config, rank))
-            for rank in config.local_ranks
+            supervisor.start(f"replica {replica} shard {rank}" if config.num_replicas > 1 else f"shard {rank}",
+                             shard_argv(config, model_path, rank, replica), shard_env(config, rank, replica))
+            for replica in range(config.num_replicas) for rank in config.local_ranks
         ]
         supervisor.wait_until_ready(dict(zip(shard_children, config.ready_paths)), config.shard_ready_timeout)
         if isinstance(link, nodes.NodeHub):

@@ -32,6 +32,7 @@ from tgi_proto.settings import (
     SettingsError,
     ShardSettings,
     default_of,
+    replica_uds_path,
     split_revision,
 )
 
@@ -84,6 +85,8 @@ class LauncherConfig:
     json_output: bool = False
     # This launcher's node among `shard.nnodes`: node 0 runs the router, every node its share of the shards.
     node_rank: int = 0
+    # The torch.distributed rendezvous port of each data-parallel replica after the first (`shard.master_port`).
+    replica_master_ports: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.shard_ready_timeout <= 0:
@@ -93,6 +96,13 @@ class LauncherConfig:
         if not 0 <= self.node_rank < self.shard.nnodes:
             raise ConfigError(f"`node_rank` must be in 0..{self.shard.nnodes - 1} (`nnodes` {self.shard.nnodes}), "
                               f"got {self.node_rank}")
+        if self.num_replicas > 1 and self.is_multi_node:
+            raise ConfigError("`data_parallel_size` > 1 with `nnodes` > 1 is not supported yet")
+        if self.num_replicas > 1 and (self.shard.lora_adapters or self.shard.max_loras):
+            raise ConfigError("LoRA adapters with `data_parallel_size` > 1 are not supported yet")
+        if len(self.replica_master_ports) != self.num_replicas - 1:
+            raise ConfigError(f"`replica_master_ports` must hold {self.num_replicas - 1} ports, got "
+                              f"{len(self.replica_master_ports)}")
         if self.node_rank == 0 and self.shard.shard_listen_addr is not None:
             raise ConfigError("`shard_listen_addr` is for nodes 1 and up: node 0's shards serve the router beside "
                               "them on Unix sockets")
@@ -106,6 +116,18 @@ class LauncherConfig:
         return self.shard.nnodes > 1
 
     @property
+    def num_replicas(self) -> int:
+        return self.router.data_parallel_size
+
+    def replica_shard(self, replica: int) -> ShardSettings:
+        """The shard settings of data-parallel replica `replica`: its own sockets and rendezvous."""
+        if self.num_replicas == 1:
+            return self.shard
+        master_port = self.shard.master_port if replica == 0 else self.replica_master_ports[replica - 1]
+        return dataclasses.replace(self.shard, master_port=master_port,
+                                   shard_uds_path=replica_uds_path(self.shard.shard_uds_path, replica, self.num_replicas))
+
+    @property
     def local_ranks(self) -> range:
         """The ranks of the shards this launcher runs."""
         per_node = self.shard.num_local_shards
@@ -113,8 +135,10 @@ class LauncherConfig:
 
     @property
     def ready_paths(self) -> list[str]:
-        """What each local shard creates once it serves (`ShardSettings.ready_paths`), in `local_ranks` order."""
-        return [self.shard.ready_paths[rank] for rank in self.local_ranks]
+        """What each local shard creates once it serves (`ShardSettings.ready_paths`), replica after replica,
+        in `local_ranks` order."""
+        return [self.replica_shard(replica).ready_paths[rank] for replica in range(self.num_replicas)
+                for rank in self.local_ranks]
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -169,16 +193,19 @@ def resolve_config(
     if max_input_tokens is not None and max_input_length is not None:
         raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
     model_id = model_id if model_id is not None else default_model_id()
-    nnodes = settings.get("nnodes") or 1
+    nnodes, num_replicas = settings.get("nnodes") or 1, settings.get("data_parallel_size") or 1
     if nnodes > 1 and not settings.get("shard_secret"):
         raise ConfigError("`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET, the same on every "
                           "node): shards serve other nodes over TCP, and only callers holding it may use them")
-    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, nnodes)
+    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, nnodes, num_replicas)
     num_gpus = num_visible_gpus()
-    if 0 < num_gpus < num_shard // nnodes:  # on CPU (no GPU visible) any number of shards share the cores
+    if 0 < num_gpus < num_shard // nnodes * num_replicas:  # on CPU (no GPU visible) any number of shards share the cores
         per_node = f" ({num_shard // nnodes} per node)" if nnodes > 1 else ""
-        raise ConfigError(f"`num_shard` is {num_shard}{per_node} but only {num_gpus} CUDA device(s) are visible: each "
-                          "shard needs its own GPU")
+        replicas = f" times {num_replicas} replicas" if num_replicas > 1 else ""
+        raise ConfigError(f"`num_shard` is {num_shard}{per_node}{replicas} but only {num_gpus} CUDA device(s) are "
+                          "visible: each shard needs its own GPU")
+    if num_replicas > 1:
+        settings["replica_master_ports"] = tuple(free_port() for _ in range(num_replicas - 1))
     if nnodes > 1 and settings.get("node_rank") and settings.get("shard_listen_addr") is None:
         settings["shard_listen_addr"] = "0.0.0.0"  # the router, on node 0, reaches this node's shards over TCP
     settings.update(
@@ -284,17 +311,19 @@ def parse_bool(name: str, value: bool | str | None) -> bool | None:
     raise ConfigError(f"`{name}` must be true or false, got {value!r}")
 
 
-def resolve_num_shard(sharded: bool | None, num_shard: int | None, nnodes: int = 1) -> int:
+def resolve_num_shard(sharded: bool | None, num_shard: int | None, nnodes: int = 1, num_replicas: int = 1) -> int:
     """TGI's rule: `num_shard` if given, else the visible GPUs (1 without any; 1 when `sharded` is
-    false), times `nnodes` (every node alike). Contradictions fail: `sharded` true with one shard or one
-    visible GPU, and (stricter than TGI, which starts `num_shard` shards) `sharded` false with several shards."""
+    false), shared by `num_replicas` data-parallel replicas, times `nnodes` (every node alike).
+    Contradictions fail: `sharded` true with one shard or one visible GPU, and (stricter than TGI, which
+    starts `num_shard` shards) `sharded` false with several shards."""
     if num_shard is None:
         if sharded is False:
             return 1
-        num_gpus = num_visible_gpus()
-        if sharded and num_gpus * nnodes <= 1:
-            raise ConfigError(f"`sharded` is true but only {num_gpus} CUDA device(s) are visible; set `num_shard`")
-        return max(num_gpus, 1) * nnodes
+        per_node = num_visible_gpus() // num_replicas
+        if sharded and per_node * nnodes <= 1:
+            raise ConfigError(f"`sharded` is true but only {per_node} CUDA device(s) are visible per replica; set "
+                              "`num_shard`")
+        return max(per_node, 1) * nnodes
     if sharded is True and num_shard <= 1:
         raise ConfigError(f"`sharded` is true but `num_shard` is {num_shard}")
     if sharded is False and num_shard > 1:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import IO, TypeVar
 
-from tgi_launcher.config import LauncherConfig
+from tgi_launcher.config import LauncherConfig, num_visible_gpus
 from tgi_launcher.logs import child_line
 from tgi_proto.settings import PrepareSettings, env_of, to_argv
 
@@ -68,23 +68,29 @@ def prepare_argv(settings: PrepareSettings) -> list[str]:
     return [sys.executable, "-m", "tgi_server", "prepare", *to_argv(settings)]
 
 
-def shard_argv(config: LauncherConfig, model_path: str, rank: int) -> list[str]:
-    """`tgi_server serve` for one rank; the shard binds `{shard_uds_path}-{rank}` once its model is loaded."""
-    settings = dataclasses.replace(config.shard, model_path=model_path, rank=rank)
+def shard_argv(config: LauncherConfig, model_path: str, rank: int, replica: int = 0) -> list[str]:
+    """`tgi_server serve` for one rank (of data-parallel replica `replica`); the shard binds
+    `{shard_uds_path}-{rank}` once its model is loaded."""
+    settings = dataclasses.replace(config.replica_shard(replica), model_path=model_path, rank=rank)
     return [sys.executable, "-m", "tgi_server", "serve", *to_argv(settings)]
 
 
-def shard_env(config: LauncherConfig, rank: int) -> dict[str, str]:
-    """The variables torch.distributed reads, the shard secret (kept out of argv, which `ps` shows) and the
-    hub cache if set, on top of the launcher's environment."""
+def shard_env(config: LauncherConfig, rank: int, replica: int = 0) -> dict[str, str]:
+    """The variables torch.distributed reads, the shard secret (kept out of argv, which `ps` shows), the
+    replica's GPUs (each replica sees its own) and the hub cache if set, on top of the launcher's environment."""
+    shard = config.replica_shard(replica)
     env = {
         "RANK": str(rank),
-        "LOCAL_RANK": str(rank % config.shard.num_local_shards),
+        "LOCAL_RANK": str(rank % shard.num_local_shards),
         "WORLD_SIZE": str(config.num_shard),
-        "MASTER_ADDR": config.shard.master_addr,
-        "MASTER_PORT": str(config.shard.master_port),
-        **env_of(config.shard),
+        "MASTER_ADDR": shard.master_addr,
+        "MASTER_PORT": str(shard.master_port),
+        **env_of(shard),
     }
+    if config.num_replicas > 1 and num_visible_gpus():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = [gpu.strip() for gpu in visible.split(",")] if visible else [str(i) for i in range(num_visible_gpus())]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[replica * shard.num_shard : (replica + 1) * shard.num_shard])
     if config.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
     return env

@@ -218,9 +218,12 @@ class RouterSettings:
     model_id: str = setting("", "Model name shown by /info, /v1/models and OpenAI responses.")
     shard_uds_path: str = setting(DEFAULT_SHARD_UDS_PATH, "Shard socket prefix; shard r listens on {path}-{r}.")
     num_shard: int = setting(1, "Number of shards.", minimum=1)
+    data_parallel_size: int = setting(
+        1, "Independent replicas of the model (each num_shard shards with its own KV cache) behind this router: a "
+        "request goes to the least loaded, or to one caching a longer prefix of its prompt.", minimum=1)
     shard_addresses: tuple[str, ...] = setting(
-        (), "The gRPC address of every shard in rank order, comma-separated: unix:PATH or HOST:PORT (default: the "
-        "Unix sockets {shard_uds_path}-{r}).")
+        (), "The gRPC address of every shard in rank order, replica after replica, comma-separated: unix:PATH or "
+        "HOST:PORT (default: the Unix sockets {shard_uds_path}-{r}, or {shard_uds_path}-dp{replica}-{r}).")
     shard_secret: str | None = setting(None, "Sent to the shards as `authorization: Bearer <secret>` on every call.",
                                        env="SHARD_SECRET", is_secret=True)
     hostname: str = setting("0.0.0.0", "Address the HTTP server binds.")
@@ -274,26 +277,35 @@ class RouterSettings:
         check_fields(self)
         if self.port > 65535:
             raise SettingsError(f"`port` must be in 0..65535, got {self.port}")
-        if self.shard_addresses and len(self.shard_addresses) != self.num_shard:
-            raise SettingsError(f"`shard_addresses` must name {self.num_shard} shards (`num_shard`), got "
-                                f"{len(self.shard_addresses)}")
+        num_shards = self.num_shard * self.data_parallel_size
+        if self.shard_addresses and len(self.shard_addresses) != num_shards:
+            raise SettingsError(f"`shard_addresses` must name {num_shards} shards (`num_shard` x `data_parallel_size`), "
+                                f"got {len(self.shard_addresses)}")
+
         _check_below("max_input_tokens", self.max_input_tokens, "max_total_tokens", self.max_total_tokens, strict=True)
         _check_below("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
         _check_below("max_batch_prefill_tokens", self.max_batch_prefill_tokens,
                      "max_batch_total_tokens", self.max_batch_total_tokens)
 
     @property
-    def shard_targets(self) -> list[str]:
-        """The gRPC target of each shard, in rank order."""
-        if self.shard_addresses:
-            return list(self.shard_addresses)
-        return [f"unix:{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
+    def shard_targets(self) -> list[list[str]]:
+        """The gRPC target of each shard of each replica, in rank order."""
+        if not self.shard_addresses:
+            return [[f"unix:{replica_uds_path(self.shard_uds_path, replica, self.data_parallel_size)}-{rank}"
+                     for rank in range(self.num_shard)] for replica in range(self.data_parallel_size)]
+        return [list(self.shard_addresses[start : start + self.num_shard])
+                for start in range(0, len(self.shard_addresses), self.num_shard)]
 
     @property
     def is_waiting_tuned(self) -> bool:
         """Whether TGI's batching knobs, which chunked prefill makes meaningless, were changed."""
         return (self.waiting_served_ratio, self.max_waiting_tokens) != (default_of(RouterSettings, "waiting_served_ratio"),
                                                                         default_of(RouterSettings, "max_waiting_tokens"))
+
+
+def replica_uds_path(shard_uds_path: str, replica: int, num_replicas: int) -> str:
+    """The socket prefix of data-parallel replica `replica`'s shards: the prefix itself for a single replica."""
+    return shard_uds_path if num_replicas == 1 else f"{shard_uds_path}-dp{replica}"
 
 
 def split_host_port(address: str, name: str) -> tuple[str, int]:

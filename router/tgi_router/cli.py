@@ -20,6 +20,7 @@ from tgi_router.block_manager import BlockManager
 from tgi_router.engine import Engine
 from tgi_router.grammar import Grammars
 from tgi_router.metrics import Metrics
+from tgi_router.replicas import Replicas
 from tgi_router.scheduler import Scheduler, SchedulerConfig
 from tgi_router.shard_client import ShardClient, ShardError
 from tgi_router.tokenizer import Tokenizer
@@ -57,16 +58,17 @@ async def _start(settings: RouterSettings) -> web.Application:
     if settings.is_waiting_tuned:
         log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
     tokenizer = Tokenizer.from_dir(settings.tokenizer_path)
-    shards = ShardClient(settings.shard_targets, settings.shard_secret)
-    shard_info = await shards.info()
-    await shards.clear_cache()
-    limits = await _warmup(settings, shards, shard_info, tokenizer)
-    blocks = BlockManager(limits.num_blocks, shard_info.block_size)
+    groups = [ShardClient(targets, settings.shard_secret) for targets in settings.shard_targets]
+    shard_info = await groups[0].info()
+    if len(groups) > 1 and shard_info.max_loras:
+        raise ShardError("LoRA adapters with --data-parallel-size > 1 are not supported yet")
+    await asyncio.gather(*(shards.clear_cache() for shards in groups))
+    limits = await _warmup(settings, groups, shard_info, tokenizer)
     adapters = LoraAdapters(tuple(shard_info.lora_adapters), shard_info.max_loras)
-    scheduler = Scheduler(
-        SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
-                        speculate=_speculate(settings, shard_info), draft_model=bool(shard_info.speculative_model)),
-        blocks, adapters)
+    config = SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
+                             speculate=_speculate(settings, shard_info), draft_model=bool(shard_info.speculative_model))
+    schedulers = [Scheduler(config, BlockManager(limits.num_blocks, shard_info.block_size), adapters) for _ in groups]
+    blocks = schedulers[0].blocks
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,
         max_stop_sequences=settings.max_stop_sequences,
@@ -80,15 +82,21 @@ async def _start(settings: RouterSettings) -> web.Application:
     grammars = Grammars(tokenizer.backend.to_str(), shard_info.vocab_size, sorted(tokenizer.eos_token_ids))
     if not settings.disable_grammar_support:
         grammars.preload()
-    engine = Engine(scheduler, shards, tokenizer, Metrics(limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens))
+    metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens, blocks.capacity_tokens * len(groups))
+    engines = [Engine(scheduler, shards, tokenizer, metrics, replica)
+               for replica, (scheduler, shards) in enumerate(zip(schedulers, groups))]
+    tracer = None
     if settings.otlp_endpoint:
-        engine.tracer = start_tracing(settings.otlp_endpoint, settings.otlp_service_name)
+        tracer = start_tracing(settings.otlp_endpoint, settings.otlp_service_name)
         log.info("exporting traces to %s as %s", settings.otlp_endpoint, settings.otlp_service_name)
+    for engine in engines:
+        engine.tracer = tracer
+    engine = engines[0] if len(engines) == 1 else Replicas(engines)
     router = Router(
         engine=engine,
         tokenizer=tokenizer,
         validation=validation,
-        info=_info(settings, limits, shard_info, blocks.capacity_tokens),
+        info=_info(settings, limits, shard_info, blocks.capacity_tokens * len(groups)),
         max_concurrent_requests=settings.max_concurrent_requests,
         compute_type="gpu+optimized" if shard_info.device_type == "cuda" else "cpu",
         api_key=settings.api_key,
@@ -98,7 +106,7 @@ async def _start(settings: RouterSettings) -> web.Application:
         health_route=settings.aip_health_route,
         drain_timeout=settings.drain_timeout,
         grammars=grammars,
-        tracer=engine.tracer,
+        tracer=tracer,
     )
     log.info("KV cache: %s blocks of %s tokens; %s", limits.num_blocks, shard_info.block_size, limits)
     url = client_url(settings.hostname, settings.port)
@@ -126,8 +134,10 @@ class Limits:
     max_batch_size: int
 
 
-async def _warmup(settings: RouterSettings, shards: ShardClient, shard_info: pb.InfoResponse, tokenizer: Tokenizer) -> Limits:
-    """Runs Warmup on the shards and derives the unset limits the way TGI does."""
+async def _warmup(settings: RouterSettings, groups: list[ShardClient], shard_info: pb.InfoResponse,
+                  tokenizer: Tokenizer) -> Limits:
+    """Runs Warmup on every replica's shards and derives the unset limits the way TGI does (every replica
+    gets the KV cache the smallest one fits)."""
     max_position = shard_info.max_position_embeddings or 1 << 20
     max_total = settings.max_total_tokens or min(max_position, tokenizer.model_max_length or max_position)
     default_prefill = DEFAULT_MAX_BATCH_PREFILL_TOKENS if shard_info.device_type == "cuda" else DEFAULT_MAX_BATCH_PREFILL_TOKENS_CPU
@@ -136,14 +146,13 @@ async def _warmup(settings: RouterSettings, shards: ShardClient, shard_info: pb.
     log.info("warming up: a step of %d prompt tokens, then sizing the KV cache%s", prefill,
              " and capturing CUDA graphs" if shard_info.device_type == "cuda" else "")
     started = time.monotonic()
-    warmed = await shards.warmup(
-        pb.WarmupRequest(
-            max_batch_prefill_tokens=prefill,
-            max_total_tokens=max_total,
-            max_batch_size=batch_size,
-            max_batch_total_tokens=settings.max_batch_total_tokens or 0,
-        )
+    request = pb.WarmupRequest(
+        max_batch_prefill_tokens=prefill,
+        max_total_tokens=max_total,
+        max_batch_size=batch_size,
+        max_batch_total_tokens=settings.max_batch_total_tokens or 0,
     )
+    warmed = min(await asyncio.gather(*(shards.warmup(request) for shards in groups)), key=lambda w: w.num_blocks)
     log.info("warmup took %.1f s", time.monotonic() - started)
     capacity = (warmed.num_blocks - 1) * warmed.block_size
     if settings.max_total_tokens is None:
@@ -179,6 +188,7 @@ def _info(settings: RouterSettings, limits: Limits, shard_info: pb.InfoResponse,
         "model_implementation": shard_info.model_implementation,
         "max_batch_total_tokens": kv_capacity_tokens,
         "num_shard": shard_info.world_size,
+        "data_parallel_size": settings.data_parallel_size,
         "prefix_caching": settings.prefix_caching,
         "speculate": _speculate(settings, shard_info) or None,
         "speculative_model": shard_info.speculative_model or None,

@@ -114,11 +114,13 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer, metrics: Metrics):
+    def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer, metrics: Metrics,
+                 replica: int = 0):
         self.scheduler = scheduler
         self.shards = shards
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.replica = replica  # which data-parallel replica this engine runs (`replicas`)
         self._num_preemptions_seen = 0
         self._num_cached_seen = self._num_computed_seen = 0
         self._streams: dict[int, _Stream] = {}
@@ -282,6 +284,7 @@ class Engine:
         metrics.step_success.labels(method).inc()
         metrics.step_duration.labels(method).observe(seconds)
         metrics.forward_duration.labels(method).observe(forward_ns / 1e9)
+        metrics.replica_steps.labels(str(self.replica)).inc()
         if plan.new_requests:
             metrics.batch_next_size.observe(len(plan.new_requests))
 
@@ -298,17 +301,14 @@ class Engine:
     def _observe_batch(self) -> None:
         """The queue, batch and KV cache gauges, as they are now."""
         metrics, scheduler, blocks = self.metrics, self.scheduler, self.scheduler.blocks
-        metrics.queue_size.set(len(scheduler.waiting))
-        metrics.batch_size.set(len(scheduler.running))
-        metrics.batch_max_tokens.set((blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size)
+        metrics.observe_batch(self.replica, len(scheduler.waiting), len(scheduler.running),
+                              (blocks.num_usable_blocks - blocks.num_free_blocks) * blocks.block_size,
+                              blocks.num_cached_free_blocks)
         metrics.preemptions.inc(scheduler.num_preemptions - self._num_preemptions_seen)
         self._num_preemptions_seen = scheduler.num_preemptions
-        metrics.prompt_tokens_cached.inc(scheduler.num_cached_tokens - self._num_cached_seen)
-        metrics.prompt_tokens_computed.inc(scheduler.num_computed_tokens - self._num_computed_seen)
+        metrics.count_prompt_tokens(scheduler.num_cached_tokens - self._num_cached_seen,
+                                    scheduler.num_computed_tokens - self._num_computed_seen)
         self._num_cached_seen, self._num_computed_seen = scheduler.num_cached_tokens, scheduler.num_computed_tokens
-        if self._num_cached_seen + self._num_computed_seen:
-            metrics.prefix_cache_hit_rate.set(self._num_cached_seen / (self._num_cached_seen + self._num_computed_seen))
-        metrics.prefix_cache_free_blocks.set(blocks.num_cached_free_blocks)
 
     def _on_tokens(self, new: NewTokens) -> None:
         """Emits an event per token. `new.finish` is the length or end-of-sequence stop found from the

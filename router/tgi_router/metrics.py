@@ -59,6 +59,32 @@ class Metrics:
         self.step_failure = counter("tgi_batch_inference_failure", "Steps that failed", ["method"])
         self.step_duration = histogram("tgi_batch_inference_duration", "Step round trip (s)", labels=["method"])
         self.forward_duration = histogram("tgi_batch_forward_duration", "Shard forward time (s)", labels=["method"])
+        # Data-parallel replicas (one without --data-parallel-size): each one's load; the gauges above are sums.
+        self.replica_requests = Gauge("tgi_replica_requests", "Requests waiting or running, by data-parallel replica",
+                                      ["replica"], registry=registry)
+        self.replica_steps = counter("tgi_replica_inference_count", "Steps run, by data-parallel replica", ["replica"])
+        self._replica_batches: dict[int, tuple[int, int, int, int]] = {}
+        self._num_cached = self._num_computed = 0
+
+    def observe_batch(self, replica: int, num_waiting: int, num_running: int, num_kv_tokens: int,
+                      num_cached_free_blocks: int) -> None:
+        """One replica's queue, batch and KV cache as they are now; the TGI gauges show the sum."""
+        self._replica_batches[replica] = (num_waiting, num_running, num_kv_tokens, num_cached_free_blocks)
+        waiting, running, kv_tokens, cached_free = (sum(values) for values in zip(*self._replica_batches.values()))
+        self.queue_size.set(waiting)
+        self.batch_size.set(running)
+        self.batch_max_tokens.set(kv_tokens)
+        self.prefix_cache_free_blocks.set(cached_free)
+        self.replica_requests.labels(str(replica)).set(num_waiting + num_running)
+
+    def count_prompt_tokens(self, num_cached: int, num_computed: int) -> None:
+        """Admitted requests' known tokens, from the prefix cache or computed; the hit rate over all of them."""
+        self.prompt_tokens_cached.inc(num_cached)
+        self.prompt_tokens_computed.inc(num_computed)
+        self._num_cached += num_cached
+        self._num_computed += num_computed
+        if self._num_cached + self._num_computed:
+            self.prefix_cache_hit_rate.set(self._num_cached / (self._num_cached + self._num_computed))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

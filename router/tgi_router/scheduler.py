@@ -74,6 +74,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests waiting or running: the load a data-parallel front balances."""
+        return len(self._live)
+
+    def num_cached_blocks(self, block_hashes: list[bytes]) -> int:
+        """How many of a prompt's blocks (their chained hashes) the prefix cache holds now, from the first."""
+        return len(self.blocks.cached_prefix(block_hashes)) if self.config.prefix_caching else 0
+
     def add(self, request: Request) -> None:
         self.adapters.hold(request.adapter_id)  # first: it refuses an adapter unloaded meanwhile
         self._live[request.id] = request

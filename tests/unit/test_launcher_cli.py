@@ -82,6 +82,7 @@ OPTIONS = [
     ("NODE_RANK", "--node-rank", "node_rank", "1", 1),
     ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "shard_listen_addr", "10.0.0.2:7000", "10.0.0.2:7000"),
     ("SHARD_SECRET", "--shard-secret", "shard_secret", "s3cret", "s3cret"),
+    ("DATA_PARALLEL_SIZE", "--data-parallel-size", "data_parallel_size", "2", 2),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}, "NNODES": {"SHARD_SECRET": "s"},
@@ -117,6 +118,7 @@ REJECTED_OPTIONS = [
     ("NNODES", "--nnodes", "2", "`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET"),
     ("NODE_RANK", "--node-rank", "1", "`node_rank` must be in 0..0 (`nnodes` 1), got 1"),
     ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "0.0.0.0", "`shard_listen_addr` needs a shard secret"),
+    ("DATA_PARALLEL_SIZE", "--data-parallel-size", "0", "`data_parallel_size` must be >= 1"),
 ]
 ALL_ENV_VARS = {row[0] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
 
@@ -294,6 +296,31 @@ def test_each_node_runs_its_share_of_the_ranks_and_nodes_after_the_first_serve_o
 ])
 def test_inconsistent_multi_node_settings_fail_with_one_line(captured, args, message):
     result, config = captured(["--model-id", "m", *args], env={"SHARD_SECRET": "s"})
+    assert result.exit_code == 2 and config is None and message in result.output, result.output
+
+
+def test_each_data_parallel_replica_gets_its_own_sockets_rendezvous_and_gpus(captured, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6")
+    _, config = captured(["--model-id", "m", "--data-parallel-size", "2", "--num-shard", "2"],
+                         env={"CUDA_VISIBLE_DEVICES": "3,4,5,6"})
+    uds = config.shard.shard_uds_path
+    assert config.ready_paths == [f"{uds}-dp0-0", f"{uds}-dp0-1", f"{uds}-dp1-0", f"{uds}-dp1-1"]
+    envs = [shard_env(config, rank, replica) for replica in (0, 1) for rank in (0, 1)]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["3,4", "3,4", "5,6", "5,6"]
+    assert envs[0]["MASTER_PORT"] != envs[2]["MASTER_PORT"] and envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+    argv = shard_argv(config, "/model", 1, replica=1)
+    assert parse_argv(ShardSettings, argv[4:]).socket_paths[1] == f"{uds}-dp1-1"
+    router = parse_argv(RouterSettings, router_argv(config, "/tok")[3:])
+    assert router.shard_targets == [[f"unix:{uds}-dp0-0", f"unix:{uds}-dp0-1"], [f"unix:{uds}-dp1-0", f"unix:{uds}-dp1-1"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-parallel-size", "2", "--num-shard", "2"], "`num_shard` is 2 times 2 replicas but only 3 CUDA device(s)"),
+    (["--data-parallel-size", "2", "--lora-adapters", "a=/x"], "LoRA adapters with `data_parallel_size` > 1"),
+    (["--data-parallel-size", "2", "--nnodes", "2"], "`data_parallel_size` > 1 with `nnodes` > 1 is not supported"),
+])
+def test_data_parallel_settings_it_cannot_serve_fail_with_one_line(captured, args, message):
+    result, config = captured(["--model-id", "m", *args], env={"SHARD_SECRET": "s", "CUDA_VISIBLE_DEVICES": "0,1,2"})
     assert result.exit_code == 2 and config is None and message in result.output, result.output
 
 

@@ -32,7 +32,7 @@ def warmup(args: RouterSettings, num_blocks: int = 1001, max_position: int = 409
     shards = FakeShards(num_blocks)
     info = pb.InfoResponse(block_size=BLOCK_SIZE, max_position_embeddings=max_position, device_type=device_type)
     tokenizer = SimpleNamespace(model_max_length=model_max_length)
-    return asyncio.run(cli._warmup(args, shards, info, tokenizer)), shards.requests[0]
+    return asyncio.run(cli._warmup(args, [shards], info, tokenizer)), shards.requests[0]
 
 
 def test_unset_limits_come_from_the_model_context_when_the_kv_cache_holds_it():
