@@ -133,16 +133,18 @@ def launch(
 def recommend(
     model_id: Optional[str] = typer.Option(None, envvar="MODEL_ID", help="Hub id, local directory with config.json, or .gguf file (default: the launcher's default model)."),
     gpu_memory: float = typer.Option(80, help="Memory of one GPU in GiB."),
-    num_gpus: int = typer.Option(1, help="GPUs available."),
+    num_gpus: int = typer.Option(1, help="GPUs available on each node."),
+    num_nodes: int = typer.Option(1, help="Nodes available."),
     revision: Optional[str] = typer.Option(None, envvar="REVISION", help="Hub revision."),
 ):
-    """Print a configuration for MODEL_ID on the given GPUs as JSON (offline; TGI recommender's shape)."""
+    """Print a configuration for MODEL_ID on the given GPUs and nodes as JSON (offline; TGI recommender's shape,
+    with the data-parallel replicas and nodes it needs)."""
     from tgi_launcher.config import default_model_id
     from tgi_launcher.recommend import load_config, recommend as compute
 
     try:
         model_id = model_id or default_model_id()
-        answer = compute(model_id, load_config(model_id, revision), gpu_memory, num_gpus)
+        answer = compute(model_id, load_config(model_id, revision), gpu_memory, num_gpus, num_nodes)
     except (ValueError, KeyError, OSError, ImportError, ConfigError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2)

@@ -116,36 +116,61 @@ def weight_bytes(config: dict) -> tuple[int, str | None]:
     return int((shape.num_parameters - projections) * DTYPE_BYTES + projections * per_projection_weight), quantization
 
 
-def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int) -> dict:
-    """The smallest number of shards that holds the model with room for a full context; ValueError
-    when even `num_gpus` GPUs cannot."""
+def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int, num_nodes: int = 1) -> dict:
+    """The smallest tensor-parallel degree (each shard holding whole KV heads) that holds the model with
+    room for a full context: within one node if it can be, the node's other GPUs then running
+    data-parallel replicas; else over the fewest whole nodes. Several nodes each run such a deployment
+    unless one spans them. ValueError when even all the GPUs cannot hold it."""
     shape = ModelShape.from_config(config)
     total_weight_bytes, quantization = weight_bytes(config)
-    for num_shard in _shard_counts(num_gpus):
+    prefill_tokens = min(MAX_PREFILL_TOKENS, shape.max_position_embeddings)
+    layouts = [(num_shard, 1) for num_shard in _shard_counts(num_gpus)]
+    layouts += [(nnodes * num_gpus, nnodes) for nnodes in range(2, num_nodes + 1)]
+    for num_shard, nnodes in layouts:
+        if num_shard > shape.num_kv_heads:
+            continue
         usable = num_shard * gpu_memory_gib * GIB * USABLE_FRACTION
-        prefill_tokens = min(MAX_PREFILL_TOKENS, shape.max_position_embeddings)
         free = usable - total_weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
         kv_tokens = int(free // shape.kv_bytes_per_token) if free > 0 else 0
-        if kv_tokens >= min(shape.max_position_embeddings, prefill_tokens + 1):
-            max_total = min(shape.max_position_embeddings, kv_tokens)
-            estimate = total_weight_bytes + num_shard * shape.activation_bytes(prefill_tokens) + max_total * shape.kv_bytes_per_token
-            return {
-                "model_id": model_id,
-                "instance": f"{num_shard}x GPU with {gpu_memory_gib:g} GiB",
-                "configuration": {
-                    "max_batch_prefill_tokens": min(prefill_tokens, max_total - 1),
-                    "max_input_length": max_total - 1,
-                    "max_total_tokens": max_total,
-                    "num_shard": num_shard,
-                    "quantize": quantization,
-                    "estimated_memory_in_gigabytes": round(estimate / GIB, 2),
-                },
-            }
+        if kv_tokens < min(shape.max_position_embeddings, prefill_tokens + 1):
+            continue
+        max_total = min(shape.max_position_embeddings, kv_tokens)
+        estimate = total_weight_bytes + num_shard * shape.activation_bytes(prefill_tokens) + max_total * shape.kv_bytes_per_token
+        replicas = num_gpus // num_shard if nnodes == 1 else 1
+        deployments = num_nodes // nnodes
+        return {
+            "model_id": model_id,
+            "instance": _instance(num_shard, nnodes, replicas, deployments, num_gpus, gpu_memory_gib),
+            "configuration": {
+                "max_batch_prefill_tokens": min(prefill_tokens, max_total - 1),
+                "max_input_length": max_total - 1,
+                "max_total_tokens": max_total,
+                "num_shard": num_shard,
+                "data_parallel_size": replicas,
+                "nnodes": nnodes,
+                "deployments": deployments,
+                "quantize": quantization,
+                "estimated_memory_in_gigabytes": round(estimate / GIB, 2),
+            },
+        }
     needed = (total_weight_bytes + shape.activation_bytes(MAX_PREFILL_TOKENS)) / GIB / USABLE_FRACTION
     raise ValueError(
-        f"{model_id} needs about {needed:.0f} GiB of GPU memory{'' if quantization else ' in bf16'}; {num_gpus} GPU(s) of "
+        f"{model_id} needs about {needed:.0f} GiB of GPU memory{'' if quantization else ' in bf16'} over at most "
+        f"{shape.num_kv_heads} shards (one KV head each at least); {num_nodes * num_gpus} GPU(s) of "
         f"{gpu_memory_gib:g} GiB are not enough"
     )
+
+
+def _instance(num_shard: int, nnodes: int, replicas: int, deployments: int, num_gpus: int, gpu_memory_gib: float) -> str:
+    """What runs where, in words: "2x GPU with 80 GiB", "2 replicas of 4x GPU ...", "2 nodes of 8x GPU ..."."""
+    gpus = f"{num_shard}x GPU with {gpu_memory_gib:g} GiB"
+    if nnodes > 1:
+        text = f"{nnodes} nodes of {num_gpus}x GPU with {gpu_memory_gib:g} GiB, one deployment of {num_shard} shards"
+    elif replicas > 1:
+        text = f"{replicas} replicas of {gpus} on each node"
+    else:
+        text = gpus
+    return text + (f"; {deployments} such deployments" if deployments > 1 else "")
 
 
 def _gguf_config(path: Path) -> dict:

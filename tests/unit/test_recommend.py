@@ -75,6 +75,25 @@ def test_70b_needs_several_gpus_and_too_few_is_a_clear_error():
         recommend("llama-70b", LLAMA_70B, 24, 2)
 
 
+def test_a_model_that_fits_fewer_gpus_than_a_node_has_fills_it_with_data_parallel_replicas():
+    answer = recommend("llama-70b", LLAMA_70B, 80, 8, num_nodes=3)
+    configuration = answer["configuration"]
+    assert (configuration["num_shard"], configuration["data_parallel_size"], configuration["nnodes"],
+            configuration["deployments"]) == (2, 4, 1, 3)
+    assert answer["instance"] == "4 replicas of 2x GPU with 80 GiB on each node; 3 such deployments"
+
+
+def test_a_model_larger_than_a_node_spans_the_fewest_whole_nodes():
+    llama_405b = {**LLAMA_70B, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+                  "num_attention_heads": 128}
+    fp8 = {**llama_405b, "quantization_config": {"quant_method": "fbgemm_fp8"}}
+    configuration = recommend("llama-405b-fp8", fp8, 80, 4, num_nodes=2)["configuration"]
+    assert (configuration["num_shard"], configuration["nnodes"], configuration["data_parallel_size"]) == (8, 2, 1)
+    # bf16 (~760 GiB) would need 16 shards, but 8 KV heads allow 8 at most
+    with pytest.raises(ValueError, match="over at most 8 shards"):
+        recommend("llama-405b", llama_405b, 80, 8, num_nodes=4)
+
+
 @pytest.mark.parametrize("quantization_config, bytes_per_weight, name", [
     ({"quant_method": "fbgemm_fp8"}, 1, "fbgemm_fp8"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, 0.5 + 4 / 128, "awq"),
@@ -102,7 +121,8 @@ def test_cli_prints_tgi_recommender_json(tmp_path):
     answer = json.loads(result.output)
     assert set(answer) == {"model_id", "instance", "configuration"}
     assert set(answer["configuration"]) == {"max_batch_prefill_tokens", "max_input_length", "max_total_tokens",
-                                            "num_shard", "quantize", "estimated_memory_in_gigabytes"}
+                                            "num_shard", "data_parallel_size", "nnodes", "deployments", "quantize",
+                                            "estimated_memory_in_gigabytes"}
 
 
 def test_cli_defaults_to_the_launchers_model_and_reads_a_gguf_files_metadata(smollm2_gguf):
