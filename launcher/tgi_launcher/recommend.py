@@ -117,7 +117,7 @@ def weight_bytes(config: dict) -> tuple[int, str | None]:
 
 
 def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int, num_nodes: int = 1) -> dict:
-    """The smallest tensor-parallel degree (each shard holding whole KV heads) that holds the model with
+    """The smallest tensor-parallel degree (that attention splits over) that holds the model with
     room for a full context: within one node if it can be, the node's other GPUs then running
     data-parallel replicas; else over the fewest whole nodes. Several nodes each run such a deployment
     unless one spans them. ValueError when even all the GPUs cannot hold it."""
@@ -127,8 +127,8 @@ def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int,
     layouts = [(num_shard, 1) for num_shard in _shard_counts(num_gpus)]
     layouts += [(nnodes * num_gpus, nnodes) for nnodes in range(2, num_nodes + 1)]
     for num_shard, nnodes in layouts:
-        if num_shard > shape.num_kv_heads:
-            continue
+        if num_shard > shape.num_kv_heads and (num_shard % shape.num_kv_heads or shape.num_heads % num_shard):
+            continue  # attention cannot split (see `TPGroup.head_partition`)
         usable = num_shard * gpu_memory_gib * GIB * USABLE_FRACTION
         free = usable - total_weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
         kv_tokens = int(free // shape.kv_bytes_per_token) if free > 0 else 0
@@ -155,9 +155,8 @@ def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int,
         }
     needed = (total_weight_bytes + shape.activation_bytes(MAX_PREFILL_TOKENS)) / GIB / USABLE_FRACTION
     raise ValueError(
-        f"{model_id} needs about {needed:.0f} GiB of GPU memory{'' if quantization else ' in bf16'} over at most "
-        f"{shape.num_kv_heads} shards (one KV head each at least); {num_nodes * num_gpus} GPU(s) of "
-        f"{gpu_memory_gib:g} GiB are not enough"
+        f"{model_id} needs about {needed:.0f} GiB of GPU memory{'' if quantization else ' in bf16'}; "
+        f"{num_nodes} node(s) of {num_gpus} GPU(s) of {gpu_memory_gib:g} GiB are not enough"
     )
 
 

@@ -55,12 +55,17 @@ class TPGroup:
         """This rank's ([start, stop) of query heads, [start, stop) of kv heads).
 
         Heads are split by kv head, each taking its group of query heads along, so grouped-query
-        attention stays within a rank.
+        attention stays within a rank. With more ranks than kv heads (a multiple of them), each kv head
+        is copied on world_size / num_kv_heads ranks, which split its group of query heads.
         """
         if num_kv_heads < self.world_size:
-            raise ValueError(
-                f"num_key_value_heads ({num_kv_heads}) must be >= the tensor-parallel world size ({self.world_size})"
-            )
+            if self.world_size % num_kv_heads or num_heads % self.world_size:
+                raise ValueError(
+                    f"num_key_value_heads ({num_kv_heads}) must be >= the tensor-parallel world size "
+                    f"({self.world_size}) or divide it, with num_attention_heads ({num_heads}) a multiple of it"
+                )
+            per_rank, kv_head = num_heads // self.world_size, self.rank * num_kv_heads // self.world_size
+            return (self.rank * per_rank, (self.rank + 1) * per_rank), (kv_head, kv_head + 1)
         kv_start, kv_stop = self.partition(num_kv_heads)
         group = num_heads // num_kv_heads
         return (kv_start * group, kv_stop * group), (kv_start, kv_stop)

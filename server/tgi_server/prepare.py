@@ -100,11 +100,13 @@ def _check_servable(directory: Path, num_shard: int) -> None:
         raise PrepareError(f"{directory} has no tokenizer.json (the router tokenizes with it)")
     config = json.loads((directory / "config.json").read_text())
     text_config = config.get("text_config") or config  # multimodal checkpoints nest the language model's
-    num_kv_heads = text_config.get("num_key_value_heads") or text_config.get("num_attention_heads")
-    if isinstance(num_kv_heads, int) and num_kv_heads < num_shard:
+    num_heads = text_config.get("num_attention_heads")
+    num_kv_heads = text_config.get("num_key_value_heads") or num_heads
+    if isinstance(num_kv_heads, int) and not can_split_heads(num_heads, num_kv_heads, num_shard):
         raise PrepareError(
             f"{directory / 'config.json'}: num_key_value_heads is {num_kv_heads}, fewer than the {num_shard} "
-            f"shards asked for (each shard holds whole KV heads); use --num-shard {num_kv_heads} or fewer"
+            f"shards asked for and not dividing them (each shard holds whole KV heads, or a copy of one whose query "
+            f"heads it shares); use --num-shard {num_kv_heads} or fewer"
         )
     architectures = config.get("architectures") or []
     if architectures and architectures[0] not in IN_PROJECT_ARCHITECTURES:  # else nothing to check (and no torch to import)
@@ -114,6 +116,14 @@ def _check_servable(directory: Path, num_shard: int) -> None:
             check_architecture(architectures[0], num_shard)
         except UnsupportedModelError as error:
             raise PrepareError(f"{directory / 'config.json'}: {error}") from None
+
+
+def can_split_heads(num_heads: int | None, num_kv_heads: int, num_shard: int) -> bool:
+    """Whether attention splits over `num_shard` ranks (`TPGroup.head_partition`): whole KV heads on each,
+    or each KV head copied on a whole number of ranks that split its query heads evenly."""
+    if num_kv_heads >= num_shard:
+        return True
+    return num_shard % num_kv_heads == 0 and isinstance(num_heads, int) and num_heads % num_shard == 0
 
 
 def _gguf_file(path: Path) -> Path | None:

@@ -1,5 +1,5 @@
 """Two launchers on this machine as node 0 and node 1 of one deployment (`--nnodes 2`, two gloo shards
-each, four ranks of tensor parallel): greedy output equals transformers'; a launcher or a router without
+each, four ranks of tensor parallel, each KV head on two of them): greedy output equals transformers'; a launcher or a router without
 the shard secret is refused; a node that dies takes the other down within 10 s, naming it."""
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def wait_exit(server: Server, timeout: float) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    # Four KV heads: each of the four ranks holds one.
-    config = tiny_config("llama", num_attention_heads=4, num_key_value_heads=4)
+    # Two KV heads over four ranks: each is copied on two ranks, which split its two query heads.
+    config = tiny_config("llama")
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
     return save_tiny_model(config, smollm2_tokenizer_dir, tmp_path_factory.mktemp("multi-node") / "llama")
 
 

@@ -57,6 +57,8 @@ def tiny_config(variant: str) -> PretrainedConfig:
         return Qwen2Config(**TINY, tie_word_embeddings=False)
     if variant == "odd_heads":  # like SmolLM2: 9 query heads in 3 groups do not halve evenly
         return LlamaConfig(**{**TINY, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3})
+    if variant == "one_kv_head":  # multi-query attention: more ranks than KV heads, each rank a copy of it
+        return LlamaConfig(**{**TINY, "num_key_value_heads": 1}, tie_word_embeddings=False)
     if variant == "mistral_windowed":
         return MistralConfig(**TINY, sliding_window=6, head_dim=16, tie_word_embeddings=False)
     if variant == "qwen3":

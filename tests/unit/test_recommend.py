@@ -89,9 +89,20 @@ def test_a_model_larger_than_a_node_spans_the_fewest_whole_nodes():
     fp8 = {**llama_405b, "quantization_config": {"quant_method": "fbgemm_fp8"}}
     configuration = recommend("llama-405b-fp8", fp8, 80, 4, num_nodes=2)["configuration"]
     assert (configuration["num_shard"], configuration["nnodes"], configuration["data_parallel_size"]) == (8, 2, 1)
-    # bf16 (~760 GiB) would need 16 shards, but 8 KV heads allow 8 at most
-    with pytest.raises(ValueError, match="over at most 8 shards"):
-        recommend("llama-405b", llama_405b, 80, 8, num_nodes=4)
+    # bf16 (~760 GiB): 16 shards over two 8-GPU nodes, each of the 8 KV heads on two of them
+    configuration = recommend("llama-405b", llama_405b, 80, 8, num_nodes=4)["configuration"]
+    assert (configuration["num_shard"], configuration["nnodes"], configuration["deployments"]) == (16, 2, 2)
+    with pytest.raises(ValueError, match="1 node"):
+        recommend("llama-405b", llama_405b, 80, 8)
+
+
+def test_shard_counts_attention_cannot_split_over_are_skipped():
+    # 70B in bf16 on 24 GiB GPUs needs 8 shards: fine with 8 KV heads, impossible with 6 (8 is neither at
+    # most 6 nor a multiple of it)
+    assert recommend("llama-70b", LLAMA_70B, 24, 8)["configuration"]["num_shard"] == 8
+    six_kv_heads = {**LLAMA_70B, "num_key_value_heads": 6, "num_attention_heads": 48, "hidden_size": 6144}
+    with pytest.raises(ValueError, match="not enough"):
+        recommend("m", six_kv_heads, 24, 8)
 
 
 @pytest.mark.parametrize("quantization_config, bytes_per_weight, name", [

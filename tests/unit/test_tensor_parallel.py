@@ -19,8 +19,8 @@ from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.registry import load_model
 
 # tied embeddings; biases on q/k/v, o_proj and the MLP (row-parallel bias added once); q/k/v bias only;
-# 3 kv heads over 2 ranks (uneven split)
-VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "odd_heads", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
+# 3 kv heads over 2 ranks (uneven split); 1 kv head on 2 ranks (replicated)
+VARIANTS = ["llama", "llama3_biased", "qwen2", "mistral_windowed", "odd_heads", "one_kv_head", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3"]
 WORLD_SIZE = 2
 
 
@@ -52,8 +52,8 @@ def test_two_ranks_produce_the_single_rank_logits_for_every_sequence(tmp_path):
                 torch.testing.assert_close(got[seq_id], expected[seq_id], atol=1e-4, rtol=0)
 
 
-def test_more_ranks_than_kv_heads_is_rejected_with_a_clear_error():
+def test_more_ranks_than_kv_heads_that_do_not_divide_them_is_rejected_with_a_clear_error():
     three_ranks = TPGroup(rank=0, world_size=3, group=None)
-    message = r"num_key_value_heads \(2\) must be >= the tensor-parallel world size \(3\)"
+    message = r"num_key_value_heads \(2\) must be >= the tensor-parallel world size \(3\) or divide it"
     with pytest.raises(ValueError, match=message):
         LlamaForCausalLM(tiny_config("llama"), three_ranks, torch.float32, torch.device("cpu"))

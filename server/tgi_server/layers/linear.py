@@ -197,7 +197,8 @@ class ColumnParallelLinear(_QuantizableLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused, each rank holding whole kv heads and their groups of query heads."""
+    """q, k and v projections fused, each rank holding whole kv heads and their groups of query heads (or, with
+    more ranks than kv heads, a copy of one kv head and its share of the group: `TPGroup.head_partition`)."""
 
     def __init__(
         self,
