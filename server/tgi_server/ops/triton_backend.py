@@ -42,8 +42,9 @@ def int4_linear(
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
-    """Every row through its own slot's adapter in two launches (`kernels.lora`)."""
-    return lora_kernels.lora_delta(x, a, b, lora.token_slots, out)
+    """Every row through its own slot's adapter in two launches (`kernels.lora`): per token for a few
+    rows, else in tiles of one adapter's rows (cut from the host's runs where one is long)."""
+    return lora_kernels.lora_delta(x, a, b, lora.token_slots, out, lora.segments)
 
 
 def rms_norm(
