@@ -51,28 +51,5 @@ for server in plain lora; do
     done
     kill -TERM -- -$launcher; wait $launcher
 done
-$PY - "$OUT" "$CONCURRENCY" <<'PY'
-import json, sys
-out, concurrency = sys.argv[1], sys.argv[2]
-def load(name):
-    try:
-        return json.load(open(f"{out}/{name}.json"))
-    except FileNotFoundError:
-        return None
-summary = {}
-for key in ("plain_base", "lora_base", "lora_adapters"):
-    single, many = load(f"single_{key}"), load(f"c{concurrency}_{key}")
-    summary[key] = {
-        "single_stream_tok_s": round(1000 / single["results"]["median_tpot_ms"], 1) if single else None,
-        f"c{concurrency}_output_tok_s": round(many["results"]["output_throughput"], 1) if many else None,
-        "failed": sum(r["results"]["failed"] for r in (single, many) if r),
-    }
-base, adapted = summary["plain_base"], summary["lora_adapters"]
-for field in ("single_stream_tok_s", f"c{concurrency}_output_tok_s"):
-    if base[field] and adapted[field]:
-        summary[f"adapters_over_plain_{field}"] = round(adapted[field] / base[field], 3)
-first = load("single_plain_base")
-summary["device"], summary["date"], summary["commit"] = (first.get(k) for k in ("device", "date", "git_commit")) if first else (None,) * 3
-json.dump(summary, open(f"{out}/lora_summary.json", "w"), indent=1)
-print(json.dumps(summary, indent=1))
-PY
+$PY bench/pair_summary.py "$OUT" "$CONCURRENCY" lora plain_base lora_base lora_adapters \
+    --compare plain_base:lora_adapters:adapters_over_plain

@@ -56,27 +56,5 @@ for layout in one-node two-nodes; do
     for pid in "${pids[@]}"; do kill -TERM -- -"$pid" 2> /dev/null; done
     for pid in "${pids[@]}"; do wait "$pid"; done
 done
-$PY - "$OUT" "$CONCURRENCY" <<'PY'
-import json, sys
-out, concurrency = sys.argv[1], sys.argv[2]
-def load(name):
-    try:
-        return json.load(open(f"{out}/{name}.json"))
-    except FileNotFoundError:
-        return None
-summary = {}
-for layout in ("one-node", "two-nodes"):
-    single, many = load(f"single_{layout}"), load(f"c{concurrency}_{layout}")
-    summary[layout] = {
-        "single_stream_tok_s": round(1000 / single["results"]["median_tpot_ms"], 1) if single else None,
-        f"c{concurrency}_output_tok_s": round(many["results"]["output_throughput"], 1) if many else None,
-        "failed": sum(r["results"]["failed"] for r in (single, many) if r),
-    }
-for field in ("single_stream_tok_s", f"c{concurrency}_output_tok_s"):
-    if summary["one-node"][field] and summary["two-nodes"][field]:
-        summary[f"two_nodes_over_one_{field}"] = round(summary["two-nodes"][field] / summary["one-node"][field], 3)
-first = load("single_one-node")
-summary["device"], summary["date"], summary["commit"] = (first.get(k) for k in ("device", "date", "git_commit")) if first else (None,) * 3
-json.dump(summary, open(f"{out}/multi_node_summary.json", "w"), indent=1)
-print(json.dumps(summary, indent=1))
-PY
+$PY bench/pair_summary.py "$OUT" "$CONCURRENCY" multi_node one-node two-nodes \
+    --compare one-node:two-nodes:two_nodes_over_one
