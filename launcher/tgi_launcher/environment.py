@@ -13,13 +13,15 @@ import shutil
 import subprocess
 
 from tgi_launcher.config import LauncherConfig
+from tgi_proto.settings import masked
 
 PACKAGES = ("tgi-py", "torch", "transformers", "huggingface-hub", "safetensors", "tokenizers", "triton")
 NVIDIA_SMI_TIMEOUT_SECONDS = 30
 
 
 def environment_report(config: LauncherConfig) -> str:
-    """Platform, package versions, visible GPUs and the resolved configuration (API key hidden)."""
+    """Platform, package versions, visible GPUs and the resolved configuration (the API key and the
+    shard secret hidden)."""
     lines = [
         "Runtime environment:",
         f"Target: {platform.machine()}-{platform.system().lower()}",
@@ -28,8 +30,7 @@ def environment_report(config: LauncherConfig) -> str:
     lines += [f"{package}: {_version(package)}" for package in PACKAGES]
     lines.append(f"CUDA_VISIBLE_DEVICES: {os.environ.get('CUDA_VISIBLE_DEVICES', 'N/A')}")
     lines.append(f"nvidia-smi:\n{_nvidia_smi()}")
-    if config.router.api_key:
-        config = dataclasses.replace(config, router=dataclasses.replace(config.router, api_key="***"))
+    config = dataclasses.replace(config, router=masked(config.router), shard=masked(config.shard))
     lines.append(f"Configuration: {config}")
     return "\n".join(lines)
 

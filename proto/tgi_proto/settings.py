@@ -369,6 +369,13 @@ def env_of(settings) -> dict[str, str]:
     }
 
 
+def masked(settings):
+    """`settings` with every secret field that is set shown as `***` (for logs and `--env`)."""
+    secrets = {item.name: "***" for item in dataclasses.fields(settings)
+               if item.metadata["is_secret"] and getattr(settings, item.name) is not None}
+    return dataclasses.replace(settings, **secrets)
+
+
 def parse_argv(cls, argv: list[str] | None = None, prog: str | None = None):
     """`cls` built from command-line flags (and the `env` variables of flags not given); a bad value
     exits with status 2 and one line naming the flag, as argparse does."""

@@ -511,12 +511,14 @@ def test_children_parse_their_argv_back_into_the_settings_the_launcher_composed(
     assert parsed == dataclasses.replace(composed, **expected)
 
 
-def test_env_prints_the_environment_then_launches(captured):
-    result, config = captured(["--model-id", "m", "--env", "--api-key", "s3cret"])
+def test_env_prints_the_environment_then_launches_with_no_secret_in_it(captured):
+    result, config = captured(["--model-id", "m", "--env", "--api-key", "s3cret", "--nnodes", "2"],
+                              env={"SHARD_SECRET": "sh4red"})
     assert result.exit_code == 0 and config is not None
     for text in ("Runtime environment:", "Python: 3.", "torch: ", "nvidia-smi:", "Configuration: LauncherConfig("):
         assert text in result.output
     assert "s3cret" not in result.output and "api_key='***'" in result.output
+    assert "sh4red" not in result.output and result.output.count("shard_secret='***'") == 2  # the router's and shards'
 
 
 def test_json_output_formats_launcher_records_and_child_lines_as_json_objects():
