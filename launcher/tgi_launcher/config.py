@@ -98,8 +98,6 @@ class LauncherConfig:
                               f"got {self.node_rank}")
         if self.num_replicas > 1 and self.is_multi_node:
             raise ConfigError("`data_parallel_size` > 1 with `nnodes` > 1 is not supported yet")
-        if self.num_replicas > 1 and (self.shard.lora_adapters or self.shard.max_loras):
-            raise ConfigError("LoRA adapters with `data_parallel_size` > 1 are not supported yet")
         if len(self.replica_master_ports) != self.num_replicas - 1:
             raise ConfigError(f"`replica_master_ports` must hold {self.num_replicas - 1} ports, got "
                               f"{len(self.replica_master_ports)}")

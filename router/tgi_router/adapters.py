@@ -9,6 +9,9 @@ finds no free slot waits.
 
 Unloading takes the name away at once (new requests get 422); the adapter itself is forgotten by the
 shards once no request that named it is left (`wait_unused`).
+
+Data-parallel replicas (`replicas`) share the names, ids and users, as every replica's shards load
+and unload every adapter; each replica has its own slots (`for_replica`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ class LoraAdapters:
         self._slots: OrderedDict[int, int | None] = OrderedDict((slot, None) for slot in range(1, num_slots + 1))
         self._placements: list[tuple[int, int]] = []
         self._unused = asyncio.Event()
+        self._views = [self]  # every replica's, sharing the state above the slots
+
+    def for_replica(self) -> LoraAdapters:
+        """Another data-parallel replica's adapters: the same names, ids and users; slots of its own."""
+        view = LoraAdapters(num_slots=self.num_slots)
+        view.ids, view._users, view._unused, view._views = self.ids, self._users, self._unused, self._views
+        self._views.append(view)
+        return view
 
     @property
     def names(self) -> list[str]:
@@ -71,9 +82,10 @@ class LoraAdapters:
             self._unused.clear()
             await self._unused.wait()
         del self._users[adapter_id]
-        slot = self._slot_of.pop(adapter_id, None)
-        if slot is not None:
-            self._slots[slot] = None
+        for view in self._views:
+            slot = view._slot_of.pop(adapter_id, None)
+            if slot is not None:
+                view._slots[slot] = None
 
     def acquire(self, adapter_id: int) -> int | None:
         """The slot for a request of `adapter_id` joining the batch: the adapter's own, or the least

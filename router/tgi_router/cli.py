@@ -60,14 +60,13 @@ async def _start(settings: RouterSettings) -> web.Application:
     tokenizer = Tokenizer.from_dir(settings.tokenizer_path)
     groups = [ShardClient(targets, settings.shard_secret) for targets in settings.shard_targets]
     shard_info = await groups[0].info()
-    if len(groups) > 1 and shard_info.max_loras:
-        raise ShardError("LoRA adapters with --data-parallel-size > 1 are not supported yet")
     await asyncio.gather(*(shards.clear_cache() for shards in groups))
     limits = await _warmup(settings, groups, shard_info, tokenizer)
     adapters = LoraAdapters(tuple(shard_info.lora_adapters), shard_info.max_loras)
     config = SchedulerConfig(limits.max_batch_prefill_tokens, limits.max_batch_size, settings.prefix_caching,
                              speculate=_speculate(settings, shard_info), draft_model=bool(shard_info.speculative_model))
-    schedulers = [Scheduler(config, BlockManager(limits.num_blocks, shard_info.block_size), adapters) for _ in groups]
+    schedulers = [Scheduler(config, BlockManager(limits.num_blocks, shard_info.block_size),
+                            adapters if replica == 0 else adapters.for_replica()) for replica in range(len(groups))]
     blocks = schedulers[0].blocks
     validation = ValidationConfig(
         max_best_of=settings.max_best_of,

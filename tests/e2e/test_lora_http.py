@@ -113,11 +113,13 @@ async def _post(session, url, route, body):
         return response.status, await response.text()
 
 
-@pytest.mark.parametrize("num_shard", [1, 2])
+@pytest.mark.parametrize("num_shard, num_replicas", [(1, 1), (2, 1), (1, 2)])
 async def test_adapters_loaded_at_run_time_take_turns_in_fewer_slots_and_unload_after_their_requests(
-    checkpoints, expected, hf_home, tmp_path, num_shard
+    checkpoints, expected, hf_home, tmp_path, num_shard, num_replicas
 ):
-    args = ("--lora-adapters", f"support={checkpoints / 'support'}", "--max-loras", "1", "--api-key", "k")
+    """Also with two data-parallel replicas: each loads and unloads every adapter, with slots of its own."""
+    args = ("--lora-adapters", f"support={checkpoints / 'support'}", "--max-loras", "1", "--api-key", "k",
+            "--data-parallel-size", str(num_replicas))
     _save_wide_adapter(checkpoints / "base", tmp_path, rank=32)
     with running_server(str(checkpoints / "base"), hf_home, *args, num_shard=num_shard) as server:
         url = server.url

@@ -316,7 +316,6 @@ def test_each_data_parallel_replica_gets_its_own_sockets_rendezvous_and_gpus(cap
 
 @pytest.mark.parametrize("args, message", [
     (["--data-parallel-size", "2", "--num-shard", "2"], "`num_shard` is 2 times 2 replicas but only 3 CUDA device(s)"),
-    (["--data-parallel-size", "2", "--lora-adapters", "a=/x"], "LoRA adapters with `data_parallel_size` > 1"),
     (["--data-parallel-size", "2", "--nnodes", "2"], "`data_parallel_size` > 1 with `nnodes` > 1 is not supported"),
 ])
 def test_data_parallel_settings_it_cannot_serve_fail_with_one_line(captured, args, message):

@@ -560,3 +560,30 @@ def test_a_request_whose_adapter_was_unloaded_after_its_validation_is_refused_an
         scheduler.add(dataclasses.replace(make_request(1, 5), adapter_id=adapter_id))
     assert not scheduler.has_work
     scheduler.finish(1)  # unknown to it: nothing happens
+
+
+async def test_replicas_share_the_adapters_names_and_users_but_place_them_in_slots_of_their_own():
+    first = LoraAdapters(("a", "b"), num_slots=1)
+    second = first.for_replica()
+    schedulers = [Scheduler(SchedulerConfig(max_batch_prefill_tokens=64, max_batch_size=8), BlockManager(64, BLOCK_SIZE),
+                            adapters) for adapters in (first, second)]
+    for scheduler, (request_id, adapter_id) in zip(schedulers, [(1, 1), (2, 2)]):
+        scheduler.add(Request(id=request_id, prompt_token_ids=[100 * request_id + i for i in range(5)],
+                              max_new_tokens=4, adapter_id=adapter_id))
+    plans = [run_step(scheduler)[0] for scheduler in schedulers]
+    # one slot each: adapter a in the first replica's, b in the second's, both running at once
+    assert [plan.adapter_placements for plan in plans] == [[(1, 1)], [(1, 2)]]
+    new_id = first.new_id()
+    first.add("c", new_id)
+    assert second.ids["c"] == new_id  # loaded on every replica's shards, known to every replica
+    unloaded = first.remove("b")
+    with pytest.raises(ValidationError, match="unloaded"):
+        second.hold(unloaded)
+    for scheduler, request_id in zip(schedulers, (1, 2)):
+        scheduler.finish(request_id)
+    await first.wait_unused(unloaded)  # no request names b any more: it leaves the second replica's slot
+    assert unloaded not in second._slot_of
+    third = Request(id=3, prompt_token_ids=[7, 8, 9, 10, 11], max_new_tokens=2, adapter_id=new_id)
+    schedulers[1].add(third)
+    plan, _ = run_step(schedulers[1])
+    assert plan.adapter_placements == [(1, new_id)] and third.adapter_slot == 1
