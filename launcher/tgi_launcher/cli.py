@@ -74,7 +74,7 @@ def launch(
     port: int = _passed(RouterSettings, "port", "PORT", "--port", "-p"),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),
     data_parallel_size: int = _passed(RouterSettings, "data_parallel_size", "DATA_PARALLEL_SIZE"),
-    nnodes: int = _passed(ShardSettings, "nnodes", "NNODES"),
+    nnodes: int = typer.Option(1, envvar="NNODES", help="Nodes (hosts) of the deployment, each running this launcher: one replica's --num-shard shards spread over them (num_shard / nnodes each, consecutive ranks), or with --data-parallel-size N, N / nnodes whole replicas on each."),
     node_rank: int = typer.Option(0, envvar="NODE_RANK", help="This node's rank among --nnodes: node 0 runs the router and listens for the other nodes' launchers on --master-port + 1."),
     shard_listen_addr: Optional[str] = typer.Option(None, envvar="SHARD_LISTEN_ADDR", help="Nodes 1 and up: where this node's shards serve gRPC for node 0's router, HOST or HOST:PORT (PORT plus the shard's rank on the node; default 0.0.0.0 and any free port)."),
     shard_secret: Optional[str] = typer.Option(None, envvar="SHARD_SECRET", help="Shared by the router and every shard (required with --nnodes > 1, the same on every node): a shard refuses calls without it, and a node's launcher joins node 0's only with it."),
@@ -194,7 +194,7 @@ def _link_nodes(config: LauncherConfig, supervisor: shards.Supervisor):
         return None
     port = nodes.link_port(config.shard.master_port)
     if config.node_rank == 0:
-        hub = nodes.NodeHub(config.shard.nnodes, config.shard.shard_secret, port).start()
+        hub = nodes.NodeHub(config.nnodes, config.shard.shard_secret, port).start()
         supervisor.watch(lambda: hub.peers)
         return hub
     link = nodes.join(config.shard.master_addr, port, config.node_rank, config.shard.shard_secret,
@@ -229,14 +229,16 @@ def _run_children(config: LauncherConfig, supervisor: shards.Supervisor, link, m
     router = failed = None
     targets: tuple[str, ...] = ()  # the router's shard addresses, when some are on other nodes
     try:
-        log.info("Starting %d shard(s)%s%s", len(config.local_ranks) * config.num_replicas,
+        replicas = config.local_replicas
+        log.info("Starting %d shard(s)%s%s", len(config.local_ranks) * len(replicas),
                  f" (ranks {config.local_ranks.start} to {config.local_ranks.stop - 1} of {config.num_shard})"
-                 if config.is_multi_node else "",
-                 f": {config.num_replicas} replicas of {config.num_shard}" if config.num_replicas > 1 else "")
+                 if config.shard.nnodes > 1 else "",
+                 f": replicas {replicas.start} to {replicas.stop - 1} of {config.num_replicas}, {config.num_shard} "
+                 "shard(s) each" if config.num_replicas > 1 else "")
         shard_children = [
             supervisor.start(f"replica {replica} shard {rank}" if config.num_replicas > 1 else f"shard {rank}",
                              shard_argv(config, model_path, rank, replica), shard_env(config, rank, replica))
-            for replica in range(config.num_replicas) for rank in config.local_ranks
+            for replica in replicas for rank in config.local_ranks
         ]
         supervisor.wait_until_ready(dict(zip(shard_children, config.ready_paths)), config.shard_ready_timeout)
         if isinstance(link, nodes.NodeHub):

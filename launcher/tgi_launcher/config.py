@@ -83,9 +83,11 @@ class LauncherConfig:
     graceful_termination_timeout: float = 90.0
     # The launcher's log lines, and the child output it forwards, as one JSON object per line.
     json_output: bool = False
-    # This launcher's node among `shard.nnodes`: node 0 runs the router, every node its share of the shards.
+    # The nodes of the deployment, and this launcher's: node 0 runs the router, every node its share of the
+    # shards (of one replica spanning them, `shard.nnodes` > 1, or of whole replicas on each node).
+    nnodes: int = 1
     node_rank: int = 0
-    # The torch.distributed rendezvous port of each data-parallel replica after the first (`shard.master_port`).
+    # With several data-parallel replicas, the torch.distributed rendezvous port of each of this node's.
     replica_master_ports: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -93,14 +95,16 @@ class LauncherConfig:
             raise ConfigError(f"`shard_ready_timeout` must be > 0, got {self.shard_ready_timeout}")
         if self.graceful_termination_timeout < 0:
             raise ConfigError(f"`graceful_termination_timeout` must be >= 0, got {self.graceful_termination_timeout}")
-        if not 0 <= self.node_rank < self.shard.nnodes:
-            raise ConfigError(f"`node_rank` must be in 0..{self.shard.nnodes - 1} (`nnodes` {self.shard.nnodes}), "
-                              f"got {self.node_rank}")
-        if self.num_replicas > 1 and self.is_multi_node:
-            raise ConfigError("`data_parallel_size` > 1 with `nnodes` > 1 is not supported yet")
-        if len(self.replica_master_ports) != self.num_replicas - 1:
-            raise ConfigError(f"`replica_master_ports` must hold {self.num_replicas - 1} ports, got "
-                              f"{len(self.replica_master_ports)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"`node_rank` must be in 0..{self.nnodes - 1} (`nnodes` {self.nnodes}), got {self.node_rank}")
+        if self.num_replicas > 1 and self.num_replicas % self.nnodes:
+            raise ConfigError(f"`data_parallel_size` must be a multiple of `nnodes` (the same replicas on every node), "
+                              f"got {self.num_replicas} and {self.nnodes}")
+        if self.shard.nnodes not in (1, self.nnodes) or self.shard.nnodes > 1 and self.num_replicas > 1:
+            raise ConfigError(f"the shards' `nnodes` must be {self.nnodes} for one replica spanning the nodes, else 1")
+        num_ports = len(self.local_replicas) if self.num_replicas > 1 else 0
+        if len(self.replica_master_ports) != num_ports:
+            raise ConfigError(f"`replica_master_ports` must hold {num_ports} ports, got {len(self.replica_master_ports)}")
         if self.node_rank == 0 and self.shard.shard_listen_addr is not None:
             raise ConfigError("`shard_listen_addr` is for nodes 1 and up: node 0's shards serve the router beside "
                               "them on Unix sockets")
@@ -111,31 +115,40 @@ class LauncherConfig:
 
     @property
     def is_multi_node(self) -> bool:
-        return self.shard.nnodes > 1
+        return self.nnodes > 1
 
     @property
     def num_replicas(self) -> int:
         return self.router.data_parallel_size
 
+    @property
+    def local_replicas(self) -> range:
+        """The data-parallel replicas this node runs (all of them on one node; a share of whole replicas on
+        each of several)."""
+        per_node = self.num_replicas // self.nnodes if self.num_replicas > 1 else 1
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node) if self.num_replicas > 1 else range(1)
+
     def replica_shard(self, replica: int) -> ShardSettings:
-        """The shard settings of data-parallel replica `replica`: its own sockets and rendezvous."""
+        """The shard settings of data-parallel replica `replica` (one of `local_replicas`): its own sockets, and
+        its own rendezvous on this node."""
         if self.num_replicas == 1:
             return self.shard
-        master_port = self.shard.master_port if replica == 0 else self.replica_master_ports[replica - 1]
+        master_port = self.replica_master_ports[replica - self.local_replicas.start]
         return dataclasses.replace(self.shard, master_port=master_port,
+                                   master_addr="127.0.0.1" if self.is_multi_node else self.shard.master_addr,
                                    shard_uds_path=replica_uds_path(self.shard.shard_uds_path, replica, self.num_replicas))
 
     @property
     def local_ranks(self) -> range:
-        """The ranks of the shards this launcher runs."""
+        """The ranks, within its replica, of the shards this launcher runs of each local replica."""
         per_node = self.shard.num_local_shards
-        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node) if self.shard.nnodes > 1 else range(per_node)
 
     @property
     def ready_paths(self) -> list[str]:
         """What each local shard creates once it serves (`ShardSettings.ready_paths`), replica after replica,
         in `local_ranks` order."""
-        return [self.replica_shard(replica).ready_paths[rank] for replica in range(self.num_replicas)
+        return [self.replica_shard(replica).ready_paths[rank] for replica in self.local_replicas
                 for rank in self.local_ranks]
 
     @property
@@ -195,24 +208,29 @@ def resolve_config(
     if nnodes > 1 and not settings.get("shard_secret"):
         raise ConfigError("`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET, the same on every "
                           "node): shards serve other nodes over TCP, and only callers holding it may use them")
-    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, nnodes, num_replicas)
+    # One replica spans the nodes; several each live on one node, num_replicas / nnodes on each.
+    shard_nnodes = nnodes if num_replicas == 1 else 1
+    replicas_per_node = max(num_replicas // nnodes, 1)
+    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, shard_nnodes, replicas_per_node)
     num_gpus = num_visible_gpus()
-    if 0 < num_gpus < num_shard // nnodes * num_replicas:  # on CPU (no GPU visible) any number of shards share the cores
-        per_node = f" ({num_shard // nnodes} per node)" if nnodes > 1 else ""
-        replicas = f" times {num_replicas} replicas" if num_replicas > 1 else ""
+    if 0 < num_gpus < num_shard // shard_nnodes * replicas_per_node:  # on CPU any number of shards share the cores
+        per_node = f" ({num_shard // nnodes} per node)" if shard_nnodes > 1 else ""
+        replicas = f" times {replicas_per_node} replicas" if replicas_per_node > 1 else ""
         raise ConfigError(f"`num_shard` is {num_shard}{per_node}{replicas} but only {num_gpus} CUDA device(s) are "
                           "visible: each shard needs its own GPU")
     if num_replicas > 1:
-        settings["replica_master_ports"] = tuple(free_port() for _ in range(num_replicas - 1))
+        settings["replica_master_ports"] = tuple(free_port() for _ in range(replicas_per_node))
     if nnodes > 1 and settings.get("node_rank") and settings.get("shard_listen_addr") is None:
         settings["shard_listen_addr"] = "0.0.0.0"  # the router, on node 0, reaches this node's shards over TCP
     settings.update(
         num_shard=num_shard,
         max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,
         shard_uds_path=shard_uds_path if shard_uds_path is not None else f"{DEFAULT_SHARD_UDS_PATH}-{os.getpid()}",
-        # Every node must agree on the rendezvous port: a free one is picked only for a single node.
-        master_port=master_port if master_port is not None else free_port() if 1 < num_shard == num_shard // nnodes
+        # Every node must agree on the port (the rendezvous, and the launchers' link beside it): a free one is
+        # picked only for a single node.
+        master_port=master_port if master_port is not None else free_port() if num_shard > 1 and nnodes == 1
         else DEFAULT_MASTER_PORT,
+        nnodes=nnodes,
     )
     if isinstance(cuda_graphs, str):
         settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
@@ -241,7 +259,7 @@ def resolve_config(
         return LauncherConfig(
             model_id=model_id,
             router=_settings(RouterSettings, settings, model_id=served_model_name(model_id)),
-            shard=_settings(ShardSettings, settings),
+            shard=_settings(ShardSettings, {**settings, "nnodes": shard_nnodes}),
             **{name: value for name, value in settings.items() if name in _field_names(LauncherConfig)},
         )
     except SettingsError as error:

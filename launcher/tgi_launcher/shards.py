@@ -90,7 +90,8 @@ def shard_env(config: LauncherConfig, rank: int, replica: int = 0) -> dict[str, 
     if config.num_replicas > 1 and num_visible_gpus():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = [gpu.strip() for gpu in visible.split(",")] if visible else [str(i) for i in range(num_visible_gpus())]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[replica * shard.num_shard : (replica + 1) * shard.num_shard])
+        first = (replica - config.local_replicas.start) * shard.num_shard  # this node's replicas, in order
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[first : first + shard.num_shard])
     if config.huggingface_hub_cache is not None:
         env["HUGGINGFACE_HUB_CACHE"] = config.huggingface_hub_cache
     return env

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,25 +16,11 @@ import pytest
 
 from server_helpers import (
     MAX_NEW_TOKENS, PREFIX_PROMPTS, PROMPTS, Server, assert_greedy_equals_transformers_with_cached_prefixes,
-    save_tiny_model, tiny_config, transformers_greedy,
+    free_port_pair, save_tiny_model, tiny_config, transformers_greedy,
 )
 
 SECRET = "correct horse battery staple"
 LIMITS = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "8192")
-
-
-def free_port_pair() -> int:
-    """A port p with p + 1 free too: torch.distributed's rendezvous and the launchers' link."""
-    for _ in range(50):
-        with socket.socket() as first, socket.socket() as second:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def node(model: Path, hf_home: Path, rank: int, master_port: int, secret: str = SECRET) -> Server:

@@ -316,11 +316,28 @@ def test_each_data_parallel_replica_gets_its_own_sockets_rendezvous_and_gpus(cap
 
 @pytest.mark.parametrize("args, message", [
     (["--data-parallel-size", "2", "--num-shard", "2"], "`num_shard` is 2 times 2 replicas but only 3 CUDA device(s)"),
-    (["--data-parallel-size", "2", "--nnodes", "2"], "`data_parallel_size` > 1 with `nnodes` > 1 is not supported"),
+    (["--data-parallel-size", "3", "--nnodes", "2"], "`data_parallel_size` must be a multiple of `nnodes`"),
 ])
 def test_data_parallel_settings_it_cannot_serve_fail_with_one_line(captured, args, message):
     result, config = captured(["--model-id", "m", *args], env={"SHARD_SECRET": "s", "CUDA_VISIBLE_DEVICES": "0,1,2"})
     assert result.exit_code == 2 and config is None and message in result.output, result.output
+
+
+def test_replicas_across_nodes_run_whole_on_each_node_with_a_local_rendezvous(captured, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    env = {"SHARD_SECRET": "s", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    args = ["--model-id", "m", "--nnodes", "2", "--data-parallel-size", "4", "--master-addr", "10.0.0.1"]
+    _, node0 = captured(args, env=env)
+    _, node1 = captured([*args, "--node-rank", "1"], env=env)
+    assert (node0.num_shard, list(node0.local_replicas), list(node1.local_replicas)) == (2, [0, 1], [2, 3])
+    assert node1.shard.nnodes == 1 and list(node1.local_ranks) == [0, 1]  # each replica's world on its node
+    uds = node1.shard.shard_uds_path
+    assert node1.ready_paths == [f"{uds}-dp2-0.address", f"{uds}-dp2-1.address", f"{uds}-dp3-0.address",
+                                 f"{uds}-dp3-1.address"]
+    envs = [shard_env(node1, rank, replica) for replica in (2, 3) for rank in (0, 1)]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0,1", "0,1", "2,3", "2,3"]
+    assert {env["MASTER_ADDR"] for env in envs} == {"127.0.0.1"} and envs[0]["MASTER_PORT"] != envs[2]["MASTER_PORT"]
+    assert node0.shard.master_port == 29500  # where node 0's launcher links the others (port + 1)
 
 
 def test_default_socket_path_is_unique_per_launcher(captured):
