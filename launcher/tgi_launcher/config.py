@@ -204,33 +204,15 @@ def resolve_config(
     if max_input_tokens is not None and max_input_length is not None:
         raise ConfigError("set only one of `max_input_tokens` and `max_input_length` (its legacy alias)")
     model_id = model_id if model_id is not None else default_model_id()
-    nnodes, num_replicas = settings.get("nnodes") or 1, settings.get("data_parallel_size") or 1
-    if nnodes > 1 and not settings.get("shard_secret"):
-        raise ConfigError("`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET, the same on every "
-                          "node): shards serve other nodes over TCP, and only callers holding it may use them")
-    # One replica spans the nodes; several each live on one node, num_replicas / nnodes on each.
-    shard_nnodes = nnodes if num_replicas == 1 else 1
-    replicas_per_node = max(num_replicas // nnodes, 1)
-    num_shard = resolve_num_shard(parse_bool("sharded", sharded), num_shard, shard_nnodes, replicas_per_node)
-    num_gpus = num_visible_gpus()
-    if 0 < num_gpus < num_shard // shard_nnodes * replicas_per_node:  # on CPU any number of shards share the cores
-        per_node = f" ({num_shard // nnodes} per node)" if shard_nnodes > 1 else ""
-        replicas = f" times {replicas_per_node} replicas" if replicas_per_node > 1 else ""
-        raise ConfigError(f"`num_shard` is {num_shard}{per_node}{replicas} but only {num_gpus} CUDA device(s) are "
-                          "visible: each shard needs its own GPU")
-    if num_replicas > 1:
-        settings["replica_master_ports"] = tuple(free_port() for _ in range(replicas_per_node))
-    if nnodes > 1 and settings.get("node_rank") and settings.get("shard_listen_addr") is None:
-        settings["shard_listen_addr"] = "0.0.0.0"  # the router, on node 0, reaches this node's shards over TCP
+    num_shard, shard_nnodes = _resolve_layout(settings, parse_bool("sharded", sharded), num_shard)
     settings.update(
         num_shard=num_shard,
         max_input_tokens=max_input_tokens if max_input_tokens is not None else max_input_length,
         shard_uds_path=shard_uds_path if shard_uds_path is not None else f"{DEFAULT_SHARD_UDS_PATH}-{os.getpid()}",
         # Every node must agree on the port (the rendezvous, and the launchers' link beside it): a free one is
         # picked only for a single node.
-        master_port=master_port if master_port is not None else free_port() if num_shard > 1 and nnodes == 1
-        else DEFAULT_MASTER_PORT,
-        nnodes=nnodes,
+        master_port=master_port if master_port is not None
+        else free_port() if num_shard > 1 and settings["nnodes"] == 1 else DEFAULT_MASTER_PORT,
     )
     if isinstance(cuda_graphs, str):
         settings["cuda_graphs"] = parse_cuda_graphs(cuda_graphs)
@@ -267,6 +249,32 @@ def resolve_config(
 
 
 SETTINGS_TYPES = (LauncherConfig, RouterSettings, ShardSettings)
+
+
+def _resolve_layout(settings: dict, sharded: bool | None, num_shard: int | None) -> tuple[int, int]:
+    """(shards of one replica, nodes one replica spans) from `nnodes` and `data_parallel_size`: one replica
+    spans the nodes, or several each live whole on one node, data_parallel_size / nnodes on each. Checks
+    the visible GPUs and the shard secret several nodes need; adds the replicas' rendezvous ports and, on
+    nodes after the first, the shards' TCP address to `settings`."""
+    nnodes = settings["nnodes"] = settings.get("nnodes") or 1
+    num_replicas = settings.get("data_parallel_size") or 1
+    if nnodes > 1 and not settings.get("shard_secret"):
+        raise ConfigError("`nnodes` > 1 needs a shard secret (--shard-secret or SHARD_SECRET, the same on every "
+                          "node): shards serve other nodes over TCP, and only callers holding it may use them")
+    shard_nnodes = nnodes if num_replicas == 1 else 1
+    replicas_per_node = max(num_replicas // nnodes, 1)
+    num_shard = resolve_num_shard(sharded, num_shard, shard_nnodes, replicas_per_node)
+    num_gpus = num_visible_gpus()
+    if 0 < num_gpus < num_shard // shard_nnodes * replicas_per_node:  # on CPU any number of shards share the cores
+        per_node = f" ({num_shard // nnodes} per node)" if shard_nnodes > 1 else ""
+        replicas = f" times {replicas_per_node} replicas" if replicas_per_node > 1 else ""
+        raise ConfigError(f"`num_shard` is {num_shard}{per_node}{replicas} but only {num_gpus} CUDA device(s) are "
+                          "visible: each shard needs its own GPU")
+    if num_replicas > 1:
+        settings["replica_master_ports"] = tuple(free_port() for _ in range(replicas_per_node))
+    if nnodes > 1 and settings.get("node_rank") and settings.get("shard_listen_addr") is None:
+        settings["shard_listen_addr"] = "0.0.0.0"  # the router, on node 0, reaches this node's shards over TCP
+    return num_shard, shard_nnodes
 
 
 def _field_names(cls) -> set[str]:
