@@ -74,6 +74,7 @@ def launch(
     port: int = _passed(RouterSettings, "port", "PORT", "--port", "-p"),
     shard_uds_path: Optional[str] = typer.Option(None, envvar="SHARD_UDS_PATH", help=f"Shard socket prefix; shard r binds {{path}}-{{r}} (default: {DEFAULT_SHARD_UDS_PATH}-<launcher pid>)."),
     data_parallel_size: int = _passed(RouterSettings, "data_parallel_size", "DATA_PARALLEL_SIZE"),
+    pipeline_parallel_size: int = _passed(ShardSettings, "pipeline_parallel_size", "PIPELINE_PARALLEL_SIZE"),
     nnodes: int = typer.Option(1, envvar="NNODES", help="Nodes (hosts) of the deployment, each running this launcher: one replica's --num-shard shards spread over them (num_shard / nnodes each, consecutive ranks), or with --data-parallel-size N, N / nnodes whole replicas on each."),
     node_rank: int = typer.Option(0, envvar="NODE_RANK", help="This node's rank among --nnodes: node 0 runs the router and listens for the other nodes' launchers on --master-port + 1."),
     shard_listen_addr: Optional[str] = typer.Option(None, envvar="SHARD_LISTEN_ADDR", help="Nodes 1 and up: where this node's shards serve gRPC for node 0's router, HOST or HOST:PORT (PORT plus the shard's rank on the node; default 0.0.0.0 and any free port)."),

@@ -114,6 +114,11 @@ class LauncherConfig:
         return self.shard.num_shard
 
     @property
+    def tensor_parallel_size(self) -> int:
+        """The shards each layer is split over: all of a replica's, or a pipeline stage's."""
+        return self.num_shard // self.shard.pipeline_parallel_size
+
+    @property
     def is_multi_node(self) -> bool:
         return self.nnodes > 1
 
@@ -153,7 +158,7 @@ class LauncherConfig:
 
     @property
     def prepare(self) -> PrepareSettings:
-        return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache, self.num_shard)
+        return PrepareSettings(self.model_id, self.revision, self.huggingface_hub_cache, self.tensor_parallel_size)
 
     @property
     def prepare_adapters(self) -> list[tuple[str, PrepareSettings]]:
@@ -164,7 +169,7 @@ class LauncherConfig:
             name, _, source = spec.rpartition("=")
             adapter_id, revision = split_revision(source)
             out.append((name or adapter_id, PrepareSettings(adapter_id, revision, self.huggingface_hub_cache,
-                                                            self.num_shard, adapter=True)))
+                                                            self.tensor_parallel_size, adapter=True)))
         return out
 
     @property
@@ -172,7 +177,7 @@ class LauncherConfig:
         """The draft model's `prepare` (--speculative-model, at its default revision), or None without one."""
         if self.shard.speculative_model is None:
             return None
-        return PrepareSettings(self.shard.speculative_model, None, self.huggingface_hub_cache, self.num_shard)
+        return PrepareSettings(self.shard.speculative_model, None, self.huggingface_hub_cache, self.tensor_parallel_size)
 
 
 def resolve_config(

@@ -119,15 +119,17 @@ def weight_bytes(config: dict) -> tuple[int, str | None]:
 def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int, num_nodes: int = 1) -> dict:
     """The smallest tensor-parallel degree (that attention splits over) that holds the model with
     room for a full context: within one node if it can be, the node's other GPUs then running
-    data-parallel replicas; else over the fewest whole nodes. Several nodes each run such a deployment
-    unless one spans them. ValueError when even all the GPUs cannot hold it."""
+    data-parallel replicas; else over the fewest whole nodes, a pipeline stage on each (tensor parallel
+    stays inside a node). Several nodes each run such a deployment unless one spans them. ValueError
+    when even all the GPUs cannot hold it."""
     shape = ModelShape.from_config(config)
     total_weight_bytes, quantization = weight_bytes(config)
     prefill_tokens = min(MAX_PREFILL_TOKENS, shape.max_position_embeddings)
     layouts = [(num_shard, 1) for num_shard in _shard_counts(num_gpus)]
     layouts += [(nnodes * num_gpus, nnodes) for nnodes in range(2, num_nodes + 1)]
     for num_shard, nnodes in layouts:
-        if num_shard > shape.num_kv_heads and (num_shard % shape.num_kv_heads or shape.num_heads % num_shard):
+        tensor_parallel = num_shard // nnodes  # across nodes: a pipeline stage per node, tensor parallel inside
+        if tensor_parallel > shape.num_kv_heads and (tensor_parallel % shape.num_kv_heads or shape.num_heads % tensor_parallel):
             continue  # attention cannot split (see `TPGroup.head_partition`)
         usable = num_shard * gpu_memory_gib * GIB * USABLE_FRACTION
         free = usable - total_weight_bytes - num_shard * shape.activation_bytes(prefill_tokens)
@@ -146,6 +148,7 @@ def recommend(model_id: str, config: dict, gpu_memory_gib: float, num_gpus: int,
                 "max_input_length": max_total - 1,
                 "max_total_tokens": max_total,
                 "num_shard": num_shard,
+                "pipeline_parallel_size": nnodes,
                 "data_parallel_size": replicas,
                 "nnodes": nnodes,
                 "deployments": deployments,
@@ -164,7 +167,8 @@ def _instance(num_shard: int, nnodes: int, replicas: int, deployments: int, num_
     """What runs where, in words: "2x GPU with 80 GiB", "2 replicas of 4x GPU ...", "2 nodes of 8x GPU ..."."""
     gpus = f"{num_shard}x GPU with {gpu_memory_gib:g} GiB"
     if nnodes > 1:
-        text = f"{nnodes} nodes of {num_gpus}x GPU with {gpu_memory_gib:g} GiB, one deployment of {num_shard} shards"
+        text = (f"{nnodes} nodes of {num_gpus}x GPU with {gpu_memory_gib:g} GiB, one deployment of {num_shard} shards: "
+                f"{nnodes} pipeline stages of {num_gpus}")
     elif replicas > 1:
         text = f"{replicas} replicas of {gpus} on each node"
     else:

@@ -107,6 +107,9 @@ class ShardSettings:
     num_shard: int = setting(1, "Number of shards (the tensor-parallel degree), over all nodes.", minimum=1)
     nnodes: int = setting(1, "Nodes (hosts) the shards are spread over, num_shard / nnodes on each: ranks "
                           "[k * per node, (k + 1) * per node) run on node k.", minimum=1)
+    pipeline_parallel_size: int = setting(
+        1, "Pipeline stages: the decoder layers split into this many runs, each on num_shard / stages shards (a "
+        "tensor-parallel group of consecutive ranks); a step runs through the stages in turn.", minimum=1)
     shard_uds_path: str = setting(DEFAULT_SHARD_UDS_PATH, "Socket path prefix; shard r binds {path}-{r}.")
     shard_listen_addr: str | None = setting(
         None, "Serve gRPC on TCP instead of the Unix socket, at HOST or HOST:PORT (PORT plus the shard's rank on its "
@@ -174,6 +177,10 @@ class ShardSettings:
         if self.num_shard % self.nnodes:
             raise SettingsError(f"`num_shard` must be a multiple of `nnodes` (the same number of shards on every "
                                 f"node), got {self.num_shard} and {self.nnodes}")
+        check_pipeline(self.num_shard, self.pipeline_parallel_size, self.nnodes)
+        if self.pipeline_parallel_size > 1 and self.speculative_model is not None:
+            raise SettingsError("a draft model (`speculative_model`) with `pipeline_parallel_size` > 1 is not "
+                                "supported yet")
         if self.shard_listen_addr is not None:
             split_host_port(self.shard_listen_addr, "shard_listen_addr")
             if not self.shard_secret:
@@ -218,6 +225,8 @@ class RouterSettings:
     model_id: str = setting("", "Model name shown by /info, /v1/models and OpenAI responses.")
     shard_uds_path: str = setting(DEFAULT_SHARD_UDS_PATH, "Shard socket prefix; shard r listens on {path}-{r}.")
     num_shard: int = setting(1, "Number of shards.", minimum=1)
+    pipeline_parallel_size: int = setting(
+        1, "Pipeline stages among the shards: the last stage's first shard answers each step.", minimum=1)
     data_parallel_size: int = setting(
         1, "Independent replicas of the model (each num_shard shards with its own KV cache) behind this router: a "
         "request goes to the least loaded, or to one caching a longer prefix of its prompt.", minimum=1)
@@ -277,6 +286,9 @@ class RouterSettings:
         check_fields(self)
         if self.port > 65535:
             raise SettingsError(f"`port` must be in 0..65535, got {self.port}")
+        check_pipeline(self.num_shard, self.pipeline_parallel_size)
+        if self.pipeline_parallel_size > 1 and self.speculate:
+            raise SettingsError("`speculate` with `pipeline_parallel_size` > 1 is not supported yet")
         num_shards = self.num_shard * self.data_parallel_size
         if self.shard_addresses and len(self.shard_addresses) != num_shards:
             raise SettingsError(f"`shard_addresses` must name {num_shards} shards (`num_shard` x `data_parallel_size`), "
@@ -286,6 +298,11 @@ class RouterSettings:
         _check_below("max_total_tokens", self.max_total_tokens, "max_batch_total_tokens", self.max_batch_total_tokens)
         _check_below("max_batch_prefill_tokens", self.max_batch_prefill_tokens,
                      "max_batch_total_tokens", self.max_batch_total_tokens)
+
+    @property
+    def answering_rank(self) -> int:
+        """The shard whose step answers carry the samples: the first of the last pipeline stage."""
+        return self.num_shard - self.num_shard // self.pipeline_parallel_size
 
     @property
     def shard_targets(self) -> list[list[str]]:
@@ -301,6 +318,17 @@ class RouterSettings:
         """Whether TGI's batching knobs, which chunked prefill makes meaningless, were changed."""
         return (self.waiting_served_ratio, self.max_waiting_tokens) != (default_of(RouterSettings, "waiting_served_ratio"),
                                                                         default_of(RouterSettings, "max_waiting_tokens"))
+
+
+def check_pipeline(num_shard: int, num_stages: int, nnodes: int = 1) -> None:
+    """Stages of whole tensor-parallel groups, each within a node (one stage may span nodes: tensor
+    parallel across them)."""
+    if num_shard % num_stages:
+        raise SettingsError(f"`num_shard` must be a multiple of `pipeline_parallel_size` (the same shards in every "
+                            f"stage), got {num_shard} and {num_stages}")
+    if num_stages > 1 and (num_shard // nnodes) % (num_shard // num_stages):
+        raise SettingsError(f"a pipeline stage ({num_shard // num_stages} shards) must fit whole in a node "
+                            f"({num_shard // nnodes} shards): tensor parallelism stays inside a node")
 
 
 def replica_uds_path(shard_uds_path: str, replica: int, num_replicas: int) -> str:

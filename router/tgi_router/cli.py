@@ -58,7 +58,7 @@ async def _start(settings: RouterSettings) -> web.Application:
     if settings.is_waiting_tuned:
         log.warning("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.")
     tokenizer = Tokenizer.from_dir(settings.tokenizer_path)
-    groups = [ShardClient(targets, settings.shard_secret) for targets in settings.shard_targets]
+    groups = [ShardClient(targets, settings.shard_secret, settings.answering_rank) for targets in settings.shard_targets]
     shard_info = await groups[0].info()
     await asyncio.gather(*(shards.clear_cache() for shards in groups))
     limits = await _warmup(settings, groups, shard_info, tokenizer)

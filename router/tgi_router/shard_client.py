@@ -1,7 +1,8 @@
 """gRPC client for the shards: every call goes to all ranks with the same payload.
 
 Ranks run collectives inside a step, so they must all get every call, in the same order. Rank 0's
-answer is the batch's answer (the proto says only rank 0 fills samples); a failure on any rank fails
+answer is the batch's answer (the proto says only rank 0 fills samples; with pipeline stages, the last
+stage's first rank); a failure on any rank fails
 the call at once: the other ranks may be blocked in a collective waiting for the failed one, and
 their calls are cancelled rather than awaited.
 """
@@ -27,10 +28,12 @@ class ShardError(Exception):
 
 
 class ShardClient:
-    def __init__(self, targets: list[str], secret: str | None = None):
+    def __init__(self, targets: list[str], secret: str | None = None, answering_rank: int = 0):
         """`targets`: each shard's gRPC address in rank order (`unix:PATH`, `HOST:PORT`); `secret`: sent
-        as `authorization: Bearer <secret>` on every call (shards serving on TCP refuse calls without it)."""
+        as `authorization: Bearer <secret>` on every call (shards serving on TCP refuse calls without it);
+        `answering_rank`: the shard whose step responses carry the samples (the last pipeline stage's first)."""
         self.targets = targets
+        self.answering_rank = answering_rank
         self._channels = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for target in targets]
         self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
         self._metadata = (("authorization", f"Bearer {secret}"),) if secret else ()
@@ -78,7 +81,7 @@ class ShardClient:
 
     async def _step_result(self, calls: list) -> StepResult:
         responses = await self._gather("Step", calls)
-        return convert.step_result(responses[0])
+        return convert.step_result(responses[self.answering_rank])
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

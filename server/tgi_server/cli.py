@@ -103,7 +103,9 @@ def _build_server(settings: ShardSettings):
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tp = init_distributed(
         rank, world_size, settings.master_addr, settings.master_port, device, torch_dtype,
-        custom_all_reduce=not settings.disable_custom_all_reduce and settings.nnodes == 1,  # peer memory is one host's
+        # peer memory is one host's; stages' groups take NCCL's
+        custom_all_reduce=not settings.disable_custom_all_reduce and settings.nnodes == 1 and settings.pipeline_parallel_size == 1,
+        num_stages=settings.pipeline_parallel_size,
     )
     backend = "portable" if settings.disable_custom_kernels else None
     model, config = load_model(settings.model_path, tp, torch_dtype, device, settings.load_format, backend,
@@ -113,6 +115,10 @@ def _build_server(settings: ShardSettings):
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
     if not model.supports_cuda_graphs:
         log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
+        graph_sizes = ()
+    elif tp.stage is not None and graph_sizes:
+        log.info("CUDA graphs are off with pipeline parallelism (stage %d of %d, layers %d to %d)", tp.stage.index,
+                 tp.stage.num_stages, *tp.stage.layer_range(config.num_hidden_layers))
         graph_sizes = ()
     kv_cache_dtype = _kv_cache_dtype(settings.kv_cache_dtype) or torch_dtype
     watermark = Watermark(settings.watermark_gamma, settings.watermark_delta)
@@ -140,7 +146,8 @@ def _build_server(settings: ShardSettings):
     )
     interceptors = [secret_check(settings.shard_secret)] if settings.shard_secret else []
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS), interceptors=interceptors)
-    service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters)
+    answers = tp.stage is None and rank == 0 or tp.stage is not None and rank == tp.stage.sampling_rank
+    service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters, answers=answers)
     if settings.otlp_endpoint:
         service.tracer = start_tracing(settings.otlp_endpoint, shard_service_name(settings.otlp_service_name))
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)

@@ -32,6 +32,49 @@ def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class PipelineStage:
+    """This rank's place in a pipeline of `num_stages` stages, each a tensor-parallel group holding a run
+    of the decoder layers (`layer_range`): the first embeds the tokens, each sends its hidden states to
+    the same tensor-parallel rank of the next, the last computes the logits and samples. One step runs
+    through the stages one after the other (no micro-batches). `world` is the group of every rank, where
+    the last stage broadcasts the sampled tokens from `sampling_rank` (a global rank)."""
+
+    index: int
+    num_stages: int
+    previous_rank: int | None  # the global rank this one receives hidden states from
+    next_rank: int | None  # ... and sends them to
+    sampling_rank: int
+    world: object | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, stop) of the decoder layers this stage runs: balanced, earlier stages one more."""
+        return self.index * num_layers // self.num_stages, (self.index + 1) * num_layers // self.num_stages
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(tensor, src=self.previous_rank)
+        return tensor
+
+    def send(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous(), dst=self.next_rank)
+
+    def broadcast_tokens(self, token_ids: list[int] | None, count: int, device: torch.device) -> list[int]:
+        """The `count` tokens the last stage sampled (given there as `token_ids`), on every rank."""
+        tensor = (torch.tensor(token_ids, dtype=torch.int64) if token_ids is not None
+                  else torch.empty(count, dtype=torch.int64)).to(device)
+        dist.broadcast(tensor, src=self.sampling_rank, group=self.world)
+        return tensor.tolist()
+
+
+@dataclass(frozen=True)
 class TPGroup:
     """Tensor-parallel process group handle: rank, world_size and the torch.distributed group
     (None when world_size == 1).
@@ -45,6 +88,8 @@ class TPGroup:
     group: object | None
     # Sums small tensors over peer-to-peer memory; None: every all-reduce goes through `group`.
     fast_all_reduce: "SymmetricAllReduce | None" = None
+    # With pipeline parallelism, this group's stage; None: one stage holds every layer.
+    stage: PipelineStage | None = None
 
     def partition(self, size: int) -> tuple[int, int]:
         """[start, stop) of this rank's share of `size` items, balanced: shares differ by at most one,
@@ -130,8 +175,11 @@ def init_distributed(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     custom_all_reduce: bool = True,
+    num_stages: int = 1,
 ) -> TPGroup:
     """Join the tensor-parallel group: gloo on CPU, nccl on CUDA (rank r uses GPU r % device_count).
+    With `num_stages` pipeline stages, the world splits into that many tensor-parallel groups of
+    consecutive ranks, and the returned group carries this rank's `PipelineStage`.
 
     On CUDA, with `custom_all_reduce` and every GPU able to reach its peers' memory directly,
     small all-reduces of `dtype` tensors take `SymmetricAllReduce`. Everything comes in as
@@ -148,11 +196,28 @@ def init_distributed(
         rank=rank,
         world_size=world_size,
     )
+    if num_stages > 1:
+        return _pipeline_group(rank, world_size, num_stages)
     group = dist.group.WORLD
     fast = None
     if is_cuda and custom_all_reduce:
         fast = _symmetric_all_reduce(group, torch.device(device), dtype, world_size)
     return TPGroup(rank=rank, world_size=world_size, group=group, fast_all_reduce=fast)
+
+
+def _pipeline_group(rank: int, world_size: int, num_stages: int) -> TPGroup:
+    """This rank's tensor-parallel group and stage, the stages being runs of world_size / num_stages
+    consecutive ranks (every rank creates every group, in the same order, as torch.distributed requires)."""
+    per_stage = world_size // num_stages
+    groups = [dist.new_group(list(range(stage * per_stage, (stage + 1) * per_stage))) for stage in range(num_stages)]
+    index, tp_rank = divmod(rank, per_stage)
+    stage = PipelineStage(
+        index, num_stages,
+        previous_rank=rank - per_stage if index > 0 else None,
+        next_rank=rank + per_stage if index < num_stages - 1 else None,
+        sampling_rank=(num_stages - 1) * per_stage, world=dist.group.WORLD,
+    )
+    return TPGroup(rank=tp_rank, world_size=per_stage, group=groups[index] if per_stage > 1 else None, stage=stage)
 
 
 def _symmetric_all_reduce(group, device: torch.device, dtype: torch.dtype, world_size: int):

@@ -259,6 +259,7 @@ class ModelRunner:
         reused = self._take_started(started, batch) if started is not None else []
         reused_ids = {request_id for request_id, _, _ in reused}
         rest = [item for item in batch if item[0] not in reused_ids]
+        lookahead = lookahead and self.tp.stage is None  # a step's tokens reach the first stage only from the last
         if lookahead and continuing and reused and not rest:
             self._lookahead = self._chain_lookahead(started, continuing)
         samples, prompt_logprobs = self._forward_and_sample(rest) if rest else ([], [])
@@ -404,14 +405,23 @@ class ModelRunner:
         lora_segments = tuple((seq.adapter_slot, start, stop) for (_, seq, _), start, stop
                               in zip(batch, flat.query_start_loc, flat.query_start_loc[1:]) if seq.adapter_slot)
         hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device, lora_segments)
-        prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc)
+        stage = self.tp.stage
+        is_sampling = stage is None or stage.is_last
+        prompt_logprobs = self._prompt_logprobs(batch, hidden, flat.query_start_loc) if is_sampling else []
         to_sample = [(request_id, seq) for request_id, seq, n in batch if seq.num_computed_tokens + n == len(seq.token_ids)]
         for _, seq, n in batch:
             seq.num_computed_tokens += n
         if not to_sample:
             return [], prompt_logprobs
+        if not is_sampling:  # an earlier pipeline stage: the last one's tokens come back, nothing to answer
+            for (_, seq), token_id in zip(to_sample, stage.broadcast_tokens(None, len(to_sample), self.device)):
+                seq.token_ids.append(token_id)
+            return [], []
         logits = self.model.compute_logits(hidden[sample_rows])  # [num_samples, vocab]
-        return self._sample(logits, to_sample), prompt_logprobs
+        samples = self._sample(logits, to_sample)
+        if stage is not None:  # one token per sample: no speculation with stages
+            stage.broadcast_tokens([sample.tokens[0].token_id for sample in samples], len(samples), self.device)
+        return samples, prompt_logprobs
 
     def _is_graph_decode(self, batch: list[tuple[int, Sequence, int]]) -> bool:
         """Every sequence computes its last known token (so samples, and needs no prompt logprobs),

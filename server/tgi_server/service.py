@@ -29,8 +29,11 @@ MASKS_TIMEOUT_SECONDS = 60.0
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, runner: ModelRunner, info: pb.InfoResponse, rank: int, memory_fraction: float = 1.0,
-                 adapters: AdapterStore | None = None):
+                 adapters: AdapterStore | None = None, answers: bool | None = None):
+        """`answers`: whether this shard's step responses carry the samples (default: rank 0's; with
+        pipeline stages, the last stage's first shard's)."""
         self.runner = runner
+        self.answers = rank == 0 if answers is None else answers
         self.adapters = adapters
         self.tracer = None  # an OpenTelemetry tracer (--otlp-endpoint): each step gets a span under the router's
         self.memory_fraction = memory_fraction
@@ -113,7 +116,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             finally:
                 with self._masks_lock:
                     self._masks.pop(request.step_id, None)
-        if self.rank != 0:
+        if not self.answers:
             return pb.StepResponse(forward_ns=output.forward_ns)
         return pb.StepResponse(
             prompt_logprobs=[

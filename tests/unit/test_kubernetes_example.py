@@ -76,7 +76,9 @@ def test_the_leader_is_node_0_with_the_router_behind_its_probes_and_the_workers_
     workers = [launcher_config(worker_container, index, monkeypatch) for index in range(worker["replicas"])]
     assert node0.node_rank == 0 and [config.node_rank for config in workers] == list(range(1, len(workers) + 1))
     assert {config.shard.nnodes for config in [node0, *workers]} == {leader["replicas"] + worker["replicas"]}
-    assert len({(config.shard.master_addr, config.shard.master_port, config.num_shard) for config in [node0, *workers]}) == 1
+    assert len({(config.shard.master_addr, config.shard.master_port, config.num_shard, config.shard.pipeline_parallel_size)
+                for config in [node0, *workers]}) == 1
+    assert node0.shard.pipeline_parallel_size in (1, node0.nnodes)  # one stage, or a stage per node
     assert all(config.shard.num_local_shards == int(container["resources"]["limits"]["nvidia.com/gpu"])
                for config, container in ((node0, leader_container), (workers[0], worker_container)))
     assert node0.shard.master_addr.startswith(f"tgi-leader-0.{leader['serviceName']}")

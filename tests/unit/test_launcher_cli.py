@@ -83,9 +83,11 @@ OPTIONS = [
     ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "shard_listen_addr", "10.0.0.2:7000", "10.0.0.2:7000"),
     ("SHARD_SECRET", "--shard-secret", "shard_secret", "s3cret", "s3cret"),
     ("DATA_PARALLEL_SIZE", "--data-parallel-size", "data_parallel_size", "2", 2),
+    ("PIPELINE_PARALLEL_SIZE", "--pipeline-parallel-size", "pipeline_parallel_size", "2", 2),
 ]
 # Environment an option's row needs besides its own variable.
 OPTION_ENV = {"SHARDED": {"CUDA_VISIBLE_DEVICES": "0,1"}, "NNODES": {"SHARD_SECRET": "s"},
+              "PIPELINE_PARALLEL_SIZE": {"NUM_SHARD": "2"},
               "NODE_RANK": {"NNODES": "2", "SHARD_SECRET": "s"},
               "SHARD_LISTEN_ADDR": {"NNODES": "2", "NODE_RANK": "1", "SHARD_SECRET": "s"}}
 
@@ -119,6 +121,7 @@ REJECTED_OPTIONS = [
     ("NODE_RANK", "--node-rank", "1", "`node_rank` must be in 0..0 (`nnodes` 1), got 1"),
     ("SHARD_LISTEN_ADDR", "--shard-listen-addr", "0.0.0.0", "`shard_listen_addr` needs a shard secret"),
     ("DATA_PARALLEL_SIZE", "--data-parallel-size", "0", "`data_parallel_size` must be >= 1"),
+    ("PIPELINE_PARALLEL_SIZE", "--pipeline-parallel-size", "2", "`num_shard` must be a multiple of `pipeline_parallel_size`"),
 ]
 ALL_ENV_VARS = {row[0] for table in (OPTIONS, NO_EFFECT_OPTIONS, REJECTED_OPTIONS) for row in table}
 
@@ -288,14 +291,30 @@ def test_each_node_runs_its_share_of_the_ranks_and_nodes_after_the_first_serve_o
     assert by_gpus.num_shard == 6  # the visible GPUs on every node
 
 
+def test_pipeline_stages_split_the_shards_and_the_tensor_parallel_degree_is_a_stages(captured):
+    _, config = captured(["--model-id", "m", "--num-shard", "4", "--pipeline-parallel-size", "2"])
+    assert config.tensor_parallel_size == 2 and config.prepare.num_shard == 2  # KV heads are split over 2, not 4
+    router = parse_argv(RouterSettings, router_argv(config, "/tok")[3:])
+    assert router.pipeline_parallel_size == 2 and router.answering_rank == 2
+    assert parse_argv(ShardSettings, shard_argv(config, "/m", 3)[4:]).pipeline_parallel_size == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", "--num-shard", "3"], "`num_shard` must be a multiple of `nnodes`"),
+    (["--nnodes", "2", "--num-shard", "4", "--pipeline-parallel-size", "1", "--data-parallel-size", "1",
+      "--pipeline-parallel-size", "1"], None),
+    (["--nnodes", "4", "--num-shard", "4", "--pipeline-parallel-size", "2"],
+     "a pipeline stage (2 shards) must fit whole in a node (1 shards)"),
+    (["--num-shard", "2", "--pipeline-parallel-size", "2", "--speculate", "2"], "`speculate` with `pipeline_parallel_size`"),
     (["--nnodes", "2", "--node-rank", "2"], "`node_rank` must be in 0..1"),
     (["--nnodes", "2", "--shard-listen-addr", "0.0.0.0"], "`shard_listen_addr` is for nodes 1 and up"),
     (["--nnodes", "2", "--node-rank", "1", "--shard-listen-addr", "host:port"], "`shard_listen_addr` must be HOST or HOST:PORT"),
 ])
 def test_inconsistent_multi_node_settings_fail_with_one_line(captured, args, message):
     result, config = captured(["--model-id", "m", *args], env={"SHARD_SECRET": "s"})
+    if message is None:  # consistent
+        assert result.exit_code == 0, result.output
+        return
     assert result.exit_code == 2 and config is None and message in result.output, result.output
 
 

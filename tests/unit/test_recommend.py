@@ -88,8 +88,9 @@ def test_a_model_larger_than_a_node_spans_the_fewest_whole_nodes():
                   "num_attention_heads": 128}
     fp8 = {**llama_405b, "quantization_config": {"quant_method": "fbgemm_fp8"}}
     configuration = recommend("llama-405b-fp8", fp8, 80, 4, num_nodes=2)["configuration"]
-    assert (configuration["num_shard"], configuration["nnodes"], configuration["data_parallel_size"]) == (8, 2, 1)
-    # bf16 (~760 GiB): 16 shards over two 8-GPU nodes, each of the 8 KV heads on two of them
+    assert (configuration["num_shard"], configuration["nnodes"], configuration["pipeline_parallel_size"],
+            configuration["data_parallel_size"]) == (8, 2, 2, 1)  # a stage of 4 on each node
+    # bf16 (~760 GiB): 16 shards over two 8-GPU nodes, two stages of tensor parallel 8
     configuration = recommend("llama-405b", llama_405b, 80, 8, num_nodes=4)["configuration"]
     assert (configuration["num_shard"], configuration["nnodes"], configuration["deployments"]) == (16, 2, 2)
     with pytest.raises(ValueError, match="1 node"):
@@ -132,7 +133,8 @@ def test_cli_prints_tgi_recommender_json(tmp_path):
     answer = json.loads(result.output)
     assert set(answer) == {"model_id", "instance", "configuration"}
     assert set(answer["configuration"]) == {"max_batch_prefill_tokens", "max_input_length", "max_total_tokens",
-                                            "num_shard", "data_parallel_size", "nnodes", "deployments", "quantize",
+                                            "num_shard", "pipeline_parallel_size", "data_parallel_size", "nnodes",
+                                            "deployments", "quantize",
                                             "estimated_memory_in_gigabytes"}
 
 

@@ -20,12 +20,11 @@ from transformers import PretrainedConfig
 from tgi_server.distributed import TPGroup
 from tgi_server.layers.activation import GatedActivation, config_activation
 from tgi_server.layers.attention import attention_head_dim
-from tgi_server.layers.embedding import VocabParallelEmbedding
 from tgi_server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_server.layers.norm import RMSNorm
 from tgi_server.layers.rotary import RotaryEmbedding
 from tgi_server.layers.self_attention import SelfAttention
-from tgi_server.models.llama import LlamaForCausalLM
+from tgi_server.models.llama import LlamaForCausalLM, LlamaModel
 from tgi_server.weights import WeightSource
 
 # Gemma 2 and 3 norm the attention and MLP outputs too ("sandwich" norms)
@@ -138,30 +137,21 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class GemmaModel(nn.Module):
-    """Token embedding scaled by sqrt(hidden_size), the decoder layers and the final norm."""
+class GemmaModel(LlamaModel):
+    """Token embedding scaled by sqrt(hidden_size), the decoder layers and the final norm (1 + w)."""
 
     def __init__(
         self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device, layer_class: type
     ):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, dtype, device)
+        super().__init__(config, tp, dtype, device, layer_class)
         # rounded to the model dtype first, as the reference multiplies by a tensor of that dtype
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5, dtype=dtype))
-        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) for i in range(config.num_hidden_layers))
-        self.norm = gemma_norm(config, config.hidden_size, dtype, device)
 
-    def load(self, weights: WeightSource, prefix: str) -> None:
-        self.embed_tokens.load(weights, f"{prefix}.embed_tokens.weight")
-        for i, layer in enumerate(self.layers):
-            layer.load(weights, f"{prefix}.layers.{i}")
-        self.norm.load(weights, f"{prefix}.norm.weight")
+    def build_norm(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return gemma_norm(config, config.hidden_size, dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None  # [num_tokens, hidden_size]
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        return self.norm.add_and_norm(hidden, residual)[0]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale  # [num_tokens, hidden_size]
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

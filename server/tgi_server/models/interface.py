@@ -35,7 +35,9 @@ class CausalLM(Protocol):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [num_tokens] int64, run inside `forward_context(attn, kv_caches)` with
         caches shaped by `kv_cache_specs`. Writes this step's K/V into the caches and returns hidden
-        states [num_tokens, hidden_size]. No host syncs: it is captured in CUDA graphs."""
+        states [num_tokens, hidden_size]. No host syncs: it is captured in CUDA graphs. With pipeline
+        stages (`TPGroup.stage`) a stage runs its own layers, receiving from and sending to its
+        neighbours; only the last stage's hidden states are scored."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden_size] -> logits [n, vocab_size] float32, the full vocab on every rank."""

@@ -132,29 +132,62 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class SkippedLayer(nn.Module):
+    """A decoder layer another pipeline stage runs: no weights, and a KV cache of no heads (the caches
+    stay indexed by layer)."""
+
+    kv_cache_spec = KVCacheSpec(0, 1, None, 1.0)
+
+
 class LlamaModel(nn.Module):
-    """Token embedding, the decoder layers and the final norm."""
+    """Token embedding, the decoder layers and the final norm. With pipeline parallelism
+    (`TPGroup.stage`) only this stage's run of layers is built; the first stage embeds, the others
+    receive the previous stage's hidden states (its last block's output added to the residual stream),
+    and every stage but the last sends them on instead of norming them."""
 
     def __init__(
         self, config: PretrainedConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device, layer_class: type
     ):
         super().__init__()
         vocab_size, hidden_size = config.vocab_size, config.hidden_size
+        self.stage, self.hidden_size, self.dtype = tp.stage, hidden_size, dtype
+        num_layers = config.num_hidden_layers
+        self.start, self.stop = self.stage.layer_range(num_layers) if self.stage is not None else (0, num_layers)
         self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) if self.start <= i < self.stop
+                                    else SkippedLayer() for i in range(num_layers))
+        self.norm = self.build_norm(config, dtype, device)
+
+    def build_norm(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
 
     def load(self, weights: WeightSource, prefix: str) -> None:
         self.embed_tokens.load(weights, f"{prefix}.embed_tokens.weight")
-        for i, layer in enumerate(self.layers):
-            layer.load(weights, f"{prefix}.layers.{i}")
+        for i in range(self.start, self.stop):
+            self.layers[i].load(weights, f"{prefix}.layers.{i}")
         self.norm.load(weights, f"{prefix}.norm.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
-        for layer in self.layers:
+        if self.stage is None:
+            hidden, residual = self.embed(input_ids), None
+            for layer in self.layers:
+                hidden, residual = layer(positions, hidden, residual)
+            return self.norm.add_and_norm(hidden, residual)[0]
+        if self.stage.is_first:
+            hidden = self.embed(input_ids)
+        else:
+            hidden = self.stage.receive((input_ids.shape[0], self.hidden_size), self.dtype, input_ids.device)
+        residual = None
+        for layer in self.layers[self.start : self.stop]:
             hidden, residual = layer(positions, hidden, residual)
-        return self.norm.add_and_norm(hidden, residual)[0]
+        if self.stage.is_last:
+            return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
+        hidden = hidden + residual if residual is not None else hidden  # what the next block's norm adds first
+        self.stage.send(hidden)
+        return hidden
 
 
 class LlamaForCausalLM(nn.Module):
@@ -170,18 +203,21 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = self.model_class(config, tp, dtype, device, self.layer_class)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device)
-        if config.tie_word_embeddings:
+        # Only the last pipeline stage computes logits.
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype, device) \
+            if tp.stage is None or tp.stage.is_last else None
+        if config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def kv_cache_specs(self) -> list[KVCacheSpec]:
-        return [layer.self_attn.attn.kv_cache_spec for layer in self.model.layers]
+        return [layer.kv_cache_spec if isinstance(layer, SkippedLayer) else layer.self_attn.attn.kv_cache_spec
+                for layer in self.model.layers]
 
     def load_weights(self, weights: WeightSource) -> None:
         """Fill every parameter with this rank's part of the HF-named checkpoint tensors."""
         self.model.load(weights, "model")
-        if not self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.load(weights, "lm_head.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,9 @@ def load_model(
     architecture = model_architecture(config)
     model_cls = model_class(architecture, tp.world_size)
     is_fallback = architecture not in ARCHITECTURES
+    if is_fallback and tp.stage is not None:
+        raise UnsupportedModelError(f"{architecture} runs on the transformers fallback, which has no pipeline "
+                                    "stages: pipeline parallel needs an in-project model")
     if load_format not in LOAD_FORMATS:  # ShardSettings checks this already; other callers may not
         raise UnsupportedModelError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     is_dummy = load_format == "dummy"
