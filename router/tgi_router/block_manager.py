@@ -36,6 +36,16 @@ def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return hashlib.sha256(parent + array("I", token_ids).tobytes()).digest()
 
 
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], num_blocks: int, block_size: int,
+                        adapter_id: int) -> list[bytes]:
+    """Appends to `hashes` (the chained hashes of the first blocks of `token_ids`, through adapter
+    `adapter_id`) until it holds the first `num_blocks`; returns it."""
+    while len(hashes) < num_blocks:
+        start = len(hashes) * block_size
+        hashes.append(block_hash(hashes[-1] if hashes else root_hash(adapter_id), token_ids[start : start + block_size]))
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 2:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tgi_router.block_manager import block_hash, root_hash
+from tgi_router.block_manager import extend_block_hashes
 from tgi_router.engine import Engine, GenerationInput, RequestStream
 from tgi_router.errors import InferError
 
@@ -33,10 +33,9 @@ class Replicas:
     def choose(self, generation: GenerationInput) -> Engine:
         loads = [engine.scheduler.num_requests for engine in self.engines]
         block_size = self.engines[0].scheduler.blocks.block_size
-        hashes, parent, ids = [], root_hash(generation.adapter_id), generation.input_ids
-        for start in range(0, (len(ids) - 1) // block_size * block_size, block_size):  # whole blocks a prompt reuses
-            parent = block_hash(parent, ids[start : start + block_size])
-            hashes.append(parent)
+        ids = generation.input_ids
+        # the whole blocks a prompt can reuse (its last token is always computed)
+        hashes = extend_block_hashes([], ids, (len(ids) - 1) // block_size, block_size, generation.adapter_id)
         candidates = [index for index, load in enumerate(loads) if load <= min(loads) + BALANCE_SLACK]
         best = max(candidates, key=lambda index: (self.engines[index].scheduler.num_cached_blocks(hashes), -loads[index]))
         return self.engines[best]

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tgi_router.adapters import LoraAdapters
-from tgi_router.block_manager import BlockManager, block_hash, root_hash
+from tgi_router.block_manager import BlockManager, extend_block_hashes
 from tgi_router.speculation import propose_ngram
 from tgi_router.request import FinishReason, NewTokens, Request, ScheduledChunk, StepPlan, StepResult
 
@@ -298,13 +298,10 @@ class Scheduler:
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         """The chained hashes of the first `num_blocks` blocks of `request`'s known tokens."""
-        hashes, size = request.block_hashes, self.blocks.block_size
-        if len(hashes) < num_blocks:
-            token_ids = request.all_token_ids
-            while len(hashes) < num_blocks:
-                start = len(hashes) * size
-                hashes.append(block_hash(hashes[-1] if hashes else root_hash(request.adapter_id), token_ids[start : start + size]))
-        return hashes[:num_blocks]
+        if len(request.block_hashes) < num_blocks:
+            extend_block_hashes(request.block_hashes, request.all_token_ids, num_blocks, self.blocks.block_size,
+                                request.adapter_id)
+        return request.block_hashes[:num_blocks]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
