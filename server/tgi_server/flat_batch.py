@@ -79,3 +79,10 @@ def forward_flat(model, kv_caches: list[torch.Tensor], flat: FlatBatch, graphs: 
     lora = LoraRows.from_segments(lora_segments, len(flat.input_ids), device) if lora_segments else None
     with forward_context(attn, kv_caches, lora):
         return model(input_ids, positions)
+
+
+def index_on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of `values` on `device`, copied (from pinned memory on CUDA) without waiting
+    for the work queued before it."""
+    host = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

@@ -2,25 +2,14 @@
 forward pass over the paged KV cache, and samples for the requests whose prompt is fully computed.
 
 The router decides everything (which requests, how many tokens, which blocks); this module only
-follows the plan. All ranks run the same plan and sample the same tokens.
-
-Lookahead: when the router says nothing waits and the step's batch will decode next (on CUDA, with
-graphs), the runner starts that next decode step before returning; the GPU runs it while the router
-handles the result. The next plan's decode rows that match what was started (same sequence,
-unchanged since) take its samples; everything else is computed as usual. When a plan is entirely
-served by the started step, the runner chains: it queues the step after it at once, fed with the
-started step's sampled tokens on the device, and only then waits for the started step's samples, so
-the GPU never idles between decode steps. A started row recomputes exactly what the plan would have
-asked (sampling is a pure function of the sequence and its seed), so reusing it changes nothing but
-the time. Rows with penalties, a watermark or top-n alternatives need the host's copy of the tokens,
-so they are never chained.
+follows the plan. All ranks run the same plan and sample the same tokens. With lookahead, the next
+decode step may already be running when a plan arrives (`tgi_server.lookahead`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -28,107 +17,13 @@ from tgi_server.cuda_graphs import DecodeGraphs, MixedGraphs, token_buckets
 from tgi_server.distributed import TPGroup
 from tgi_server.drafter import Drafter
 from tgi_server.attention_metadata import allocate_kv_caches, kv_cache_bytes_per_block
-from tgi_server.flat_batch import FlatBatch, Span, decode_slots, flatten, forward_flat
-from tgi_server.sampler import SamplerOutput, SamplingBatch, SamplingParams, Watermark, sample
+from tgi_server.flat_batch import FlatBatch, Span, decode_slots, flatten, forward_flat, index_on_device
+from tgi_server.lookahead import Lookahead
+from tgi_server.sampler import SamplingBatch, Watermark, copy_to_host, sample
+from tgi_server.sequence import (BatchRow, NewSequence, PromptLogprobs, Sample, SampledToken, ScheduledSequence,
+                                 Sequence, StepOutput)
 
-
-@dataclass
-class Sequence:
-    token_ids: list[int]
-    sampling: SamplingParams
-    top_n_tokens: int
-    # Tokens known when the request arrived; prompt logprobs cover these.
-    num_prompt_tokens: int
-    wants_prompt_logprobs: bool = False
-    num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    # This step's grammar mask when the sequence samples under one (ScheduledSequence.allowed_tokens).
-    allowed_tokens: bytes = b""
-    # This step's mask comes later, from the step's `masks` source (ScheduledSequence.mask_follows).
-    mask_follows: bool = False
-    # Proposed tokens at the end of `token_ids` that this step verifies (speculative decoding).
-    num_drafts: int = 0
-    # Leading tokens whose KV the draft model has computed (`tgi_server.drafter`).
-    num_draft_computed: int = 0
-    # The LoRA adapter slot its tokens go through (`tgi_server.lora`); 0: the base model.
-    adapter_slot: int = 0
-
-
-@dataclass(frozen=True)
-class NewSequence:
-    id: int
-    token_ids: list[int]
-    sampling: SamplingParams
-    top_n_tokens: int
-    wants_prompt_logprobs: bool = False
-    # Leading tokens whose KV is in the cache already (a shared prefix), in the first blocks the
-    # sequence's first ScheduledSequence brings.
-    num_cached_tokens: int = 0
-    adapter_slot: int = 0
-
-
-@dataclass(frozen=True)
-class ScheduledSequence:
-    id: int
-    num_tokens: int
-    new_block_ids: list[int]
-    # The token sampled this step is the request's last: no lookahead row for it.
-    last_token: bool = False
-    # Packed bitmask of the tokens a grammar allows next (the proto's field); empty: any.
-    allowed_tokens: bytes = b""
-    # The mask comes from the step's `masks` source, read just before sampling.
-    mask_follows: bool = False
-    # Proposed tokens to verify (speculative decoding; the proto's `draft_token_ids`).
-    draft_token_ids: list[int] = field(default_factory=list)
-    # Tokens the draft model proposes after the known ones, then verified (the proto's `num_model_drafts`).
-    num_model_drafts: int = 0
-
-
-@dataclass(frozen=True)
-class PromptLogprobs:
-    """logprobs[i] = log p(token[start + i] | tokens before it), for prompt tokens computed this step."""
-
-    request_id: int
-    start: int
-    logprobs: list[float]
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    samples: list[Sample]
-    prompt_logprobs: list[PromptLogprobs]
-    forward_ns: int
-
-
-@dataclass
-class _Lookahead:
-    """A decode step started before its plan arrived; row i decodes the token at positions[i] of
-    sequences[i] (its last token, or for a chained step the token the step before is sampling)."""
-
-    sequences: list[Sequence]
-    # Valid while the sequence's num_computed_tokens equals this (the row's decode position).
-    positions: list[int]
-    output: SamplerOutput  # on the device
-    # Pinned host copies of output's token ids and logprobs, complete once `done` has passed (None
-    # off CUDA, where the copies are complete when made).
-    host_token_ids: torch.Tensor
-    host_logprobs: torch.Tensor
-    done: torch.cuda.Event | None
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_tokens: list[tuple[int, float]]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """The tokens a step produced for a request: one, or the accepted proposals and the token after."""
-
-    request_id: int
-    tokens: list[SampledToken]
+__all__ = ["ModelRunner", "NewSequence", "ScheduledSequence", "Sample", "SampledToken", "StepOutput"]
 
 
 class ModelRunner:
@@ -162,13 +57,19 @@ class ModelRunner:
         self.cuda_graph_sizes = cuda_graph_sizes if device.type == "cuda" else ()
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
-        self._lookahead: _Lookahead | None = None
+        self.lookahead = Lookahead(block_size, device, watermark)
         self._masks: Callable[[], dict[int, bytes]] | None = None  # this step's source of following masks
-        self.num_lookahead_rows_used = 0  # samples served from a started step (a statistic)
-        self.num_chained_steps = 0  # decode steps queued behind a started one (a statistic)
+
+    @property
+    def num_lookahead_rows_used(self) -> int:
+        return self.lookahead.num_rows_used
+
+    @property
+    def num_chained_steps(self) -> int:
+        return self.lookahead.num_chained_steps
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._lookahead = None
+        self.lookahead.started = None
         self.decode_graphs = self.mixed_graphs = None  # graphs address the old cache
         self.kv_caches = []  # free the old cache before allocating the new one
         self.kv_caches = allocate_kv_caches(self.model.kv_cache_specs, num_blocks, self.block_size, self.kv_cache_dtype,
@@ -215,7 +116,7 @@ class ModelRunner:
 
     def clear(self) -> None:
         self.sequences.clear()
-        self._lookahead = None
+        self.lookahead.started = None
 
     @torch.inference_mode()
     def step(
@@ -234,7 +135,7 @@ class ModelRunner:
         self._masks = masks
         self._check_thread_device()
         start = time.perf_counter_ns()
-        started, self._lookahead = self._lookahead, None
+        started, self.lookahead.started = self.lookahead.started, None
         for request_id in finished_ids:
             self.sequences.pop(request_id, None)
         for request in new:
@@ -252,22 +153,21 @@ class ModelRunner:
             sequence.block_table.extend(item.new_block_ids)
             sequence.allowed_tokens = item.allowed_tokens
             sequence.mask_follows = item.mask_follows
-            batch.append((item.id, sequence, item.num_tokens))
+            batch.append(BatchRow(item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
         self._add_proposals(scheduled)
-        reused = self._take_started(started, batch) if started is not None else []
-        reused_ids = {request_id for request_id, _, _ in reused}
-        rest = [item for item in batch if item[0] not in reused_ids]
+        reused = self.lookahead.take(started, batch) if started is not None else []
+        reused_ids = {row.request_id for row in reused}
+        rest = [row for row in batch if row.request_id not in reused_ids]
         lookahead = lookahead and self.tp.stage is None  # a step's tokens reach the first stage only from the last
         if lookahead and continuing and reused and not rest:
-            self._lookahead = self._chain_lookahead(started, continuing)
+            self.lookahead.chain(self.decode_graphs, started, continuing)
         samples, prompt_logprobs = self._forward_and_sample(rest) if rest else ([], [])
         if reused:
-            samples = self._collect_started(started, reused) + samples
-            self.num_lookahead_rows_used += len(reused)
-        if lookahead and continuing and self._lookahead is None:
-            self._start_lookahead(continuing)
+            samples = self.lookahead.collect(started, reused) + samples
+        if lookahead and continuing and self.lookahead.started is None:
+            self.lookahead.start(self.decode_graphs, continuing)
         return StepOutput(samples, prompt_logprobs, time.perf_counter_ns() - start)
 
     def _add_proposals(self, scheduled: list[ScheduledSequence]) -> None:
@@ -295,113 +195,12 @@ class ModelRunner:
             for (sequence, _), proposed in zip(by_model, self.drafter.propose(by_model)):
                 sequence.token_ids.extend(proposed)
 
-    @staticmethod
-    def _take_started(started: _Lookahead, batch: list[tuple[int, Sequence, int]]) -> list[tuple[int, Sequence, int]]:
-        """The batch's decode rows that the started step computed, unchanged since."""
-        rows = {id(seq): position for seq, position in zip(started.sequences, started.positions)}
-        return [
-            (request_id, seq, n)
-            for request_id, seq, n in batch
-            if n == 1 and rows.get(id(seq)) == seq.num_computed_tokens == len(seq.token_ids) - 1
-            and not (seq.allowed_tokens or seq.mask_follows)  # the started step sampled without the grammar mask
-        ]
-
-    def _collect_started(self, started: _Lookahead, reused: list[tuple[int, Sequence, int]]) -> list[Sample]:
-        if started.done is not None:
-            started.done.synchronize()
-        token_ids, logprobs = started.host_token_ids.tolist(), started.host_logprobs.tolist()
-        row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
-        samples = []
-        for request_id, seq, _ in reused:
-            row = row_of[id(seq)]
-            seq.num_computed_tokens += 1
-            seq.token_ids.append(token_ids[row])
-            samples.append(Sample(request_id, [SampledToken(token_ids[row], logprobs[row], [])]))
-        return samples
-
-    def _start_lookahead(self, sequences: list[Sequence]) -> None:
-        """Launches the decode step of `sequences`' last tokens (all of them, or none) without waiting."""
-        if self._fits_graphs(sequences) and all(self._can_start(seq, seq.num_computed_tokens) for seq in sequences):
-            self._lookahead = self._launch_decode(
-                sequences, [seq.num_computed_tokens for seq in sequences], [seq.token_ids[-1] for seq in sequences]
-            )
-
-    def _chain_lookahead(self, started: _Lookahead, sequences: list[Sequence]) -> _Lookahead | None:
-        """Launches the decode step after `started` for `sequences` (all rows of it, or none), its
-        input tokens being the ones `started` samples, on the device."""
-        row_of = {id(seq): row for row, seq in enumerate(started.sequences)}
-        rows = [row_of.get(id(seq)) for seq in sequences]
-        if None in rows or not self._fits_graphs(sequences):
-            return None
-        for seq in sequences:
-            params = seq.sampling
-            if params.watermark or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0:
-                return None  # their sampling reads the previous token on the host
-            if not self._can_start(seq, seq.num_computed_tokens + 1):
-                return None
-        token_ids = started.output.token_ids
-        if rows != list(range(len(started.sequences))):
-            token_ids = token_ids[self._index_on_device(rows)]
-        positions = [seq.num_computed_tokens + 1 for seq in sequences]
-        self.num_chained_steps += 1
-        return self._launch_decode(sequences, positions, [0] * len(sequences), device_input_ids=token_ids)
-
-    def _can_start(self, seq: Sequence, position: int) -> bool:
-        """Whether a started decode step can compute `seq`'s token at `position` (its last known
-        token, or for a chained step the one after)."""
-        return (
-            seq.num_computed_tokens == len(seq.token_ids) - 1  # decoding, not prefilling
-            and not seq.top_n_tokens  # top-n needs a host sync inside sampling
-            and (not seq.adapter_slot or self.decode_graphs.lora)  # graphs captured with the adapter kernels
-            and position < len(seq.block_table) * self.block_size  # a slot for the token
-            and len(seq.block_table) <= self.decode_graphs.max_blocks_per_seq
-        )
-
-    def _fits_graphs(self, sequences: list[Sequence]) -> bool:
-        return self.decode_graphs is not None and self.decode_graphs.padded_size(len(sequences)) is not None
-
-    def _launch_decode(
-        self, sequences: list[Sequence], positions: list[int], input_ids: list[int], device_input_ids=None
-    ) -> _Lookahead:
-        tables = [seq.block_table for seq in sequences]
-        logits = self.decode_graphs.run(
-            input_ids, positions, decode_slots(tables, positions, self.block_size), tables, device_input_ids=device_input_ids,
-            adapter_slots=[seq.adapter_slot for seq in sequences],
-        )
-        # A chained row's history lacks the token being sampled before it (it has no penalties).
-        batch = SamplingBatch.build(
-            [seq.sampling for seq in sequences], [seq.token_ids for seq in sequences], self.device, [p + 1 for p in positions],
-            self.watermark,
-        )
-        output = sample(logits, batch, [0] * len(sequences))
-        host_token_ids, host_logprobs = self._copy_to_host(output)
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return _Lookahead(list(sequences), positions, output, host_token_ids, host_logprobs, done)
-
-    def _index_on_device(self, values: list[int]) -> torch.Tensor:
-        """An int64 tensor of `values` on the device, copied (from pinned memory on CUDA) without
-        waiting for the work queued before it."""
-        host = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return host.to(self.device, non_blocking=True)
-
-    def _copy_to_host(self, output: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Starts copying the sampled ids and logprobs to (pinned) host memory; read them after a sync."""
-        pin = self.device.type == "cuda"
-        token_ids = torch.empty(output.token_ids.shape, dtype=torch.int64, pin_memory=pin)
-        logprobs = torch.empty(output.logprobs.shape, dtype=torch.float32, pin_memory=pin)
-        token_ids.copy_(output.token_ids, non_blocking=True)
-        logprobs.copy_(output.logprobs, non_blocking=True)
-        return token_ids, logprobs
-
-    def _forward_and_sample(self, batch: list[tuple[int, Sequence, int]]) -> tuple[list[Sample], list[PromptLogprobs]]:
+    def _forward_and_sample(self, batch: list[BatchRow]) -> tuple[list[Sample], list[PromptLogprobs]]:
         if self._is_graph_decode(batch):
             return self._decode_with_graph(batch), []
         flat = self._flatten(batch)
         # Copied before the forward is queued, so the LM head's launch does not wait for it to finish.
-        sample_rows = self._index_on_device(flat.sample_rows)
+        sample_rows = index_on_device(flat.sample_rows, self.device)
         lora_segments = tuple((seq.adapter_slot, start, stop) for (_, seq, _), start, stop
                               in zip(batch, flat.query_start_loc, flat.query_start_loc[1:]) if seq.adapter_slot)
         hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device, lora_segments)
@@ -423,7 +222,7 @@ class ModelRunner:
             stage.broadcast_tokens([sample.tokens[0].token_id for sample in samples], len(samples), self.device)
         return samples, prompt_logprobs
 
-    def _is_graph_decode(self, batch: list[tuple[int, Sequence, int]]) -> bool:
+    def _is_graph_decode(self, batch: list[BatchRow]) -> bool:
         """Every sequence computes its last known token (so samples, and needs no prompt logprobs),
         within the captured batch sizes and sequence length."""
         graphs = self.decode_graphs
@@ -437,7 +236,7 @@ class ModelRunner:
             )
         )
 
-    def _decode_with_graph(self, batch: list[tuple[int, Sequence, int]]) -> list[Sample]:
+    def _decode_with_graph(self, batch: list[BatchRow]) -> list[Sample]:
         positions = [seq.num_computed_tokens for _, seq, _ in batch]
         tables = [seq.block_table for _, seq, _ in batch]
         logits = self.decode_graphs.run(
@@ -470,7 +269,7 @@ class ModelRunner:
             offset += count
         return out
 
-    def _flatten(self, batch: list[tuple[int, Sequence, int]]) -> FlatBatch:
+    def _flatten(self, batch: list[BatchRow]) -> FlatBatch:
         flat = flatten([
             Span(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n], seq.num_computed_tokens, seq.block_table)
             for _, seq, n in batch
@@ -501,7 +300,7 @@ class ModelRunner:
         )
         top_n = [seq.top_n_tokens for _, seq, _ in rows]
         out = sample(logits, batch, top_n)
-        host_token_ids, host_logprobs = self._copy_to_host(out)
+        host_token_ids, host_logprobs = copy_to_host(out)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         token_ids, logprobs = host_token_ids.tolist(), host_logprobs.tolist()

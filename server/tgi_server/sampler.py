@@ -172,6 +172,17 @@ class SamplerOutput:
     top_counts: torch.Tensor  # [B] int64: how many of the K columns belong to each row
 
 
+def copy_to_host(output: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starts copying the sampled ids and logprobs to (pinned, from CUDA) host memory; read them
+    after a sync."""
+    pin = output.token_ids.device.type == "cuda"
+    token_ids = torch.empty(output.token_ids.shape, dtype=torch.int64, pin_memory=pin)
+    logprobs = torch.empty(output.logprobs.shape, dtype=torch.float32, pin_memory=pin)
+    token_ids.copy_(output.token_ids, non_blocking=True)
+    logprobs.copy_(output.logprobs, non_blocking=True)
+    return token_ids, logprobs
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: list[int]) -> SamplerOutput:
     """Picks one token per row of `logits` [B, V] (float32). Reported logprobs are those of the
     processed distribution (after penalties and warpers), as TGI reports them. Row i also gets its

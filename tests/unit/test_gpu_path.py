@@ -173,6 +173,6 @@ def test_a_request_at_its_last_token_starts_no_lookahead_row(tmp_path):
     runner, _ = load_runner("llama", tmp_path)
     blocks = list(range(1, 9))
     runner.step([], [NewSequence(1, PROMPTS[0], SamplingParams(), 0)], [ScheduledSequence(1, 3, blocks)], lookahead=True)
-    assert runner._lookahead is not None
+    assert runner.lookahead.started is not None
     runner.step([], [], [ScheduledSequence(1, 1, [], last_token=True)], lookahead=True)
-    assert runner._lookahead is None  # the next plan would not decode it: the GPU stays free
+    assert runner.lookahead.started is None  # the next plan would not decode it: the GPU stays free

@@ -70,9 +70,9 @@ def test_a_request_at_its_last_token_starts_no_lookahead_row(model_dir):
     runner = cpu_runner(model_dir[0])
     blocks = list(range(1, 9))
     runner.step([], [NewSequence(1, PROMPTS[0], SamplingParams(), 0)], [ScheduledSequence(1, 3, blocks)], lookahead=True)
-    assert runner._lookahead is not None
+    assert runner.lookahead.started is not None
     runner.step([], [], [ScheduledSequence(1, 1, [], last_token=True)], lookahead=True)
-    assert runner._lookahead is None  # the next plan would not decode it
+    assert runner.lookahead.started is None  # the next plan would not decode it
 
 
 def test_a_plan_that_differs_from_the_started_step_recomputes_its_rows(model_dir):
@@ -80,7 +80,7 @@ def test_a_plan_that_differs_from_the_started_step_recomputes_its_rows(model_dir
     runner = cpu_runner(model_dir[0])
     sampling = SamplingParams()
     runner.step([], [NewSequence(1, PROMPTS[4], sampling, 0)], [ScheduledSequence(1, 6, list(range(1, 9)))], lookahead=True)
-    started = runner._lookahead
+    started = runner.lookahead.started
     assert started is not None
     # The router preempted request 1 and sends it again from scratch under a new id.
     out = runner.step([1], [NewSequence(2, PROMPTS[4], sampling, 0)], [ScheduledSequence(2, 6, list(range(9, 17)))], lookahead=True)
