@@ -21,20 +21,23 @@ import time
 import torch
 
 from shard_step import BLOCK_SIZE, build_runner
-from tgi_server import cuda_graphs, model_runner
+from tgi_server import cuda_graphs, lookahead, model_runner
+from tgi_server.lookahead import Lookahead
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from tgi_server.sampler import SamplingParams
 
 MARKED = [  # (module or class, function name): shown as ranges in the trace
     (ModelRunner, "step"),
-    (ModelRunner, "_take_started"),
-    (ModelRunner, "_collect_started"),
-    (ModelRunner, "_start_lookahead"),
+    (Lookahead, "take"),
+    (Lookahead, "collect"),
+    (Lookahead, "start"),
+    (Lookahead, "chain"),
     (ModelRunner, "_forward_and_sample"),
     (ModelRunner, "_sample"),
     (cuda_graphs.DecodeGraphs, "run"),
     (model_runner.SamplingBatch, "build"),
     (model_runner, "sample"),
+    (lookahead, "sample"),
 ]
 
 

@@ -1,9 +1,9 @@
 """Summarises bench/families.sh's runs: per shape, one-stream tok/s and TPOT, TTFT of a 1,024-token
 prompt, 128-concurrent output tok/s, transformers' generate_batch where it ran, and the bandwidth
 floor of one decode token (weight bytes it reads ÷ HBM bandwidth; for a mixture of experts, only the
-experts a token is routed to).
+experts a token is routed to; with N tensor-parallel shards, each GPU's 1/N of those bytes).
 
-    python bench/families_summary.py /tmp/families-results [--hbm-gbps 4300]
+    python bench/families_summary.py /tmp/families-results [--hbm-gbps 4300] [--num-shard 8]
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", type=Path)
     parser.add_argument("--hbm-gbps", type=float)
+    parser.add_argument("--num-shard", type=int, default=1, help="tensor-parallel shards (GPUs) the runs used")
     args = parser.parse_args()
     hbm = args.hbm_gbps or measured_hbm_gbps()
-    summary = {"hbm_gbps": round(hbm, 1), "shapes": {}}
+    summary = {"hbm_gbps": round(hbm, 1), "num_shard": args.num_shard, "shapes": {}}
     for shape_dir in sorted(p for p in args.results.iterdir() if p.is_dir()):
         config = SHAPES[shape_dir.name]
-        floor_ms = decode_bytes_per_token(config) / (hbm * 1e9) * 1e3
+        floor_ms = decode_bytes_per_token(config) / args.num_shard / (hbm * 1e9) * 1e3
         single = _read(shape_dir / "http_single_stream.json")
         ttft = _read(shape_dir / "http_ttft_1024.json")
         c128 = _read(shape_dir / "http_c128.json")
@@ -71,6 +72,7 @@ def main() -> None:
         tpot = single.get("median_tpot_ms")
         summary["shapes"][shape_dir.name] = {
             "decode_weight_gb_per_token": round(decode_bytes_per_token(config) / 1e9, 3),
+            "decode_weight_gb_per_token_per_gpu": round(decode_bytes_per_token(config) / args.num_shard / 1e9, 3),
             "floor_ms_per_token": round(floor_ms, 3),
             "floor_tok_s": round(1e3 / floor_ms, 1),
             "single_stream_tok_s": single.get("output_throughput"),

@@ -116,6 +116,12 @@ QWEN3_30B_A3B = {
     "torch_dtype": "bfloat16",
     "vocab_size": 151936,
 }
+# meta-llama/Llama-3.1-70B-Instruct's config.json: the 8B's, wider and deeper
+LLAMA_3_1_70B = {**LLAMA_3_1_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                 "num_hidden_layers": 80}
+# Qwen/Qwen3-235B-A22B's config.json: the 30B-A3B's layout, 128 experts of width 1536, 8 per token
+QWEN3_235B_A22B = {**QWEN3_30B_A3B, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+                   "num_attention_heads": 64, "num_hidden_layers": 94, "max_position_embeddings": 40960}
 # The benchmark tokenizer is Llama 3.1's, so every shape takes its special token ids.
 LLAMA_TOKEN_IDS = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
 SHAPES = {
@@ -123,6 +129,8 @@ SHAPES = {
     "gemma-7b": {**GEMMA_7B, **LLAMA_TOKEN_IDS},
     "qwen3-8b": {**QWEN3_8B, **LLAMA_TOKEN_IDS},
     "qwen3-30b-a3b": {**QWEN3_30B_A3B, **LLAMA_TOKEN_IDS},
+    "llama-3.1-70b": LLAMA_3_1_70B,
+    "qwen3-235b-a22b": {**QWEN3_235B_A22B, **LLAMA_TOKEN_IDS},
     "tiny": {**LLAMA_3_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2},
 }

@@ -67,7 +67,7 @@ def time_graph_replay(runner: ModelRunner, batch_size: int, repeats: int = 50) -
     size = graphs.padded_size(batch_size) if graphs is not None else None
     if size is None:
         return None
-    graph = graphs._graphs[size]
+    graph = graphs.graph(size)
     graph.replay()
     return round(replay_ms(graph, repeats), 3)
 

