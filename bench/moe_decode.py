@@ -25,6 +25,9 @@ SHAPES = {  # (num_experts, top_k, hidden_size, expert width)
 GROUPED_CONFIGS = [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
                    (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 128, 64, 4, 4)]
 CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 256, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8), (16, 128, 4), (32, 128, 8)]
+# the down projection's: the loop over experts (False) at the gate/up tiles, and the experts side by side
+DOWN_CONFIGS = [(*config, False) for config in CONFIGS] + [
+    (n, k, w, True) for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8) if n * k <= 2048]
 
 
 def graph_time_us(fn, repeats: int = 200) -> float:
@@ -75,21 +78,28 @@ def main() -> None:
                 row["grouped_default"] = str(moe._grouped_config(num_tokens * top_k, num_experts))
                 row["grouped_top5"] = {k: round(v, 2) for k, v in sorted(grouped.items(), key=lambda kv: kv[1])[:5]}
             if num_tokens <= 16:
-                gemv = {}
-                for up_config in CONFIGS:
-                    for down_config in CONFIGS:
+                # each kernel's tiles swept with the other's default, then the best pair timed
+                up_default = moe.GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else moe.GATE_UP_GEMV
+                up, down = {}, {}
+                for sweep, configs, pair in ((up, CONFIGS, lambda c: (c, moe.DOWN_GEMV)),
+                                             (down, DOWN_CONFIGS, lambda c: (up_default, c))):
+                    for config in configs:
+                        up_config, down_config = pair(config)
                         out = moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", up_config, down_config)
                         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
-                        us = graph_time_us(lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", up_config, down_config), 50)
-                        gemv[f"{up_config}/{down_config}"] = us
-                best = min(gemv, key=gemv.get)
-                up_default = moe.GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else moe.GATE_UP_GEMV
-                row["gemv_default_us"] = round(gemv[f"{up_default}/{moe.DOWN_GEMV}"], 2)
+                        sweep[config] = graph_time_us(
+                            lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", up_config, down_config), 50)
+                best = (min(up, key=up.get), min(down, key=down.get))
+                best_us = graph_time_us(lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", *best), 50)
+                row["gemv_default_us"] = round(down[moe.DOWN_GEMV], 2)
                 row["uses_gemv"] = moe.uses_gemv(num_tokens, top_k, num_experts)
-                row["gemv_best"] = best
-                row["gemv_best_us"] = round(gemv[best], 2)
-                row["gemv_best_gb_s"] = round(expert_bytes / gemv[best] / 1e3, 1)
-                row["gemv_top5"] = {k: round(v, 2) for k, v in sorted(gemv.items(), key=lambda kv: kv[1])[:5]}
+                row["gemv_best"] = f"{best[0]}/{best[1]}"
+                row["gemv_best_us"] = round(best_us, 2)
+                row["gemv_best_gb_s"] = round(expert_bytes / best_us / 1e3, 1)
+                row["gate_up_top5"] = {str(k): round(v, 2) for k, v in sorted(up.items(), key=lambda kv: kv[1])[:5]}
+                row["down_top5"] = {str(k): round(v, 2) for k, v in sorted(down.items(), key=lambda kv: kv[1])[:5]}
+                row["down_loop_best_us"] = round(min(v for k, v in down.items() if not k[3]), 2)
+                row["down_side_by_side_best_us"] = round(min(v for k, v in down.items() if k[3]), 2)
             results.append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps({"benchmark": "moe_decode", "device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -299,6 +299,27 @@ def test_fused_moe_kernel_matches_the_portable_expert_loop(num_tokens, num_exper
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("down_config", [(2, 64, 4, False), (4, 32, 4, True), (1, 128, 4, True)],
+                         ids=["loop over experts", "experts side by side", "one row, wide tile"])
+@pytest.mark.parametrize("num_tokens, top_k", [(1, 2), (3, 3), (2, 8)])
+def test_every_down_projection_kernel_of_the_decode_path_matches_the_portable_expert_loop(num_tokens, top_k, down_config):
+    """Both down-projection kernels of the per-pair path, tiles that cut K and N unevenly, top-k not a
+    power of two."""
+    from tgi_server.kernels import moe
+
+    generator = torch.Generator().manual_seed(top_k)
+    num_experts, hidden_size, width = 12, 96, 40
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(DEVICE)
+    w13 = (torch.randn(num_experts, 2 * width, hidden_size, generator=generator) / 10).to(DEVICE)
+    w2 = (torch.randn(num_experts, hidden_size, width, generator=generator) / 10).to(DEVICE)
+    topk_weights, topk_ids = torch.randn(num_tokens, num_experts, generator=generator).softmax(-1).topk(top_k, dim=-1)
+    topk_weights, topk_ids = topk_weights.to(DEVICE), topk_ids.to(DEVICE)
+    expected = portable.fused_moe(hidden, w13, w2, topk_weights, topk_ids, "silu")
+    actual = moe._gemv_experts(hidden, w13, w2, topk_weights.reshape(-1).float().contiguous(), topk_ids, "silu",
+                               down_config=down_config)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_tokens, num_experts, top_k, renormalize", [
     (1, 128, 8, True),  # Qwen3-MoE
     (7, 8, 2, True),  # Mixtral

@@ -32,7 +32,9 @@ from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activatio
 # bench/results/2026-12-06-h100-moe-decode.json).
 GATE_UP_GEMV_ONE_TOKEN = (2, 1024, 4)
 GATE_UP_GEMV = (4, 256, 4)
-DOWN_GEMV = (2, 1024, 4)
+# ... and of the down projection, the last field choosing `_down_gemv_all_experts_kernel` (True) or
+# the loop over experts (False)
+DOWN_GEMV = (2, 1024, 4, False)
 
 
 def uses_gemv(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -143,6 +145,40 @@ def _down_gemv_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_out + rows, total.to(dtype), mask=row_valid)
 
 
+@triton.jit
+def _down_gemv_all_experts_kernel(
+    a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, stride_a, stride_we, stride_wn, stride_out,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """`_down_gemv_kernel`'s result with the token's TOP_K experts read side by side: each K tile
+    loads [BLOCK_E experts, BLOCK_N rows, BLOCK_K] at once and the products reduce over K once at the
+    end, so no expert waits for the previous one's reduction; the weighted outputs then sum over the
+    experts (float32, as the loop's)."""
+    token = tl.program_id(0)
+    slots = tl.arange(0, BLOCK_E)
+    slot_valid = slots < TOP_K
+    pairs = token * TOP_K + slots  # [BLOCK_E]
+    experts = tl.load(ids_ptr + pairs, mask=slot_valid, other=0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = (w_ptr + experts[:, None, None] * stride_we + rows[None, :, None].to(tl.int64) * stride_wn
+              + cols[None, None, :])  # [BLOCK_E, BLOCK_N, BLOCK_K]
+    a_ptrs = a_ptr + pairs[:, None].to(tl.int64) * stride_a + cols[None, :]  # [BLOCK_E, BLOCK_K]
+    w_valid = slot_valid[:, None, None] & row_valid[None, :, None]
+    acc = tl.zeros((BLOCK_E, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_valid = (k0 + cols) < K
+        a = tl.load(a_ptrs + k0, mask=slot_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + k0, mask=w_valid & k_valid[None, None, :], other=0.0)
+        acc += w.to(tl.float32) * a[:, None, :]
+    dtype = out_ptr.dtype.element_ty
+    expert_out = tl.sum(acc, 2).to(dtype).to(tl.float32)  # [BLOCK_E, BLOCK_N]
+    routing = tl.load(routing_ptr + pairs, mask=slot_valid, other=0.0)
+    weighted = (expert_out * routing[:, None]).to(dtype).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + rows, tl.sum(weighted, 0).to(dtype), mask=row_valid)
+
+
 def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config=None, down_config=None):
     """fused_moe for a few tokens: one program row per (token, k) pair, then per token."""
     num_tokens, top_k = topk_ids.shape
@@ -155,12 +191,16 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
         activated.stride(0), TOP_K=top_k, GELU_TANH=activation == "gelu_tanh", BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps,
     )
-    block_n, block_k, warps = down_config or DOWN_GEMV
+    block_n, block_k, warps, all_experts = down_config or DOWN_GEMV
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    _down_gemv_kernel[(num_tokens, triton.cdiv(hidden_size, block_n))](
-        activated, w2, ids, routing, out, hidden_size, width, activated.stride(0), w2.stride(0), w2.stride(1),
-        out.stride(0), TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
+    args = (activated, w2, ids, routing, out, hidden_size, width, activated.stride(0), w2.stride(0), w2.stride(1),
+            out.stride(0))
+    grid = (num_tokens, triton.cdiv(hidden_size, block_n))
+    if all_experts:
+        _down_gemv_all_experts_kernel[grid](*args, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k), BLOCK_N=block_n,
+                                            BLOCK_K=block_k, num_warps=warps)
+    else:
+        _down_gemv_kernel[grid](*args, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
