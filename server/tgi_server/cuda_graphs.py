@@ -12,7 +12,9 @@ rows name an adapter replays; a step without adapters keeps the plain graph and 
 bucket, for up to `max_seqs` sequences; the attention kernel reads the batch layout from the device
 and launches enough programs for any split of the bucket's tokens. Padding tokens belong to no
 sequence (their rows are never read) and write their K/V to slot 0; padding sequences have no
-tokens. The graph returns hidden states; the runner picks the rows to score. A large step whose
+tokens. The graph returns hidden states; the runner picks the rows to score. With LoRA adapters
+(`lora=True`) each bucket is captured twice too, the copy reading each token's adapter slot from a
+device buffer (the grouped kernels' tiles per block and slot), for steps with adapted rows. A large step whose
 bucket would pad it by more than an eighth runs eagerly instead: from a few hundred tokens on, the
 GPU's work outlasts launching it op by op, so the graph would only add padded compute.
 """
@@ -161,25 +163,30 @@ class MixedGraphs:
         max_seqs: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        lora: bool = False,
     ):
         self.token_buckets = sorted(set(token_buckets))
+        self.lora = lora
         self.max_seqs = max_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
         max_tokens = self.token_buckets[-1]
-        # Rows: input id, position, KV slot (per token); query_start_loc and seq_lens (per sequence).
-        self._host_tokens = torch.zeros(3, max_tokens, dtype=torch.int64, pin_memory=True)
+        # Rows: input id, position, KV slot, LoRA adapter slot (per token, the _IDS ... rows, less
+        # _SEQ_LENS); query_start_loc and seq_lens (per sequence).
+        self._host_tokens = torch.zeros(5, max_tokens, dtype=torch.int64, pin_memory=True)
         self._host_seqs = torch.zeros(2, max_seqs + 1, dtype=torch.int32, pin_memory=True)
-        self._tokens = torch.zeros(3, max_tokens, dtype=torch.int64, device=device)
+        self._tokens = torch.zeros(5, max_tokens, dtype=torch.int64, device=device)
         self._seqs = torch.zeros(2, max_seqs + 1, dtype=torch.int32, device=device)
         self._block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._hidden: dict[int, torch.Tensor] = {}  # [bucket, hidden_size], written by each replay
+        # (bucket, with adapters) -> its graph, and the hidden states [bucket, hidden_size] each replay writes
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[tuple[int, bool], torch.Tensor] = {}
         self._inputs_read = torch.cuda.Event()  # the pinned buffers may be rewritten after this
         self.pool = None
         with torch.inference_mode():
-            for bucket in reversed(self.token_buckets):
+            for key in [(bucket, with_lora) for bucket in reversed(self.token_buckets)
+                        for with_lora in ((False, True) if lora else (False,))]:
 
-                def forward(bucket=bucket):
+                def forward(bucket=key[0], with_lora=key[1]):
                     # Fresh metadata each call: what kernels derive from it must be computed in the graph.
                     attn = AttentionMetadata(
                         slot_mapping=self._tokens[_SLOTS, :bucket],
@@ -190,10 +197,11 @@ class MixedGraphs:
                         seq_lens_cpu=[],
                         max_query_len=bucket,
                     )
-                    with forward_context(attn, kv_caches):
+                    lora_rows = LoraRows(None, self._tokens[_ADAPTERS, :bucket]) if with_lora else None
+                    with forward_context(attn, kv_caches, lora_rows):
                         return model(self._tokens[_IDS, :bucket], self._tokens[_POSITIONS, :bucket])
 
-                self._graphs[bucket], self._hidden[bucket], self.pool = capture(forward, self.pool)
+                self._graphs[key], self._hidden[key], self.pool = capture(forward, self.pool)
 
     def fits(self, num_tokens: int, num_seqs: int, max_blocks: int) -> bool:
         """Whether a step of this shape runs as a graph (see the module's docstring)."""
@@ -202,8 +210,9 @@ class MixedGraphs:
         bucket = next(b for b in self.token_buckets if b >= num_tokens)
         return bucket <= _SMALL_BUCKET or bucket - num_tokens <= num_tokens // 8
 
-    def run(self, flat) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden_size] of a step laid out as `flat` (a FlatBatch)."""
+    def run(self, flat, lora_segments: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of a step laid out as `flat` (a FlatBatch), the rows
+        of `lora_segments` (adapter slot, first row, end row) through their adapter (only with `lora`)."""
         num_tokens, num_seqs = len(flat.input_ids), len(flat.seq_lens)
         bucket = next(b for b in self.token_buckets if b >= num_tokens)
         self._inputs_read.synchronize()
@@ -212,6 +221,12 @@ class MixedGraphs:
         tokens[_POSITIONS, :num_tokens] = flat.positions
         tokens[_SLOTS, :num_tokens] = flat.slots
         tokens[:, num_tokens:bucket] = 0
+        with_lora = bool(lora_segments)
+        if with_lora:
+            assert self.lora, "adapter rows in mixed-step graphs captured without LoRA"
+            tokens[_ADAPTERS, :num_tokens] = 0
+            for slot, start, stop in lora_segments:
+                tokens[_ADAPTERS, start:stop] = slot
         seqs = self._host_seqs.numpy()
         seqs[0, : num_seqs + 1] = flat.query_start_loc
         seqs[0, num_seqs + 1 :] = num_tokens  # padding sequences: no tokens
@@ -221,8 +236,8 @@ class MixedGraphs:
         self._seqs.copy_(self._host_seqs, non_blocking=True)
         self._block_tables[:num_seqs, : flat.block_tables.shape[1]].copy_(torch.from_numpy(flat.block_tables))
         self._inputs_read.record()
-        self._graphs[bucket].replay()
-        return self._hidden[bucket][:num_tokens]
+        self._graphs[bucket, with_lora].replay()
+        return self._hidden[bucket, with_lora][:num_tokens]
 
 
 def token_buckets(max_tokens: int) -> list[int]:

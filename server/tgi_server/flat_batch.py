@@ -69,10 +69,10 @@ def flatten(spans: list[Span], block_size: int) -> FlatBatch:
 def forward_flat(model, kv_caches: list[torch.Tensor], flat: FlatBatch, graphs: MixedGraphs | None,
                  device: torch.device, lora_segments: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     """Hidden states [num_tokens, hidden] of `model` over `flat`, writing the new tokens' KV; rows in
-    `lora_segments` (adapter slot, first row, end row) through their adapter (eagerly)."""
-    if (graphs is not None and not lora_segments
+    `lora_segments` (adapter slot, first row, end row) through their adapter."""
+    if (graphs is not None and (graphs.lora or not lora_segments)
             and graphs.fits(len(flat.input_ids), len(flat.seq_lens), flat.block_tables.shape[1])):
-        return graphs.run(flat)
+        return graphs.run(flat, lora_segments)
     attn = AttentionMetadata.from_host(flat.slots, flat.query_start_loc, flat.seq_lens, flat.block_tables, device)
     input_ids = torch.from_numpy(flat.input_ids).to(device)  # [num_tokens]
     positions = torch.from_numpy(flat.positions).to(device)  # [num_tokens]

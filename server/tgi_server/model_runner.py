@@ -89,10 +89,9 @@ class ModelRunner:
             return
         self._check_thread_device()
         max_blocks_per_seq = -(-(max_total_tokens + 1) // self.block_size)  # + the lookahead token
-        self.mixed_graphs = MixedGraphs(
-            self.model, self.kv_caches, token_buckets(max_batch_tokens), max_batch_size, max_blocks_per_seq, self.device
-        )
         has_lora = any(getattr(layer, "lora", None) is not None for layer in self.model.modules())
+        self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, token_buckets(max_batch_tokens), max_batch_size,
+                                        max_blocks_per_seq, self.device, lora=has_lora)
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_caches, sizes, max_blocks_per_seq, self.device, pool=self.mixed_graphs.pool, lora=has_lora
         )

@@ -65,10 +65,11 @@ def warmup(
     runner.capture_cuda_graphs(max_total_tokens, max_batch_size, max_batch_prefill_tokens)
     decode, mixed = runner.decode_graphs, runner.mixed_graphs
     if decode is not None:
-        log.info("CUDA graphs captured in %.1f s: %d decode (batch sizes %d to %d%s), %d mixed steps (up to %d tokens)",
-                 time.monotonic() - started, len(decode.batch_sizes) * (2 if decode.lora else 1), decode.batch_sizes[0],
-                 decode.batch_sizes[-1], ", each also with LoRA adapters" if decode.lora else "",
-                 len(mixed.token_buckets), mixed.token_buckets[-1])
+        copies = 2 if decode.lora else 1
+        log.info("CUDA graphs captured in %.1f s: %d decode (batch sizes %d to %d), %d mixed steps (up to %d tokens)%s",
+                 time.monotonic() - started, len(decode.batch_sizes) * copies, decode.batch_sizes[0],
+                 decode.batch_sizes[-1], len(mixed.token_buckets) * copies, mixed.token_buckets[-1],
+                 ", each also with LoRA adapters" if decode.lora else "")
     return num_blocks
 
 

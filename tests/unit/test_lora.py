@@ -155,10 +155,10 @@ def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixe
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton"])
 def test_on_the_gpu_adapter_rows_in_cuda_graphs_and_lookahead_give_each_peft_merged_models_tokens(checkpoints, backend):
-    """fp32 on CUDA, decode steps replayed from the graphs captured with the adapter kernels (and the
-    plain ones for base-only steps), chained lookahead: every prompt through every adapter and none
-    in one batch equals peft's merged models, as on the CPU. (The portable backend under these graphs
-    gave other tokens on an H100, 2026-12-07: open.)"""
+    """fp32 on CUDA, decode and prompt steps replayed from the graphs captured with the adapter
+    kernels (and the plain ones for base-only steps), chained lookahead: every prompt through every
+    adapter and none in one batch equals peft's merged models, as on the CPU. (The portable backend
+    under these graphs gave other tokens on an H100, 2026-12-07: open.)"""
     names = list(ADAPTERS)
     prompts = [prompt for prompt in PROMPTS for _ in range(len(names) + 1)]
     slots = [slot for _ in PROMPTS for slot in range(len(names) + 1)]
@@ -170,13 +170,17 @@ def test_on_the_gpu_adapter_rows_in_cuda_graphs_and_lookahead_give_each_peft_mer
     runner = ModelRunner(model, config, SINGLE, torch.device("cuda"), torch.float32, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8, 16))
     runner.allocate_kv_cache(256)
     runner.capture_cuda_graphs(max_total_tokens=64, max_batch_size=16, max_batch_tokens=128)
-    assert runner.decode_graphs.lora
+    assert runner.decode_graphs.lora and runner.mixed_graphs.lora
+    mixed_steps = []  # whether each mixed-step graph replay had adapter rows
+    replay = runner.mixed_graphs.run
+    runner.mixed_graphs.run = lambda flat, segments=(): mixed_steps.append(bool(segments)) or replay(flat, segments)
     outputs = generate(runner, prompts, slots, 10, lookahead=True)
-    assert runner.num_lookahead_rows_used > 0
+    assert runner.num_lookahead_rows_used > 0 and True in mixed_steps
     directories = [None] + [checkpoints / name for name in names]
     assert outputs == [peft_greedy(checkpoints / "base", directories[slot], prompt, 10) for prompt, slot in zip(prompts, slots)]
     # base-only decode steps replay the plain graphs: the same tokens
     assert generate(runner, PROMPTS, [0] * len(PROMPTS), 10, lookahead=True) == [outputs[i * 3] for i in range(len(PROMPTS))]
+    assert mixed_steps[-1] is False
 
 
 def test_adapter_rows_known_on_the_device_only_get_the_same_portable_delta_as_runs_of_rows():
