@@ -81,7 +81,8 @@ def main() -> None:
                 # each kernel's tiles swept with the other's default, then the best pair timed
                 up_default = moe.GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else moe.GATE_UP_GEMV
                 up, down = {}, {}
-                for sweep, configs, pair in ((up, CONFIGS, lambda c: (c, moe.DOWN_GEMV)),
+                down_default = moe.down_gemv_config(top_k)
+                for sweep, configs, pair in ((up, CONFIGS, lambda c: (c, down_default)),
                                              (down, DOWN_CONFIGS, lambda c: (up_default, c))):
                     for config in configs:
                         up_config, down_config = pair(config)
@@ -91,7 +92,7 @@ def main() -> None:
                             lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", up_config, down_config), 50)
                 best = (min(up, key=up.get), min(down, key=down.get))
                 best_us = graph_time_us(lambda: moe._gemv_experts(hidden, w13, w2, routing, ids, "silu", *best), 50)
-                row["gemv_default_us"] = round(down[moe.DOWN_GEMV], 2)
+                row["gemv_default_us"] = round(down[down_default], 2)
                 row["uses_gemv"] = moe.uses_gemv(num_tokens, top_k, num_experts)
                 row["gemv_best"] = f"{best[0]}/{best[1]}"
                 row["gemv_best_us"] = round(best_us, 2)

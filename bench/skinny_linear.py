@@ -27,6 +27,10 @@ SHAPES = {  # name: (N, K) of the 8B's weights, one rank
     "gate_up_proj": (28672, 4096),
     "down_proj": (4096, 14336),
     "lm_head": (128256, 4096),
+    # Qwen3-30B-A3B's attention and router (hidden 2048, 32 heads of 128 over 4 KV heads, 128 experts)
+    "moe_qkv_proj": (5120, 2048),
+    "moe_o_proj": (2048, 4096),
+    "moe_router": (128, 2048),
 }
 CONFIGS = [
     (block_n, block_k, warps)

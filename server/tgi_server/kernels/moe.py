@@ -33,8 +33,12 @@ from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activatio
 GATE_UP_GEMV_ONE_TOKEN = (2, 1024, 4)
 GATE_UP_GEMV = (4, 256, 4)
 # ... and of the down projection, the last field choosing `_down_gemv_all_experts_kernel` (True) or
-# the loop over experts (False)
-DOWN_GEMV = (2, 1024, 4, False)
+# the loop over experts (False): side by side, one row a program, for Qwen3-30B-A3B's 8 experts a
+# token (40.0 -> 33.3 us for both kernels at one token, 64.2 -> 55.9 at two, 107.1 -> 100.8 at four;
+# bench/results/2026-12-07-h100-moe-down-kernel.json); the loop for Mixtral's 2 (measured best there
+# before the side-by-side kernel existed, which was not measured on it).
+DOWN_GEMV = (1, 128, 4, True)
+DOWN_GEMV_FEW_EXPERTS = (2, 1024, 4, False)
 
 
 def uses_gemv(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -179,6 +183,11 @@ def _down_gemv_all_experts_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_out + rows, tl.sum(weighted, 0).to(dtype), mask=row_valid)
 
 
+def down_gemv_config(top_k: int) -> tuple[int, int, int, bool]:
+    """The down projection's kernel and tiles for tokens routed to `top_k` experts each."""
+    return DOWN_GEMV if top_k >= 4 else DOWN_GEMV_FEW_EXPERTS
+
+
 def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config=None, down_config=None):
     """fused_moe for a few tokens: one program row per (token, k) pair, then per token."""
     num_tokens, top_k = topk_ids.shape
@@ -191,7 +200,7 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
         activated.stride(0), TOP_K=top_k, GELU_TANH=activation == "gelu_tanh", BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps,
     )
-    block_n, block_k, warps, all_experts = down_config or DOWN_GEMV
+    block_n, block_k, warps, all_experts = down_config or down_gemv_config(top_k)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     args = (activated, w2, ids, routing, out, hidden_size, width, activated.stride(0), w2.stride(0), w2.stride(1),
             out.stride(0))
