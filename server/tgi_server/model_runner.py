@@ -155,6 +155,11 @@ class ModelRunner:
             batch.append(BatchRow(item.id, sequence, item.num_tokens))
             if not item.last_token:
                 continuing.append(sequence)
+        if any(row.sequence.adapter_slot for row in batch):
+            # Each adapter's rows side by side: the LoRA kernels' tiles of 16 rows then read an
+            # adapter's weights once per tile its rows fill, not once per tile they are scattered over.
+            batch.sort(key=lambda row: row.sequence.adapter_slot)
+            continuing.sort(key=lambda seq: seq.adapter_slot)
         self._add_proposals(scheduled)
         reused = self.lookahead.take(started, batch) if started is not None else []
         reused_ids = {row.request_id for row in reused}
@@ -200,8 +205,7 @@ class ModelRunner:
         flat = self._flatten(batch)
         # Copied before the forward is queued, so the LM head's launch does not wait for it to finish.
         sample_rows = index_on_device(flat.sample_rows, self.device)
-        lora_segments = tuple((seq.adapter_slot, start, stop) for (_, seq, _), start, stop
-                              in zip(batch, flat.query_start_loc, flat.query_start_loc[1:]) if seq.adapter_slot)
+        lora_segments = _adapter_runs(batch, flat.query_start_loc)
         hidden = forward_flat(self.model, self.kv_caches, flat, self.mixed_graphs, self.device, lora_segments)
         stage = self.tp.stage
         is_sampling = stage is None or stage.is_last
@@ -324,3 +328,15 @@ class ModelRunner:
             ]))
             row += num_drafts + 1
         return samples
+
+
+def _adapter_runs(batch: list[BatchRow], query_start_loc: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """(adapter slot, first row, end row) of each run of consecutive flat rows through one adapter."""
+    runs: list[tuple[int, int, int]] = []
+    for row, start, stop in zip(batch, query_start_loc, query_start_loc[1:]):
+        slot = row.sequence.adapter_slot
+        if slot and runs and runs[-1][0] == slot and runs[-1][2] == start:
+            runs[-1] = (slot, runs[-1][1], stop)
+        elif slot:
+            runs.append((slot, start, stop))
+    return tuple(runs)

@@ -89,6 +89,24 @@ def test_a_batch_mixing_adapters_and_the_base_model_gives_each_peft_merged_model
     assert len({tuple(out) for out in outputs[: len(names) + 1]}) == len(names) + 1  # the adapters change the tokens
 
 
+def test_a_steps_rows_of_one_adapter_run_side_by_side_whatever_the_plans_order(checkpoints, monkeypatch):
+    """The runner groups a step's rows by adapter (one run of rows each), so the LoRA kernels' row
+    tiles read each adapter's weights once per tile; the tokens stay peft's."""
+    from tgi_server import model_runner
+
+    runs = []
+    forward = model_runner.forward_flat
+    monkeypatch.setattr(model_runner, "forward_flat", lambda *args: runs.append(args[-1]) or forward(*args))
+    names = list(ADAPTERS)
+    runner = runner_with_adapters(checkpoints, names)
+    slots = [1, 0, 2, 1, 2, 0, 1]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(slots))]
+    outputs = generate(runner, prompts, slots, 3)
+    assert runs and all([slot for slot, _, _ in segments] == [1, 2] for segments in runs), runs
+    directories = [None] + [checkpoints / name for name in names]
+    assert outputs == [peft_greedy(checkpoints / "base", directories[slot], prompt, 3) for prompt, slot in zip(prompts, slots)]
+
+
 def test_an_adapter_for_modules_the_model_lacks_or_of_too_high_a_rank_is_refused_and_not_kept(checkpoints, tmp_path):
     model, _ = load_model(str(checkpoints / "base"), SINGLE, torch.float32, torch.device("cpu"))
     store = AdapterStore(model, num_slots=1, max_rank=4)
