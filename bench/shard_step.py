@@ -41,6 +41,8 @@ def build_runner(
     with building_with(backend):
         model = model_class(model_architecture(config), tp.world_size)(config, tp, dtype, device).eval()
     fill_random_weights(model, seed=0)
+    if backend == "portable":  # its attention is not capture-safe (`tgi_server.ops.portable.CAPTURE_SAFE`)
+        graph_sizes = ()
     runner = ModelRunner(model, config, tp, device, dtype, BLOCK_SIZE, graph_sizes)
     runner.allocate_kv_cache(num_blocks)
     if graph_sizes:

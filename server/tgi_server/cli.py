@@ -114,7 +114,9 @@ def _build_server(settings: ShardSettings):
     adapters = _load_adapters(model, settings)
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
     if not model.supports_cuda_graphs:
-        log.info("CUDA graphs are off: %s does not support them", type(model).__name__)
+        if device.type == "cuda" and graph_sizes:
+            log.info("CUDA graphs are off: %s does not support them%s", type(model).__name__,
+                     " on the portable kernels (--disable-custom-kernels)" if settings.disable_custom_kernels else "")
         graph_sizes = ()
     elif tp.stage is not None and graph_sizes:
         log.info("CUDA graphs are off with pipeline parallelism (stage %d of %d, layers %d to %d)", tp.stage.index,

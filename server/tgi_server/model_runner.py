@@ -53,8 +53,10 @@ class ModelRunner:
         self.sequences: dict[int, Sequence] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        # Decode batch sizes to replay as CUDA graphs once the KV cache exists (none on CPU).
-        self.cuda_graph_sizes = cuda_graph_sizes if device.type == "cuda" else ()
+        # Decode batch sizes to replay as CUDA graphs once the KV cache exists (none on CPU, nor for a
+        # model whose forward a graph cannot replay).
+        capturable = device.type == "cuda" and getattr(model, "supports_cuda_graphs", True)
+        self.cuda_graph_sizes = cuda_graph_sizes if capturable else ()
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.lookahead = Lookahead(block_size, device, watermark)

@@ -175,8 +175,8 @@ def test_on_the_gpu_the_lora_kernels_give_the_portable_products_tokens_in_a_mixe
 def test_on_the_gpu_adapter_rows_in_cuda_graphs_and_lookahead_give_each_peft_merged_models_tokens(checkpoints, backend):
     """fp32 on CUDA, decode and prompt steps replayed from the graphs captured with the adapter
     kernels (and the plain ones for base-only steps), chained lookahead: every prompt through every
-    adapter and none in one batch equals peft's merged models, as on the CPU. (The portable backend
-    under these graphs gave other tokens on an H100, 2026-12-07: open.)"""
+    adapter and none in one batch equals peft's merged models, as on the CPU. (Not the portable
+    backend: its attention cannot replay in a graph, `ops.portable.CAPTURE_SAFE`.)"""
     names = list(ADAPTERS)
     prompts = [prompt for prompt in PROMPTS for _ in range(len(names) + 1)]
     slots = [slot for _ in PROMPTS for slot in range(len(names) + 1)]

@@ -63,6 +63,17 @@ def test_unknown_architecture_is_rejected_naming_supported_ones(tmp_path):
         load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("backend, captured", [("portable", False), ("triton", True)])
+def test_only_models_on_capture_safe_kernels_offer_cuda_graphs(tmp_path, backend, captured):
+    """The portable attention reads the batch layout from host lists, which a CUDA graph freezes: a
+    model built on it (--disable-custom-kernels on a GPU) must run eagerly, or its decode steps would
+    replay attention over no sequence."""
+    pytest.importorskip("triton")
+    save_tiny_model(tiny_config("llama"), tmp_path)
+    model, _ = load_model(str(tmp_path), SINGLE, torch.float32, torch.device("cpu"), backend=backend)
+    assert model.supports_cuda_graphs is captured
+
+
 @pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1)])
 def test_kv_cache_specs_give_each_layer_its_window_and_this_ranks_kv_heads(world_size, rank):
     from transformers import Qwen2Config

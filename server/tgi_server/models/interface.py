@@ -21,7 +21,8 @@ class CausalLM(Protocol):
     """A decoder-only language model over the paged KV cache, sharded over a tensor-parallel group."""
 
     config: PretrainedConfig
-    # False where the forward is not capture-safe (the transformers fallback): the runner runs eagerly
+    # False where the forward is not capture-safe (the transformers fallback, any model on the portable
+    # ops): the runner runs eagerly
     supports_cuda_graphs: bool
 
     @property

@@ -13,7 +13,7 @@ from tgi_server.models.gemma import Gemma3TextOnlyForCausalLM, GemmaForCausalLM
 from tgi_server.models.architectures import IN_PROJECT_ARCHITECTURES
 from tgi_server.models.llama import LlamaForCausalLM
 from tgi_server.models.mixtral import MixtralForCausalLM
-from tgi_server.ops import building_with
+from tgi_server.ops import building_with, select_ops
 from tgi_server.quantization import FP8_DTYPE, FP8_MAX, MIN_FP8_CAPABILITY, WeightFormat, building_with_weights, weight_format
 from tgi_server.weights import LoadProgress, UnsetWeights, load_config, open_weights
 
@@ -124,6 +124,8 @@ def load_model(
             model = model_cls(config, tp, dtype, device, None if is_dummy else model_path)
         else:
             model = model_cls(config, tp, dtype, device)
+        if not select_ops(device).CAPTURE_SAFE:  # --disable-custom-kernels on a GPU
+            model.supports_cuda_graphs = False
     if is_dummy:
         if not is_fallback and found is None:  # quantized layouts check their stored values: filled only
             model.load_weights(UnsetWeights(dtype, device))

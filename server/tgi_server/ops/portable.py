@@ -12,6 +12,9 @@ from tgi_server.forward_context import LoraRows
 from tgi_server.quantization import dequantize_int4, quantize_fp8_rows
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+# A CUDA graph may not replay these ops: the attention loops over the batch's sequences from the
+# metadata's host lists, which a graph freezes at capture (its graphs carry empty ones).
+CAPTURE_SAFE = False
 
 
 def linear(

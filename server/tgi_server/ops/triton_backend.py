@@ -14,6 +14,9 @@ from tgi_server.kernels.attention import paged_attention
 from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
 from tgi_server.quantization import quantize_fp8_rows
 
+# Every op reads the batch layout from device tensors, so CUDA graphs replay them (`tgi_server.cuda_graphs`).
+CAPTURE_SAFE = True
+
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
