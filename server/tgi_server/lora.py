@@ -170,6 +170,9 @@ class AdapterStore:
         for layer in self.layers:
             layer.allocate_lora(num_slots + 1, max_rank)  # slot 0: no adapter
         self.known_modules = {module for layer in self.layers for module, _ in layer.lora.targets}
+        # Decoder layers another pipeline stage runs: an adapter's weights for them are that stage's.
+        self.elsewhere = tuple(f"{name}." for name, layer in model.named_modules()
+                               if getattr(layer, "runs_elsewhere", False))
         self.num_slots, self.max_rank = num_slots, max_rank
         # adapter id -> (its name, each adapted linear's `fit` parts, in `layers` order)
         self._adapters: dict[int, tuple[str, list[list]]] = {}
@@ -179,7 +182,8 @@ class AdapterStore:
         """Keeps `adapter` under `adapter_id`, cut to every adapted linear's share once (placing it in a
         slot later only copies): a module the model lacks, a shape or a rank that does not fit raise
         LoraAdapterError."""
-        unknown = sorted(set(adapter.weights) - self.known_modules)
+        unknown = sorted(module for module in set(adapter.weights) - self.known_modules
+                         if not module.startswith(self.elsewhere))
         if unknown:
             raise LoraAdapterError(f"adapter {adapter.name}: the model has no projection {unknown[0]}"
                                    + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))

@@ -65,10 +65,13 @@ async def _generate(session, url, prompt, adapter_id, max_new_tokens=MAX_NEW_TOK
         return token_ids((await response.json())["details"])
 
 
-@pytest.mark.parametrize("num_shard", [1, 2])
-async def test_each_request_gets_its_adapters_tokens_in_a_mixed_batch(checkpoints, expected, hf_home, num_shard):
+@pytest.mark.parametrize("num_shard, layout", [(1, ()), (2, ()), (2, ("--pipeline-parallel-size", "2"))],
+                         ids=["1 shard", "2 shards", "2 pipeline stages"])
+async def test_each_request_gets_its_adapters_tokens_in_a_mixed_batch(checkpoints, expected, hf_home, num_shard, layout):
+    """(Two pipeline stages: each stage takes the adapters' weights of its own layers.)"""
     adapters = ",".join(f"{name}={checkpoints / name}" for name in ADAPTERS)
-    with running_server(str(checkpoints / "base"), hf_home, "--lora-adapters", adapters, num_shard=num_shard) as server:
+    with running_server(str(checkpoints / "base"), hf_home, "--lora-adapters", adapters, *layout,
+                        num_shard=num_shard) as server:
         async with aiohttp.ClientSession() as session:
             for _ in range(2):  # the second round from cached prefixes, each adapter's own
                 names = [None, *ADAPTERS]

@@ -137,6 +137,7 @@ class SkippedLayer(nn.Module):
     stay indexed by layer)."""
 
     kv_cache_spec = KVCacheSpec(0, 1, None, 1.0)
+    runs_elsewhere = True  # what belongs to this layer (e.g. a LoRA adapter's weights) is another stage's
 
 
 class LlamaModel(nn.Module):
