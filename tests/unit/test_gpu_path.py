@@ -55,6 +55,18 @@ def test_gpu_greedy_with_kernels_and_cuda_graphs_follows_transformers(variant, t
     assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32))
 
 
+def test_gpu_portable_ops_run_without_cuda_graphs_and_follow_transformers(tmp_path):
+    """--disable-custom-kernels on a GPU: the portable attention cannot replay in a CUDA graph, so the
+    runner captures none and its eager steps give transformers' tokens."""
+    hf_model = save_tiny_model(tiny_config("llama3_biased"), tmp_path)
+    device = torch.device("cuda")
+    model, config = load_model(str(tmp_path), SINGLE, torch.float32, device, backend="portable")
+    runner = ModelRunner(model, config, SINGLE, device, torch.float32, BLOCK_SIZE, cuda_graph_sizes=(1, 2, 4, 8))
+    warmup(runner, max_batch_prefill_tokens=256, max_total_tokens=128, max_batch_size=8)
+    assert runner.decode_graphs is None and runner.mixed_graphs is None
+    assert_greedy_under_transformers(hf_model, generate_greedy(runner, prefill_chunk=32, lookahead=True))
+
+
 # fp8 rounding moves the tiny random model's logits (best ones 2.4-4.9, runners-up often 0.2 below):
 # e4m3 keeps 3 mantissa bits, e5m2 only 2 (measured on an H100: e5m2 chose tokens up to 0.48 below
 # the best). A cache read wrongly would pick tokens near the average logit, several below the best.
