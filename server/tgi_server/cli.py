@@ -113,14 +113,16 @@ def _build_server(settings: ShardSettings):
     log.info("model %s runs on the %s implementation", model_architecture(config), implementation(model_architecture(config)))
     adapters = _load_adapters(model, settings)
     graph_sizes = DEFAULT_CUDA_GRAPH_SIZES if settings.cuda_graphs is None else settings.cuda_graphs
-    if not model.supports_cuda_graphs:
-        if device.type == "cuda" and graph_sizes:
+    graphs_wanted = device.type == "cuda" and bool(graph_sizes)
+    if tp.stage is not None:
+        log.info("pipeline parallel: this shard runs stage %d of %d, layers %d to %d%s", tp.stage.index,
+                 tp.stage.num_stages, *tp.stage.layer_range(config.num_hidden_layers),
+                 "; CUDA graphs are off with pipeline parallelism" if graphs_wanted else "")
+        graph_sizes = ()
+    elif not model.supports_cuda_graphs:
+        if graphs_wanted:
             log.info("CUDA graphs are off: %s does not support them%s", type(model).__name__,
                      " on the portable kernels (--disable-custom-kernels)" if settings.disable_custom_kernels else "")
-        graph_sizes = ()
-    elif tp.stage is not None and graph_sizes:
-        log.info("CUDA graphs are off with pipeline parallelism (stage %d of %d, layers %d to %d)", tp.stage.index,
-                 tp.stage.num_stages, *tp.stage.layer_range(config.num_hidden_layers))
         graph_sizes = ()
     kv_cache_dtype = _kv_cache_dtype(settings.kv_cache_dtype) or torch_dtype
     watermark = Watermark(settings.watermark_gamma, settings.watermark_delta)
