@@ -130,8 +130,10 @@ class LauncherConfig:
     def local_replicas(self) -> range:
         """The data-parallel replicas this node runs (all of them on one node; a share of whole replicas on
         each of several)."""
-        per_node = self.num_replicas // self.nnodes if self.num_replicas > 1 else 1
-        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node) if self.num_replicas > 1 else range(1)
+        if self.num_replicas == 1:
+            return range(1)
+        per_node = self.num_replicas // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
 
     def replica_shard(self, replica: int) -> ShardSettings:
         """The shard settings of data-parallel replica `replica` (one of `local_replicas`): its own sockets, and

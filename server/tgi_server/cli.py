@@ -150,7 +150,7 @@ def _build_server(settings: ShardSettings):
     )
     interceptors = [secret_check(settings.shard_secret)] if settings.shard_secret else []
     server = grpc.server(device_thread_pool(device, NUM_GRPC_WORKERS), interceptors=interceptors)
-    answers = tp.stage is None and rank == 0 or tp.stage is not None and rank == tp.stage.sampling_rank
+    answers = rank == (tp.stage.sampling_rank if tp.stage is not None else 0)
     service = TextGenerationService(runner, info, rank, settings.cuda_memory_fraction, adapters, answers=answers)
     if settings.otlp_endpoint:
         service.tracer = start_tracing(settings.otlp_endpoint, shard_service_name(settings.otlp_service_name))

@@ -157,6 +157,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, tp, dtype, device)
         self.layers = nn.ModuleList(layer_class(config, i, tp, dtype, device) if self.start <= i < self.stop
                                     else SkippedLayer() for i in range(num_layers))
+        self.own_layers = tuple(self.layers[self.start : self.stop])  # the ones this stage runs
         self.norm = self.build_norm(config, dtype, device)
 
     def build_norm(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -172,19 +173,14 @@ class LlamaModel(nn.Module):
         self.norm.load(weights, f"{prefix}.norm.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.stage is None:
-            hidden, residual = self.embed(input_ids), None
-            for layer in self.layers:
-                hidden, residual = layer(positions, hidden, residual)
-            return self.norm.add_and_norm(hidden, residual)[0]
-        if self.stage.is_first:
+        if self.stage is None or self.stage.is_first:
             hidden = self.embed(input_ids)
         else:
             hidden = self.stage.receive((input_ids.shape[0], self.hidden_size), self.dtype, input_ids.device)
         residual = None
-        for layer in self.layers[self.start : self.stop]:
+        for layer in self.own_layers:
             hidden, residual = layer(positions, hidden, residual)
-        if self.stage.is_last:
+        if self.stage is None or self.stage.is_last:
             return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
         hidden = hidden + residual if residual is not None else hidden  # what the next block's norm adds first
         self.stage.send(hidden)
