@@ -30,7 +30,7 @@ from tgi_server.quantization import dequantize_int4, pack_int4, quantize_fp8_row
 
 GROUP_SIZE = 128
 FP8_CONFIGS = list(itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16)))
-GEMV_CONFIGS = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8, 16)))
+GEMV_CONFIGS = list(itertools.product((4, 8, 16, 32), (1, 2, 4, 8), (2, 4, 8)))  # (BLOCK_N, CHUNKS, num_warps)
 
 
 def sweep(kind: str, x: torch.Tensor, weights: list, reference: torch.Tensor, configs: list) -> dict:
@@ -42,7 +42,9 @@ def sweep(kind: str, x: torch.Tensor, weights: list, reference: torch.Tensor, co
     m_block = triton_next_power_of_2(x.shape[0])
     timed = {}
     for config in configs:
-        if not fits(m_block, config):  # the float32 accumulator tile of both kernels: [m, BLOCK_N, BLOCK_K]
+        if kind == "fp8" and not fits(m_block, config):  # the float32 accumulator tile: [m, BLOCK_N, BLOCK_K]
+            continue
+        if kind == "int4" and 2 * config[0] * config[1] * 16 > 128 * 32 * config[2]:  # two [BLOCK_N, CHUNKS, 16] tiles
             continue
         try:
             error = ((call(weights[0], config).float() - reference).norm() / reference.norm()).item()
@@ -72,8 +74,10 @@ def main() -> None:
         dense = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         fp8 = [quantize_fp8_rows(w.float()) for w in dense]
         codes = torch.randint(0, 16, (n, k), device=device, dtype=torch.int32)
-        int4 = [(pack_int4(codes.roll(i, 1)), torch.full((n, k // GROUP_SIZE), 1e-3, device=device, dtype=torch.bfloat16),
-                 torch.full((n, k // GROUP_SIZE), 8, device=device, dtype=torch.bfloat16)) for i in range(copies)]
+        scales = torch.rand((n, k // GROUP_SIZE), device=device).to(torch.bfloat16) * 2e-3
+        zeros = torch.randint(0, 16, (n, k // GROUP_SIZE), device=device).to(torch.bfloat16)
+        loaded = pack_int4(codes)  # the loaders' layout, for the reference; the kernels read the backend's
+        int4 = [(triton_backend.prepare_int4(pack_int4(codes.roll(i, 1))), scales, zeros) for i in range(copies)]
         for m in map(int, args.rows.split(",")):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             times = {
@@ -93,7 +97,7 @@ def main() -> None:
                     reference = x.float() @ (fp8[0][0].float() * fp8[0][1]).t()
                     row["fp8_configs"] = sweep("fp8", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_CONFIGS)
                 if m <= w4a16.GEMV_MAX_ROWS:
-                    reference = x.float() @ dequantize_int4(*int4[0], GROUP_SIZE).to(x.dtype).float().t()
+                    reference = x.float() @ dequantize_int4(loaded, scales, zeros, GROUP_SIZE).float().t()
                     row["int4_configs"] = sweep("int4", x, int4, reference, GEMV_CONFIGS)
                 for kind in ("fp8", "int4"):
                     timed = {c: t for c, t in row.get(f"{kind}_configs", {}).items() if isinstance(t, float)}

@@ -102,6 +102,7 @@ def test_fp8_weights_on_the_tensor_cores_under_graphs_and_lookahead_stay_near_tr
 
 
 @pytest.mark.parametrize("fmt, slack, exact_share", [("awq", 0.1, 0.8), ("gptq-act-order", 0.1, 0.8), ("ct-w4a16", 0.1, 0.8),
+                                                     ("gptq-per-channel", 0.1, 0.8),
                                                      ("ct-fp8-channel", 0.6, 0.6), ("fp8-per-tensor", 0.6, 0.6)])
 def test_quantized_checkpoints_under_kernels_graphs_and_lookahead_stay_near_their_dequantized_weights(
     fmt, slack, exact_share, tmp_path

@@ -1,4 +1,5 @@
-"""The Triton W4A16 linear computes what `F.linear` computes over the dequantized 4-bit weight.
+"""The Triton W4A16 linear computes what `F.linear` computes over the dequantized 4-bit weight, given
+the weight in the kernels' layout (`w4a16.interleave`) and the reference the loaders' one.
 
 On a GPU the kernel runs natively; without one, on CPU through Triton's interpreter
 (TRITON_INTERPRET=1), so CI checks its arithmetic. fp32 agrees to float rounding; bf16 to a few
@@ -35,15 +36,17 @@ def _int4_weight(n: int, k: int, group_size: int, dtype: torch.dtype, generator:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, n, k, group_size, with_bias", [
-    (1, 72, 256, 32, False),  # decode: four groups in a K tile, N not a multiple of the tile
-    (3, 200, 256, 128, True),  # a few decode rows: one group per K tile
+    (1, 72, 256, 32, False),  # decode, groups smaller than a chunk: the tensor-core kernel, four groups in a K tile
+    (3, 203, 256, 128, True),  # a few decode rows: the GEMV kernel, N not a multiple of its tile
+    (2, 41, 384, 384, True),  # the GEMV kernel per-channel, K three chunks (one chunk per step)
+    (4, 16, 1024, 256, False),  # the GEMV kernel at its row limit, two chunks per group
     (17, 64, 64, 64, True),  # per-channel (group_size = K), K shorter than the decode tile
     (3, 72, 200, 200, False),  # per-channel with K no multiple of the tile: per-element scales, ragged K
     (70, 200, 256, 32, False),  # prefill tiles, ragged M and N
     (70, 72, 256, 256, True),  # prefill, per-channel
 ])
 def test_int4_linear_kernel_matches_the_dequantized_linear(m, n, k, group_size, with_bias, dtype):
-    from tgi_server.kernels.w4a16 import int4_linear
+    from tgi_server.kernels.w4a16 import int4_linear, interleave
 
     generator = torch.Generator().manual_seed(m * 1000 + n)
     qweight, scales, zeros = _int4_weight(n, k, group_size, dtype, generator)
@@ -52,30 +55,33 @@ def test_int4_linear_kernel_matches_the_dequantized_linear(m, n, k, group_size, 
     weight = dequantize_int4(qweight, scales, zeros, group_size).to(dtype)  # [n, k], rounded as the layers round it
     # float32 sums over the same rounded operands: the kernel's result up to its single output rounding
     expected = F.linear(x.float(), weight.float(), bias.float() if with_bias else None)
-    actual = int4_linear(x, qweight, scales, zeros, group_size, bias)
+    actual = int4_linear(x, interleave(qweight), scales, zeros, group_size, bias)
     assert actual.shape == (m, n) and actual.dtype == dtype
     torch.testing.assert_close(actual.float(), expected, **TOLERANCES[dtype])
     if dtype == torch.float32:  # the brief's reference, literally
         torch.testing.assert_close(actual, F.linear(x, weight, bias), **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("config, gemv_config", [
-    ((16, 32, 128, 4), None), ((32, 16, 16, 4), None),  # the tensor-core kernel
-    (None, (4, 64, 4)), (None, (1, 128, 2)), (None, (8, 32, 4)),  # the GEMV kernel at 5 rows
+@pytest.mark.parametrize("k, group_size, config, gemv_config", [
+    (256, 32, (16, 32, 128, 4), None), (256, 32, (32, 16, 256, 4), None),  # the tensor-core kernel, the kernels' layout
+    (200, 40, (32, 16, 16, 4), None), (200, 40, (16, 32, 64, 4), None),  # ... the loaders' layout, groups across tiles
+    (512, 128, None, (4, 2, 4)), (512, 256, None, (1, 4, 2)), (384, 384, None, (16, 1, 4)),  # the GEMV kernel at 5 rows
 ])
-def test_int4_linear_kernels_are_exact_for_any_tiling(config, gemv_config):
-    """Tile configs other than the defaults: BLOCK_K = 16 or 32 at or below group_size (several K tiles
-    per group), and 64- and 128-deep tiles holding two or four 32-wide groups; N = 40 ragged for 8-row
-    tiles. Small integer-valued data, so every sum is exact."""
-    from tgi_server.kernels.w4a16 import int4_linear
+def test_int4_linear_kernels_are_exact_for_any_tiling(k, group_size, config, gemv_config):
+    """Tile configs other than the defaults: the tensor-core kernel's K tiles of one or two chunks (4 or 8
+    groups each) in the kernels' layout, and of 16 or 64 in the loaders' (K = 200, no multiple of a
+    chunk), where groups of 40 straddle tiles; the GEMV kernel with one to four chunks per step and a
+    group of one, two or three chunks; N = 40 ragged for 16-row tiles. Small integer-valued data, so
+    every sum is exact."""
+    from tgi_server.kernels.w4a16 import int4_linear, interleave
 
     generator = torch.Generator().manual_seed(1)
-    m, n, k, group_size = 5, 40, 256, 32
+    m, n = 5, 40
     qweight, _, zeros = _int4_weight(n, k, group_size, torch.float32, generator)
     scales = torch.randint(1, 4, zeros.shape, generator=generator).float().to(DEVICE)
     x = torch.randint(-3, 4, (m, k), generator=generator).float().to(DEVICE)
     expected = F.linear(x, dequantize_int4(qweight, scales, zeros, group_size))
-    actual = int4_linear(x, qweight, scales, zeros, group_size, config=config, gemv_config=gemv_config)
+    actual = int4_linear(x, interleave(qweight), scales, zeros, group_size, config=config, gemv_config=gemv_config)
     torch.testing.assert_close(actual, expected, atol=0, rtol=0)
 
 

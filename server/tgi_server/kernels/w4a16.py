@@ -19,13 +19,25 @@ divides group_size, one [BLOCK_N] column per tile; when group_size divides BLOCK
 [BLOCK_N, BLOCK_K // group_size] groups, broadcast over the group. Any other group size (per-channel
 quantization of a K that is no multiple of BLOCK_K, say) gathers them per element.
 
-A few rows (decode at small batch, up to GEMV_MAX_ROWS) take `_int4_gemv_kernel` instead, shaped like
-the skinny bf16 kernel (`kernels.skinny`): no tensor cores, each program streams BLOCK_N whole weight
-rows in long BLOCK_K steps and multiplies every dequantized tile by the rows of x into a float32
-accumulator tile summed over K once at the end. There the cost is the arithmetic per weight, not the
-bytes: a nibble becomes a float by OR-ing it into the mantissa of 2^23 (one integer op, where an
-int-to-float conversion runs at a fraction of the FP32 rate), and 2^23 is folded into the zero point,
-so a weight costs a shift, an OR, a subtract, a multiply by its scale and a multiply-add per row of x.
+The kernels read W in their own layout (`interleave`, applied by the Triton backend when the weights
+are loaded, `ops.triton_backend.prepare_int4`): wherever K is a multiple of 128, each row's K splits
+into chunks of 128 weights, 16 words each, and nibble j of word w of a chunk holds the chunk's weight
+j * 16 + w, where the loaders' order holds weight 8 * w + j. The tensor-core kernel undoes that in
+registers (a permute of the unpacked tile); the GEMV kernel is why it exists: it takes nibble j of every
+word at once, against x's 16 consecutive elements j * 16 .. j * 16 + 15 of each chunk, so x arrives in
+vector loads and no tile changes layout inside the K loop. A K that is no multiple of 128 keeps the
+loaders' order and only the tensor-core kernel runs it.
+
+A few rows (decode at small batch, up to GEMV_MAX_ROWS, group sizes that are multiples of 128) take
+`_int4_gemv_kernel` instead, shaped like the skinny bf16 kernel (`kernels.skinny`): no tensor cores, a
+program per row of x and BLOCK_N weight rows, walking K a few chunks at a time (several rows of x read
+the same weights from L2 at about the same time). There the cost is the instructions per weight, not
+the bytes: a nibble becomes a float by OR-ing it into the mantissa of 2^23 (0x4B000000; an int-to-float
+conversion runs at a fraction of the FP32 rate), the zero point (plus 2^23) is subtracted exactly, the
+result multiplies x into a per-chunk partial sum, and the chunk's scale multiplies that partial sum
+once per word instead of once per weight: about six instructions per weight, against the earlier
+kernel's twenty-four. The weight is never rounded to the model dtype on this path (the float32
+reference, where the tensor-core kernel rounds it as `F.linear` over the dequantized weight would).
 
 The tile sizes in `_config` and `GEMV_CONFIG` come from bench/quantized_linear.py --sweep.
 """
@@ -38,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tgi_server.quantization import INT4_PER_INT32
+from tgi_server.quantization import INT4_PER_INT32, pack_int4, unpack_int4
 
 
 @triton.jit
@@ -46,7 +58,7 @@ def _int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
     M, N, K, group_size,
     stride_x, stride_q, stride_s, stride_z, stride_y,
-    HAS_BIAS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, DOT_F32: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[m, n] for the BLOCK_M rows of tile program_id(0) and the BLOCK_N columns of program_id(1).
@@ -54,6 +66,7 @@ def _int4_linear_kernel(
     GROUPS_PER_TILE: the scale groups of one K tile (1 when BLOCK_K divides group_size), or 0 when
     groups straddle tiles and scales are gathered per element. DOT_F32: the dot in float32 (IEEE),
     for float32 x and under Triton's interpreter, which multiplies bfloat16 dot operands as raw bits.
+    INTERLEAVED: qweight in the kernels' layout (`interleave`; BLOCK_K a multiple of 128).
     """
     rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,8 +87,11 @@ def _int4_linear_kernel(
         word_mask = mask_n[:, None] & ((k0 // 8 + offs_word) < K // 8)[None, :]
         packed = tl.load(q_ptrs + k0 // 8, mask=word_mask, other=0)  # [BLOCK_N, BLOCK_K // 8] int32
         nibbles = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K // 8, 8]
+        if INTERLEAVED:  # [chunk, word, nibble] -> [chunk, nibble, word]: the loaders' order of k
+            nibbles = tl.permute(tl.reshape(nibbles, (BLOCK_N, BLOCK_K // 128, 16, 8)), (0, 1, 3, 2))
+        nibbles = tl.reshape(nibbles, (BLOCK_N, BLOCK_K))
         if GROUPS_PER_TILE == 0:  # groups straddle tiles: a scale and zero per weight
-            nibbles = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32)
+            nibbles = nibbles.to(tl.float32)
             groups = (k0 + offs_k) // group_size  # [BLOCK_K]
             tile_mask = mask_n[:, None] & mask_k[None, :]
             scale = tl.load(s_ptrs + groups[None, :], mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
@@ -104,73 +120,80 @@ def _int4_linear_kernel(
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
-    M, N, K, group_size,
+    N, K, group_size,
     stride_x, stride_q, stride_s, stride_z, stride_y,
-    HAS_BIAS: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    """y[m, n] for every row m < M (M <= BLOCK_M) and the BLOCK_N columns of program_id(0).
-    GROUPS_PER_TILE: as `_int4_linear_kernel`'s, never 0 (the caller picks BLOCK_K so groups tile K)."""
-    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_m = tl.arange(0, BLOCK_M)
-    mask_n = rows_n < N
-    mask_m = rows_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_word = tl.arange(0, BLOCK_K // 8)
-    shifts = tl.arange(0, 8) * 4
-    n64 = rows_n.to(tl.int64)
-    x_ptrs = x_ptr + rows_m[:, None] * stride_x + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    q_ptrs = qweight_ptr + n64[:, None] * stride_q + offs_word[None, :]  # [BLOCK_N, BLOCK_K // 8]
+    """y[m, n] for row m = program_id(0) of x and the BLOCK_N columns of program_id(1), from qweight in
+    the kernels' layout; K a multiple of CHUNKS * 128, group_size a multiple of 128."""
+    row = tl.program_id(0)
+    rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n64 = tl.minimum(rows_n, N - 1).to(tl.int64)  # a ragged tile's last rows repeat row N - 1: no masks in the loop
+    offs_c = tl.arange(0, CHUNKS)
+    offs_w = tl.arange(0, 16)
+    # [BLOCK_N, CHUNKS, 16] words; x [1, CHUNKS, 16] at nibble 0 (nibble j: + j * 16)
+    q_ptrs = qweight_ptr + n64[:, None, None] * stride_q + offs_c[None, :, None] * 16 + offs_w[None, None, :]
+    x_ptrs = x_ptr + row * stride_x + offs_c[None, :, None] * 128 + offs_w[None, None, :]
     s_ptrs = scales_ptr + n64[:, None] * stride_s  # [BLOCK_N, 1]
     z_ptrs = zeros_ptr + n64[:, None] * stride_z
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        word_mask = mask_n[:, None] & ((k0 // 8 + offs_word) < K // 8)[None, :]
-        packed = tl.load(q_ptrs + k0 // 8, mask=word_mask, other=0)  # [BLOCK_N, BLOCK_K // 8] int32
-        # 2^23 + nibble, exactly: the nibble ORed into the mantissa of 2^23 (0x4B000000)
-        biased = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
-        biased = tl.reshape(biased.to(tl.float32, bitcast=True), (BLOCK_N, GROUPS_PER_TILE, BLOCK_K // GROUPS_PER_TILE))
-        groups = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)  # [GROUPS_PER_TILE]
-        group_mask = mask_n[:, None] & (groups < K // group_size)[None, :]
-        scale = tl.load(s_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS_PER_TILE]
-        zero = tl.load(z_ptrs + groups[None, :], mask=group_mask, other=0.0).to(tl.float32) + 8388608.0
-        w = tl.reshape((biased - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model dtype, as the reference's weight
-        acc += x[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    acc = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+    for k0 in range(0, K, CHUNKS * 128):
+        packed = tl.load(q_ptrs + k0 // 8).to(tl.uint32, bitcast=True)
+        groups = (k0 + offs_c * 128) // group_size  # [CHUNKS]: a chunk lies in one group
+        scale = tl.load(s_ptrs + groups[None, :]).to(tl.float32)  # [BLOCK_N, CHUNKS]
+        zero = tl.load(z_ptrs + groups[None, :]).to(tl.float32) + 8388608.0  # 2^23 + zero
+        part = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptrs + k0 + j * 16).to(tl.float32)
+            # 2^23 + nibble, exactly (the nibble ORed into the mantissa of 2^23), minus 2^23 + zero, exactly
+            w = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]
+            part += x * w
+        acc += part * scale[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BLOCK_N]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows_m[:, None] * stride_y + rows_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y += tl.load(bias_ptr + n64).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + rows_n, y.to(y_ptr.dtype.element_ty), mask=rows_n < N)
 
 
-# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, BLOCK_K, num_warps) for
-# one row (more rows divide BLOCK_K by the power of two above them, keeping the accumulator's size):
-# the best single config over the 8B's projections on an H100 (bench/quantized_linear.py --rows 1
-# --sweep, 2026-12-07), 0.261 ms for the four against the bf16 kernel's 0.152: still bound by the
-# arithmetic per weight, not by the bytes.
+# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, CHUNKS, num_warps): see
+# bench/quantized_linear.py --sweep.
 GEMV_MAX_ROWS = 4
-GEMV_CONFIG = (4, 512, 4)
+GEMV_CONFIG = (8, 4, 4)
+# Weights per chunk of the kernels' layout (16 words).
+CHUNK = 128
+
+
+def interleave(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [N, K // 8] int32 in the loaders' order -> the kernels' layout (the module docstring) where
+    K is a multiple of CHUNK, else unchanged. `int4_linear` tells the two apart by K alone."""
+    n, words = qweight.shape
+    if (words * INT4_PER_INT32) % CHUNK:
+        return qweight
+    out = torch.empty_like(qweight)
+    for start in range(0, n, 4096):  # in row blocks: packing goes through int64
+        rows = qweight[start:start + 4096]
+        nibbles = unpack_int4(rows).view(len(rows), words // 16, 8, 16)  # [rows, chunk, j, w]: k = chunk * 128 + j * 16 + w
+        out[start:start + 4096] = pack_int4(nibbles.transpose(2, 3).reshape(len(rows), -1))  # word w: k = j * 16 + w at nibble j
+    return out
 
 
 def _gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int] | None:
-    """(BLOCK_N, BLOCK_K, num_warps) for the GEMV kernel, BLOCK_K cut so that scale groups tile K (a
-    whole number of groups per step, or a whole number of steps per group); None when no power of two
-    >= 64 does."""
-    block_n, block_k, num_warps = GEMV_CONFIG
-    block_k = max(block_k // triton.next_power_of_2(m), 64)
-    while block_k >= 64 and block_k % group_size and group_size % block_k:
-        block_k //= 2
-    return (block_n, block_k, num_warps) if block_k >= 64 else None
+    """(BLOCK_N, CHUNKS, num_warps) for the GEMV kernel, CHUNKS cut to divide K's chunks; None where
+    the GEMV cannot run (K no multiple of 128: the loaders' order; groups smaller than a chunk)."""
+    if k % CHUNK or group_size % CHUNK:
+        return None
+    block_n, chunks, num_warps = GEMV_CONFIG
+    while (k // CHUNK) % chunks:
+        chunks //= 2
+    return block_n, chunks, num_warps
 
 
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [n, k]^T product. Untuned (see the module
     docstring). Decode (m <= 16): one 16-row tile, 32-wide N tiles up to n = 8192 (>= 128 programs for
     the common 4096-wide projections), 64 beyond, and long 128-deep K steps (64-byte packed row
-    segments). Prefill: larger M and N tiles, as a plain fp16 GEMM would take."""
+    segments). Prefill: larger M and N tiles, as a plain fp16 GEMM would take. K steps of a chunk (128)
+    where the weight is in the kernels' layout (K a multiple of 128), whose tiles hold whole chunks."""
     if m <= 16:
         block_m, block_n, block_k, num_warps = 16, 32 if n <= 8192 else 64, 128, 4
     elif m <= 64:
@@ -179,6 +202,8 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
         block_m, block_n, block_k, num_warps = 64, 128, 64, 4
     else:
         block_m, block_n, block_k, num_warps = 128, 128, 64, 8
+    if k % CHUNK == 0:
+        return block_m, block_n, CHUNK, num_warps
     block_k = min(block_k, max(triton.next_power_of_2(k), 16))  # tl.dot takes K >= 16
     return block_m, block_n, block_k, num_warps
 
@@ -199,12 +224,13 @@ def int4_linear(
     gemv_config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] (K contiguous) @ W.T (+ bias [N]) -> [M, N] in x's dtype, for the 4-bit weight W [N, K]
-    given as qweight [N, K // 8] int32, scales and zeros [N, K // group_size] (`tgi_server.quantization`).
+    given as qweight [N, K // 8] int32 (in the kernels' layout where K is a multiple of 128:
+    `interleave`), scales and zeros [N, K // group_size] (`tgi_server.quantization`).
 
     config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the tensor-core kernel instead of `_config`'s
-    (powers of two, each >= 16); gemv_config: (BLOCK_N, BLOCK_K, num_warps) of the GEMV kernel, at any
-    number of rows (BLOCK_K such that scale groups tile K). Without either: the GEMV kernel up to
-    GEMV_MAX_ROWS rows where groups allow, the tensor-core kernel otherwise.
+    (powers of two, each >= 16; BLOCK_K a multiple of 128 for the kernels' layout); gemv_config:
+    (BLOCK_N, CHUNKS, num_warps) of the GEMV kernel, at any number of rows. Without either: the GEMV
+    kernel up to GEMV_MAX_ROWS rows where `_gemv_config` allows, the tensor-core kernel otherwise.
     """
     m, k = x.shape
     n = qweight.shape[0]
@@ -215,19 +241,20 @@ def int4_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    interleaved = k % CHUNK == 0
     gemv = gemv_config or (_gemv_config(m, n, k, group_size) if m <= GEMV_MAX_ROWS and config is None else None)
     if gemv is not None:
-        block_n, block_k, num_warps = gemv
-        assert _groups_per_tile(group_size, block_k) > 0, (group_size, block_k)
-        _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        block_n, chunks, num_warps = gemv
+        assert interleaved and group_size % CHUNK == 0 and k % (chunks * CHUNK) == 0, (k, group_size, chunks)
+        _int4_gemv_kernel[(m, triton.cdiv(n, block_n))](
             x, qweight, scales, zeros, bias if bias is not None else scales, y,
-            m, n, k, group_size,
+            n, k, group_size,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, GROUPS_PER_TILE=_groups_per_tile(group_size, block_k),
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, num_warps=num_warps,
         )
         return y
     block_m, block_n, block_k, num_warps = config or _config(m, n, k)
+    assert not interleaved or block_k % CHUNK == 0, (k, block_k)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _int4_linear_kernel[grid](
@@ -235,7 +262,7 @@ def int4_linear(
         m, n, k, group_size,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GROUPS_PER_TILE=_groups_per_tile(group_size, block_k),
-        DOT_F32=x.dtype == torch.float32 or interpreted,
+        DOT_F32=x.dtype == torch.float32 or interpreted, INTERLEAVED=interleaved,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return y

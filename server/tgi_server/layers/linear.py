@@ -31,8 +31,9 @@ class _QuantizableLinear(nn.Module):
     the checkpoint's format says.
 
     Plain or fp8: `weight` (in the model dtype, or e4m3 with `weight_scale` [num_out] float32).
-    4-bit: `qweight` [num_out, num_in / 8] int32, `scales` and `zeros` [num_out, groups] in the model
-    dtype, `group_size`, and `input_perm` (act-order: the input order whose groups are contiguous).
+    4-bit: `qweight` [num_out, num_in / 8] int32 (as the backend's `prepare_int4` lays it out), `scales`
+    and `zeros` [num_out, groups] in the model dtype, `group_size`, and `input_perm` (act-order: the
+    input order whose groups are contiguous).
     """
 
     # This rank's [start, stop) of the input features (a row-parallel linear's); None: all of them.
@@ -94,7 +95,7 @@ class _QuantizableLinear(nn.Module):
         perms = {None if piece.input_perm is None else tuple(piece.input_perm.tolist()) for piece in read}
         if len(perms) > 1:
             raise ValueError(f"{parts[0][0]}: fused projections whose act-order input permutations differ")
-        self.qweight.copy_(torch.cat([piece.qweight for piece in read]))
+        self.qweight.copy_(self.ops.prepare_int4(torch.cat([piece.qweight for piece in read])))
         self.scales.copy_(torch.cat([piece.scales for piece in read]))
         self.zeros.copy_(torch.cat([piece.zeros for piece in read]))
         if read[0].input_perm is not None:

@@ -36,11 +36,16 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def prepare_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight as loaded -> as `int4_linear` reads it: the W4A16 kernels' layout (`w4a16.interleave`)."""
+    return w4a16.interleave(qweight)
+
+
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The W4A16 kernel: the 4-bit weight dequantized in registers, at any number of rows."""
+    """The W4A16 kernel: the 4-bit weight (from `prepare_int4`) dequantized in registers, at any number of rows."""
     return w4a16.int4_linear(x, qweight, scales, zeros, group_size, bias)
 
 
