@@ -49,3 +49,24 @@ def test_fp8_weights_through_the_skinny_kernel_give_x_times_the_dequantized_weig
         y = skinny_linear(x, weight, bias, config=config, weight_scale=weight_scale)
         assert y.shape == (num_rows, n) and y.dtype == dtype
         torch.testing.assert_close(y, expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_quantize_to_fp8_per_row_in_one_kernel_bit_for_bit_as_the_reference(dtype):
+    """The fp8 tensor-core path's activations (more rows than the skinny kernel takes): each row scaled
+    by its own maximum and rounded to e4m3 exactly as `quantization.quantize_fp8_rows` rounds them.
+    Rows of very different magnitudes, an all-zero row, 3000 columns (two passes of the kernel's
+    2048-wide block, the second ragged), and values that round up to the next power of two."""
+    from tgi_server.kernels.fused import quantize_fp8_rows as fused_quantize_fp8_rows
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3000, generator=generator) * torch.tensor([1.0, 10.0, 1e-3, 100.0, 0.5, 1.0])[:, None]
+    x[2] = 0.0
+    x[5, :4] = torch.tensor([448.0, 125.4, -31.98, 7.76])  # / scale 1: round up to 128, -32 and 8
+    x[4, 2999] = -50.0  # a row's maximum in the last block
+    x = x.to(DEVICE, dtype)
+    values, scales = fused_quantize_fp8_rows(x)
+    expected_values, expected_scales = quantize_fp8_rows(x)
+    assert values.dtype == expected_values.dtype and scales.shape == (6, 1)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))

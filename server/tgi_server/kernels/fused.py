@@ -226,3 +226,42 @@ def gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
         x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block
     )
     return out
+
+
+@triton.jit
+def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out, cols, fp8_max, BLOCK: tl.constexpr):
+    """Row program_id(0) of x: its absolute maximum over `cols` (first pass), then every value divided by
+    amax / fp8_max, clamped and rounded to e4m3 (second pass, the row back from L1/L2)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, cols, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < cols, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, cols, BLOCK):
+        mask = start + offs < cols
+        x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
+        # rounded to e4m3's grid (3 mantissa bits; subnormal steps of 2^-9) to nearest even here, so that the
+        # conversion is exact: Triton's interpreter rounds some values wrongly (125.4 to 64 instead of 128)
+        exponent = (q.to(tl.uint32, bitcast=True) >> 23) & 0xFF  # biased float32 exponent of q
+        step = (tl.maximum(exponent, 127 - 6) - 3).to(tl.uint32) << 23  # 2^(e - 3) as float32 bits
+        step = step.to(tl.float32, bitcast=True)
+        q = ((q / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round half to even
+        tl.store(out_ptr + row * stride_out + start + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tgi_server.quantization.quantize_fp8_rows` in one launch: x [rows, cols] -> (e4m3 [rows, cols],
+    float32 scales [rows, 1]), each row scaled so that its largest magnitude becomes e4m3's largest."""
+    rows, cols = x.shape
+    assert x.stride(1) == 1
+    out = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows:
+        block = min(triton.next_power_of_2(cols), 2048)
+        _quantize_fp8_rows_kernel[(rows,)](x, out, scales, x.stride(0), out.stride(0), cols,
+                                           torch.finfo(torch.float8_e4m3fn).max, BLOCK=block, num_warps=4)
+    return out, scales

@@ -12,7 +12,6 @@ from tgi_server.kernels import fused, skinny, w4a16
 from tgi_server.kernels import lora as lora_kernels
 from tgi_server.kernels.attention import paged_attention
 from tgi_server.kernels.moe import fused_moe, route_experts  # noqa: F401  (this backend's)
-from tgi_server.quantization import quantize_fp8_rows
 
 # Every op reads the batch layout from device tensors, so CUDA graphs replay them (`tgi_server.cuda_graphs`).
 CAPTURE_SAFE = True
@@ -24,11 +23,12 @@ def linear(
     """F.linear, except that a few rows go through the skinny kernel, which reads the weight faster
     than cuBLAS does at that size. An fp8 weight (with its `weight_scale`): a few rows through the
     skinny kernel, x in its own dtype (weight-only fp8); more rows quantized to fp8 per token on the
-    fp8 tensor cores (`torch._scaled_mm`, row-wise scales), as the portable reference computes them."""
+    fp8 tensor cores (`torch._scaled_mm`, row-wise scales; the activations quantized in one kernel), as the
+    portable reference computes them."""
     if weight_scale is not None:
         if x.shape[0] <= skinny.MAX_ROWS and x.stride(-1) == 1:
             return skinny.skinny_linear(x, weight, bias, weight_scale=weight_scale)
-        x_fp8, x_scales = quantize_fp8_rows(x)
+        x_fp8, x_scales = fused.quantize_fp8_rows(x)
         out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scales, scale_b=weight_scale[None, :], out_dtype=x.dtype)
         return out if bias is None else out + bias
     if x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= skinny.MAX_ROWS:
