@@ -35,20 +35,27 @@ MAX_ROWS = 1
 def _skinny_linear_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr,
     M, N, K, stride_x, stride_w, stride_y,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """EVEN_K: K a multiple of BLOCK_K, so the K loop needs no masks (a ragged N tile's last rows, and
+    the padding rows of x, repeat the last real row instead of masking every load)."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     mask_n = rows_n < N
     mask_m = rows_m < M
-    w_ptrs = w_ptr + rows_n[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
-    x_ptrs = x_ptr + rows_m[:, None] * stride_x + cols[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + tl.minimum(rows_n, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + tl.minimum(rows_m, M - 1)[:, None] * stride_x + cols[None, :]  # [BLOCK_M, BLOCK_K]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        mask_k = (k + cols) < K
-        w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K:
+            w = tl.load(w_ptrs + k)
+            x = tl.load(x_ptrs + k)
+        else:
+            mask_k = (k + cols) < K
+            w = tl.load(w_ptrs + k, mask=mask_k[None, :], other=0.0)
+            x = tl.load(x_ptrs + k, mask=mask_k[None, :], other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_SCALE:  # fp8 weight: one float32 scale per weight row
@@ -90,10 +97,13 @@ def skinny_linear(
         assert weight_scale.numel() == n and weight_scale.is_contiguous() and weight_scale.dtype == torch.float32
     block_n, block_k, num_warps = config or _config(m, n, k, weight.element_size())
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return y
