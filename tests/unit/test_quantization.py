@@ -44,6 +44,7 @@ def test_rows_quantize_to_fp8_with_each_rows_maximum_at_448():
     torch.testing.assert_close(quantized.float() * scales, values, rtol=0.07, atol=0)
 
 
+@pytest.mark.usefixtures("triton_interpreter")  # the activations' quantization kernel, on CPU
 def test_the_fp8_tensor_core_matmul_gives_the_portable_reference():
     """On the GPU where there is one (torch's CPU `_scaled_mm` takes row-wise scales in some builds only)."""
     generator = torch.Generator().manual_seed(0)
