@@ -35,8 +35,8 @@ the same weights from L2 at about the same time). There the cost is the instruct
 the bytes: a nibble becomes a float by OR-ing it into the mantissa of 2^23 (0x4B000000; an int-to-float
 conversion runs at a fraction of the FP32 rate), the zero point (plus 2^23) is subtracted exactly, the
 result multiplies x into a per-chunk partial sum, and the chunk's scale multiplies that partial sum
-once per word instead of once per weight: about six instructions per weight, against the earlier
-kernel's twenty-four. The weight is never rounded to the model dtype on this path (the float32
+once per word instead of once per weight: 7.5 instructions per weight in the K loop's sm_90 SASS,
+against the earlier kernel's 23.75. The weight is never rounded to the model dtype on this path (the float32
 reference, where the tensor-core kernel rounds it as `F.linear` over the dequantized weight would).
 
 The tile sizes in `_config` and `GEMV_CONFIG` come from bench/quantized_linear.py --sweep.
@@ -155,8 +155,9 @@ def _int4_gemv_kernel(
     tl.store(y_ptr + row * stride_y + rows_n, y.to(y_ptr.dtype.element_ty), mask=rows_n < N)
 
 
-# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, CHUNKS, num_warps): see
-# bench/quantized_linear.py --sweep.
+# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, CHUNKS, num_warps): four
+# words (16 bytes) a thread per step, picked from the SASS alone; bench/quantized_linear.py --sweep
+# has not yet run on a GPU to replace it.
 GEMV_MAX_ROWS = 4
 GEMV_CONFIG = (8, 4, 4)
 # Weights per chunk of the kernels' layout (16 words).
