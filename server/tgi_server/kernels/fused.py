@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tgi_server.quantization import FP8_DTYPE, FP8_MAX
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -258,10 +260,10 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float32 scales [rows, 1]), each row scaled so that its largest magnitude becomes e4m3's largest."""
     rows, cols = x.shape
     assert x.stride(1) == 1
-    out = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
+    out = torch.empty((rows, cols), dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = min(triton.next_power_of_2(cols), 2048)
         _quantize_fp8_rows_kernel[(rows,)](x, out, scales, x.stride(0), out.stride(0), cols,
-                                           torch.finfo(torch.float8_e4m3fn).max, BLOCK=block, num_warps=4)
+                                           FP8_MAX, BLOCK=block, num_warps=4)
     return out, scales

@@ -39,7 +39,7 @@ once per word instead of once per weight: 7.5 instructions per weight in the K l
 against the earlier kernel's 23.75. The weight is never rounded to the model dtype on this path (the float32
 reference, where the tensor-core kernel rounds it as `F.linear` over the dequantized weight would).
 
-The tile sizes in `_config` and `GEMV_CONFIG` come from bench/quantized_linear.py --sweep.
+`_config`'s tiles are untuned; `GEMV_CONFIG` says where its tile comes from.
 """
 
 from __future__ import annotations
@@ -203,9 +203,8 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
         block_m, block_n, block_k, num_warps = 64, 128, 64, 4
     else:
         block_m, block_n, block_k, num_warps = 128, 128, 64, 8
-    if k % CHUNK == 0:
-        return block_m, block_n, CHUNK, num_warps
-    block_k = min(block_k, max(triton.next_power_of_2(k), 16))  # tl.dot takes K >= 16
+    # tl.dot takes K >= 16
+    block_k = CHUNK if k % CHUNK == 0 else min(block_k, max(triton.next_power_of_2(k), 16))
     return block_m, block_n, block_k, num_warps
 
 
