@@ -6,12 +6,15 @@ than the L2 cache holds, as a decode step walking 32 layers does): bf16 through 
 fp8 kernel or `torch._scaled_mm`, activations quantized per token inside), and 4-bit weights (group
 128) through the W4A16 kernel; prints each one's time and the weight bandwidth it reaches, as JSON.
 
-With --sweep, also every tile configuration of the skinny kernel on fp8 weights and of the W4A16 GEMV
-kernel at each row count up to their row limits (results checked against float32 on the dequantized
+One row also goes through the fp8 tensor-core GEMV (`skinny.fp8_dot_gemv`, x quantized inside).
+
+With --sweep, also every tile configuration of the skinny kernel on fp8 weights, of the fp8 tensor-core
+GEMV and of the W4A16 GEMV kernel at each row count up to their row limits (results checked against float32 on the dequantized
 weight), with the best one per shape and the best single config over all shapes (the sum of times).
 
     python bench/quantized_linear.py --rows 1,16
     python bench/quantized_linear.py --rows 1 --sweep
+    python bench/quantized_linear.py --rows 1 --sweep fp8_dot,int4
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ from tgi_server.quantization import dequantize_int4, pack_int4, quantize_fp8_row
 GROUP_SIZE = 128
 FP8_CONFIGS = list(itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16)))
 GEMV_CONFIGS = list(itertools.product((4, 8, 16, 32), (1, 2, 4, 8), (2, 4, 8)))  # (BLOCK_N, CHUNKS, num_warps)
+FP8_DOT_CONFIGS = list(itertools.product((64, 128), (128, 256, 512), (4,), (2, 3, 4, 6)))  # + num_stages
 
 
 def sweep(kind: str, x: torch.Tensor, weights: list, reference: torch.Tensor, configs: list) -> dict:
     """{str(config): ms or 'wrong: ...'} for every config that keeps the accumulator in registers."""
     if kind == "fp8":
         call = lambda w, c: skinny.skinny_linear(x, w[0], config=c, weight_scale=w[1])  # noqa: E731
+    elif kind == "fp8_dot":
+        call = lambda w, c: skinny.fp8_dot_gemv(x, w[0], w[1], config=c)  # noqa: E731
     else:
         call = lambda w, c: w4a16.int4_linear(x, *w, GROUP_SIZE, gemv_config=c)  # noqa: E731
     m_block = triton_next_power_of_2(x.shape[0])
@@ -63,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--shapes", default="qkv_proj,o_proj,gate_up_proj,down_proj")
-    parser.add_argument("--sweep", action="store_true", help="also every tile config of the few-row kernels")
+    parser.add_argument("--sweep", nargs="?", const="fp8,fp8_dot,int4", default="",
+                        help="also every tile config of these few-row kernels (all three when given alone)")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -85,21 +92,31 @@ def main() -> None:
                 "fp8": time_calls(lambda w: triton_backend.linear(x, w[0], None, w[1].squeeze(1)), fp8),
                 "int4": time_calls(lambda w: triton_backend.int4_linear(x, w[0], w[1], w[2], GROUP_SIZE), int4),
             }
-            weight_bytes = {"bf16": n * k * 2, "fp8": n * k, "int4": n * k // 2 + 2 * n * (k // GROUP_SIZE) * 2}
+            if m == 1:  # the fp8 tensor cores, x quantized inside (W8A8)
+                times["fp8_dot"] = time_calls(lambda w: skinny.fp8_dot_gemv(x, w[0], w[1].squeeze(1)), fp8)
+            weight_bytes = {"bf16": n * k * 2, "fp8": n * k, "fp8_dot": n * k, "int4": n * k // 2 + 2 * n * (k // GROUP_SIZE) * 2}
             row = {"shape": name, "n": n, "k": k, "m": m}
             for kind, ms in times.items():
                 row[f"{kind}_ms"] = round(ms, 4)
                 row[f"{kind}_tb_s"] = round(weight_bytes[kind] / ms / 1e9, 3)
             row["fp8_over_bf16"] = round(times["bf16"] / times["fp8"], 2)
             row["int4_over_bf16"] = round(times["bf16"] / times["int4"], 2)
-            if args.sweep:
-                if m <= skinny.MAX_ROWS:
-                    reference = x.float() @ (fp8[0][0].float() * fp8[0][1]).t()
+            if "fp8_dot" in times:
+                row["fp8_dot_over_bf16"] = round(times["bf16"] / times["fp8_dot"], 2)
+            sweeps = [kind for kind in args.sweep.split(",") if kind]
+            if sweeps:
+                dequantized_fp8 = fp8[0][0].float() * fp8[0][1]
+                if m <= skinny.MAX_ROWS and "fp8" in sweeps:
+                    reference = x.float() @ dequantized_fp8.t()
                     row["fp8_configs"] = sweep("fp8", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_CONFIGS)
-                if m <= w4a16.GEMV_MAX_ROWS:
+                if m == 1 and "fp8_dot" in sweeps:  # x quantized to fp8 in the reference too
+                    x_fp8, x_scale = quantize_fp8_rows(x.float())
+                    reference = (x_fp8.float() * x_scale) @ dequantized_fp8.t()
+                    row["fp8_dot_configs"] = sweep("fp8_dot", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_DOT_CONFIGS)
+                if m <= w4a16.GEMV_MAX_ROWS and "int4" in sweeps:
                     reference = x.float() @ dequantize_int4(loaded, scales, zeros, GROUP_SIZE).float().t()
                     row["int4_configs"] = sweep("int4", x, int4, reference, GEMV_CONFIGS)
-                for kind in ("fp8", "int4"):
+                for kind in ("fp8", "fp8_dot", "int4"):
                     timed = {c: t for c, t in row.get(f"{kind}_configs", {}).items() if isinstance(t, float)}
                     if timed:
                         best = min(timed, key=timed.get)
@@ -108,7 +125,7 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
         del dense, fp8, int4
     overall = {}
-    for kind in ("fp8", "int4"):
+    for kind in ("fp8", "fp8_dot", "int4"):
         for m in {r["m"] for r in results if f"{kind}_configs" in r}:
             rows = [r for r in results if r["m"] == m and f"{kind}_configs" in r]
             common = set.intersection(*({c for c, t in r[f"{kind}_configs"].items() if isinstance(t, float)} for r in rows))

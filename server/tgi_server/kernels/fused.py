@@ -245,14 +245,21 @@ def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out, c
     for start in range(0, cols, BLOCK):
         mask = start + offs < cols
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
-        # rounded to e4m3's grid (3 mantissa bits; subnormal steps of 2^-9) to nearest even here, so that the
-        # conversion is exact: Triton's interpreter rounds some values wrongly (125.4 to 64 instead of 128)
-        exponent = (q.to(tl.uint32, bitcast=True) >> 23) & 0xFF  # biased float32 exponent of q
-        step = (tl.maximum(exponent, 127 - 6) - 3).to(tl.uint32) << 23  # 2^(e - 3) as float32 bits
-        step = step.to(tl.float32, bitcast=True)
-        q = ((q / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round half to even
-        tl.store(out_ptr + row * stride_out + start + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_out + start + offs, to_e4m3(x, scale, fp8_max), mask=mask)
+
+
+@triton.jit
+def to_e4m3(x, scale, fp8_max):
+    """x (float32) / scale, clamped to +-fp8_max and rounded to e4m3 as PyTorch's conversion rounds
+    (`quantization.quantize_fp8_rows`)."""
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -fp8_max), fp8_max)
+    # rounded to e4m3's grid (3 mantissa bits; subnormal steps of 2^-9) to nearest even here, so that the
+    # conversion is exact: Triton's interpreter rounds some values wrongly (125.4 to 64 instead of 128)
+    exponent = (q.to(tl.uint32, bitcast=True) >> 23) & 0xFF  # biased float32 exponent of q
+    step = (tl.maximum(exponent, 127 - 6) - 3).to(tl.uint32) << 23  # 2^(e - 3) as float32 bits
+    step = step.to(tl.float32, bitcast=True)
+    q = ((q / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round half to even
+    return q.to(tl.float8e4nv)
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
