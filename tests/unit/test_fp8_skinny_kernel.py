@@ -75,17 +75,19 @@ def test_activations_quantize_to_fp8_per_row_in_one_kernel_bit_for_bit_as_the_re
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("k", [256, 300])
-def test_one_row_on_the_fp8_tensor_cores_gives_the_portable_fp8_linear(k, with_bias, dtype):
-    """W8A8 for one row: x quantized per token inside the kernel, as the portable linear quantizes it.
-    N = 37 (a ragged row tile), K = 300 (a ragged K tile), x's largest magnitude in the last K tile;
-    the default tiles and a small K tile (several K steps)."""
-    from tgi_server.kernels.skinny import fp8_dot_gemv
+@pytest.mark.parametrize("num_rows", [1, 3, 20])
+def test_rows_on_the_fp8_tensor_cores_give_the_portable_fp8_linear(num_rows, k, with_bias, dtype):
+    """W8A8, x quantized per token (inside the kernel for one row, by the activation kernel for more),
+    as the portable linear quantizes it. N = 37 (a ragged row tile), K = 300 (a ragged K tile), M = 3
+    and 20 (x padded to 16 and 32 columns), rows of x of different magnitudes, each row's largest
+    value in its last K tile; the default tiles and a small K tile (several K steps)."""
+    from tgi_server.kernels.skinny import fp8_gemv
     from tgi_server.ops import portable
 
-    generator = torch.Generator().manual_seed(k)
+    generator = torch.Generator().manual_seed(100 * num_rows + k)
     n = 37
-    x = torch.randn(1, k, generator=generator)
-    x[0, k - 3] = -9.0
+    x = torch.randn(num_rows, k, generator=generator) * torch.logspace(-1, 1, num_rows)[:, None]
+    x[:, k - 3] = -9.0 * torch.logspace(-1, 1, num_rows)
     x = x.to(DEVICE, dtype)
     magnitudes = torch.logspace(-2, 2, n)[torch.randperm(n, generator=generator)]
     weight, weight_scale = quantize_fp8_rows(torch.randn(n, k, generator=generator) * magnitudes[:, None])
@@ -93,9 +95,9 @@ def test_one_row_on_the_fp8_tensor_cores_gives_the_portable_fp8_linear(k, with_b
     bias = (torch.randn(n, generator=generator) * 10).to(DEVICE, dtype) if with_bias else None
 
     expected = portable.linear(x.cpu(), weight.cpu(), bias.cpu() if with_bias else None, weight_scale.cpu()).to(DEVICE)
-    scale = expected.float().abs().max().item()
     rtol = 1e-4 if dtype == torch.float32 else 2**-7
     for config in (None, (64, 64, 4, 2)):
-        y = fp8_dot_gemv(x, weight, weight_scale, bias, config=config)
-        assert y.shape == (1, n) and y.dtype == dtype
-        torch.testing.assert_close(y, expected, atol=1e-4 * scale, rtol=rtol)
+        y = fp8_gemv(x, weight, weight_scale, bias, config=config)
+        assert y.shape == (num_rows, n) and y.dtype == dtype
+        for row, expected_row in zip(y, expected):  # each row to its own magnitude
+            torch.testing.assert_close(row, expected_row, atol=1e-4 * expected_row.float().abs().max().item(), rtol=rtol)

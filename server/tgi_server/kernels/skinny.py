@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tgi_server.kernels.fused import to_e4m3
+from tgi_server.kernels.fused import quantize_fp8_rows, to_e4m3
 from tgi_server.quantization import FP8_MAX
 
 # Rows of x up to which `layers.linear.linear` uses the skinny kernel instead of cuBLAS.
@@ -113,64 +113,84 @@ def skinny_linear(
 
 
 @triton.jit
-def _fp8_dot_gemv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, N, K, stride_w, fp8_max,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _fp8_dot_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, fp8_max,
+    QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[n] = x . w_n for one row x and BLOCK_N fp8 weight rows n, on the fp8 tensor cores (W8A8): x
-    is quantized to e4m3 with one scale (its absolute maximum over K, a first pass from L2), tile by
-    tile, and each tile is repeated over the 16 columns a dot needs, so every weight byte goes into
-    the tensor cores as loaded (no per-weight conversion). All 16 columns of the product are equal;
-    column 0 is kept. Weight rows past N repeat row N - 1."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """y = x . w_n for the M rows of x and BLOCK_N fp8 weight rows n, on the fp8 tensor cores (W8A8),
+    swapped so that the weight tile is the dot's left operand [BLOCK_N, BLOCK_K] and x the right one
+    [BLOCK_K, BLOCK_M] (BLOCK_M >= 16): every weight byte goes into the tensor cores as loaded.
+
+    x is e4m3 with a float32 scale per row, or with QUANTIZE_X (one row, in the model dtype) quantized
+    here: its scale from its absolute maximum over K (a first pass, from L2), then tile by tile,
+    each tile repeated over the BLOCK_M columns. Rows of x past M repeat row M - 1, weight rows past
+    N repeat row N - 1."""
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
-    wide = tl.arange(0, 4096)  # a wide first pass: each step waits for its loads from L2
-    amax = tl.zeros([4096], tl.float32)
-    for k in range(0, K, 4096):
-        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + wide, mask=k + wide < K, other=0.0).to(tl.float32)))
-    x_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
-    w_ptrs = w_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
-    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    if QUANTIZE_X:
+        wide = tl.arange(0, 4096)  # a wide first pass: each step waits for its loads from L2
+        amax = tl.zeros([4096], tl.float32)
+        for k in range(0, K, 4096):
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + wide, mask=k + wide < K, other=0.0).to(tl.float32)))
+        x_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
+    else:
+        x_scale = tl.load(x_scale_ptr + tl.minimum(rows_m, M - 1))[None, :]
+    w_ptrs = w_ptr + tl.minimum(rows_n, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + tl.minimum(rows_m, M - 1)[None, :] * stride_x + cols[:, None]  # [BLOCK_K, BLOCK_M]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k)
-            x = tl.load(x_ptr + k + cols)
         else:
-            mask_k = (k + cols) < K
-            w = tl.load(w_ptrs + k, mask=mask_k[None, :], other=0.0)
-            x = tl.load(x_ptr + k + cols, mask=mask_k, other=0.0)
-        x_q = tl.broadcast_to(to_e4m3(x.to(tl.float32), x_scale, fp8_max)[:, None], [BLOCK_K, 16])
-        acc = tl.dot(w, x_q, acc)
-    y = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc, 0.0), 1)  # [BLOCK_N]
-    mask_n = rows < N
-    y = y * tl.load(w_scale_ptr + rows, mask=mask_n, other=0.0) * x_scale
+            w = tl.load(w_ptrs + k, mask=(k + cols)[None, :] < K, other=0.0)
+        if QUANTIZE_X:
+            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0)
+            x = tl.broadcast_to(to_e4m3(x.to(tl.float32), x_scale, fp8_max)[:, None], [BLOCK_K, BLOCK_M])
+        elif EVEN_K:
+            x = tl.load(x_ptrs + k)
+        else:
+            x = tl.load(x_ptrs + k, mask=(k + cols)[:, None] < K, other=0.0)
+        acc = tl.dot(w, x, acc)
+    mask_n = rows_n < N
+    y = acc * (tl.load(w_scale_ptr + rows_n, mask=mask_n, other=0.0)[:, None] * x_scale)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        y += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows_m[None, :] * stride_y + rows_n[:, None], y.to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (rows_m < M)[None, :])
 
 
-# Which kernel one row of x takes against an fp8 weight: "skinny" (W8A16, x in its dtype) or "dot"
-# (`fp8_dot_gemv`, W8A8 on the tensor cores).
-FP8_ONE_ROW = "skinny"
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of `fp8_dot_gemv`; unswept.
-FP8_DOT_CONFIG = (32, 256, 4, 4)
+# Rows of x up to which an fp8 weight goes through `fp8_gemv` (the tensor cores, x quantized per
+# token); 0: one row through the skinny kernel (W8A16) and more through `torch._scaled_mm`.
+FP8_DOT_MAX_ROWS = 0
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of `fp8_gemv`; BLOCK_N of 64 takes Hopper's wgmma. Unswept.
+FP8_DOT_CONFIG = (64, 256, 4, 4)
 
 
-def fp8_dot_gemv(
+def fp8_gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [1, K] @ (weight * weight_scale[:, None]).T (+ bias) with x quantized to fp8 (one scale for the
-    row), as `ops.portable.linear` computes an fp8 linear; weight e4m3 [N, K], weight_scale [N] float32."""
+    """x [M, K] @ (weight * weight_scale[:, None]).T (+ bias) with x quantized to fp8 per token, as
+    `ops.portable.linear` computes an fp8 linear; weight e4m3 [N, K], weight_scale [N] float32. One row
+    is quantized inside the kernel; more rows first, by `fused.quantize_fp8_rows`."""
     m, k = x.shape
     n = weight.shape[0]
-    assert m == 1 and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     assert weight_scale.numel() == n and weight_scale.is_contiguous() and weight_scale.dtype == torch.float32
     block_n, block_k, num_warps, num_stages = config or FP8_DOT_CONFIG
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _fp8_dot_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0), FP8_MAX,
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    x_scale = x  # unused for one row
+    if m > 1:
+        x, x_scale = quantize_fp8_rows(x)
+    _fp8_dot_kernel[(triton.cdiv(n, block_n),)](
+        x, x_scale, weight, weight_scale, bias if bias is not None else weight, y, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), FP8_MAX,
+        QUANTIZE_X=m == 1, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        BLOCK_M=max(triton.next_power_of_2(m), 16), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return y

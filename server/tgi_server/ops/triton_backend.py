@@ -26,8 +26,8 @@ def linear(
     fp8 tensor cores (`torch._scaled_mm`, row-wise scales; the activations quantized in one kernel), as the
     portable reference computes them."""
     if weight_scale is not None:
-        if x.shape[0] == 1 and x.stride(-1) == 1 and skinny.FP8_ONE_ROW == "dot":
-            return skinny.fp8_dot_gemv(x, weight, weight_scale, bias)
+        if x.shape[0] <= skinny.FP8_DOT_MAX_ROWS and x.stride(-1) == 1:
+            return skinny.fp8_gemv(x, weight, weight_scale, bias)
         if x.shape[0] <= skinny.MAX_ROWS and x.stride(-1) == 1:
             return skinny.skinny_linear(x, weight, bias, weight_scale=weight_scale)
         x_fp8, x_scales = fused.quantize_fp8_rows(x)
