@@ -6,7 +6,7 @@ than the L2 cache holds, as a decode step walking 32 layers does): bf16 through 
 fp8 kernel or `torch._scaled_mm`, activations quantized per token inside), and 4-bit weights (group
 128) through the W4A16 kernel; prints each one's time and the weight bandwidth it reaches, as JSON.
 
-Up to 64 rows also go through the fp8 tensor-core GEMV (`skinny.fp8_gemv`, x quantized per token).
+Up to 128 rows also go through the fp8 tensor-core GEMV (`skinny.fp8_gemv`, x quantized per token).
 
 With --sweep, also every tile configuration of the skinny kernel on fp8 weights, of the fp8 tensor-core
 GEMV and of the W4A16 GEMV kernel at each row count up to their row limits (results checked against float32 on the dequantized
@@ -92,7 +92,7 @@ def main() -> None:
                 "fp8": time_calls(lambda w: triton_backend.linear(x, w[0], None, w[1].squeeze(1)), fp8),
                 "int4": time_calls(lambda w: triton_backend.int4_linear(x, w[0], w[1], w[2], GROUP_SIZE), int4),
             }
-            if m <= 64:  # the fp8 tensor cores, x quantized per token (W8A8)
+            if m <= 128:  # the fp8 tensor cores, x quantized per token (W8A8)
                 times["fp8_dot"] = time_calls(lambda w: skinny.fp8_gemv(x, w[0], w[1].squeeze(1)), fp8)
             weight_bytes = {"bf16": n * k * 2, "fp8": n * k, "fp8_dot": n * k, "int4": n * k // 2 + 2 * n * (k // GROUP_SIZE) * 2}
             row = {"shape": name, "n": n, "k": k, "m": m}
@@ -109,7 +109,7 @@ def main() -> None:
                 if m <= skinny.MAX_ROWS and "fp8" in sweeps:
                     reference = x.float() @ dequantized_fp8.t()
                     row["fp8_configs"] = sweep("fp8", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_CONFIGS)
-                if m <= 64 and "fp8_dot" in sweeps:  # x quantized to fp8 in the reference too
+                if m <= 128 and "fp8_dot" in sweeps:  # x quantized to fp8 in the reference too
                     x_fp8, x_scale = quantize_fp8_rows(x.float())
                     reference = (x_fp8.float() * x_scale) @ dequantized_fp8.t()
                     row["fp8_dot_configs"] = sweep("fp8_dot", x, [(w, s.squeeze(1)) for w, s in fp8], reference, FP8_DOT_CONFIGS)
