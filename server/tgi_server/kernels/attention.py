@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from tgi_server.attention_metadata import AttentionMetadata
+from tgi_server.kernels import pdl
+from tgi_server.kernels.pdl import wait_for_previous
 
 # Keys per inner-loop iteration; each key's page is looked up in the block table on its own.
 BLOCK_N = 64
@@ -98,11 +100,12 @@ def _paged_attention_kernel(
     stride_table,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr, DOT_FP16: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr, DOT_FP16: tl.constexpr, USE_SOFTCAP: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (kv_head, i): query block n - 1 - i of the whole batch (n blocks in all: a sequence's
     # last blocks, which see the most keys, start first); sequence s owns blocks
     # q_block_starts[s] .. q_block_starts[s + 1] - 1. Extra programs (a padded grid) return at once.
+    wait_for_previous(PDL)
     kv_head = tl.program_id(0)
     block = tl.num_programs(1) - 1 - tl.program_id(1)
     if block >= tl.load(q_block_starts_ptr + num_seqs):
@@ -180,11 +183,13 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, IEEE: tl.constexpr, DOT_FP16: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One decode token's heads of one KV group over its keys, or with SPLITS > 1 over one slice of
     them: writes out[token, head], or the slice's normalised output to partial[token, head, split]
     and its log2-sum-exp to lse[token, head, split]. Sequences with more or fewer than one new token
     (prompt chunks, padding) are left alone."""
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -241,9 +246,10 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr, query_start_loc_ptr, stride_o_token, stride_o_head, num_heads,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[token, head] = the partial outputs weighted by each slice's share of the softmax mass."""
+    wait_for_previous(PDL)
     token = tl.load(query_start_loc_ptr + tl.program_id(0)).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS)
@@ -286,7 +292,7 @@ def paged_attention(
                  USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32,
                  # bfloat16 queries over an fp8 cache: products in float16, which fp8 widens to in
                  # one instruction (to bfloat16 in several)
-                 DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1)
+                 DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1, PDL=pdl.enabled(q))
     # Split keys only in decode-only steps: a step with prompt chunks has programs enough.
     splits = 1
     if max_query_len == 1:
@@ -300,12 +306,12 @@ def paged_attention(
             q, k_cache, v_cache, out, partial, lse, attn.query_start_loc, attn.seq_lens, attn.block_tables,
             scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             ROWS=max(group_p, 16), BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, **shape,
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, launch_pdl=shape["PDL"],
         )
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial, lse, out, attn.query_start_loc, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits,
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits, PDL=shape["PDL"], launch_pdl=shape["PDL"],
         )
     if max_query_len > 1:
         block_q = max(PREFILL_ROWS // group_p, 1)
@@ -315,6 +321,7 @@ def paged_attention(
             attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
             scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             BLOCK_Q=block_q, BLOCK_N=BLOCK_N, **shape, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+            launch_pdl=shape["PDL"],
         )
     return out
 

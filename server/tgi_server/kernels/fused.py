@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tgi_server.kernels import pdl
+from tgi_server.kernels.pdl import wait_for_previous
 from tgi_server.quantization import FP8_DTYPE, FP8_MAX
 
 
@@ -19,8 +21,9 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_residual, stride_out, stride_residual_out,
     hidden_size, eps, weight_offset,
-    HAS_RESIDUAL: tl.constexpr, OFFSET_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, OFFSET_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -50,12 +53,14 @@ def rms_norm(
     num_tokens, hidden_size = x.shape
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else None
+    launch_pdl = pdl.enabled(x)
     _rms_norm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, out, residual_out if residual is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         residual_out.stride(0) if residual_out is not None else 0,
         hidden_size, eps, weight_offset,
         HAS_RESIDUAL=residual is not None, OFFSET_WEIGHT=weight_offset != 0.0, BLOCK=triton.next_power_of_2(hidden_size),
+        PDL=launch_pdl, launch_pdl=launch_pdl,
     )
     return out, residual_out
 
@@ -68,12 +73,13 @@ def _rotary_cache_kernel(
     stride_cache_slot, stride_cache_head,
     num_heads, num_kv_heads, num_q_programs, attention_scaling, norm_eps, norm_offset,
     HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr, QK_NORM: tl.constexpr, OFFSET_WEIGHT: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, QK_NORM: tl.constexpr, OFFSET_WEIGHT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token, j): query heads j * HEAD_BLOCK ... of the token for j < num_q_programs, else KV
     heads (j - num_q_programs) * HEAD_BLOCK ...; the angles are computed once per program. The first
     2 * HALF dims of a head rotate; the rest (partial rotary) pass through. With QK_NORM each q and
     k head is RMS-normed over its dims before it rotates (full rotary only)."""
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     half = tl.arange(0, HALF_P)
@@ -177,6 +183,7 @@ def rotary_and_write_cache(
         assert 2 * half == head_dim, "QK-norm is fused with full rotary only"
         q_norm, k_norm = qk_norm
         assert (q_norm.eps, q_norm.weight_offset) == (k_norm.eps, k_norm.weight_offset)
+    launch_pdl = pdl.enabled(q)
     _rotary_cache_kernel[(num_tokens, num_q_programs + triton.cdiv(num_kv_heads, head_block))](
         q, k, v, positions, inv_freq, slot_mapping, slots[0], slots[1],
         q_norm.weight if qk_norm else q, k_norm.weight if qk_norm else k,
@@ -186,6 +193,7 @@ def rotary_and_write_cache(
         q_norm.eps if qk_norm else 0.0, q_norm.weight_offset if qk_norm else 0.0,
         HALF=half, HALF_P=triton.next_power_of_2(half), HEAD_DIM=head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim),
         HEAD_BLOCK=head_block, QK_NORM=qk_norm is not None, OFFSET_WEIGHT=bool(qk_norm and q_norm.weight_offset),
+        PDL=launch_pdl, launch_pdl=launch_pdl,
     )
 
 
@@ -193,7 +201,9 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @triton.jit
-def _gated_activation_kernel(x_ptr, out_ptr, stride_x, stride_out, width, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_activation_kernel(x_ptr, out_ptr, stride_x, stride_out, width,
+                             GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -224,16 +234,20 @@ def gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     num_tokens, width = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_tokens, width, dtype=x.dtype, device=x.device)
     block = 1024
+    launch_pdl = pdl.enabled(x)
     _gated_activation_kernel[(num_tokens, triton.cdiv(width, block))](
-        x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block
+        x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block,
+        PDL=launch_pdl, launch_pdl=launch_pdl,
     )
     return out
 
 
 @triton.jit
-def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out, cols, fp8_max, BLOCK: tl.constexpr):
+def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out, cols, fp8_max,
+                              BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row program_id(0) of x: its absolute maximum over `cols` (first pass), then every value divided by
     amax / fp8_max, clamped and rounded to e4m3 (second pass, the row back from L1/L2)."""
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -271,6 +285,7 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = min(triton.next_power_of_2(cols), 2048)
-        _quantize_fp8_rows_kernel[(rows,)](x, out, scales, x.stride(0), out.stride(0), cols,
-                                           FP8_MAX, BLOCK=block, num_warps=4)
+        launch_pdl = pdl.enabled(x)
+        _quantize_fp8_rows_kernel[(rows,)](x, out, scales, x.stride(0), out.stride(0), cols, FP8_MAX,
+                                           BLOCK=block, PDL=launch_pdl, num_warps=4, launch_pdl=launch_pdl)
     return out, scales

@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tgi_server.kernels import pdl
 from tgi_server.kernels.fused import ACTIVATIONS, gate_times_up, gated_activation
+from tgi_server.kernels.pdl import wait_for_previous
 
 # (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, the best or within 5% of it on an H100
 # for Qwen3-30B-A3B's and Mixtral-8x7B's experts at 1-8 tokens (bench/moe_decode.py,
@@ -51,13 +53,14 @@ def uses_gemv(num_tokens: int, top_k: int, num_experts: int) -> bool:
 @triton.jit
 def _route_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_experts, stride_logits,
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):
     """Token program_id(0): softmax over its router logits in float32, the TOP_K largest in
     descending order (ties to the lower expert id), rescaled to sum to 1 when RENORMALIZE.
 
     Always TOP_K distinct valid experts, even for a row of NaN (a padding row of garbage): NaN
     ranks below every probability, a chosen expert below NaN, a lane past num_experts below both."""
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
@@ -85,9 +88,11 @@ def route_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) ->
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens:
+        launch_pdl = pdl.enabled(router_logits)
         _route_kernel[(num_tokens,)](
             router_logits, weights, ids, num_experts, router_logits.stride(0),
-            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), PDL=launch_pdl,
+            launch_pdl=launch_pdl,
         )
     return weights, ids
 
@@ -95,10 +100,11 @@ def route_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) ->
 @triton.jit
 def _gate_up_gemv_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, width, K, stride_x, stride_we, stride_wn, stride_out,
-    TOP_K: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[pair, n] = act(gate_n . x) * (up_n . x) for BLOCK_N columns n of pair program_id(0),
     x its token's row and gate_n, up_n rows n and width + n of its expert's w13."""
+    wait_for_previous(PDL)
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,11 +129,12 @@ def _gate_up_gemv_kernel(
 @triton.jit
 def _down_gemv_kernel(
     a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, stride_a, stride_we, stride_wn, stride_out,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[token, n] = sum_k routing[pair] * (down_n . a[pair]) over token program_id(0)'s TOP_K
     pairs, for BLOCK_N columns n; each expert's output rounds to the model dtype, and so does its
     weighted value, before the float32 sum (as the reference's)."""
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
@@ -152,12 +159,13 @@ def _down_gemv_kernel(
 @triton.jit
 def _down_gemv_all_experts_kernel(
     a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, stride_a, stride_we, stride_wn, stride_out,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """`_down_gemv_kernel`'s result with the token's TOP_K experts read side by side: each K tile
     loads [BLOCK_E experts, BLOCK_N rows, BLOCK_K] at once and the products reduce over K once at the
     end, so no expert waits for the previous one's reduction; the weighted outputs then sum over the
     experts (float32, as the loop's)."""
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     slots = tl.arange(0, BLOCK_E)
     slot_valid = slots < TOP_K
@@ -195,10 +203,11 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     ids = topk_ids.to(torch.int32).contiguous().view(-1)
     block_n, block_k, warps = gate_up_config or (GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else GATE_UP_GEMV)
     activated = torch.empty(num_tokens * top_k, width, dtype=hidden.dtype, device=hidden.device)
+    launch_pdl = pdl.enabled(hidden)
     _gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(width, block_n))](
         hidden, w13, ids, activated, width, hidden_size, hidden.stride(0), w13.stride(0), w13.stride(1),
         activated.stride(0), TOP_K=top_k, GELU_TANH=activation == "gelu_tanh", BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps,
+        PDL=launch_pdl, num_warps=warps, launch_pdl=launch_pdl,
     )
     block_n, block_k, warps, all_experts = down_config or down_gemv_config(top_k)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
@@ -207,9 +216,10 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     grid = (num_tokens, triton.cdiv(hidden_size, block_n))
     if all_experts:
         _down_gemv_all_experts_kernel[grid](*args, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k), BLOCK_N=block_n,
-                                            BLOCK_K=block_k, num_warps=warps)
+                                            BLOCK_K=block_k, PDL=launch_pdl, num_warps=warps, launch_pdl=launch_pdl)
     else:
-        _down_gemv_kernel[grid](*args, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        _down_gemv_kernel[grid](*args, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl, num_warps=warps,
+                                launch_pdl=launch_pdl)
     return out
 
 

@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tgi_server.kernels import pdl
 from tgi_server.kernels.fused import quantize_fp8_rows, to_e4m3
+from tgi_server.kernels.pdl import wait_for_previous
 from tgi_server.quantization import FP8_MAX
 
 # Rows of x up to which `layers.linear.linear` uses the skinny kernel instead of cuBLAS.
@@ -39,10 +41,11 @@ def _skinny_linear_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr,
     M, N, K, stride_x, stride_w, stride_y,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """EVEN_K: K a multiple of BLOCK_K, so the K loop needs no masks (a ragged N tile's last rows, and
     the padding rows of x, repeat the last real row instead of masking every load)."""
+    wait_for_previous(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -102,12 +105,13 @@ def skinny_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    launch_pdl = pdl.enabled(x)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl,
+        num_warps=num_warps, launch_pdl=launch_pdl,
     )
     return y
 
@@ -116,7 +120,7 @@ def skinny_linear(
 def _fp8_dot_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, fp8_max,
     QUANTIZE_X: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """y = x . w_n for the M rows of x and BLOCK_N fp8 weight rows n, on the fp8 tensor cores (W8A8),
     swapped so that the weight tile is the dot's left operand [BLOCK_N, BLOCK_K] and x the right one
@@ -126,6 +130,7 @@ def _fp8_dot_kernel(
     here: its scale from its absolute maximum over K (a first pass, from L2), then tile by tile,
     each tile repeated over the BLOCK_M columns. Rows of x past M repeat row M - 1, weight rows past
     N repeat row N - 1."""
+    wait_for_previous(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -186,11 +191,12 @@ def fp8_gemv(
     x_scale = x  # unused for one row
     if m > 1:
         x, x_scale = quantize_fp8_rows(x)
+    launch_pdl = pdl.enabled(y)
     _fp8_dot_kernel[(triton.cdiv(n, block_n),)](
         x, x_scale, weight, weight_scale, bias if bias is not None else weight, y, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), FP8_MAX,
         QUANTIZE_X=m == 1, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=max(triton.next_power_of_2(m), 16), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=max(triton.next_power_of_2(m), 16), BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl,
     )
     return y
