@@ -29,7 +29,7 @@ import triton.language as tl
 
 from tgi_server.kernels import pdl
 from tgi_server.kernels.fused import quantize_fp8_rows, to_e4m3
-from tgi_server.kernels.pdl import wait_for_previous
+from tgi_server.kernels.pdl import launch_next, wait_for_previous, wait_previous
 from tgi_server.quantization import FP8_MAX
 
 # Rows of x up to which `layers.linear.linear` uses the skinny kernel instead of cuBLAS.
@@ -44,8 +44,9 @@ def _skinny_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """EVEN_K: K a multiple of BLOCK_K, so the K loop needs no masks (a ragged N tile's last rows, and
-    the padding rows of x, repeat the last real row instead of masking every load)."""
-    wait_for_previous(PDL)
+    the padding rows of x, repeat the last real row instead of masking every load). The first K tile
+    of the weight is read before waiting for the previous kernel (PDL): no kernel writes weights."""
+    launch_next(PDL)
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
@@ -53,8 +54,17 @@ def _skinny_linear_kernel(
     mask_m = rows_m < M
     w_ptrs = w_ptr + tl.minimum(rows_n, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + tl.minimum(rows_m, M - 1)[:, None] * stride_x + cols[None, :]  # [BLOCK_M, BLOCK_K]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+        wait_previous(PDL)
+        x = tl.load(x_ptrs)
+    else:
+        mask_k = cols < K
+        w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)
+        wait_previous(PDL)
+        x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+    acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    for k in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k)
             x = tl.load(x_ptrs + k)
