@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tgi_server.kernels import pdl
+from tgi_server.kernels.pdl import wait_for_previous
 from tgi_server.quantization import INT4_PER_INT32, pack_int4, unpack_int4
 
 
@@ -122,10 +124,11 @@ def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
     N, K, group_size,
     stride_x, stride_q, stride_s, stride_z, stride_y,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] for row m = program_id(0) of x and the BLOCK_N columns of program_id(1), from qweight in
     the kernels' layout; K a multiple of CHUNKS * 128, group_size a multiple of 128."""
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n64 = tl.minimum(rows_n, N - 1).to(tl.int64)  # a ragged tile's last rows repeat row N - 1: no masks in the loop
@@ -246,11 +249,13 @@ def int4_linear(
     if gemv is not None:
         block_n, chunks, num_warps = gemv
         assert interleaved and group_size % CHUNK == 0 and k % (chunks * CHUNK) == 0, (k, group_size, chunks)
+        launch_pdl = pdl.enabled(x)
         _int4_gemv_kernel[(m, triton.cdiv(n, block_n))](
             x, qweight, scales, zeros, bias if bias is not None else scales, y,
             n, k, group_size,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, num_warps=num_warps,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, PDL=launch_pdl, num_warps=num_warps,
+            launch_pdl=launch_pdl,
         )
         return y
     block_m, block_n, block_k, num_warps = config or _config(m, n, k)
