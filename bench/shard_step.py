@@ -21,6 +21,8 @@ from transformers import AutoConfig
 
 from tgi_proto.settings import DEFAULT_CUDA_GRAPH_SIZES
 from tgi_server.distributed import SINGLE, TPGroup
+from tgi_server.kernels import pdl
+from tgi_server.layers.linear import quantize_linears
 from tgi_server.model_runner import ModelRunner, NewSequence, ScheduledSequence
 from bench_common import replay_ms
 from make_model_dir import SHAPES
@@ -33,7 +35,7 @@ BLOCK_SIZE = 16
 
 def build_runner(
     shape: str, device: torch.device, num_blocks: int, graph_sizes: tuple[int, ...], max_total_tokens: int,
-    tp: TPGroup = SINGLE, backend: str | None = None,
+    tp: TPGroup = SINGLE, backend: str | None = None, quantize: str | None = None,
 ) -> ModelRunner:
     fields = dict(SHAPES[shape])
     config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
@@ -41,6 +43,8 @@ def build_runner(
     with building_with(backend):
         model = model_class(model_architecture(config), tp.world_size)(config, tp, dtype, device).eval()
     fill_random_weights(model, seed=0)
+    if quantize == "fp8":  # as --quantize fp8 does after loading
+        quantize_linears(model)
     if backend == "portable":  # its attention is not capture-safe (`tgi_server.ops.portable.CAPTURE_SAFE`)
         graph_sizes = ()
     runner = ModelRunner(model, config, tp, device, dtype, BLOCK_SIZE, graph_sizes)
@@ -159,6 +163,9 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--disable-custom-kernels", action="store_true", help="The portable PyTorch path.")
     parser.add_argument("--skinny-max-rows", type=int, help="Batches up to this many rows use the skinny linear kernel (default: the kernel's MAX_ROWS; 0: cuBLAS only).")
+    parser.add_argument("--quantize", choices=["fp8"], help="The linears in fp8, as --quantize fp8 serves them.")
+    parser.add_argument("--fp8-dot-max-rows", type=int, help="Rows up to which fp8 linears take the tensor-core GEMV "
+                        "(kernels.skinny.FP8_DOT_MAX_ROWS; default: the module's).")
     parser.add_argument("--profile", action="store_true", help="Print the top GPU kernels of decode steps and prefills to stderr.")
     parser.add_argument("--profile-batch-sizes", default="1", help="Decode batch sizes to profile.")
     parser.add_argument("--verify-lens", default="", help="Also time one request's speculative verify steps with these "
@@ -170,6 +177,10 @@ def main() -> None:
         from tgi_server.kernels import skinny
 
         skinny.MAX_ROWS = args.skinny_max_rows
+    if args.fp8_dot_max_rows is not None:
+        from tgi_server.kernels import skinny
+
+        skinny.FP8_DOT_MAX_ROWS = args.fp8_dot_max_rows
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     max_total_tokens = max([args.prompt_len + args.decode_steps + 1, *prefill_lens])
@@ -180,7 +191,8 @@ def main() -> None:
     graph_sizes = () if args.no_cuda_graphs or device.type != "cuda" else tuple(
         size for size in DEFAULT_CUDA_GRAPH_SIZES if size <= max(batch_sizes + profile_batch_sizes)
     )
-    runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens, backend=backend)
+    runner = build_runner(args.shape, device, blocks_needed, graph_sizes, max_total_tokens, backend=backend,
+                          quantize=args.quantize)
     time_decode(runner, 1, 16, 4, first_id=10_000)  # warm-up: allocator, kernels
     prefills = [time_prefill(runner, n, request_id=20_000 + 100 * i) for i, n in enumerate(prefill_lens)]
     results = [
@@ -199,6 +211,9 @@ def main() -> None:
         "cuda_graphs": list(graph_sizes),
         "custom_kernels": not args.disable_custom_kernels,
         "skinny_max_rows": args.skinny_max_rows,
+        "quantize": args.quantize,
+        "fp8_dot_max_rows": args.fp8_dot_max_rows,
+        "pdl": pdl.ENABLED,
         "prefill": prefills,
         "results": results,
         "verify": verify,
