@@ -9,10 +9,11 @@
 set -u
 OUT=${OUT:-/tmp/switches}
 STEP_TIMEOUT=${STEP_TIMEOUT:-80}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 source bench/env.sh
-TGI_PDL=1 timeout 150 $PY -m pytest -q -x tests/unit/test_fp8_skinny_kernel.py tests/unit/test_w4a16_kernel.py \
+TGI_PDL=1 timeout "$TESTS_TIMEOUT" $PY -m pytest -q -x tests/unit/test_fp8_skinny_kernel.py tests/unit/test_w4a16_kernel.py \
     tests/unit/test_kernels.py tests/unit/test_gpu_path.py > "$OUT/tests_pdl.log" 2>&1
 echo "tests (TGI_PDL=1): $(tail -1 "$OUT/tests_pdl.log")"
 step() {  # name, then shard_step arguments
@@ -26,7 +27,7 @@ TGI_PDL=1 step fp8_pdl --batch-sizes 1,32 --prefill-lens 1024 --quantize fp8 --f
 TGI_PDL=1 step fp8dot_pdl --batch-sizes 1,32 --prefill-lens 1024 --quantize fp8 --fp8-dot-max-rows 128
 TGI_PDL=0 step moe --shape qwen3-30b-a3b --batch-sizes 1 --prefill-lens ''
 TGI_PDL=1 step moe_pdl --shape qwen3-30b-a3b --batch-sizes 1 --prefill-lens ''
-timeout 40 $PY bench/pdl.py --layers 64 > "$OUT/pdl.json" 2>&1
-echo "pdl.py: $(grep -oE '"(graph_replay_ms|speedup|same_output)": [a-z0-9.]+' "$OUT/pdl.json" | paste -sd' ')"
 timeout 90 $PY bench/quantized_linear.py --rows 1,16,128 > "$OUT/qlinear.json" 2> "$OUT/qlinear.log"
 grep -oE '"(shape|m|bf16_ms|fp8_ms|fp8_dot_ms|int4_ms)": [^,]+' "$OUT/qlinear.log" | paste -sd' ' | sed 's/ "shape"/\n"shape"/g'
+timeout 40 $PY bench/pdl.py --layers 64 > "$OUT/pdl.json" 2>&1
+echo "pdl.py: $(grep -oE '"(graph_replay_ms|speedup|same_output)": [a-z0-9.]+' "$OUT/pdl.json" | paste -sd' ')"
