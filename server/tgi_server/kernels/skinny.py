@@ -16,6 +16,15 @@ at one row the step is bound by reading the weight, and quantizing x per token w
 and precision for nothing (more rows go to the fp8 tensor cores, activations quantized per token).
 Its tiles come from `_config` by the weight's bytes per element (bench/quantized_linear.py --sweep).
 
+`fp8_gemv` is the other way for fp8 weights at a few rows, on the tensor cores (W8A8): the weight tile
+is the left operand of a swapped dot ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows of x padded to 16+]), so each
+byte goes into wgmma as loaded, where the skinny kernel converts every weight to float32 (about six
+instructions a weight in its K loop); x is quantized per token, inside the kernel for one row. Which
+rows take it is FP8_DOT_MAX_ROWS, 0 (off) until measured (bench/switches.sh).
+
+Under programmatic dependent launch (`kernels.pdl`), each program reads its first weight tile before
+waiting for the kernel that writes x.
+
 Fusing the RMSNorm before a projection into it does not pay: every program would recompute the row's
 scale, and with ~2 weight rows per program that re-reads x from L2 thousands of times (measured: one
 stream's decode step 6.03 ms fused against 5.73 ms unfused).
