@@ -33,7 +33,7 @@ from tgi_server.quantization import dequantize_int4, pack_int4, quantize_fp8_row
 
 GROUP_SIZE = 128
 FP8_CONFIGS = list(itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16)))
-GEMV_CONFIGS = list(itertools.product((4, 8, 16, 32), (1, 2, 4, 8), (2, 4, 8)))  # (BLOCK_N, CHUNKS, num_warps)
+GEMV_CONFIGS = list(itertools.product((4, 8, 16, 32), (1, 2, 4, 8), (2, 4, 8), (1, 2)))  # (BLOCK_N, CHUNKS, num_warps, TILES)
 FP8_DOT_CONFIGS = list(itertools.product((64, 128), (128, 256, 512), (4,), (2, 3, 4, 6)))  # + num_stages
 
 
@@ -50,7 +50,7 @@ def sweep(kind: str, x: torch.Tensor, weights: list, reference: torch.Tensor, co
     for config in configs:
         if kind == "fp8" and not fits(m_block, config):  # the float32 accumulator tile: [m, BLOCK_N, BLOCK_K]
             continue
-        if kind == "int4" and 2 * config[0] * config[1] * 16 > 128 * 32 * config[2]:  # two [BLOCK_N, CHUNKS, 16] tiles
+        if kind == "int4" and 2 * config[0] * config[1] * 16 * config[3] > 128 * 32 * config[2]:  # two float32 tiles a row tile
             continue
         try:
             error = ((call(weights[0], config).float() - reference).norm() / reference.norm()).item()

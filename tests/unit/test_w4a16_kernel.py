@@ -65,14 +65,15 @@ def test_int4_linear_kernel_matches_the_dequantized_linear(m, n, k, group_size, 
 @pytest.mark.parametrize("k, group_size, config, gemv_config", [
     (256, 32, (16, 32, 128, 4), None), (256, 32, (32, 16, 256, 4), None),  # the tensor-core kernel, the kernels' layout
     (200, 40, (32, 16, 16, 4), None), (200, 40, (16, 32, 64, 4), None),  # ... the loaders' layout, groups across tiles
-    (512, 128, None, (4, 2, 4)), (512, 256, None, (1, 4, 2)), (384, 384, None, (16, 1, 4)),  # the GEMV kernel at 5 rows
+    (512, 128, None, (4, 2, 4, 1)), (512, 256, None, (1, 4, 2, 1)), (384, 384, None, (16, 1, 4, 1)),  # the GEMV kernel at 5 rows
+    (512, 128, None, (4, 2, 4, 2)), (384, 384, None, (16, 1, 4, 2)),  # ... with two row tiles a program
 ])
 def test_int4_linear_kernels_are_exact_for_any_tiling(k, group_size, config, gemv_config):
     """Tile configs other than the defaults: the tensor-core kernel's K tiles of one or two chunks (4 or 8
     groups each) in the kernels' layout, and of 16 or 64 in the loaders' (K = 200, no multiple of a
     chunk), where groups of 40 straddle tiles; the GEMV kernel with one to four chunks per step and a
-    group of one, two or three chunks; N = 40 ragged for 16-row tiles. Small integer-valued data, so
-    every sum is exact."""
+    group of one, two or three chunks, one or two row tiles a program; N = 40 ragged for 16-row tiles
+    (and a second tile wholly past N). Small integer-valued data, so every sum is exact."""
     from tgi_server.kernels.w4a16 import int4_linear, interleave
 
     generator = torch.Generator().manual_seed(1)

@@ -124,45 +124,85 @@ def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
     N, K, group_size,
     stride_x, stride_q, stride_s, stride_z, stride_y,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr,
 ):
-    """y[m, n] for row m = program_id(0) of x and the BLOCK_N columns of program_id(1), from qweight in
-    the kernels' layout; K a multiple of CHUNKS * 128, group_size a multiple of 128."""
+    """y[m, n] for row m = program_id(0) of x and the TILES * BLOCK_N columns of program_id(1), from
+    qweight in the kernels' layout; K a multiple of CHUNKS * 128, group_size a multiple of 128.
+
+    TILES = 2 walks two [BLOCK_N, CHUNKS, 16] tiles of words side by side, so that each thread holds
+    words of two weight rows at the same place of K and converts each element of x once for both."""
     wait_for_previous(PDL)
     row = tl.program_id(0)
-    rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n64 = tl.minimum(rows_n, N - 1).to(tl.int64)  # a ragged tile's last rows repeat row N - 1: no masks in the loop
+    rows_a = tl.program_id(1) * (TILES * BLOCK_N) + tl.arange(0, BLOCK_N)
+    rows_b = rows_a + BLOCK_N  # the second tile's (TILES = 2)
     offs_c = tl.arange(0, CHUNKS)
-    offs_w = tl.arange(0, 16)
-    # [BLOCK_N, CHUNKS, 16] words; x [1, CHUNKS, 16] at nibble 0 (nibble j: + j * 16)
-    q_ptrs = qweight_ptr + n64[:, None, None] * stride_q + offs_c[None, :, None] * 16 + offs_w[None, None, :]
-    x_ptrs = x_ptr + row * stride_x + offs_c[None, :, None] * 128 + offs_w[None, None, :]
-    s_ptrs = scales_ptr + n64[:, None] * stride_s  # [BLOCK_N, 1]
-    z_ptrs = zeros_ptr + n64[:, None] * stride_z
-    acc = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+    # x [1, CHUNKS, 16] at nibble 0 (nibble j: + j * 16)
+    x_ptrs = x_ptr + row * stride_x + offs_c[None, :, None] * 128 + tl.arange(0, 16)[None, None, :]
+    q_a, s_a, z_a = _gemv_tile_pointers(rows_a, N, qweight_ptr, scales_ptr, zeros_ptr, stride_q, stride_s, stride_z, CHUNKS)
+    q_b, s_b, z_b = _gemv_tile_pointers(rows_b, N, qweight_ptr, scales_ptr, zeros_ptr, stride_q, stride_s, stride_z, CHUNKS)
+    acc_a = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
     for k0 in range(0, K, CHUNKS * 128):
-        packed = tl.load(q_ptrs + k0 // 8).to(tl.uint32, bitcast=True)
         groups = (k0 + offs_c * 128) // group_size  # [CHUNKS]: a chunk lies in one group
-        scale = tl.load(s_ptrs + groups[None, :]).to(tl.float32)  # [BLOCK_N, CHUNKS]
-        zero = tl.load(z_ptrs + groups[None, :]).to(tl.float32) + 8388608.0  # 2^23 + zero
-        part = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+        packed_a, scale_a, zero_a = _gemv_tile_words(q_a, s_a, z_a, k0, groups)
+        part_a = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
+        if TILES == 2:
+            packed_b, scale_b, zero_b = _gemv_tile_words(q_b, s_b, z_b, k0, groups)
+            part_b = tl.zeros((BLOCK_N, CHUNKS, 16), dtype=tl.float32)
         for j in tl.static_range(8):
             x = tl.load(x_ptrs + k0 + j * 16).to(tl.float32)
-            # 2^23 + nibble, exactly (the nibble ORed into the mantissa of 2^23), minus 2^23 + zero, exactly
-            w = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]
-            part += x * w
-        acc += part * scale[:, :, None]
+            part_a += x * _nibble_minus_zero(packed_a, zero_a, j)
+            if TILES == 2:
+                part_b += x * _nibble_minus_zero(packed_b, zero_b, j)
+        acc_a += part_a * scale_a[:, :, None]
+        if TILES == 2:
+            acc_b += part_b * scale_b[:, :, None]
+    _gemv_tile_store(acc_a, rows_a, N, row, bias_ptr, y_ptr, stride_y, HAS_BIAS)
+    if TILES == 2:
+        _gemv_tile_store(acc_b, rows_b, N, row, bias_ptr, y_ptr, stride_y, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_tile_pointers(rows, N, qweight_ptr, scales_ptr, zeros_ptr, stride_q, stride_s, stride_z, CHUNKS: tl.constexpr):
+    """Pointers to the words [BLOCK_N, CHUNKS, 16] of the first CHUNKS chunks of `rows`, and to their scales
+    and zeros [BLOCK_N, 1]. Rows past N repeat row N - 1: no masks in the loop."""
+    n64 = tl.minimum(rows, N - 1).to(tl.int64)
+    words = tl.arange(0, CHUNKS)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    return (qweight_ptr + n64[:, None, None] * stride_q + words, scales_ptr + n64[:, None] * stride_s,
+            zeros_ptr + n64[:, None] * stride_z)
+
+
+@triton.jit
+def _gemv_tile_words(q_ptrs, s_ptrs, z_ptrs, k0, groups):
+    """A tile's words at K offset k0 (as uint32), and its chunks' scales and 2^23 + zeros [BLOCK_N, CHUNKS]
+    in float32."""
+    packed = tl.load(q_ptrs + k0 // 8).to(tl.uint32, bitcast=True)
+    scale = tl.load(s_ptrs + groups[None, :]).to(tl.float32)
+    zero = tl.load(z_ptrs + groups[None, :]).to(tl.float32) + 8388608.0  # 2^23 + zero
+    return packed, scale, zero
+
+
+@triton.jit
+def _nibble_minus_zero(packed, zero, j: tl.constexpr):
+    """Nibble j of every word minus its chunk's zero, in float32: 2^23 + nibble, exactly (the nibble ORed
+    into the mantissa of 2^23), minus 2^23 + zero, exactly."""
+    return (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]
+
+
+@triton.jit
+def _gemv_tile_store(acc, rows, N, row, bias_ptr, y_ptr, stride_y, HAS_BIAS: tl.constexpr):
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BLOCK_N]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + n64).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + rows_n, y.to(y_ptr.dtype.element_ty), mask=rows_n < N)
+        y += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
-# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, CHUNKS, num_warps): four
-# words (16 bytes) a thread per step, picked from the SASS alone; bench/quantized_linear.py --sweep
-# has not yet run on a GPU to replace it.
+# Rows of x up to which `int4_linear` takes the GEMV kernel, and its (BLOCK_N, CHUNKS, num_warps, TILES):
+# four words (16 bytes) a thread per step, one row tile, picked from the SASS alone (7.5 instructions
+# a weight in the K loop; two tiles of 16 rows, 6.3); bench/quantized_linear.py --sweep has not yet run
+# on a GPU to replace it.
 GEMV_MAX_ROWS = 4
-GEMV_CONFIG = (8, 4, 4)
+GEMV_CONFIG = (8, 4, 4, 1)
 # Weights per chunk of the kernels' layout (16 words).
 CHUNK = 128
 
@@ -181,15 +221,15 @@ def interleave(qweight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int] | None:
-    """(BLOCK_N, CHUNKS, num_warps) for the GEMV kernel, CHUNKS cut to divide K's chunks; None where
-    the GEMV cannot run (K no multiple of 128: the loaders' order; groups smaller than a chunk)."""
+def _gemv_config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int, int] | None:
+    """(BLOCK_N, CHUNKS, num_warps, TILES) for the GEMV kernel, CHUNKS cut to divide K's chunks; None
+    where the GEMV cannot run (K no multiple of 128: the loaders' order; groups smaller than a chunk)."""
     if k % CHUNK or group_size % CHUNK:
         return None
-    block_n, chunks, num_warps = GEMV_CONFIG
+    block_n, chunks, num_warps, tiles = GEMV_CONFIG
     while (k // CHUNK) % chunks:
         chunks //= 2
-    return block_n, chunks, num_warps
+    return block_n, chunks, num_warps, tiles
 
 
 def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -224,7 +264,7 @@ def _groups_per_tile(group_size: int, block_k: int) -> int:
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
     bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-    gemv_config: tuple[int, int, int] | None = None,
+    gemv_config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] (K contiguous) @ W.T (+ bias [N]) -> [M, N] in x's dtype, for the 4-bit weight W [N, K]
     given as qweight [N, K // 8] int32 (in the kernels' layout where K is a multiple of 128:
@@ -232,7 +272,7 @@ def int4_linear(
 
     config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the tensor-core kernel instead of `_config`'s
     (powers of two, each >= 16; BLOCK_K a multiple of 128 for the kernels' layout); gemv_config:
-    (BLOCK_N, CHUNKS, num_warps) of the GEMV kernel, at any number of rows. Without either: the GEMV
+    (BLOCK_N, CHUNKS, num_warps, TILES) of the GEMV kernel, at any number of rows. Without either: the GEMV
     kernel up to GEMV_MAX_ROWS rows where `_gemv_config` allows, the tensor-core kernel otherwise.
     """
     m, k = x.shape
@@ -247,14 +287,14 @@ def int4_linear(
     interleaved = k % CHUNK == 0
     gemv = gemv_config or (_gemv_config(m, n, k, group_size) if m <= GEMV_MAX_ROWS and config is None else None)
     if gemv is not None:
-        block_n, chunks, num_warps = gemv
+        block_n, chunks, num_warps, tiles = gemv
         assert interleaved and group_size % CHUNK == 0 and k % (chunks * CHUNK) == 0, (k, group_size, chunks)
         launch_pdl = pdl.enabled(x)
-        _int4_gemv_kernel[(m, triton.cdiv(n, block_n))](
+        _int4_gemv_kernel[(m, triton.cdiv(n, tiles * block_n))](
             x, qweight, scales, zeros, bias if bias is not None else scales, y,
             n, k, group_size,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, PDL=launch_pdl, num_warps=num_warps,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, TILES=tiles, PDL=launch_pdl, num_warps=num_warps,
             launch_pdl=launch_pdl,
         )
         return y
