@@ -292,7 +292,7 @@ def paged_attention(
                  USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32,
                  # bfloat16 queries over an fp8 cache: products in float16, which fp8 widens to in
                  # one instruction (to bfloat16 in several)
-                 DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1, PDL=pdl.enabled(q))
+                 DOT_FP16=q.dtype == torch.bfloat16 and kv_cache.dtype.itemsize == 1, **pdl.options(q))
     # Split keys only in decode-only steps: a step with prompt chunks has programs enough.
     splits = 1
     if max_query_len == 1:
@@ -306,12 +306,12 @@ def paged_attention(
             q, k_cache, v_cache, out, partial, lse, attn.query_start_loc, attn.seq_lens, attn.block_tables,
             scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             ROWS=max(group_p, 16), BLOCK_N=DECODE_BLOCK_N, SPLITS=splits, **shape,
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, launch_pdl=shape["PDL"],
+            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
         )
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial, lse, out, attn.query_start_loc, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits, PDL=shape["PDL"], launch_pdl=shape["PDL"],
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS=splits, **pdl.options(q),
         )
     if max_query_len > 1:
         block_q = max(PREFILL_ROWS // group_p, 1)
@@ -321,7 +321,6 @@ def paged_attention(
             attn.query_start_loc, attn.seq_lens, attn.block_tables, q_block_starts, num_seqs,
             scale, window, softcap or 1.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides,
             BLOCK_Q=block_q, BLOCK_N=BLOCK_N, **shape, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
-            launch_pdl=shape["PDL"],
         )
     return out
 

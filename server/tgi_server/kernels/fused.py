@@ -53,14 +53,13 @@ def rms_norm(
     num_tokens, hidden_size = x.shape
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else None
-    launch_pdl = pdl.enabled(x)
     _rms_norm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, out, residual_out if residual is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         residual_out.stride(0) if residual_out is not None else 0,
         hidden_size, eps, weight_offset,
         HAS_RESIDUAL=residual is not None, OFFSET_WEIGHT=weight_offset != 0.0, BLOCK=triton.next_power_of_2(hidden_size),
-        PDL=launch_pdl, launch_pdl=launch_pdl,
+        **pdl.options(x),
     )
     return out, residual_out
 
@@ -183,7 +182,6 @@ def rotary_and_write_cache(
         assert 2 * half == head_dim, "QK-norm is fused with full rotary only"
         q_norm, k_norm = qk_norm
         assert (q_norm.eps, q_norm.weight_offset) == (k_norm.eps, k_norm.weight_offset)
-    launch_pdl = pdl.enabled(q)
     _rotary_cache_kernel[(num_tokens, num_q_programs + triton.cdiv(num_kv_heads, head_block))](
         q, k, v, positions, inv_freq, slot_mapping, slots[0], slots[1],
         q_norm.weight if qk_norm else q, k_norm.weight if qk_norm else k,
@@ -193,7 +191,7 @@ def rotary_and_write_cache(
         q_norm.eps if qk_norm else 0.0, q_norm.weight_offset if qk_norm else 0.0,
         HALF=half, HALF_P=triton.next_power_of_2(half), HEAD_DIM=head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim),
         HEAD_BLOCK=head_block, QK_NORM=qk_norm is not None, OFFSET_WEIGHT=bool(qk_norm and q_norm.weight_offset),
-        PDL=launch_pdl, launch_pdl=launch_pdl,
+        **pdl.options(q),
     )
 
 
@@ -234,10 +232,8 @@ def gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     num_tokens, width = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_tokens, width, dtype=x.dtype, device=x.device)
     block = 1024
-    launch_pdl = pdl.enabled(x)
     _gated_activation_kernel[(num_tokens, triton.cdiv(width, block))](
-        x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block,
-        PDL=launch_pdl, launch_pdl=launch_pdl,
+        x, out, x.stride(0), out.stride(0), width, GELU_TANH=activation == "gelu_tanh", BLOCK=block, **pdl.options(x),
     )
     return out
 
@@ -250,16 +246,23 @@ def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out, c
     wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, cols, BLOCK):
-        x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < cols, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
+    scale = fp8_row_scale(x_ptr + row * stride_x, cols, fp8_max, BLOCK)
     tl.store(scale_ptr + row, scale)
     for start in range(0, cols, BLOCK):
         mask = start + offs < cols
         x = tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + start + offs, to_e4m3(x, scale, fp8_max), mask=mask)
+
+
+@triton.jit
+def fp8_row_scale(row_ptr, cols, fp8_max, BLOCK: tl.constexpr):
+    """The e4m3 scale of the `cols` values at row_ptr: their absolute maximum / fp8_max (at least
+    1e-12 / fp8_max), as `quantization.quantize_fp8_rows`; BLOCK values a step."""
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, cols, BLOCK):
+        amax = tl.maximum(amax, tl.abs(tl.load(row_ptr + start + offs, mask=start + offs < cols, other=0.0).to(tl.float32)))
+    return tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
 
 
 @triton.jit
@@ -285,7 +288,6 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = min(triton.next_power_of_2(cols), 2048)
-        launch_pdl = pdl.enabled(x)
         _quantize_fp8_rows_kernel[(rows,)](x, out, scales, x.stride(0), out.stride(0), cols, FP8_MAX,
-                                           BLOCK=block, PDL=launch_pdl, num_warps=4, launch_pdl=launch_pdl)
+                                           BLOCK=block, num_warps=4, **pdl.options(x))
     return out, scales

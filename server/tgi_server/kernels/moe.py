@@ -88,11 +88,10 @@ def route_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) ->
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens:
-        launch_pdl = pdl.enabled(router_logits)
         _route_kernel[(num_tokens,)](
             router_logits, weights, ids, num_experts, router_logits.stride(0),
-            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), PDL=launch_pdl,
-            launch_pdl=launch_pdl,
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
+            **pdl.options(router_logits),
         )
     return weights, ids
 
@@ -203,11 +202,11 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     ids = topk_ids.to(torch.int32).contiguous().view(-1)
     block_n, block_k, warps = gate_up_config or (GATE_UP_GEMV_ONE_TOKEN if num_tokens == 1 else GATE_UP_GEMV)
     activated = torch.empty(num_tokens * top_k, width, dtype=hidden.dtype, device=hidden.device)
-    launch_pdl = pdl.enabled(hidden)
+    launch = pdl.options(hidden)
     _gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(width, block_n))](
         hidden, w13, ids, activated, width, hidden_size, hidden.stride(0), w13.stride(0), w13.stride(1),
         activated.stride(0), TOP_K=top_k, GELU_TANH=activation == "gelu_tanh", BLOCK_N=block_n, BLOCK_K=block_k,
-        PDL=launch_pdl, num_warps=warps, launch_pdl=launch_pdl,
+        num_warps=warps, **launch,
     )
     block_n, block_k, warps, all_experts = down_config or down_gemv_config(top_k)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
@@ -216,10 +215,9 @@ def _gemv_experts(hidden, w13, w2, routing, topk_ids, activation, gate_up_config
     grid = (num_tokens, triton.cdiv(hidden_size, block_n))
     if all_experts:
         _down_gemv_all_experts_kernel[grid](*args, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(top_k), BLOCK_N=block_n,
-                                            BLOCK_K=block_k, PDL=launch_pdl, num_warps=warps, launch_pdl=launch_pdl)
+                                            BLOCK_K=block_k, num_warps=warps, **launch)
     else:
-        _down_gemv_kernel[grid](*args, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl, num_warps=warps,
-                                launch_pdl=launch_pdl)
+        _down_gemv_kernel[grid](*args, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **launch)
     return out
 
 

@@ -23,9 +23,11 @@ import triton.language as tl
 ENABLED = os.environ.get("TGI_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def enabled(tensor: torch.Tensor) -> bool:
-    """Whether kernels on `tensor`'s device launch with PDL: on, and a CUDA device of compute capability 9+."""
-    return ENABLED and tensor.is_cuda and _supports_pdl(tensor.device)
+def options(tensor: torch.Tensor) -> dict[str, bool]:
+    """A kernel's `PDL` constexpr and Triton's `launch_pdl` option, always equal: on for kernels on
+    `tensor`'s device when PDL is on and the device is CUDA of compute capability 9+."""
+    on = ENABLED and tensor.is_cuda and _supports_pdl(tensor.device)
+    return {"PDL": on, "launch_pdl": on}
 
 
 @functools.cache

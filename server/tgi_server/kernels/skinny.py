@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from tgi_server.kernels import pdl
-from tgi_server.kernels.fused import quantize_fp8_rows, to_e4m3
+from tgi_server.kernels.fused import fp8_row_scale, quantize_fp8_rows, to_e4m3
 from tgi_server.kernels.pdl import launch_next, wait_for_previous, wait_previous
 from tgi_server.quantization import FP8_MAX
 
@@ -63,24 +63,13 @@ def _skinny_linear_kernel(
     mask_m = rows_m < M
     w_ptrs = w_ptr + tl.minimum(rows_n, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + tl.minimum(rows_m, M - 1)[:, None] * stride_x + cols[None, :]  # [BLOCK_M, BLOCK_K]
-    if EVEN_K:
-        w = tl.load(w_ptrs)
-        wait_previous(PDL)
-        x = tl.load(x_ptrs)
-    else:
-        mask_k = cols < K
-        w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)
-        wait_previous(PDL)
-        x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+    w = _k_tile(w_ptrs, 0, cols, K, EVEN_K)
+    wait_previous(PDL)
+    x = _k_tile(x_ptrs, 0, cols, K, EVEN_K)
     acc = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     for k in range(BLOCK_K, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs + k)
-            x = tl.load(x_ptrs + k)
-        else:
-            mask_k = (k + cols) < K
-            w = tl.load(w_ptrs + k, mask=mask_k[None, :], other=0.0)
-            x = tl.load(x_ptrs + k, mask=mask_k[None, :], other=0.0)
+        w = _k_tile(w_ptrs, k, cols, K, EVEN_K)
+        x = _k_tile(x_ptrs, k, cols, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if HAS_SCALE:  # fp8 weight: one float32 scale per weight row
@@ -89,6 +78,16 @@ def _skinny_linear_kernel(
         y += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows_m[:, None] * stride_y + rows_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _k_tile(ptrs, k, cols, K, EVEN_K: tl.constexpr):
+    """The [rows, BLOCK_K] tile at K offset k of `ptrs`, zeros past K (no masks when EVEN_K)."""
+    if EVEN_K:
+        tile = tl.load(ptrs + k)
+    else:
+        tile = tl.load(ptrs + k, mask=(k + cols)[None, :] < K, other=0.0)
+    return tile
 
 
 def _config(m: int, n: int, k: int, weight_bytes: int = 2) -> tuple[int, int, int]:
@@ -124,13 +123,12 @@ def skinny_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    launch_pdl = pdl.enabled(x)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl,
-        num_warps=num_warps, launch_pdl=launch_pdl,
+        BLOCK_M=max(triton.next_power_of_2(m), 1), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, **pdl.options(x),
     )
     return y
 
@@ -153,12 +151,8 @@ def _fp8_dot_kernel(
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
-    if QUANTIZE_X:
-        wide = tl.arange(0, 4096)  # a wide first pass: each step waits for its loads from L2
-        amax = tl.zeros([4096], tl.float32)
-        for k in range(0, K, 4096):
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + wide, mask=k + wide < K, other=0.0).to(tl.float32)))
-        x_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), fp8_max)
+    if QUANTIZE_X:  # a wide first pass: each step waits for its loads from L2
+        x_scale = fp8_row_scale(x_ptr, K, fp8_max, 4096)
     else:
         x_scale = tl.load(x_scale_ptr + tl.minimum(rows_m, M - 1))[None, :]
     w_ptrs = w_ptr + tl.minimum(rows_n, N - 1)[:, None].to(tl.int64) * stride_w + cols[None, :]  # [BLOCK_N, BLOCK_K]
@@ -210,12 +204,11 @@ def fp8_gemv(
     x_scale = x  # unused for one row
     if m > 1:
         x, x_scale = quantize_fp8_rows(x)
-    launch_pdl = pdl.enabled(y)
     _fp8_dot_kernel[(triton.cdiv(n, block_n),)](
         x, x_scale, weight, weight_scale, bias if bias is not None else weight, y, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), FP8_MAX,
         QUANTIZE_X=m == 1, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=max(triton.next_power_of_2(m), 16), BLOCK_N=block_n, BLOCK_K=block_k, PDL=launch_pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl,
+        BLOCK_M=max(triton.next_power_of_2(m), 16), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages, **pdl.options(x),
     )
     return y

@@ -289,13 +289,12 @@ def int4_linear(
     if gemv is not None:
         block_n, chunks, num_warps, tiles = gemv
         assert interleaved and group_size % CHUNK == 0 and k % (chunks * CHUNK) == 0, (k, group_size, chunks)
-        launch_pdl = pdl.enabled(x)
         _int4_gemv_kernel[(m, triton.cdiv(n, tiles * block_n))](
             x, qweight, scales, zeros, bias if bias is not None else scales, y,
             n, k, group_size,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, TILES=tiles, PDL=launch_pdl, num_warps=num_warps,
-            launch_pdl=launch_pdl,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, CHUNKS=chunks, TILES=tiles, num_warps=num_warps,
+            **pdl.options(x),
         )
         return y
     block_m, block_n, block_k, num_warps = config or _config(m, n, k)
