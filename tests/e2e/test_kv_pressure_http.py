@@ -60,8 +60,9 @@ async def test_client_leaving_mid_stream_frees_its_kv_blocks_at_once(server):
         async with session.post(server.url + "/generate_stream", json=body) as stream:
             for _ in range(3):
                 await stream.content.readline()
-            assert (await metrics(session, server))["tgi_batch_current_max_tokens"] > 0
+            during = await metrics(session, server)
             stream.close()
+        assert during["tgi_batch_current_max_tokens"] > 0
         for _ in range(100):
             after = await metrics(session, server)
             if after["tgi_batch_current_max_tokens"] == 0:
@@ -70,10 +71,13 @@ async def test_client_leaving_mid_stream_frees_its_kv_blocks_at_once(server):
     dropped = "tgi_request_failure_total[('err', 'dropped')]"
     assert after["tgi_batch_current_max_tokens"] == 0 and after["tgi_batch_current_size"] == 0
     assert after[dropped] == before.get(dropped, 0) + 1
-    # The request stopped well before its 100 tokens.
-    steps = sum(v for k, v in after.items() if k.startswith("tgi_batch_inference_count_total"))
-    steps_before = sum(v for k, v in before.items() if k.startswith("tgi_batch_inference_count_total"))
-    assert steps - steps_before < NUM_NEW_TOKENS / 2
+    # The request stopped soon after the client left, well before its 100 tokens. (Counted from the
+    # snapshot taken just before the close: how many steps run while the client reads its first lines
+    # and that snapshot is on its way depends on the machine's load, not on the server.)
+    steps = {name: sum(v for k, v in m.items() if k.startswith("tgi_batch_inference_count_total"))
+             for name, m in (("before", before), ("during", during), ("after", after))}
+    assert steps["after"] - steps["before"] < NUM_NEW_TOKENS
+    assert steps["after"] - steps["during"] < NUM_NEW_TOKENS / 4
 
 
 async def test_prompts_are_not_written_to_the_logs(server):
