@@ -3,7 +3,8 @@
 # programmatic dependent launch (TGI_PDL, kernels/pdl.py) on the 8B shape in bf16 and on the MoE shape,
 # and the fp8 tensor-core GEMV (--fp8-dot-max-rows, kernels/skinny.py) against the skinny/_scaled_mm
 # path on the 8B shape quantized to fp8; then bench/pdl.py's synthetic chain and the quantized linears.
-# GPU tests first, with PDL on. Prints one summary line per run; JSON under $OUT.
+# GPU tests first, with PDL on; last, the router tokenizing long prompts in pieces on the host's cores
+# (bench/tokenize_pieces.py). Prints one summary line per run; JSON under $OUT.
 #
 #   OUT=/tmp/switches bash bench/switches.sh
 set -u
@@ -31,3 +32,5 @@ timeout 90 $PY bench/quantized_linear.py --rows 1,16,128 > "$OUT/qlinear.json" 2
 grep -oE '"(shape|m|bf16_ms|fp8_ms|fp8_dot_ms|int4_ms)": [^,]+' "$OUT/qlinear.log" | paste -sd' ' | sed 's/ "shape"/\n"shape"/g'
 timeout 40 $PY bench/pdl.py --layers 64 > "$OUT/pdl.json" 2>&1
 echo "pdl.py: $(grep -oE '"(graph_replay_ms|speedup|same_output)": [a-z0-9.]+' "$OUT/pdl.json" | paste -sd' ')"
+(cd bench && timeout 60 $PY tokenize_pieces.py > "$OUT/tokenize_pieces.json" 2>&1)
+echo "tokenize_pieces.py: $(grep -oE '"(num_tokens|whole_ms|pieces|pieces_ms|same_ids)": [a-z0-9.]+' "$OUT/tokenize_pieces.json" | head -18 | paste -sd' ')"

@@ -138,3 +138,38 @@ def test_clean_up_tokenization_spaces_applies_to_non_bpe_models_as_in_transforme
     ids = [1, 2, 3, 4, 5, 8]
     assert ours.decode(ids) == theirs.decode(ids) == "hello, world. donn't"
     assert ours.backend.decode(ids) == "hello , world . don n't"
+
+
+REAL_TOKENIZER_DIRS = ["llama3_1", "qwen3", "gemma3"]
+# Fragments of long texts, joined by a space, two, a tab, a newline or nothing: words, contractions,
+# digits, code, runs of whitespace, accents (composed and combining), CJK, emoji, a special token's text.
+FRAGMENTS = [
+    "the", "Quick", "brown", "fox's", "don't", "WE'LL", "12345", "3.14159", "x=y+1;", "(a, b)", "  ", "\t",
+    "\n\n", " \n ", "naïve", "cafe\u0301", "Ünïcödé", "日本語のテキスト", "中文", "🥞", "👩‍👩‍👧", "<|eot_id|>",
+    "<|im_start|>", "--", "...", "'", "\u00a0", "\u3000", "end.",
+]
+
+
+@pytest.mark.parametrize("name", REAL_TOKENIZER_DIRS)
+def test_long_texts_tokenized_in_pieces_on_several_threads_give_transformers_ids_and_offsets(name, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import tgi_router.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "MAX_PIECES", 8)  # as on a machine of 8 cores or more
+    directory = f"{__file__.rsplit('/', 2)[0]}/assets/tokenizers/{name}"
+    ours, theirs = Tokenizer.from_dir(directory), AutoTokenizer.from_pretrained(directory)
+    # Byte-level BPE under the Llama 3 and Qwen regexes may be cut; Gemma's SentencePiece-style
+    # normalizer and whole-text pieces may not (its tokens hold spaces).
+    assert ours.is_cut_before_spaces == (name != "gemma3")
+    rng = random.Random(0)
+    for _ in range(12):
+        num_fragments = rng.choice([400, 1500, 4000])
+        text = "".join(rng.choice(FRAGMENTS) + rng.choice([" ", " ", " ", "  ", "\t", "\n", ""])
+                       for _ in range(num_fragments))
+        for add_special_tokens in (True, False):
+            ids, offsets = ours.encode_with_offsets(text, add_special_tokens)
+            expected = theirs(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            assert ids == expected["input_ids"]
+            assert offsets == [tuple(span) for span in expected["offset_mapping"]]
+            assert ours.encode(text, add_special_tokens) == ids
