@@ -13,7 +13,6 @@ import secrets
 import time
 
 from aiohttp import web
-from aiohttp_sse import sse_response
 
 from tgi_router.app import Router, add_post, get_router, read_json, stream_headers, timing_headers
 from tgi_router.chat_answer import AnswerParser, ChatOutput
@@ -21,6 +20,7 @@ from tgi_router.chat_template import render_conversation
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
+from tgi_router.http.events import open_event_stream
 from tgi_router.http.tgi import collect_all, finite, tokenize_response, with_seed
 from tgi_router.reasoning import prompt_opens_reasoning, template_reasons
 from tgi_router.request import FinishReason
@@ -75,7 +75,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 choices = [_chat_choice(body, events, output, i) for i, events in enumerate(results)]
                 payload = {**head, "choices": choices, "usage": _usage(streams[:1], sum(map(len, results)))}
                 return web.json_response(payload, headers=headers)
-            async with _open_sse(request, stream_headers(router, len(valid.inputs))) as sse:
+            async with open_event_stream(request, stream_headers(router, len(valid.inputs))) as sse:
                 await _stream_chat(sse, head, body, valid, streams, output)
         finally:
             for stream in streams:  # also when the client left before the response headers went out
@@ -118,7 +118,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             usage = _usage(streams[::num_choices], sum(map(len, results)))
             return web.json_response({**head, "choices": choices, "usage": usage})
         try:
-            async with _open_sse(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
+            async with open_event_stream(request, stream_headers(router, sum(len(v.inputs) for v in valids))) as sse:
                 await _stream_completions(sse, head, streams, with_logprobs)
         finally:
             for stream in streams:  # also when the client left before the response headers went out
@@ -360,10 +360,6 @@ def _usage(prompt_streams: list[RequestStream], completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def _open_sse(request: web.Request, headers: dict[str, str]):
-    return sse_response(request, headers=headers, sep="\n", allow_all_methods=True)
 
 
 async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams: list[RequestStream],

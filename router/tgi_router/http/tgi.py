@@ -10,11 +10,11 @@ import random
 import time
 
 from aiohttp import web
-from aiohttp_sse import sse_response
 
 from tgi_router.app import Router, add_post, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError, ValidationError
+from tgi_router.http.events import open_event_stream
 from tgi_router.tokenizer import TooManyTokensError
 from tgi_router.validation import ValidRequest, parse_generate_request, validate_inputs, validate_parameters
 
@@ -56,7 +56,7 @@ async def generate_stream(request: web.Request, is_compat: bool = False) -> web.
     # A body of the wrong shape is a 422, as TGI's JSON extractor answers; value errors come as an event.
     parsed = parse_generate_request(await read_json(request))
     headers = stream_headers(router, len(parsed.inputs))
-    async with sse_response(request, headers=headers, sep="\n", allow_all_methods=True) as sse:
+    async with open_event_stream(request, headers) as sse:
         try:
             with router.admit():
                 valid = await router.validate(parsed, is_stream=True, default_return_full_text=is_compat)
