@@ -3,7 +3,7 @@ must stay under a decode step's GPU time, or the GPU waits for the router (at 12
 on an H200, a decode step is ~8 ms).
 
 The real router process (`python -m tgi_router`), with the model's real tokenizer, serves
-`--concurrency` streaming `/generate_stream` clients (this process, aiohttp) in front of a stand-in
+`--concurrency` streaming `/generate_stream` (or `--endpoint chat`) clients (this process, aiohttp) in front of a stand-in
 shard (a thread here, gRPC on a Unix socket) that answers every step at once, or after `--step-ms`,
 with a token drawn from the ids of whole English words for each request the step completes. Over
 `--seconds`, reports the steps run, the router process's CPU time (user + system, from /proc) per
@@ -96,21 +96,27 @@ async def metric(session, url: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-async def client(session, url: str, prompt: str, output_len: int, stop: asyncio.Event, counts: list[int]) -> None:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": output_len, "ignore_eos": True}}
+async def client(session, url: str, endpoint: str, prompt: str, output_len: int, stop: asyncio.Event,
+                 counts: list[int]) -> None:
+    if endpoint == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "stream": True,
+                                              "max_tokens": output_len, "ignore_eos": True}
+    else:
+        path, body = "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": output_len, "ignore_eos": True}}
     while not stop.is_set():
-        async with session.post(url + "/generate_stream", json=body) as response:
+        async with session.post(url + path, json=body) as response:
             assert response.status == 200, await response.text()
             async for line in response.content:
                 if line.startswith(b"data:"):
                     counts[0] += 1
 
 
-async def load(url: str, router_pid: int, prompts: list[str], output_len: int, warmup: float, seconds: float) -> dict:
+async def load(url: str, router_pid: int, endpoint: str, prompts: list[str], output_len: int, warmup: float,
+               seconds: float) -> dict:
     stop, counts = asyncio.Event(), [0]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        tasks = [asyncio.create_task(client(session, url, prompt, output_len, stop, counts)) for prompt in prompts]
+        tasks = [asyncio.create_task(client(session, url, endpoint, prompt, output_len, stop, counts)) for prompt in prompts]
         await asyncio.sleep(warmup)
         steps0, cpu0, tokens0, start = await metric(session, url, "tgi_batch_inference_count_total"), \
             process_cpu_seconds(router_pid), counts[0], time.perf_counter()
@@ -135,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer-dir", default=str(Path(__file__).parent / "assets" / "llama-3.1-tokenizer"))
     parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--endpoint", choices=["generate", "chat"], default="generate",
+                        help="generate: /generate_stream; chat: /v1/chat/completions with stream")
     parser.add_argument("--input-len", type=int, default=128, help="words per prompt")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--step-ms", type=float, default=0.0, help="the stand-in shard's time per step")
@@ -173,12 +181,12 @@ def main() -> None:
                 if router.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the router did not start: {Path(tmp, 'router.log').read_text()[-2000:]}")
                 time.sleep(0.2)
-            result = asyncio.run(load(url, router.pid, prompts, args.output_len, args.warmup, args.seconds))
+            result = asyncio.run(load(url, router.pid, args.endpoint, prompts, args.output_len, args.warmup, args.seconds))
         finally:
             router.terminate()
             router.wait(30)
             server.stop(0)
-    print(json.dumps({**environment(), "command": " ".join(sys.argv), "concurrency": args.concurrency,
+    print(json.dumps({**environment(), "command": " ".join(sys.argv), "endpoint": args.endpoint, "concurrency": args.concurrency,
                       "input_words": args.input_len, "output_len": args.output_len, "step_ms": args.step_ms,
                       "cpus": len(cpus), "router_cpus": sorted(router_cpus), **result}, indent=1))
 

@@ -91,24 +91,48 @@ def test_special_tokens_are_streamed_as_text(smollm2):
     assert pieces[-2:] == ["<|im_end|>", ""]
 
 
+def tgi_decode_token_texts(hf, prompt: list[int], generated: list[int]) -> list[str]:
+    """Each token's text by TGI's server-side algorithm (`decode_token`), written out with transformers."""
+    ids, prefix_offset, read_offset, texts = list(prompt), max(len(prompt) - 5, 0), len(prompt), []
+    for token_id in generated:
+        ids.append(token_id)
+        prefix_text = hf.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+        new_text = hf.decode(ids[prefix_offset:], skip_special_tokens=False)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            texts.append(new_text[len(prefix_text) :])
+            prefix_offset, read_offset = read_offset, len(ids)
+        else:
+            texts.append("")
+    return texts
+
+
 def test_per_token_texts_match_tgi_decode_token_with_transformers(smollm2_tokenizer_dir, smollm2):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     prompt = hf("The menu:")["input_ids"]
     generated = hf(" Émile aime les crêpes 🥞🎉 日本語 — fin", add_special_tokens=False)["input_ids"]
-    ids, prefix_offset, read_offset, expected = list(prompt), max(len(prompt) - 5, 0), len(prompt), []
-    for token_id in generated:  # TGI's server-side algorithm, written out with transformers
-        ids.append(token_id)
-        prefix_text = hf.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
-        new_text = hf.decode(ids[prefix_offset:], skip_special_tokens=False)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            expected.append(new_text[len(prefix_text) :])
-            prefix_offset, read_offset = read_offset, len(ids)
-        else:
-            expected.append("")
     detokenizer = IncrementalDetokenizer(smollm2, prompt)
-    assert [detokenizer.push(token_id) for token_id in generated] == expected
+    assert [detokenizer.push(token_id) for token_id in generated] == tgi_decode_token_texts(hf, prompt, generated)
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen3", "gemma3"])
+def test_real_tokenizers_per_token_texts_match_tgi_decode_token_for_text_and_random_ids(name):
+    from transformers import AutoTokenizer
+
+    directory = f"{__file__.rsplit('/', 2)[0]}/assets/tokenizers/{name}"
+    ours, hf = Tokenizer.from_dir(directory), AutoTokenizer.from_pretrained(directory)
+    rng = random.Random(0)
+    prompts = [hf("The menu:")["input_ids"], hf("Un café 🥞")["input_ids"][:-1]]  # the second ends inside 🥞
+    for trial in range(40):
+        prompt = prompts[trial % 2]
+        if trial % 4 < 2:  # text, whole characters
+            text = "".join(rng.choice([" Émile", " crêpes", " 🥞🎉", " 日本語", "\n\n", " —", " fin.", "  x"]) for _ in range(12))
+            generated = hf(text, add_special_tokens=False)["input_ids"]
+        else:  # any ids: byte tokens that end inside characters, special tokens
+            generated = [rng.randrange(len(hf)) for _ in range(30)]
+        detokenizer = IncrementalDetokenizer(ours, prompt)
+        assert [detokenizer.push(token_id) for token_id in generated] == tgi_decode_token_texts(hf, prompt, generated)
 
 
 def test_stop_sequence_spanning_tokens_is_found_and_kept():

@@ -394,7 +394,17 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
 
 async def _interleave(streams: list[RequestStream]):
     """(index, event or InferError) from several streams, as they arrive; every stream is cancelled
-    when the caller stops reading."""
+    when the caller stops reading. One stream (n = 1, nearly every request) is read directly: a task
+    and a queue hop per token cost the router as much as the token's JSON."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        except InferError as error:
+            yield 0, error
+        finally:
+            streams[0].cancel()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream):
