@@ -40,7 +40,7 @@ def step_masks(step_id: int, masks: dict[int, bytes]) -> pb.StepMasksRequest:
 
 
 def step_result(response: pb.StepResponse) -> StepResult:
-    samples = [Sample(s.request_id, tuple([_sampled_token(t) for t in s.tokens])) for s in response.samples]
+    samples = [Sample(s.request_id, tuple(map(_sampled_token, s.tokens))) for s in response.samples]
     prompt_logprobs = [
         PromptLogprobs(p.request_id, p.start, tuple(p.logprobs)) for p in response.prompt_logprobs
     ]

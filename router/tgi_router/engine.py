@@ -327,7 +327,7 @@ class Engine:
                 del request.output_token_ids[first + index + 1:]
             stream.events.put_nowait(TokenEvent(
                 token=self._token(sample.token_id, sample.logprob, text),
-                top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens],
+                top_tokens=[self._token(t, lp) for t, lp in sample.top_tokens] if sample.top_tokens else [],
                 finish_reason=finish,
                 generated_text=None if finish is None else self._final_text(request, stream, keep),
             ))
