@@ -24,8 +24,8 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -83,6 +83,14 @@ class StandInShard(pb_grpc.TextGenerationServiceServicer):
         if self.step_seconds:
             time.sleep(self.step_seconds)
         return pb.StepResponse(samples=samples, forward_ns=int(self.step_seconds * 1e9))
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -177,7 +185,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
-            while subprocess.run(["curl", "-sf", url + "/health"], capture_output=True).returncode:
+            while not is_healthy(url):
                 if router.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the router did not start: {Path(tmp, 'router.log').read_text()[-2000:]}")
                 time.sleep(0.2)

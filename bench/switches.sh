@@ -3,8 +3,8 @@
 # programmatic dependent launch (TGI_PDL, kernels/pdl.py) on the 8B shape in bf16 and on the MoE shape,
 # and the fp8 tensor-core GEMV (--fp8-dot-max-rows, kernels/skinny.py) against the skinny/_scaled_mm
 # path on the 8B shape quantized to fp8; then bench/pdl.py's synthetic chain and the quantized linears.
-# GPU tests first, with PDL on; last, the router tokenizing long prompts in pieces on the host's cores
-# (bench/tokenize_pieces.py). Prints one summary line per run; JSON under $OUT.
+# GPU tests first, with PDL on; last, the router tokenizing long prompts in pieces on the host's cores and its CPU time per step at 128 streams
+# (bench/tokenize_pieces.py, bench/router_load.py). Prints one summary line per run; JSON under $OUT.
 #
 #   OUT=/tmp/switches bash bench/switches.sh
 set -u
@@ -34,3 +34,5 @@ timeout 40 $PY bench/pdl.py --layers 64 > "$OUT/pdl.json" 2>&1
 echo "pdl.py: $(grep -oE '"(graph_replay_ms|speedup|same_output)": [a-z0-9.]+' "$OUT/pdl.json" | paste -sd' ')"
 (cd bench && timeout 60 $PY tokenize_pieces.py > "$OUT/tokenize_pieces.json" 2>&1)
 echo "tokenize_pieces.py: $(grep -oE '"(num_tokens|whole_ms|pieces|pieces_ms|same_ids)": [a-z0-9.]+' "$OUT/tokenize_pieces.json" | head -18 | paste -sd' ')"
+(cd bench && timeout 90 $PY router_load.py --seconds 15 > "$OUT/router_load.json" 2>&1)
+echo "router_load.py: $(grep -oE '"(router_cpu_ms_per_step|router_cpu_us_per_token|steps_per_s)": [0-9.]+' "$OUT/router_load.json" | paste -sd' ')"
