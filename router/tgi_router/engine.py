@@ -113,6 +113,11 @@ class RequestStream:
             self.is_done = True
 
 
+# After a lookahead step that sampled at most this many requests, their events are made before the
+# next plan is sent (see `Engine.run`); more events could take longer than the started step runs.
+EVENTS_FIRST_MAX_REQUESTS = 16
+
+
 class Engine:
     def __init__(self, scheduler: Scheduler, shards: ShardClient, tokenizer: Tokenizer, metrics: Metrics,
                  replica: int = 0):
@@ -169,7 +174,9 @@ class Engine:
 
     async def run(self) -> None:
         """Steps until cancelled. The next step is sent as soon as the finished one's tokens are known
-        (before their text and events are made), so that Python work overlaps the shards' forward."""
+        (before their text and events are made), so that Python work overlaps the shards' forward.
+        Except after a lookahead step of a few requests: the shards are already running the next
+        decode step then, and the requests' events (a first token among them) go out first."""
         in_flight: _InFlight | None = None
         while True:
             try:
@@ -182,10 +189,15 @@ class Engine:
                     continue
                 step, in_flight = in_flight, None
                 sampled = await self._finish(step)
+                events_first = step.plan.lookahead and len(sampled) <= EVENTS_FIRST_MAX_REQUESTS
+                if events_first:
+                    for new in sampled:
+                        self._on_tokens(new)
                 in_flight = self._launch() if self.scheduler.has_work else None
                 await asyncio.sleep(0)  # grpc.aio sends the call on the loop's next turn: before the events
-                for new in sampled:
-                    self._on_tokens(new)
+                if not events_first:
+                    for new in sampled:
+                        self._on_tokens(new)
                 self._observe_batch()
             except ShardError as error:
                 log.error("%s", error)
