@@ -171,7 +171,9 @@ class Scheduler:
         did_preempt = False
         speculating = self.config.speculate and len(self.running) <= self.config.max_speculative_batch
         for request in list(self.running):
-            if request not in self.running or budget == 0:
+            if budget == 0:
+                break
+            if did_preempt and request not in self.running:  # preempted by a request before it
                 continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
             room = self._proposal_room(request, budget - 1) if speculating and num_tokens == request.num_uncomputed_tokens == 1 else 0
@@ -200,6 +202,8 @@ class Scheduler:
         preempted, whether anything was preempted)."""
         total_tokens = request.num_computed_tokens + num_tokens
         num_needed = self.blocks.num_blocks_for(total_tokens) - len(request.block_ids)
+        if num_needed <= 0:  # a decoding request's blocks mostly have room
+            return [], False
         preempted = False
         while (new_blocks := self.blocks.allocate(num_needed)) is None:
             victim = self.running[-1]
