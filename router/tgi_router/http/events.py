@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 # An event this large or larger takes aiohttp_sse's guarded send (it could fill the socket's buffer).
 _MAX_UNGUARDED_BYTES = 16 << 10
+# One encoder for every event (json.dumps builds one per call when given options).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+def event_json(payload: dict) -> str:
+    """An event's payload as JSON text, UTF-8 characters kept as they are."""
+    return _ENCODER.encode(payload)
 
 
 class EventStream(EventSourceResponse):

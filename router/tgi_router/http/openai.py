@@ -20,7 +20,7 @@ from tgi_router.chat_template import render_conversation
 from tgi_router.engine import RequestStream, TokenEvent
 from tgi_router.errors import InferError, ValidationError
 from tgi_router.grammar import ANY_JSON_OBJECT
-from tgi_router.http.events import open_event_stream
+from tgi_router.http.events import event_json, open_event_stream
 from tgi_router.http.tgi import collect_all, finite, tokenize_response, with_seed
 from tgi_router.reasoning import prompt_opens_reasoning, template_reasons
 from tgi_router.request import FinishReason
@@ -386,7 +386,7 @@ async def _stream_chat(sse, head: dict, body: dict, valid: ValidRequest, streams
             "logprobs": {"content": [_logprob(event)]} if body.get("logprobs") else None,
             "finish_reason": finish_reason,
         }
-        await sse.send(json.dumps({**head, "choices": [choice], "usage": None}, ensure_ascii=False))
+        await sse.send(event_json({**head, "choices": [choice], "usage": None}))
     if (body.get("stream_options") or {}).get("include_usage"):
         await sse.send(json.dumps({**head, "choices": [], "usage": _usage(streams[:1], sum(num_tokens))}))
     await sse.send("[DONE]")
@@ -439,7 +439,7 @@ async def _stream_completions(sse, head: dict, streams: list[RequestStream], wit
             await sse.send(json.dumps({"error": {"message": event.message, "http_status_code": event.status}}))
         else:
             chunk = _completion_chunk(index, event, text_offsets if with_logprobs else None)
-            await sse.send(json.dumps({**head, "choices": [chunk]}, ensure_ascii=False))
+            await sse.send(event_json({**head, "choices": [chunk]}))
     await sse.send("[DONE]")
 
 

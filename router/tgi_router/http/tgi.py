@@ -14,7 +14,7 @@ from aiohttp import web
 from tgi_router.app import Router, add_post, count_failure, get_router, read_json, stream_headers, timing_headers
 from tgi_router.engine import RequestStream, Token, TokenEvent
 from tgi_router.errors import InferError, UnhealthyError, ValidationError
-from tgi_router.http.events import open_event_stream
+from tgi_router.http.events import event_json, open_event_stream
 from tgi_router.tokenizer import TooManyTokensError
 from tgi_router.validation import ValidRequest, parse_generate_request, validate_inputs, validate_parameters
 
@@ -69,7 +69,7 @@ async def generate_stream(request: web.Request, is_compat: bool = False) -> web.
                 timing_headers(router, valid, stream, started_at, validated_at)  # records the metrics
         except InferError as error:  # TGI reports stream errors as an event, with HTTP 200
             count_failure(router, error)
-            await sse.send(_json(error.to_json()))
+            await sse.send(event_json(error.to_json()))
     return sse
 
 
@@ -183,7 +183,7 @@ async def _send_events(sse, valid: ValidRequest, stream: RequestStream) -> None:
                     "input_length": len(valid.input_ids),
                     "cached_tokens": stream.request.num_cached_prompt_tokens,
                 }
-        await sse.send(_json(message))
+        await sse.send(event_json(message))
 
 
 def _generate_response(router: Router, valid: ValidRequest, stream: RequestStream, events: list[TokenEvent]) -> dict:
@@ -247,7 +247,3 @@ def _token_json(token: Token) -> dict:
 def finite(value: float) -> float | None:
     """A number for JSON: NaN and infinities (not JSON) become null, as TGI's serde_json writes them."""
     return value if math.isfinite(value) else None
-
-
-def _json(payload: dict) -> str:
-    return json.dumps(payload, ensure_ascii=False)
