@@ -19,6 +19,8 @@ from tgi_proto.generate.v1 import generate_pb2_grpc as pb_grpc
 from tgi_router import convert
 from tgi_router.request import StepPlan, StepResult
 
+# After one shard's call fails, how long the others' calls may take to fail too (see `ShardClient._gather`).
+CULPRIT_GRACE_SECONDS = 1.0
 # Large prompts and vocabularies make big messages.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 
@@ -95,15 +97,26 @@ class ShardClient:
         return [asyncio.ensure_future(getattr(stub, method)(request, metadata=metadata)) for stub in self._stubs]
 
     async def _gather(self, method: str, calls: list):
+        """The calls' results in rank order; on a failure, ShardError naming the shard to blame. When a
+        shard dies, the others' calls fail too (their collective lost a peer), at about the same time:
+        after the first failure the rest get `CULPRIT_GRACE_SECONDS` to fail, and a shard that cannot be
+        reached (UNAVAILABLE: its process is gone) is named before one whose call raised."""
         try:
-            await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            if pending and any(call.exception() is not None for call in done):
+                await asyncio.wait(pending, timeout=CULPRIT_GRACE_SECONDS)
         finally:
             for call in calls:
                 call.cancel()
-        for rank, call in enumerate(calls):
-            error = call.exception() if call.done() and not call.cancelled() else None
+        errors = [(rank, call.exception()) for rank, call in enumerate(calls)
+                  if call.done() and not call.cancelled() and call.exception() is not None]
+        if errors:
+            rank, error = min(errors, key=lambda item: not _is_unreachable(item[1]))  # the first such rank
             if isinstance(error, grpc.aio.AioRpcError):
                 raise ShardError(f"{method} failed on shard {rank}: {error.details()}") from error
-            if error is not None:
-                raise error
+            raise error
         return [call.result() for call in calls]
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
