@@ -103,7 +103,7 @@ class ShardClient:
         reached (UNAVAILABLE: its process is gone) is named before one whose call raised."""
         try:
             done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
-            if pending and any(call.exception() is not None for call in done):
+            if pending and any(not call.cancelled() and call.exception() is not None for call in done):
                 await asyncio.wait(pending, timeout=CULPRIT_GRACE_SECONDS)
         finally:
             for call in calls:

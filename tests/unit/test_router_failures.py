@@ -117,13 +117,17 @@ async def test_cancel_frees_the_blocks_before_the_next_step(tokenizer):
 class Rank:
     """A fake gRPC stub: answers, fails at once, or hangs like a rank stuck in a collective."""
 
-    def __init__(self, behaviour: str):
+    def __init__(self, behaviour: str, delay: float = 0.0):
         self.behaviour = behaviour
+        self.delay = delay
         self.was_cancelled = False
 
     async def Step(self, request, metadata=()):
+        await asyncio.sleep(self.delay)
         if self.behaviour == "fail":
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="Socket closed")
+        if self.behaviour == "raise":  # a rank whose collective lost its peer
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, details="Connection closed by peer")
         try:
             await asyncio.sleep(3600 if self.behaviour == "hang" else 0)
         except asyncio.CancelledError:
@@ -138,6 +142,14 @@ async def test_a_failed_shard_call_fails_at_once_and_cancels_the_ranks_still_wai
     with pytest.raises(ShardError, match="Step failed on shard 1: Socket closed"):
         await asyncio.wait_for(client._all("Step", None), 2)
     assert client._stubs[0].was_cancelled
+
+
+async def test_a_dead_shard_is_named_rather_than_the_rank_whose_collective_failed_first():
+    # The survivor's error may reach the router before the dead shard's (a loaded machine).
+    client = ShardClient.__new__(ShardClient)
+    client._stubs, client._metadata = [Rank("raise", delay=0.01), Rank("fail", delay=0.2)], ()
+    with pytest.raises(ShardError, match="Step failed on shard 1: Socket closed"):
+        await asyncio.wait_for(client._all("Step", None), 2)
 
 
 # ---------------------------------------------------------------- through HTTP
