@@ -67,7 +67,8 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         root = Path(path)
-        backend = RustTokenizer.from_file(str(root / "tokenizer.json"))
+        tokenizer_json = (root / "tokenizer.json").read_text()
+        backend = RustTokenizer.from_str(tokenizer_json)
         # Length limits are the router's job (validation), never the tokenizer's.
         backend.no_padding()
         backend.no_truncation()
@@ -86,7 +87,7 @@ class Tokenizer:
             model_max_length=max_length if isinstance(max_length, int) and max_length < _NO_MAX_LENGTH else None,
             is_bos_prepended=_is_bos_missing(config, backend, bos_id),
             is_cleaning_up_spaces=_is_cleaning_up_spaces(config, backend),
-            is_cut_before_spaces=_cuts_before_spaces(json.loads((root / "tokenizer.json").read_text())),
+            is_cut_before_spaces=_cuts_before_spaces(json.loads(tokenizer_json)),
         )
 
     @property
